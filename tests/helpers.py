@@ -1,0 +1,141 @@
+"""Tiny models built from config (no downloads) and an oracle encoder-decoder with known saliency."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def tiny_whisper(multilingual: bool = False, attn: str | None = None, seed: int = 0):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vocab = 120 if multilingual else 80
+    start, eos = (101, 100) if multilingual else (51, 50)
+    cfg = WhisperConfig(
+        vocab_size=vocab,
+        num_mel_bins=16,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        max_source_positions=100,
+        max_target_positions=24,
+        decoder_start_token_id=start,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=eos,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    kw = {"attn_implementation": attn} if attn else {}
+    model = (
+        WhisperForConditionalGeneration(cfg, **kw)
+        if not kw
+        else WhisperForConditionalGeneration._from_config(cfg, **kw)
+    )
+    gen = model.generation_config
+    gen.decoder_start_token_id, gen.eos_token_id, gen.pad_token_id = start, eos, eos
+    gen.forced_decoder_ids = None
+    gen.max_length = 20
+    if multilingual:
+        gen.is_multilingual = True
+        gen.lang_to_id = {"<|en|>": 102, "<|it|>": 103}
+        gen.task_to_id = {"transcribe": 104, "translate": 105}
+        gen.no_timestamps_token_id = 106
+    else:
+        gen.no_timestamps_token_id = 52
+    return model.eval()
+
+
+def tiny_speech2text(seed: int = 0):
+    from transformers import Speech2TextConfig, Speech2TextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Speech2TextConfig(
+        vocab_size=40,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        conv_channels=16,
+        input_feat_per_channel=12,
+        max_source_positions=200,
+        max_target_positions=20,
+    )
+    model = Speech2TextForConditionalGeneration(cfg).eval()
+    model.generation_config.max_length = 12
+    return model
+
+
+def whisper_batch(model, lengths=(37, 60), seed: int = 0) -> dict:
+    """A batch like WhisperProcessor's: features padded to the window, attention mask of valid frames."""
+    g = torch.Generator().manual_seed(seed)
+    n_mel, window = model.config.num_mel_bins, model.config.max_source_positions * 2
+    feats = torch.full((len(lengths), n_mel, window), -0.5)
+    mask = torch.zeros(len(lengths), window, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        feats[b, :, :n] = torch.randn(n_mel, n, generator=g)
+        mask[b, :n] = 1
+    return {"input_features": feats, "attention_mask": mask}
+
+
+class PoolEncoder(nn.Module):
+    """H[t'] = mean of input frames 2t', 2t'+1 (no context mixing)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, f = x.shape
+        x = nn.functional.pad(x, (0, 0, 0, t % 2))
+        return x.reshape(b, -1, 2, f).mean(2)
+
+
+class OracleAttention(nn.Module):
+    """Decoder position j attends uniformly to encoder frames ``regions[j]`` and nothing else."""
+
+    def __init__(self, regions: list[range]) -> None:
+        super().__init__()
+        self.regions = regions
+
+    def forward(self, num_queries: int, h: Tensor) -> tuple[Tensor, Tensor]:
+        w = torch.zeros(num_queries, h.shape[1], dtype=h.dtype)
+        for j in range(num_queries):
+            r = self.regions[min(j, len(self.regions) - 1)]
+            w[j, r.start : r.stop] = 1.0 / len(r)
+        return torch.einsum("st,btd->bsd", w, h), w.expand(h.shape[0], 1, -1, -1)
+
+
+class Oracle(nn.Module):
+    """Token j's distribution depends only on input frames 2*regions[j] (known saliency)."""
+
+    def __init__(self, regions: list[range], num_bins: int = 4, vocab: int = 10, scale: float = 4.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = PoolEncoder()
+        self.xattn = OracleAttention(regions)
+        self.proj = nn.Linear(num_bins, vocab)
+        self.scale = scale
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        h = self.encoder(x)
+        out, _ = self.xattn(ids.shape[1], h)
+        return self.proj(out) * self.scale
+
+
+def oracle_adapter(model: Oracle):
+    import xattn_lightning as xl
+
+    return xl.HookAdapter(
+        model,
+        encoder="encoder",
+        cross_attention="xattn",
+        decoder_start_id=1,
+        eos_id=2,
+        frames_per_step=2,
+        num_heads=1,
+    )

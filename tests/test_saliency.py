@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+from helpers import Oracle, oracle_adapter, tiny_speech2text, tiny_whisper, whisper_batch
+
+import xattn_lightning as xl
+from xattn_lightning.saliency.perturbation import segment_counts
+
+REGIONS = [range(0, 4), range(4, 8), range(8, 12)]  # encoder frames of tokens 0..2 (input frames x2)
+ALL = (
+    "spes",
+    "encoder_spes",
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "encoder_saliency",
+    "encoder_input_x_gradient",
+    "encoder_integrated_gradients",
+)
+
+
+@pytest.fixture(scope="module")
+def oracle_exp():
+    model = Oracle(REGIONS)
+    x = torch.randn(1, 24, 4, generator=torch.Generator().manual_seed(0)) + 2.0
+    (e,) = xl.explain(
+        oracle_adapter(model),
+        {"input_features": x},
+        targets=[[1, 5, 6, 7, 2]],
+        methods=ALL,
+        n_masks=400,
+        seed=0,
+        n_steps=8,
+    )
+    return e
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_puts_its_mass_on_the_true_region(oracle_exp, method):
+    pooled = oracle_exp.pooled(method)
+    assert pooled.shape == (3, 12)
+    # perturbation maps sit on a baseline (the mean KL of masks that occlude elsewhere): compare z-scores
+    z = xl.functional.tokenwise_zscore(pooled)
+    for i, r in enumerate(REGIONS):
+        inside = z[i, r.start : r.stop].mean()
+        outside = torch.cat([z[i, : r.start], z[i, r.stop :]]).mean()
+        assert int(pooled[i].argmax()) in r, (method, i, pooled[i])
+        assert inside > 1.0 and outside < 0.0, (method, i, z[i])
+
+
+@pytest.mark.parametrize("method", ["spes", "encoder_spes", "saliency", "encoder_saliency"])
+def test_agreement_high_for_matching_attention_and_near_zero_for_shuffled(oracle_exp, method):
+    assert oracle_exp.cross_attention.shape == (1, 1, 3, 12)
+    assert oracle_exp.agreement(method) > 0.85
+    assert oracle_exp.agreement(method, metric="spearman") > 0.6
+    g = torch.Generator().manual_seed(3)
+    shuffled = []
+    for _ in range(20):
+        perm = torch.randperm(12, generator=g)
+        ca = oracle_exp.attention()[:, perm]
+        shuffled.append(xl.functional.agreement(ca, oracle_exp.pooled(method)))
+    assert abs(sum(shuffled) / len(shuffled)) < 0.15
+
+
+def test_gradient_input_maps_exactly_zero_outside_region(oracle_exp):
+    sm = oracle_exp.saliency["saliency"]  # [I, T, F] input frames: region r covers frames 2r.start..2r.stop
+    assert sm.shape == (3, 24, 4)
+    assert sm[0, 8:].abs().max() == 0 and sm[0, :8].abs().max() > 0
+
+
+def test_spes_same_seed_same_map_and_info():
+    model = Oracle(REGIONS)
+    a = oracle_adapter(model)
+    x = {"input_features": torch.randn(1, 24, 4) + 2.0}
+    kw = dict(targets=[[1, 5, 6, 7, 2]], methods=("spes", "encoder_spes"), n_masks=30, batch_size=7)
+    e1 = xl.explain(a, x, seed=4, **kw)[0]
+    e2 = xl.explain(a, x, seed=4, **kw)[0]
+    e3 = xl.explain(a, x, seed=5, **kw)[0]
+    assert torch.equal(e1.saliency["spes"], e2.saliency["spes"])
+    assert torch.equal(e1.saliency["encoder_spes"], e2.saliency["encoder_spes"])
+    assert not torch.equal(e1.saliency["spes"], e3.saliency["spes"])
+    assert e1.info["spes"]["n_masks"] == 30 and len(e1.info["spes"]["segments"]) == 3
+
+
+def test_spes_never_touches_whisper_padding():
+    model = tiny_whisper()
+    batch = whisper_batch(model, (30,))
+    adapter = xl.adapter_for(model)
+    seen = []
+    orig = adapter.forward
+
+    def spy(features, ids, output_attentions=True):
+        seen.append(features.detach().clone())
+        return orig(features, ids, output_attentions)
+
+    adapter.forward = spy
+    (e,) = xl.explain(adapter, batch, targets=[[51, 52, 5, 6, 50]], methods=("spes",), n_masks=12, batch_size=4)
+    pad = batch["input_features"][0].T[30:]
+    assert all(torch.equal(f[b, 30:], pad) for f in seen for b in range(f.shape[0]))
+    assert any(
+        not torch.equal(f[b, :30], batch["input_features"][0].T[:30]) for f in seen[2:] for b in range(f.shape[0])
+    )
+    assert e.saliency["spes"].shape == (2, 30, 16)
+    assert e.pooled("spes").shape == (2, 15) and e.pooled("spes", "avg2d").shape == (2, 15)
+
+
+def test_methods_on_hf_models_and_inference_mode():
+    model = tiny_speech2text()
+    batch = {"input_features": torch.randn(1, 40, 12)}
+    with torch.inference_mode():  # as in Lightning's validation loop
+        batch = {"input_features": torch.randn(1, 40, 12)}
+        (e,) = xl.explain(
+            model,
+            batch,
+            targets=[[2, 5, 6, 2]],
+            methods=("saliency", "integrated_gradients", "encoder_input_x_gradient", "encoder_spes"),
+            n_masks=16,
+            n_steps=4,
+        )
+    assert e.saliency["saliency"].shape == (2, 40, 12)
+    assert e.saliency["encoder_input_x_gradient"].shape == (2, 10)
+    for m in e.saliency:
+        assert torch.isfinite(e.saliency[m]).all() and e.saliency[m].abs().sum() > 0
+        assert not math.isnan(e.agreement(m))
+    assert e.layer_agreement("saliency").shape == (2,)
+    assert e.agreement_grid("saliency").shape == (2, 2)
+    assert e.per_token_agreement("saliency").shape == (2,)
+
+
+def test_captum_per_token_equals_manual_gradient():
+    model = Oracle(REGIONS)
+    x = torch.randn(1, 24, 4) + 1
+    (e,) = xl.explain(oracle_adapter(model), {"input_features": x}, targets=[[1, 5, 6, 7, 2]], methods=("saliency",))
+    xx = x.clone().requires_grad_()
+    lp = model(xx, torch.tensor([[1, 5, 6, 7]])).log_softmax(-1)[0, 1, 6]
+    (g,) = torch.autograd.grad(lp, xx)
+    assert torch.allclose(e.saliency["saliency"][1], g[0].abs(), atol=1e-6)
+
+
+def test_unknown_names_list_valid_ones():
+    model = Oracle(REGIONS)
+    batch = {"input_features": torch.randn(1, 24, 4)}
+    with pytest.raises(xl.UnknownNameError, match="encoder_spes"):
+        xl.explain(oracle_adapter(model), batch, targets=[[1, 5, 2]], methods=("occlusion",))
+    with pytest.raises(xl.UnknownNameError, match="n_masks"):
+        xl.explain(oracle_adapter(model), batch, targets=[[1, 5, 2]], methods=("spes",), masks=3)
+    with pytest.raises(xl.XAttnError, match="sequence of method names"):
+        xl.explain(oracle_adapter(model), batch, targets=[[1, 5, 2]], methods="spes")
+    (e,) = xl.explain(oracle_adapter(model), batch, targets=[[1, 5, 2]])
+    with pytest.raises(xl.XAttnError, match="methods=\\('spes',\\)"):
+        e.agreement("spes")
+    with pytest.raises(xl.XAttnError, match="p in"):
+        xl.explain(oracle_adapter(model), batch, targets=[[1, 5, 2]], methods=("spes",), p=1.5)
+
+
+def test_segment_counts_scale_with_duration_up_to_cap():
+    assert segment_counts(500) == [2000, 2500, 3000]
+    assert segment_counts(750) == segment_counts(5000) == [3000, 3750, 4500]
+    assert segment_counts(100)[0] == 400

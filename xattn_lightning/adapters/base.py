@@ -1,0 +1,259 @@
+"""The adapter contract: the only code that knows a model family.
+
+Canonical layouts used everywhere above the adapters:
+
+- input features ``[B, T, F]`` (time, frequency), whatever the model's own layout;
+- cross-attention ``[B, L, H, S, T']`` (layers, heads, decoder positions, encoder frames);
+- a decoder sequence ``[S + 1]`` that starts with the decoder start token: position ``j`` of a
+  teacher-forced pass over ``seq[:-1]`` predicts ``seq[j + 1]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from xattn_lightning.errors import XAttnError
+
+
+@dataclass
+class Utterance:
+    """One utterance taken out of a batch.
+
+    Attributes:
+        features: ``[T, F]`` features in canonical layout, padding included where the model
+            needs a fixed window (Whisper's 30 s).
+        num_frames: valid (unpadded) input frames; saliency is computed over ``features[:num_frames]``.
+        index: position in the batch.
+    """
+
+    features: Tensor
+    num_frames: int
+    index: int = 0
+
+
+@dataclass
+class ForwardOutput:
+    """What one teacher-forced pass returns."""
+
+    logits: Tensor  # [B, S, V]
+    cross_attention: Tensor | None = None  # [B, L, H, S, T'] (full encoder length)
+    encoder_out: Tensor | None = None  # [B, T', D]
+
+
+@dataclass
+class AdapterInfo:
+    """Static facts about a model, read from the model."""
+
+    num_layers: int
+    num_heads: int
+    num_mel_bins: int
+    decoder_start_id: int
+    eos_id: int
+    special_ids: frozenset[int] = field(default_factory=frozenset)
+    max_target_positions: int | None = None
+    fixed_num_frames: int | None = None  # Whisper: every input is padded to this many frames
+
+
+def check_features(x: Tensor, what: str = "input features") -> None:
+    """Reject NaN/inf features with a message that says what to do."""
+    if not torch.is_floating_point(x):
+        raise XAttnError(f"Expected floating-point {what} but got dtype {x.dtype}.")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise XAttnError(
+            f"The {what} contain {bad} NaN/inf values; clean the audio or the feature extraction "
+            "(e.g. silent segments fed to a log without a floor) before explaining."
+        )
+
+
+class Adapter(ABC):
+    """Turns a model into the operations the explainers need.
+
+    Subclasses implement feature I/O, the teacher-forced pass and (optionally) a decoder-only
+    pass over a given encoder output. Everything runs on the model's device and dtype.
+    """
+
+    #: key of the input features in the model's own batch dict
+    input_key: str = "input_features"
+
+    def __init__(self, model: nn.Module, tokenizer: object | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------------ facts
+    @property
+    @abstractmethod
+    def info(self) -> AdapterInfo:
+        """Static facts about the model."""
+
+    @abstractmethod
+    def frames_per_step(self, utterance: Utterance | None = None) -> int:
+        """Input frames per encoder frame (the subsampling factor), read from the model."""
+
+    @abstractmethod
+    def encoder_length(self, num_frames: int) -> int:
+        """Valid encoder frames for ``num_frames`` valid input frames."""
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the model's parameters."""
+        for p in self.model.parameters():
+            if torch.is_floating_point(p):
+                return p.dtype
+        return torch.float32
+
+    # ------------------------------------------------------------------ batch I/O
+    @abstractmethod
+    def utterances(self, batch: Mapping[str, Tensor]) -> list[Utterance]:
+        """Split a batch in the model's own format into utterances (valid lengths found)."""
+
+    # ------------------------------------------------------------------ passes
+    @abstractmethod
+    def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
+        """Teacher-forced pass: ``features [B, T, F]``, ``decoder_ids [B, S]`` or ``[S]`` (shared)."""
+
+    def encode(self, features: Tensor) -> Tensor:
+        """Encoder output ``[B, T', D]`` for ``features [B, T, F]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support encoder-only passes.")
+
+    def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
+        """Decoder-only pass over a given encoder output ``[B, T', D]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support decoder-only passes.")
+
+    # ------------------------------------------------------------------ targets
+    def generate(self, utterance: Utterance, num_beams: int = 1, max_new_tokens: int | None = None) -> Tensor:
+        """The model's own hypothesis, as a decoder sequence starting with the start token."""
+        return generic_generate(self, utterance, num_beams=num_beams, max_new_tokens=max_new_tokens)
+
+    def prompt_ids(self) -> list[int]:
+        """Tokens that begin every decoder sequence (at least the decoder start token)."""
+        return [self.info.decoder_start_id]
+
+    def normalize_target(self, ids: Tensor | Sequence[int]) -> Tensor:
+        """Make a decoder sequence from target ids: drop padding (``-100``/pad after EOS) and
+        prepend the decoder start/prompt when the ids lack it (HF ``labels`` convention)."""
+        t = torch.as_tensor(ids).reshape(-1).long().cpu()
+        t = t[t >= 0]
+        info = self.info
+        if t.numel() and (t == info.eos_id).any():
+            first_eos = int((t == info.eos_id).nonzero()[0])
+            # keep the EOS only if something precedes it (EOS may double as the start token)
+            if first_eos == 0 and info.decoder_start_id == info.eos_id:
+                rest = t[1:]
+                if (rest == info.eos_id).any():
+                    first_eos = 1 + int((rest == info.eos_id).nonzero()[0])
+            t = t[: first_eos + 1]
+        if t.numel() == 0 or int(t[0]) != info.decoder_start_id:
+            t = torch.cat([torch.tensor([info.decoder_start_id]), t])
+        return t
+
+    def special_mask(self, ids: Tensor) -> Tensor:
+        """True where a predicted token is special (EOS, start, language/task/timestamp)."""
+        special = torch.tensor(sorted(self.info.special_ids | {self.info.eos_id, self.info.decoder_start_id}))
+        return torch.isin(ids.cpu(), special)
+
+    def token_strings(self, ids: Tensor) -> list[str] | None:
+        """Token strings for ``ids`` when a tokenizer is known."""
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        tok = getattr(tok, "tokenizer", tok)  # a processor wraps its tokenizer
+        if hasattr(tok, "convert_ids_to_tokens"):
+            out = tok.convert_ids_to_tokens([int(i) for i in ids])
+            return [str(s).replace("\u0120", " ").replace("\u2581", " ") for s in out]
+        if callable(tok):
+            return [str(tok(int(i))) for i in ids]
+        return None
+
+    def decode_text(self, ids: Tensor) -> str | None:
+        """Text for ``ids`` (special tokens skipped) when a tokenizer is known."""
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        tok = getattr(tok, "tokenizer", tok)
+        keep = ids[~self.special_mask(ids)]
+        if hasattr(tok, "decode"):
+            return str(tok.decode([int(i) for i in keep], skip_special_tokens=True)).strip()
+        strings = self.token_strings(keep)
+        return "".join(strings).strip() if strings is not None else None
+
+    # ------------------------------------------------------------------ state
+    @contextlib.contextmanager
+    def capture_context(self) -> Iterator[None]:
+        """Put the model in the state explanation needs and restore it afterwards.
+
+        Eval mode (no dropout) is set; the previous train/eval mode of every submodule is
+        restored on exit, also when the body raises. ``requires_grad`` flags are never changed.
+        """
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            self.model.eval()
+            yield
+        finally:
+            for m, was_training in modes:
+                m.training = was_training
+
+
+def check_target_length(adapter: Adapter, seq: Tensor) -> None:
+    """Raise if a decoder sequence is empty or longer than the decoder's positions allow."""
+    n_pred = seq.numel() - 1
+    if n_pred < 1:
+        raise XAttnError("The target is empty: give at least one token to explain.")
+    limit = adapter.info.max_target_positions
+    if limit is not None and seq.numel() - 1 > limit:
+        raise XAttnError(
+            f"The target has {seq.numel() - 1} decoder positions but the decoder allows at most {limit}; "
+            "shorten or split the utterance."
+        )
+
+
+@torch.no_grad()
+def generic_generate(
+    adapter: Adapter, utterance: Utterance, num_beams: int = 1, max_new_tokens: int | None = None
+) -> Tensor:
+    """Greedy (``num_beams=1``) or beam search over a cached encoder output, for adapters
+    without a generation routine of their own. Returns the sequence including the prompt."""
+    info = adapter.info
+    limit = info.max_target_positions or 128
+    max_new = min(max_new_tokens or min(limit, 200), limit - len(adapter.prompt_ids()))
+    feats = utterance.features.unsqueeze(0).to(adapter.device, adapter.dtype)
+    enc = adapter.encode(feats)
+    prompt = torch.tensor(adapter.prompt_ids(), device=adapter.device)
+    beams: list[tuple[float, Tensor]] = [(0.0, prompt)]
+    finished: list[tuple[float, Tensor]] = []
+    for _ in range(max(max_new, 0)):
+        seqs = torch.stack([b[1] for b in beams])
+        out = adapter.decode(enc.expand(len(beams), -1, -1), seqs)
+        logp = out.logits[:, -1].float().log_softmax(-1)
+        cand: list[tuple[float, Tensor]] = []
+        for (score, seq), lp in zip(beams, logp):
+            top = lp.topk(num_beams)
+            for v, i in zip(top.values, top.indices):
+                cand.append((score + float(v), torch.cat([seq, i.view(1)])))
+        cand.sort(key=lambda c: c[0], reverse=True)
+        beams = []
+        for score, seq in cand:
+            if int(seq[-1]) == info.eos_id:
+                finished.append((score / (seq.numel() - len(prompt)), seq))
+            else:
+                beams.append((score, seq))
+            if len(beams) == num_beams:
+                break
+        if len(finished) >= num_beams or not beams:
+            break
+    if not finished:
+        finished = [(s / max(1, q.numel() - len(prompt)), q) for s, q in beams]
+    best = max(finished, key=lambda c: c[0])[1]
+    return best.cpu()

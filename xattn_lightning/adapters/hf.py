@@ -1,0 +1,337 @@
+"""Adapters for Hugging Face ``WhisperForConditionalGeneration`` and ``Speech2TextForConditionalGeneration``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from xattn_lightning.adapters.base import (
+    Adapter,
+    AdapterInfo,
+    ForwardOutput,
+    Utterance,
+    check_features,
+)
+from xattn_lightning.errors import XAttnError
+
+
+def conv_output_length(n: int, convs: list[nn.Conv1d]) -> int:
+    """Length after a stack of 1-D convolutions, from their own kernel/stride/padding/dilation.
+
+    >>> conv_output_length(3000, [nn.Conv1d(1, 1, 3, padding=1), nn.Conv1d(1, 1, 3, stride=2, padding=1)])
+    1500
+    """
+    for c in convs:
+        k, s, p, d = c.kernel_size[0], c.stride[0], c.padding[0], c.dilation[0]
+        n = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return max(int(n), 0)
+
+
+def _tokenizer_special_ids(tokenizer: object | None) -> set[int]:
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = getattr(tok, "all_special_ids", None) or []
+    return {int(i) for i in ids}
+
+
+class _HFSeq2SeqAdapter(Adapter):
+    """Shared code for HF encoder-decoder speech models (eager attention, encoder_outputs reuse)."""
+
+    def __init__(self, model: nn.Module, tokenizer: object | None = None) -> None:
+        super().__init__(model, tokenizer)
+        self._convs = self._find_convs()
+        self._info = self._read_info()
+
+    # subclasses
+    def _find_convs(self) -> list[nn.Conv1d]:
+        raise NotImplementedError
+
+    def _read_info(self) -> AdapterInfo:
+        raise NotImplementedError
+
+    def _to_model(self, features: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def info(self) -> AdapterInfo:
+        return self._info
+
+    def frames_per_step(self, utterance: Utterance | None = None) -> int:
+        return int(math.prod(c.stride[0] for c in self._convs))
+
+    def encoder_length(self, num_frames: int) -> int:
+        return conv_output_length(num_frames, self._convs)
+
+    @contextlib.contextmanager
+    def _eager(self) -> Iterator[None]:
+        """Eager attention (the only kernel that returns weights) for the call, restored afterwards."""
+        prev = getattr(self.model.config, "_attn_implementation", None)
+        switched = prev is not None and prev != "eager"
+        try:
+            if switched:
+                self.model.set_attn_implementation("eager")
+            yield
+        finally:
+            if switched:
+                self.model.set_attn_implementation(prev)
+
+    @contextlib.contextmanager
+    def capture_context(self) -> Iterator[None]:
+        """Eval mode and eager attention for the call; both restored afterwards (also on error)."""
+        with super().capture_context(), self._eager():
+            yield
+
+    def _check_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if not isinstance(batch, Mapping):
+            raise XAttnError(f"Expected the batch to be a dict of tensors but got {type(batch).__name__}.")
+        if self.input_key not in batch:
+            raise XAttnError(
+                f"The batch has no {self.input_key!r} (keys: {sorted(batch)}); pass the output of the model's "
+                f"processor/feature extractor, e.g. processor(audio, sampling_rate=16000, return_tensors='pt', "
+                "return_attention_mask=True)."
+            )
+        x = torch.as_tensor(batch[self.input_key])
+        if x.dim() != 3:
+            raise XAttnError(
+                f"Expected {self.input_key!r} of rank 3 (batch, ...) but got shape {tuple(x.shape)}; "
+                "add a batch dimension with .unsqueeze(0) for a single utterance."
+            )
+        check_features(x, f"{self.input_key!r}")
+        return x
+
+    def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
+        x = self._to_model(features.to(self.device, self.dtype))
+        ids = decoder_ids.to(self.device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0).expand(x.shape[0], -1)
+        with self._eager() if output_attentions else contextlib.nullcontext():
+            out = self.model(
+                input_features=x,
+                decoder_input_ids=ids,
+                output_attentions=output_attentions,
+                use_cache=False,
+                return_dict=True,
+            )
+        ca = None
+        if output_attentions:
+            ca = self._stack_cross(out.cross_attentions)
+        return ForwardOutput(logits=out.logits, cross_attention=ca, encoder_out=out.encoder_last_hidden_state)
+
+    def _stack_cross(self, cross: tuple[Tensor, ...] | None) -> Tensor:
+        if not cross or any(c is None for c in cross):
+            raise XAttnError(
+                f"{type(self.model).__name__} returned no cross-attention weights although eager attention was "
+                "requested; load it with attn_implementation='eager'."
+            )
+        return torch.stack(list(cross), dim=1)
+
+    def encode(self, features: Tensor) -> Tensor:
+        x = self._to_model(features.to(self.device, self.dtype))
+        return self.model.get_encoder()(x, return_dict=True).last_hidden_state
+
+    def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        ids = decoder_ids.to(self.device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0).expand(encoder_out.shape[0], -1)
+        with self._eager() if output_attentions else contextlib.nullcontext():
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out),
+                decoder_input_ids=ids,
+                output_attentions=output_attentions,
+                use_cache=False,
+                return_dict=True,
+            )
+        ca = self._stack_cross(out.cross_attentions) if output_attentions else None
+        return ForwardOutput(logits=out.logits, cross_attention=ca, encoder_out=encoder_out)
+
+    @torch.no_grad()
+    def generate(self, utterance: Utterance, num_beams: int = 1, max_new_tokens: int | None = None) -> Tensor:
+        from transformers import GenerationMixin
+
+        x = self._to_model(utterance.features.unsqueeze(0).to(self.device, self.dtype))
+        kwargs: dict = {"num_beams": num_beams, "do_sample": False}
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        prompt = torch.tensor([self.prompt_ids()], device=self.device)
+        # plain seq2seq generation from the forced prompt (language/task/no-timestamps): Whisper's own
+        # generate() adds long-form segmentation and strips the prompt, which explanation does not want
+        seq = GenerationMixin.generate(self.model, input_features=x, decoder_input_ids=prompt, **kwargs)
+        if not isinstance(seq, Tensor):
+            seq = seq.sequences
+        return self.normalize_target(seq[0].cpu())
+
+    def normalize_target(self, ids: Tensor) -> Tensor:
+        t = super().normalize_target(ids)
+        prompt = self.prompt_ids()
+        # a sequence given without the forced prompt (e.g. labels of an English-only model) gets it
+        if len(prompt) > 1 and t[1 : len(prompt)].tolist() != prompt[1:] and not self.special_mask(t[1:2]).all():
+            t = torch.cat([torch.tensor(prompt), t[1:]])
+        return t
+
+
+class WhisperAdapter(_HFSeq2SeqAdapter):
+    """Adapter for ``transformers.WhisperForConditionalGeneration`` (English-only or multilingual).
+
+    Whisper pads every input to a 30-s window; the valid length comes from the batch's
+    ``attention_mask`` (``processor(..., return_attention_mask=True)``) or, without one, from the
+    constant padding frames at the end. Results are cut to the valid encoder frames.
+
+    Example:
+        >>> from transformers import WhisperConfig, WhisperForConditionalGeneration
+        >>> cfg = WhisperConfig(vocab_size=60, d_model=8, encoder_layers=1, decoder_layers=2,
+        ...     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8,
+        ...     decoder_start_token_id=50, eos_token_id=51, pad_token_id=51, max_source_positions=1500)
+        >>> a = WhisperAdapter(WhisperForConditionalGeneration(cfg))
+        >>> a.frames_per_step(), a.encoder_length(3000), a.info.num_layers
+        (2, 1500, 2)
+    """
+
+    def _find_convs(self) -> list[nn.Conv1d]:
+        enc = self.model.get_encoder()
+        return [enc.conv1, enc.conv2]
+
+    def _read_info(self) -> AdapterInfo:
+        cfg = self.model.config
+        gen = getattr(self.model, "generation_config", None)
+        start = int(getattr(gen, "decoder_start_token_id", None) or cfg.decoder_start_token_id)
+        eos = int(getattr(gen, "eos_token_id", None) or cfg.eos_token_id)
+        vocab = int(cfg.vocab_size)
+        # Whisper puts every special token (EOT, SOT, languages, tasks, timestamps) after the text vocabulary
+        first_special = min(start, eos)
+        special = set(range(first_special, max(vocab, first_special + 1))) | _tokenizer_special_ids(self.tokenizer)
+        return AdapterInfo(
+            num_layers=int(cfg.decoder_layers),
+            num_heads=int(cfg.decoder_attention_heads),
+            num_mel_bins=int(cfg.num_mel_bins),
+            decoder_start_id=start,
+            eos_id=eos,
+            special_ids=frozenset(special),
+            max_target_positions=int(cfg.max_target_positions),
+            fixed_num_frames=int(cfg.max_source_positions) * self.frames_per_step(),
+        )
+
+    def prompt_ids(self) -> list[int]:
+        gen = self.model.generation_config
+        prompt = [self.info.decoder_start_id]
+        if getattr(gen, "is_multilingual", False):
+            lang = getattr(gen, "language", None) or "<|en|>"
+            if not lang.startswith("<|"):
+                lang = f"<|{lang}|>"
+            lang_ids = getattr(gen, "lang_to_id", {}) or {}
+            task_ids = getattr(gen, "task_to_id", {}) or {}
+            if lang in lang_ids:
+                prompt.append(int(lang_ids[lang]))
+            task = getattr(gen, "task", None) or "transcribe"
+            if task in task_ids:
+                prompt.append(int(task_ids[task]))
+        no_ts = getattr(gen, "no_timestamps_token_id", None)
+        if no_ts is not None:
+            prompt.append(int(no_ts))
+        return prompt
+
+    def _to_model(self, features: Tensor) -> Tensor:
+        return features.transpose(1, 2)
+
+    def utterances(self, batch: Mapping[str, Tensor]) -> list[Utterance]:
+        x = self._check_batch(batch)
+        info = self.info
+        if x.shape[1] != info.num_mel_bins:
+            raise XAttnError(
+                f"Expected {self.input_key!r} of shape (batch, {info.num_mel_bins} mel bins, frames) but got "
+                f"{tuple(x.shape)}; use the model's own WhisperProcessor/feature extractor."
+            )
+        if x.shape[2] != info.fixed_num_frames:
+            raise XAttnError(
+                f"Whisper expects {info.fixed_num_frames} frames (its 30-s window) but the features have "
+                f"{x.shape[2]}; let the WhisperProcessor pad them (padding='max_length')."
+            )
+        mask = batch.get("attention_mask")
+        out = []
+        for b in range(x.shape[0]):
+            feats = x[b].transpose(0, 1).contiguous()  # [T, F]
+            if mask is not None:
+                n = int(torch.as_tensor(mask)[b].sum())
+            else:
+                n = _valid_frames_from_padding(feats)
+            if n < 1:
+                raise XAttnError(f"Utterance {b} has no valid frames (empty audio); drop it from the batch.")
+            out.append(Utterance(features=feats, num_frames=n, index=b))
+        return out
+
+
+def _valid_frames_from_padding(feats: Tensor) -> int:
+    """Valid frames of a Whisper window without an attention mask: trailing frames equal to the
+    (constant) last frame are padding."""
+    last = feats[-1]
+    if not torch.all(last == last[0]):
+        return feats.shape[0]
+    same = (feats == last).all(dim=1)
+    n = feats.shape[0]
+    while n > 0 and bool(same[n - 1]):
+        n -= 1
+    return max(n, 1)
+
+
+class Speech2TextAdapter(_HFSeq2SeqAdapter):
+    """Adapter for ``transformers.Speech2TextForConditionalGeneration`` (features ``[B, T, F]``).
+
+    Example:
+        >>> from transformers import Speech2TextConfig, Speech2TextForConditionalGeneration
+        >>> cfg = Speech2TextConfig(vocab_size=30, d_model=8, encoder_layers=1, decoder_layers=1,
+        ...     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8,
+        ...     conv_channels=8, input_feat_per_channel=20)
+        >>> a = Speech2TextAdapter(Speech2TextForConditionalGeneration(cfg))
+        >>> a.frames_per_step(), a.encoder_length(103)
+        (4, 26)
+    """
+
+    def _find_convs(self) -> list[nn.Conv1d]:
+        return list(self.model.get_encoder().conv.conv_layers)
+
+    def _read_info(self) -> AdapterInfo:
+        cfg = self.model.config
+        gen = getattr(self.model, "generation_config", None)
+        start = int(getattr(gen, "decoder_start_token_id", None) or cfg.decoder_start_token_id)
+        eos = int(getattr(gen, "eos_token_id", None) or cfg.eos_token_id)
+        special = {start, eos, int(cfg.pad_token_id), int(cfg.bos_token_id)} | _tokenizer_special_ids(self.tokenizer)
+        forced = getattr(gen, "forced_bos_token_id", None)
+        if forced is not None:
+            special.add(int(forced))
+        return AdapterInfo(
+            num_layers=int(cfg.decoder_layers),
+            num_heads=int(cfg.decoder_attention_heads),
+            num_mel_bins=int(cfg.input_feat_per_channel) * int(cfg.input_channels),
+            decoder_start_id=start,
+            eos_id=eos,
+            special_ids=frozenset(special),
+            max_target_positions=int(cfg.max_target_positions),
+        )
+
+    def prompt_ids(self) -> list[int]:
+        forced = getattr(self.model.generation_config, "forced_bos_token_id", None)
+        return [self.info.decoder_start_id] + ([int(forced)] if forced is not None else [])
+
+    def _to_model(self, features: Tensor) -> Tensor:
+        return features
+
+    def utterances(self, batch: Mapping[str, Tensor]) -> list[Utterance]:
+        x = self._check_batch(batch)
+        if x.shape[2] != self.info.num_mel_bins:
+            raise XAttnError(
+                f"Expected {self.input_key!r} of shape (batch, frames, {self.info.num_mel_bins}) but got "
+                f"{tuple(x.shape)}; use the model's own Speech2TextFeatureExtractor."
+            )
+        mask = batch.get("attention_mask")
+        out = []
+        for b in range(x.shape[0]):
+            n = int(torch.as_tensor(mask)[b].sum()) if mask is not None else x.shape[1]
+            if self.encoder_length(n) < 1 or n < 1:
+                raise XAttnError(f"Utterance {b} has {n} frames, too short for the encoder; drop it.")
+            # no fixed window: keep only the valid frames, so no padding is ever perturbed
+            out.append(Utterance(features=x[b, :n].contiguous(), num_frames=n, index=b))
+        return out

@@ -1,0 +1,251 @@
+"""``xl.explain``: cross-attention and saliency of an S2T model for a batch of utterances.
+
+Stands without Lightning: the callback, the CLI and the demo call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xattn_lightning.adapters import Adapter, Utterance, adapter_for
+from xattn_lightning.adapters.base import check_target_length
+from xattn_lightning.errors import XAttnError, check_choice
+from xattn_lightning.functional import aggregate_attention, agreement_grid, pool_saliency
+from xattn_lightning.functional import agreement as _agreement
+from xattn_lightning.functional import per_token_correlation as _per_token
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+
+TARGET_MODES = ("generate", "labels")
+
+
+@dataclass
+class Explanation:
+    """Everything explained about one utterance. Token axis ``I`` excludes special tokens.
+
+    Attributes:
+        token_ids: ``LongTensor[I]`` explained tokens.
+        tokens: token strings when a tokenizer is known, else ``None``.
+        cross_attention: ``Tensor[L, H, I, T']`` with padding frames removed.
+        frames_per_step: input frames per encoder frame.
+        features: ``Tensor[T, F]`` valid input features (canonical time × frequency layout).
+        log_probs: ``Tensor[I]`` log-probability of each explained token under teacher forcing.
+        decoder_ids: the whole decoder sequence (prompt, tokens, EOS) that was forced.
+        text: decoded text of the explained tokens, when a tokenizer is known.
+        saliency: method name → map, ``[I, T, F]`` (input space) or ``[I, T']`` (encoder space).
+        info: per-method facts (masks used, seconds, ...).
+    """
+
+    token_ids: Tensor
+    tokens: list[str] | None
+    cross_attention: Tensor
+    frames_per_step: int
+    features: Tensor
+    log_probs: Tensor
+    decoder_ids: Tensor
+    text: str | None = None
+    index: int = 0
+    saliency: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        """Valid input frames T."""
+        return int(self.features.shape[0])
+
+    @property
+    def num_encoder_frames(self) -> int:
+        """Valid encoder frames T'."""
+        return int(self.cross_attention.shape[-1])
+
+    def attention(self, layers: LayerSpec = None, heads: HeadSpec = None, pairs: Sequence | None = None) -> Tensor:
+        """Aggregated cross-attention ``[I, T']`` (default: mean over all layers and heads)."""
+        return aggregate_attention(self.cross_attention, layers=layers, heads=heads, pairs=pairs)
+
+    def _saliency(self, method: str) -> Tensor:
+        if method not in self.saliency:
+            raise XAttnError(
+                f"No saliency {method!r} in this explanation; computed: {sorted(self.saliency) or 'none'}. "
+                f"Pass methods=({method!r},) to explain()."
+            )
+        return self.saliency[method]
+
+    def pooled(self, method: str, mode: str = "max2d") -> Tensor:
+        """Saliency of ``method`` at encoder resolution ``[I, T']`` (input-space maps are pooled)."""
+        sm = self._saliency(method)
+        if sm.dim() == 2:
+            return sm
+        return pool_saliency(sm, self.frames_per_step, self.num_encoder_frames, mode=mode)
+
+    def agreement(
+        self,
+        method: str,
+        layers: LayerSpec = None,
+        heads: HeadSpec = None,
+        pairs: Sequence | None = None,
+        metric: str = "pearson",
+        pooling: str = "max2d",
+        normalize: bool = True,
+    ) -> float:
+        """Paper-faithful agreement ρ(CA, SM) of this utterance (default Pearson, all layers and heads)."""
+        return _agreement(self.attention(layers, heads, pairs), self.pooled(method, pooling), metric, normalize)
+
+    def per_token_agreement(self, method: str, metric: str = "pearson", pooling: str = "max2d", **agg: Any) -> Tensor:
+        """ρ per explained token, ``[I]``."""
+        return _per_token(self.attention(**agg), self.pooled(method, pooling), metric)
+
+    def agreement_grid(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> Tensor:
+        """ρ of every single (layer, head), ``[L, H]``."""
+        return agreement_grid(self.cross_attention, self.pooled(method, pooling), metric)
+
+    def layer_agreement(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> Tensor:
+        """ρ of each layer's head-mean attention, ``[L]``."""
+        sm = self.pooled(method, pooling)
+        return torch.tensor(
+            [_agreement(self.attention(layers=li), sm, metric) for li in range(self.cross_attention.shape[0])],
+            dtype=torch.float64,
+        )
+
+    def context_mixing_gap(
+        self, metric: str = "pearson", input_method: str = "spes", encoder_method: str = "encoder_spes"
+    ) -> float:
+        """ρ(CA, SM_H) − ρ(CA, SM_X): how much closer attention is to encoder-output saliency."""
+        return self.agreement(encoder_method, metric=metric) - self.agreement(input_method, metric=metric)
+
+
+@contextlib.contextmanager
+def grad_allowed() -> Iterator[None]:
+    """Leave any ``torch.inference_mode`` / ``no_grad`` of the caller (Lightning validation)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _targets_for(
+    adapter: Adapter,
+    batch: Mapping[str, Any],
+    utts: list[Utterance],
+    targets: str | Tensor | Sequence,
+    num_beams: int,
+    max_new_tokens: int | None,
+) -> list[Tensor]:
+    if isinstance(targets, str):
+        check_choice("targets mode", targets, TARGET_MODES)
+        if targets == "generate":
+            return [adapter.generate(u, num_beams=num_beams, max_new_tokens=max_new_tokens) for u in utts]
+        if "labels" not in batch:
+            raise XAttnError(
+                f"targets='labels' needs a 'labels' entry in the batch (keys: {sorted(batch)}); "
+                "pass target ids with targets=... or use targets='generate'."
+            )
+        targets = batch["labels"]
+    if isinstance(targets, Tensor):
+        rows = [targets] if targets.dim() == 1 and len(utts) == 1 else list(targets)
+    else:
+        rows = list(targets)
+        if rows and isinstance(rows[0], int):
+            rows = [rows]
+    if len(rows) != len(utts):
+        raise XAttnError(f"Got {len(rows)} target sequences for {len(utts)} utterances.")
+    return [adapter.normalize_target(torch.as_tensor(r)) for r in rows]
+
+
+def explain(
+    model: nn.Module | Adapter,
+    batch: Mapping[str, Any],
+    targets: str | Tensor | Sequence = "generate",
+    methods: Sequence[str] = (),
+    tokenizer: object | None = None,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+    **method_options: Any,
+) -> list[Explanation]:
+    """Explain every utterance of ``batch``: cross-attention, and the saliency ``methods``.
+
+    Args:
+        model: a supported model (HF Whisper / Speech2Text) or an :class:`~xattn_lightning.Adapter`.
+        batch: the model's own input dict (e.g. ``WhisperProcessor(..., return_attention_mask=True)``).
+        targets: ``"generate"`` (the model's own hypothesis, greedy or ``num_beams``), ``"labels"``
+            (``batch["labels"]``), or target ids (one sequence per utterance).
+        methods: saliency methods (see :func:`xattn_lightning.list_methods`).
+        tokenizer: a tokenizer or processor, for token strings and text.
+        **method_options: ``n_masks``, ``seed``, ``p``, ``p_h``, ``batch_size``, ``n_steps``, ... shared by
+            every method that takes them.
+
+    Example:
+        >>> import xattn_lightning as xl
+        >>> from xattn_lightning.models import TinyS2T
+        >>> exps = xl.explain(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+        ...                   targets=[[1, 5, 6, 2]])
+        >>> exps[0].cross_attention.shape
+        torch.Size([2, 2, 2, 4])
+    """
+    from xattn_lightning.saliency import compute_saliency, validate_methods
+
+    validate_methods(methods, method_options)
+    methods = tuple(methods)
+    adapter = adapter_for(model, tokenizer)
+    results: list[Explanation] = []
+    with grad_allowed(), adapter.capture_context():
+        utts = adapter.utterances(batch)
+        with torch.no_grad():
+            seqs = _targets_for(adapter, batch, utts, targets, num_beams, max_new_tokens)
+        for u, seq in zip(utts, seqs):
+            exp = _explain_one(adapter, u, seq)
+            if methods:
+                compute_saliency(adapter, u, exp, methods, progress=progress, **method_options)
+            results.append(exp)
+    return results
+
+
+@torch.no_grad()
+def _explain_one(adapter: Adapter, u: Utterance, seq: Tensor) -> Explanation:
+    check_target_length(adapter, seq)
+    predicted = seq[1:]
+    keep = ~adapter.special_mask(predicted)
+    if not bool(keep.any()):
+        raise XAttnError(
+            f"Utterance {u.index}: the target has only special tokens ({predicted.tolist()}), nothing to explain; "
+            "the model produced no text (check the audio) or the labels are empty."
+        )
+    feats = u.features.unsqueeze(0)
+    out = adapter.forward(feats, seq[:-1], output_attentions=True)
+    fps = adapter.frames_per_step(u)
+    t_enc = min(adapter.encoder_length(u.num_frames), out.cross_attention.shape[-1])
+    ca = out.cross_attention[0, :, :, :, :t_enc].float()
+    logp = out.logits[0].float().log_softmax(-1)
+    lp = logp.gather(-1, predicted.to(logp.device).unsqueeze(-1)).squeeze(-1)
+    keep_d = keep.to(ca.device)
+    token_ids = predicted[keep]
+    if not torch.isfinite(ca).all():
+        raise XAttnError(
+            f"Utterance {u.index}: the model produced NaN/inf cross-attention; check its weights and dtype."
+        )
+    return Explanation(
+        token_ids=token_ids,
+        tokens=adapter.token_strings(token_ids),
+        cross_attention=ca[:, :, keep_d].cpu(),
+        frames_per_step=fps,
+        features=u.features[: u.num_frames].float().cpu(),
+        log_probs=lp[keep_d].cpu(),
+        decoder_ids=seq.cpu(),
+        text=adapter.decode_text(seq[1:]),
+        index=u.index,
+    )
+
+
+def corpus_agreement(explanations: Sequence[Explanation], method: str, **kwargs: Any) -> float:
+    """Corpus score: mean of per-utterance ρ (utterances with an undefined ρ are left out; ``nan`` if all are).
+
+    >>> corpus_agreement([], "spes")
+    nan
+    """
+    vals = [e.agreement(method, **kwargs) for e in explanations]
+    vals = [v for v in vals if not math.isnan(v)]
+    return float(sum(vals) / len(vals)) if vals else float("nan")

@@ -1,0 +1,31 @@
+"""Pure tensor maths: aggregation, normalisation, pooling and agreement. Knows no model."""
+
+from xattn_lightning.functional.aggregate import (
+    aggregate_attention,
+    framewise_zscore,
+    layer_means,
+    resolve_layers,
+    tokenwise_zscore,
+)
+from xattn_lightning.functional.agreement import (
+    agreement,
+    agreement_grid,
+    correlation,
+    deletion_auc,
+    per_token_correlation,
+)
+from xattn_lightning.functional.pooling import pool_saliency
+
+__all__ = [
+    "aggregate_attention",
+    "agreement",
+    "agreement_grid",
+    "correlation",
+    "deletion_auc",
+    "framewise_zscore",
+    "layer_means",
+    "per_token_correlation",
+    "pool_saliency",
+    "resolve_layers",
+    "tokenwise_zscore",
+]

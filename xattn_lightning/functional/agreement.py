@@ -1,0 +1,115 @@
+"""Agreement between cross-attention and saliency (paper §1.6, §3.1), and deletion AUC (§3.3).
+
+Correlations reuse torchmetrics' functional forms. A correlation of a constant vector is
+undefined and is returned as ``nan`` (never a fake ±1); callers decide how to report it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
+
+from xattn_lightning.errors import XAttnError, check_choice
+from xattn_lightning.functional.aggregate import framewise_zscore, tokenwise_zscore
+
+METRICS = ("pearson", "spearman", "kendall")
+
+
+def correlation(x: Tensor, y: Tensor, metric: str = "pearson") -> float:
+    """Correlation of two equally shaped tensors, flattened. ``nan`` if either is constant or non-finite.
+
+    >>> round(correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0]), "spearman"), 4)
+    1.0
+    """
+    check_choice("metric", metric, METRICS)
+    if x.shape != y.shape:
+        raise XAttnError(f"Expected maps of the same shape but got {tuple(x.shape)} and {tuple(y.shape)}.")
+    a = x.reshape(-1).double()
+    b = y.reshape(-1).double()
+    if a.numel() < 2:
+        return float("nan")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")
+    if a.max() == a.min() or b.max() == b.min():
+        return float("nan")
+    if metric == "pearson":
+        # centre and scale first: torchmetrics' streaming Pearson loses precision on tiny values
+        a = (a - a.mean()) / a.std()
+        b = (b - b.mean()) / b.std()
+        r = pearson_corrcoef(a, b)
+    elif metric == "spearman":
+        r = spearman_corrcoef(a, b)
+    else:
+        r = kendall_rank_corrcoef(a, b, variant="b")
+    return float(r.clamp(-1.0, 1.0))
+
+
+def _check_pair(ca: Tensor, sm: Tensor) -> None:
+    if ca.dim() != 2 or sm.dim() != 2:
+        raise XAttnError(
+            f"Expected [tokens, frames] attention and saliency but got {tuple(ca.shape)} and {tuple(sm.shape)}; "
+            "pool input saliency with pool_saliency() and aggregate attention with aggregate_attention() first."
+        )
+    if ca.shape != sm.shape:
+        raise XAttnError(f"Attention {tuple(ca.shape)} and saliency {tuple(sm.shape)} must have the same shape.")
+
+
+def agreement(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: bool = True) -> float:
+    """Paper-faithful agreement of one utterance: frame-wise z-scored attention vs per-token
+    z-scored saliency, one correlation over the flattened ``[I, T']`` maps.
+
+    >>> ca = torch.eye(3)
+    >>> round(agreement(ca, ca * 5), 6)
+    1.0
+    """
+    _check_pair(ca, sm)
+    if normalize:
+        ca, sm = framewise_zscore(ca), tokenwise_zscore(sm)
+    return correlation(ca, sm, metric)
+
+
+def per_token_correlation(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: bool = True) -> Tensor:
+    """One correlation per token row (``[I]``), after the same normalisation as :func:`agreement`.
+
+    >>> per_token_correlation(torch.eye(2) + 0.1, torch.eye(2)).tolist()
+    [1.0, 1.0]
+    """
+    _check_pair(ca, sm)
+    if normalize:
+        ca, sm = framewise_zscore(ca), tokenwise_zscore(sm)
+    return torch.tensor([correlation(a, s, metric) for a, s in zip(ca, sm)], dtype=torch.float64)
+
+
+def agreement_grid(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: bool = True) -> Tensor:
+    """Agreement of every single (layer, head) map with the saliency: ``[L, H]``.
+
+    >>> agreement_grid(torch.rand(2, 3, 4, 5), torch.rand(4, 5)).shape
+    torch.Size([2, 3])
+    """
+    if ca.dim() != 4:
+        raise XAttnError(f"Expected cross-attention [layers, heads, tokens, frames] but got {tuple(ca.shape)}.")
+    grid = torch.empty(ca.shape[:2], dtype=torch.float64)
+    for li in range(ca.shape[0]):
+        for hi in range(ca.shape[1]):
+            grid[li, hi] = agreement(ca[li, hi], sm, metric, normalize)
+    return grid
+
+
+def deletion_auc(fractions: Sequence[float], scores: Sequence[float], max_score: float = 100.0) -> float:
+    """Normalised area under a deletion/insertion curve: trapezoid over the fractions in [0, 1]
+    of the scores clipped at ``max_score`` (WER clipped at 100, as SPES' ``wer_max``).
+
+    >>> deletion_auc([0.0, 0.5, 1.0], [0.0, 100.0, 100.0])
+    75.0
+    """
+    f = torch.as_tensor(list(fractions), dtype=torch.float64)
+    s = torch.as_tensor(list(scores), dtype=torch.float64).clamp(max=max_score)
+    if f.numel() != s.numel() or f.numel() < 2:
+        raise XAttnError("Expected at least two (fraction, score) points of equal count.")
+    if not torch.all(f[1:] > f[:-1]):
+        raise XAttnError("Deletion fractions must be strictly increasing.")
+    span = float(f[-1] - f[0])
+    return float(torch.trapezoid(s, f) / span)

@@ -1,0 +1,201 @@
+"""Saliency methods and their registry; ``compute_saliency`` fills an :class:`~xattn_lightning.Explanation`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xattn_lightning.adapters import Adapter, Utterance
+from xattn_lightning.errors import UnknownNameError, XAttnError
+from xattn_lightning.saliency.gradients import GRADIENT_METHODS, captum_attribute, token_logprob_fn
+from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+
+#: method name -> (space, description)
+METHODS: dict[str, tuple[str, str]] = {
+    "spes": (
+        "input",
+        "SPES: multi-scale SLIC segments of the spectrogram zeroed at random, KL scorer (SM_X)",
+    ),
+    "encoder_spes": ("encoder", "whole encoder-output frames zeroed at random, KL scorer (SM_H)"),
+    "saliency": ("input", "Captum Saliency |d log p / d X|"),
+    "input_x_gradient": ("input", "Captum InputXGradient |X * d log p / d X|"),
+    "integrated_gradients": (
+        "input",
+        "Captum IntegratedGradients from an all-zero spectrogram, |attribution|",
+    ),
+    "encoder_saliency": ("encoder", "Captum Saliency on the encoder output, L2 over hidden size"),
+    "encoder_input_x_gradient": (
+        "encoder",
+        "Captum InputXGradient on the encoder output, L2 over hidden size",
+    ),
+    "encoder_integrated_gradients": (
+        "encoder",
+        "Captum IntegratedGradients on the encoder output, L2 over hidden size",
+    ),
+}
+
+#: option name -> default; the same names are accepted by explain(), the monitor and the CLI
+OPTIONS: dict[str, Any] = {
+    "n_masks": 500,
+    "p": 0.5,
+    "p_h": 0.7,
+    "batch_size": 8,
+    "encoder_batch_size": 32,
+    "seed": 0,
+    "scales": (2000, 2500, 3000),
+    "frame_rate": 100.0,
+    "compactness": 0.1,
+    "sigma": 0.0,
+    "sampling": "plain",
+    "n_steps": 16,
+    "internal_batch_size": None,
+    "max_seconds": None,
+}
+
+__all__ = ["METHODS", "OPTIONS", "compute_saliency", "list_methods", "validate_methods"]
+
+
+def list_methods() -> list[str]:
+    """Names of the saliency methods.
+
+    >>> "spes" in list_methods()
+    True
+    """
+    return sorted(METHODS)
+
+
+def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
+    """Raise on unknown method or option names (listing the valid ones)."""
+    if isinstance(methods, str):
+        raise XAttnError(f"Expected a sequence of method names but got the string {methods!r}; use ({methods!r},).")
+    for m in methods:
+        if m not in METHODS:
+            raise UnknownNameError("saliency method", m, METHODS)
+    for k in options:
+        if k not in OPTIONS:
+            raise UnknownNameError("option", k, OPTIONS)
+    if options.get("sampling", "plain") not in ("plain", "antithetic"):
+        raise UnknownNameError("sampling", options["sampling"], ("plain", "antithetic"))
+
+
+def compute_saliency(
+    adapter: Adapter, u: Utterance, exp: Any, methods: Sequence[str], progress: bool = False, **options: Any
+) -> None:
+    """Compute ``methods`` for one utterance and store them in ``exp.saliency`` / ``exp.info``."""
+    opts = {**OPTIONS, **options}
+    seq = exp.decoder_ids
+    dec_in = seq[:-1]
+    predicted = seq[1:]
+    positions = (~adapter.special_mask(predicted)).nonzero().view(-1).to(adapter.device)
+    feats = u.features.clone()  # leaves inference-mode tensors behind
+    n_frames = u.num_frames
+    t_enc = exp.num_encoder_frames
+    bar = _progress_bar(progress, methods, opts, positions.numel())
+    try:
+        with torch.no_grad():
+            ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
+        logp_ref = ref.logits[0].float().log_softmax(-1)
+        enc = ref.encoder_out
+        for m in methods:
+            if m == "spes":
+                with torch.no_grad():
+                    sm, info = spes_input(
+                        lambda x: adapter.forward(x, dec_in, output_attentions=False).logits,
+                        feats.to(adapter.device, adapter.dtype),
+                        n_frames,
+                        logp_ref,
+                        positions,
+                        **_kwargs(spes_input, opts),
+                        progress=bar.update if bar else None,
+                    )
+            elif m == "encoder_spes":
+                with torch.no_grad():
+                    sm, info = spes_encoder(
+                        lambda h: adapter.decode(h, dec_in).logits,
+                        enc,
+                        t_enc,
+                        logp_ref,
+                        positions,
+                        **{**_kwargs(spes_encoder, opts), "batch_size": opts["encoder_batch_size"]},
+                        progress=bar.update if bar else None,
+                    )
+            else:
+                sm, info = _gradient(adapter, m, feats, n_frames, enc, t_enc, dec_in, predicted, positions, opts, bar)
+            if not torch.isfinite(sm).all():
+                raise XAttnError(f"Saliency {m!r} produced NaN/inf values for utterance {u.index}.")
+            exp.saliency[m] = sm
+            exp.info[m] = info
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _kwargs(fn: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in opts.items() if k in params and k != "progress"}
+
+
+def _progress_bar(enabled: bool, methods: Sequence[str], opts: dict, num_tokens: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    total = 0
+    for m in methods:
+        total += opts["n_masks"] if m in ("spes", "encoder_spes") else num_tokens
+    return tqdm(total=total, desc="saliency", unit="pass", leave=False)
+
+
+def _gradient(
+    adapter: Adapter,
+    method: str,
+    feats: Tensor,
+    n_frames: int,
+    enc: Tensor,
+    t_enc: int,
+    dec_in: Tensor,
+    predicted: Tensor,
+    positions: Tensor,
+    opts: dict,
+    bar: Any,
+) -> tuple[Tensor, dict]:
+    import time
+
+    start = time.perf_counter()
+    encoder_space = method.startswith("encoder_")
+    name = method.removeprefix("encoder_")
+    assert name in GRADIENT_METHODS
+    with torch.enable_grad():
+        if encoder_space:
+            base = enc.detach().clone()
+
+            def logits_fn(h_valid: Tensor) -> Tensor:
+                rest = base[:, t_enc:].expand(h_valid.shape[0], -1, -1)
+                return adapter.decode(torch.cat([h_valid, rest], 1), dec_in).logits
+
+            x = base[:, :t_enc].clone().requires_grad_()
+        else:
+            full = feats.to(adapter.device, adapter.dtype).unsqueeze(0)
+
+            def logits_fn(x_valid: Tensor) -> Tensor:
+                rest = full[:, n_frames:].expand(x_valid.shape[0], -1, -1)
+                return adapter.forward(torch.cat([x_valid, rest], 1), dec_in, output_attentions=False).logits
+
+            x = full[:, :n_frames].clone().requires_grad_()
+        fn = token_logprob_fn(logits_fn, predicted, positions)
+        attr = captum_attribute(
+            name,
+            fn,
+            x,
+            int(positions.numel()),
+            n_steps=opts["n_steps"],
+            internal_batch_size=opts["internal_batch_size"],
+            progress=bar.update if bar else None,
+        )
+    attr = attr.float()
+    sm = attr.norm(dim=-1) if encoder_space else attr.abs()
+    return sm.cpu(), {"seconds": time.perf_counter() - start}

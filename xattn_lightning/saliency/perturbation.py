@@ -1,0 +1,227 @@
+"""Perturbation saliency: SPES over the spectrogram (SM_X) and frame occlusion of the encoder output (SM_H).
+
+Both run teacher-forced on the explained decoder sequence, so one perturbed pass scores every
+token. Masks, KL and accumulation are computed on the model's device, batched over masks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xattn_lightning.errors import XAttnError
+
+#: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)
+DEFAULT_SEGMENTS = (2000, 2500, 3000)
+REFERENCE_FRAMES = 500
+#: segment counts grow with duration up to this many frames (7.5 s), then stay fixed
+MAX_SCALED_FRAMES = 750
+
+
+def segment_counts(num_frames: int, scales: Sequence[int] = DEFAULT_SEGMENTS, frame_rate: float = 100.0) -> list[int]:
+    """SLIC segment count per scale for an utterance of ``num_frames``, scaled with duration
+    up to 7.5 s (paper §6.2). ``frame_rate`` is input frames per second (100 for a 10-ms hop).
+
+    >>> segment_counts(250)
+    [1000, 1250, 1500]
+    >>> segment_counts(2000)
+    [3000, 3750, 4500]
+    """
+    seconds = min(num_frames / frame_rate, MAX_SCALED_FRAMES / 100.0)
+    return [max(2, int(round(s * seconds / (REFERENCE_FRAMES / 100.0)))) for s in scales]
+
+
+def slic_segments(x: Tensor, n_segments: int, compactness: float = 0.1, sigma: float = 0.0) -> Tensor:
+    """SLIC segmentation (scikit-image) of a min-max normalised ``[T, F]`` spectrogram.
+
+    Returns ``LongTensor[T, F]`` labels ``0..K-1`` (consecutive).
+    """
+    from skimage.segmentation import slic
+
+    img = x.detach().float().cpu().numpy()
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    labels = slic(
+        img.astype(np.float64),
+        n_segments=n_segments,
+        compactness=compactness,
+        sigma=sigma,
+        channel_axis=None,
+        start_label=0,
+        enforce_connectivity=True,
+    )
+    _, inv = np.unique(labels, return_inverse=True)
+    return torch.from_numpy(inv.reshape(labels.shape).astype(np.int64))
+
+
+def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor) -> Tensor:
+    """KL(P_ref ‖ P_pert) at the explained decoder ``positions``: ``[B, I]``.
+
+    ``logp_ref`` is ``[S, V]`` log-probs of the unperturbed pass, ``logits`` ``[B, S, V]``.
+    """
+    lp = logits[:, positions].float().log_softmax(-1)
+    ref = logp_ref[positions]
+    return (ref.exp() * (ref - lp)).sum(-1).clamp(min=0.0)
+
+
+def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator, sampling: str = "plain") -> Tensor:
+    """``[n, num_units]`` bool, True = kept; each unit occluded with probability ``p``.
+
+    ``sampling="antithetic"`` pairs every mask with its complement (variance reduction for p = 0.5).
+    """
+    if sampling == "antithetic":
+        half = (n + 1) // 2
+        base = torch.rand(half, num_units, generator=generator) >= p
+        return torch.cat([base, ~base])[:n]
+    return torch.rand(n, num_units, generator=generator) >= p
+
+
+class _Accumulator:
+    """Running ``Σ_n KL_n·occluded_n`` and ``Σ_n occluded_n`` (paper §6.2 step 7)."""
+
+    def __init__(self, num_tokens: int, num_cells: int, device: torch.device) -> None:
+        self.num = torch.zeros(num_tokens, num_cells, device=device, dtype=torch.float64)
+        self.den = torch.zeros(num_cells, device=device, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, kl: Tensor, occluded: Tensor) -> None:
+        occ = occluded.to(torch.float64)
+        self.num += kl.to(torch.float64).T @ occ
+        self.den += occ.sum(0)
+        self.n += kl.shape[0]
+
+    def result(self) -> Tensor:
+        den = self.den.clamp(min=1.0)
+        return (self.num / den).float()
+
+
+def _chunks(total: int, batch_size: int) -> list[int]:
+    return [min(batch_size, total - i) for i in range(0, total, batch_size)]
+
+
+def spes_input(
+    run: Callable[[Tensor], Tensor],
+    features: Tensor,
+    num_frames: int,
+    logp_ref: Tensor,
+    positions: Tensor,
+    n_masks: int = 500,
+    p: float = 0.5,
+    scales: Sequence[int] = DEFAULT_SEGMENTS,
+    batch_size: int = 8,
+    seed: int = 0,
+    frame_rate: float = 100.0,
+    compactness: float = 0.1,
+    sigma: float = 0.0,
+    sampling: str = "plain",
+    max_seconds: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Tensor, dict]:
+    """SPES input saliency ``[I, T, F]`` over the valid ``features[:num_frames]``.
+
+    ``run(x [B, T_full, F]) -> logits [B, S, V]`` is a teacher-forced pass. Padding frames beyond
+    ``num_frames`` keep their values and get no saliency. Masks are split equally over ``scales``.
+    With ``max_seconds`` the loop stops early (at a whole number of chunks) and the info says how
+    many masks were used.
+    """
+    if n_masks < 1:
+        raise XAttnError(f"Expected n_masks >= 1 but got {n_masks}.")
+    if not 0.0 < p < 1.0:
+        raise XAttnError(f"Expected the occlusion probability p in (0, 1) but got {p}.")
+    device = logp_ref.device
+    t_valid, n_bins = num_frames, features.shape[-1]
+    valid = features[:t_valid]
+    counts = segment_counts(t_valid, scales, frame_rate)
+    labels = [slic_segments(valid, k, compactness, sigma).reshape(-1).to(device) for k in counts]
+    gen = torch.Generator().manual_seed(int(seed))
+    per_scale = [n_masks // len(labels) + (1 if i < n_masks % len(labels) else 0) for i in range(len(labels))]
+    acc = _Accumulator(int(positions.numel()), t_valid * n_bins, device)
+    x_full = features.to(device)
+    start = time.perf_counter()
+    stopped = False
+    for lab, n_s in zip(labels, per_scale):
+        k = int(lab.max()) + 1
+        keep_seg = draw_keep_masks(n_s, k, p, gen, sampling).to(device)
+        for i0 in range(0, n_s, batch_size):
+            keep = keep_seg[i0 : i0 + batch_size][:, lab]  # [b, T*F]
+            b = keep.shape[0]
+            x = x_full.unsqueeze(0).repeat(b, 1, 1)
+            x[:, :t_valid] = x[:, :t_valid] * keep.view(b, t_valid, n_bins).to(x.dtype)
+            kl = kl_per_token(logp_ref, run(x), positions)
+            acc.add(kl, ~keep)
+            if progress is not None:
+                progress(b)
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                stopped = True
+                break
+        if stopped:
+            break
+    sm = acc.result().view(-1, t_valid, n_bins).cpu()
+    return sm, {
+        "n_masks": acc.n,
+        "segments": counts,
+        "seconds": time.perf_counter() - start,
+        "budget_hit": stopped,
+    }
+
+
+def spes_encoder(
+    decode: Callable[[Tensor], Tensor],
+    encoder_out: Tensor,
+    num_encoder_frames: int,
+    logp_ref: Tensor,
+    positions: Tensor,
+    n_masks: int = 500,
+    p_h: float = 0.7,
+    batch_size: int = 32,
+    seed: int = 0,
+    sampling: str = "plain",
+    max_seconds: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Tensor, dict]:
+    """Encoder-output saliency ``[I, T']`` (paper §1.4): zero whole valid encoder frames with
+    probability ``p_h``; ``decode(H [B, T'_full, D]) -> logits`` re-runs only the decoder."""
+    if n_masks < 1:
+        raise XAttnError(f"Expected n_masks >= 1 but got {n_masks}.")
+    if not 0.0 < p_h < 1.0:
+        raise XAttnError(f"Expected the encoder occlusion probability p_h in (0, 1) but got {p_h}.")
+    device = encoder_out.device
+    t_valid = num_encoder_frames
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    keep_all = draw_keep_masks(n_masks, t_valid, p_h, gen, sampling).to(device)
+    acc = _Accumulator(int(positions.numel()), t_valid, device)
+    start = time.perf_counter()
+    stopped = False
+    for i0 in range(0, n_masks, batch_size):
+        keep = keep_all[i0 : i0 + batch_size]
+        b = keep.shape[0]
+        h = encoder_out.expand(b, -1, -1).clone()
+        h[:, :t_valid] = h[:, :t_valid] * keep.unsqueeze(-1).to(h.dtype)
+        kl = kl_per_token(logp_ref, decode(h), positions)
+        acc.add(kl, ~keep)
+        if progress is not None:
+            progress(b)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            stopped = True
+            break
+    return acc.result().cpu(), {
+        "n_masks": acc.n,
+        "seconds": time.perf_counter() - start,
+        "budget_hit": stopped,
+    }
+
+
+def mask_count_for_budget(seconds_per_mask: float, max_seconds: float, lo: int = 8) -> int:
+    """Masks that fit in ``max_seconds`` at the measured cost per mask (at least ``lo``).
+
+    >>> mask_count_for_budget(0.01, 1.0)
+    100
+    """
+    if seconds_per_mask <= 0:
+        return 10**9
+    return max(lo, int(math.floor(max_seconds / seconds_per_mask)))
