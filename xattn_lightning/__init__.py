@@ -1,8 +1,8 @@
 """xattn_lightning: can you trust your speech model's cross-attention as an explanation?
 
 >>> import xattn_lightning as xl
->>> sorted(xl.list_methods())[:2]
-['encoder_integrated_gradients', 'encoder_input_x_gradient']
+>>> "spes" in xl.list_methods()
+True
 """
 
 from xattn_lightning.adapters import (
@@ -12,6 +12,7 @@ from xattn_lightning.adapters import (
     WhisperAdapter,
     adapter_for,
 )
+from xattn_lightning.callbacks import XAttnSaliencyMonitor
 from xattn_lightning.errors import UnknownNameError, UnsupportedModelError, XAttnError
 from xattn_lightning.explain import Explanation, corpus_agreement, explain
 from xattn_lightning.saliency import list_methods
@@ -26,6 +27,7 @@ __all__ = [
     "UnknownNameError",
     "UnsupportedModelError",
     "WhisperAdapter",
+    "XAttnSaliencyMonitor",
     "XAttnError",
     "adapter_for",
     "corpus_agreement",

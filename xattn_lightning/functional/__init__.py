@@ -13,6 +13,7 @@ from xattn_lightning.functional.agreement import (
     correlation,
     deletion_auc,
     per_token_correlation,
+    topk_overlap,
 )
 from xattn_lightning.functional.pooling import pool_saliency
 
@@ -28,4 +29,5 @@ __all__ = [
     "pool_saliency",
     "resolve_layers",
     "tokenwise_zscore",
+    "topk_overlap",
 ]

@@ -113,3 +113,18 @@ def deletion_auc(fractions: Sequence[float], scores: Sequence[float], max_score:
         raise XAttnError("Deletion fractions must be strictly increasing.")
     span = float(f[-1] - f[0])
     return float(torch.trapezoid(s, f) / span)
+
+
+def topk_overlap(ca: Tensor, sm: Tensor, fraction: float = 0.1) -> float:
+    """Saliency coverage: per token, the share of its top-``fraction`` salient frames that are also
+    among its top-``fraction`` attended frames (k = max(1, ceil(fraction·T'))), averaged over tokens.
+
+    >>> topk_overlap(torch.eye(4), torch.eye(4), 0.25)
+    1.0
+    """
+    _check_pair(ca, sm)
+    k = max(1, int(-(-fraction * ca.shape[1] // 1)))
+    top_ca = ca.topk(k, dim=1).indices
+    top_sm = sm.topk(k, dim=1).indices
+    hits = (top_ca.unsqueeze(2) == top_sm.unsqueeze(1)).any(1).float().mean(1)
+    return float(hits.mean())

@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from xattn_lightning.callbacks.monitor import XAttnSaliencyMonitor
+
+__all__ = ["XAttnSaliencyMonitor"]

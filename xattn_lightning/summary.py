@@ -1,0 +1,67 @@
+"""Turn explanations into the numbers the monitor and ``compare`` report (pure, no logging)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from xattn_lightning.errors import XAttnError
+from xattn_lightning.explain import Explanation
+from xattn_lightning.functional import topk_overlap
+
+
+def _mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(sum(vals) / len(vals)) if vals else float("nan")
+
+
+def probe_scores(e: Explanation, methods: Sequence[str], metrics: Sequence[str] = ("pearson", "spearman")) -> dict:
+    """Per-utterance numbers: ρ per method/metric (full average), per layer, per (layer, head), coverage."""
+    out: dict[str, Any] = {"num_tokens": int(e.token_ids.numel()), "num_frames": e.num_frames}
+    for m in methods:
+        for metric in metrics:
+            out[f"{m}/{metric}"] = e.agreement(m, metric=metric)
+        out[f"{m}/layers"] = e.layer_agreement(m).tolist()
+        out[f"{m}/grid"] = e.agreement_grid(m).tolist()
+        out[f"{m}/coverage"] = topk_overlap(e.attention(), e.pooled(m))
+    if "spes" in methods and "encoder_spes" in methods:
+        out["context_mixing_gap"] = out["encoder_spes/pearson"] - out["spes/pearson"]
+    return out
+
+
+def summarize(rows: Sequence[dict], methods: Sequence[str], metrics: Sequence[str] = ("pearson", "spearman")) -> dict:
+    """Corpus scalars (means over probes; undefined ρ left out) and the head ranking per method.
+
+    Returns ``{"scalars": {name: float}, "head_ranking": {method: [(layer, head, rho), ...]},
+    "grids": {method: [[...]]}}``.
+    """
+    if not rows:
+        raise XAttnError("No probe utterance could be explained; nothing to summarize.")
+    scalars: dict[str, float] = {}
+    ranking: dict[str, list[tuple[int, int, float]]] = {}
+    grids: dict[str, list[list[float]]] = {}
+    for m in methods:
+        for metric in metrics:
+            scalars[f"{m}/{metric}"] = _mean([r[f"{m}/{metric}"] for r in rows])
+        layers = torch.tensor([r[f"{m}/layers"] for r in rows], dtype=torch.float64)
+        layer_mean = torch.nanmean(layers, 0)
+        for li, v in enumerate(layer_mean.tolist()):
+            scalars[f"{m}/pearson_layer{li}"] = v
+        grid = torch.nanmean(torch.tensor([r[f"{m}/grid"] for r in rows], dtype=torch.float64), 0)
+        grids[m] = grid.tolist()
+        order = sorted(
+            ((li, hi, float(grid[li, hi])) for li in range(grid.shape[0]) for hi in range(grid.shape[1])),
+            key=lambda x: -x[2] if not math.isnan(x[2]) else math.inf,
+        )
+        ranking[m] = order
+        if order and not math.isnan(order[0][2]):
+            scalars[f"{m}/pearson_best_head"] = order[0][2]
+            scalars[f"{m}/best_head_layer"] = float(order[0][0])
+            scalars[f"{m}/best_head_index"] = float(order[0][1])
+        scalars[f"{m}/coverage"] = _mean([r[f"{m}/coverage"] for r in rows])
+    if all("context_mixing_gap" in r for r in rows) and rows:
+        scalars["context_mixing_gap"] = _mean([r["context_mixing_gap"] for r in rows])
+    return {"scalars": scalars, "head_ranking": ranking, "grids": grids}

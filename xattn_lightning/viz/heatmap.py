@@ -1,0 +1,85 @@
+"""Heatmaps of one explanation: spectrogram, cross-attention and saliency, tokens × seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from xattn_lightning.explain import Explanation
+from xattn_lightning.functional import framewise_zscore, tokenwise_zscore
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a figure to an ``uint8`` RGB array ``[H, W, 3]``; the figure is released."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    img = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    fig.clear()
+    return img
+
+
+def heatmap_figure(
+    e: Explanation,
+    methods: Sequence[str],
+    title: str = "",
+    frame_rate: float = 100.0,
+    normalize: bool = True,
+) -> Figure:
+    """Spectrogram on top, then cross-attention (all layers and heads averaged) and each method's
+    saliency at encoder resolution; token labels on the y axis, seconds on the x axis, ρ in titles.
+
+    >>> import torch
+    >>> from xattn_lightning.explain import Explanation
+    >>> e = Explanation(torch.tensor([5, 6]), ["a", "b"], torch.rand(1, 1, 2, 4), 2, torch.rand(8, 3),
+    ...                 torch.zeros(2), torch.tensor([1, 5, 6, 2]))
+    >>> heatmap_figure(e, []).axes.__len__()
+    2
+    """
+    panels = 2 + len(methods)
+    fig = Figure(figsize=(9, 1.6 + 1.4 * panels + 0.12 * len(e.token_ids) * (panels - 1)), dpi=80)
+    heights = [1.2] + [max(1.0, 0.18 * len(e.token_ids))] * (panels - 1)
+    axes = fig.subplots(panels, 1, gridspec_kw={"height_ratios": heights})
+    seconds = e.num_frames / frame_rate
+    ext = (0, seconds, -0.5, len(e.token_ids) - 0.5)
+    axes[0].imshow(
+        e.features.T.numpy(), aspect="auto", origin="lower", extent=(0, seconds, 0, e.features.shape[1]), cmap="magma"
+    )
+    axes[0].set_ylabel("mel bin")
+    axes[0].set_title(title or "input spectrogram", fontsize=9)
+    labels = e.tokens or [str(int(t)) for t in e.token_ids]
+    maps = [("cross-attention (mean of layers × heads)", e.attention(), None)]
+    maps += [(m, e.pooled(m), m) for m in methods]
+    for ax, (name, mat, method) in zip(axes[1:], maps):
+        shown = mat
+        if normalize:
+            shown = framewise_zscore(mat) if method is None else tokenwise_zscore(mat)
+        ax.imshow(shown.numpy(), aspect="auto", origin="upper", extent=ext, cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        rho = "" if method is None else f"  ρ={e.agreement(method):+.3f}"
+        ax.set_title(f"{name}{rho}", fontsize=9)
+    axes[-1].set_xlabel("seconds")
+    fig.tight_layout()
+    return fig
+
+
+def grid_figure(grid: Sequence[Sequence[float]], title: str = "ρ per layer × head") -> Figure:
+    """A layer × head grid of ρ values with the numbers written in the cells."""
+    arr = np.asarray(grid, dtype=float)
+    fig = Figure(figsize=(1.2 + 0.6 * arr.shape[1], 1.0 + 0.5 * arr.shape[0]), dpi=80)
+    ax = fig.subplots()
+    im = ax.imshow(arr, cmap="RdBu_r", vmin=-1, vmax=1)
+    for (li, hi), v in np.ndenumerate(arr):
+        ax.text(hi, li, "nan" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(arr.shape[1]))
+    ax.set_yticks(range(arr.shape[0]))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return fig
