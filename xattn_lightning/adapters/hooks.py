@@ -28,6 +28,10 @@ def _default_weights(module: nn.Module, output: object) -> Tensor | None:
     return None
 
 
+def _call_model(model: nn.Module, features: Tensor, decoder_ids: Tensor) -> Tensor:
+    return model(features, decoder_ids)
+
+
 class HookAdapter(Adapter):
     """Reads cross-attention out of any encoder-decoder through forward hooks.
 
@@ -98,7 +102,7 @@ class HookAdapter(Adapter):
             mods.extend(hit)
         self.cross_modules = mods
         self.input_key = input_key
-        self._forward_fn = forward or (lambda m, x, ids: m(x, ids))
+        self._forward_fn = forward or _call_model
         self._frames_per_step = frames_per_step
         self._batch_first = batch_first
         self._weights_fn = weights_fn or _default_weights

@@ -1,0 +1,174 @@
+import csv
+import glob
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from wandb_reader import history
+
+import xattn_lightning as xl
+from xattn_lightning.demo import DemoModule, loaders
+
+
+def _trainer(tmp_path, callbacks, logger=False, **kw):
+    return pl.Trainer(
+        max_epochs=kw.pop("max_epochs", 2), callbacks=callbacks, logger=logger, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=kw.pop("enable_checkpointing", False),
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, **kw,
+    )
+
+
+def _fit(tmp_path, monitor=None, logger=False, seed=0, lr=3e-3, **kw):
+    pl.seed_everything(seed)
+    model = DemoModule(lr=lr)
+    tr, va = loaders(48, 6, batch_size=8)
+    trainer = _trainer(tmp_path, [monitor] if monitor else [], logger, **kw)
+    trainer.fit(model, tr, va)
+    return model, trainer
+
+
+def test_csv_logger_gets_scalars(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(num_probes=3, methods=("encoder_spes", "spes"), n_masks=24, targets="labels")
+    _fit(tmp_path, mon, CSVLogger(tmp_path))
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])))
+    xrows = [r for r in rows if r.get("xattn/spes/pearson")]
+    assert [int(r["step"]) for r in xrows] == [6, 12]  # after each epoch's validation, at the global step
+    for r in xrows:
+        for key in ("xattn/spes/pearson", "xattn/encoder_spes/spearman", "xattn/context_mixing_gap",
+                    "xattn/spes/pearson_layer1", "xattn/spes/pearson_best_head", "xattn/spes/coverage",
+                    "xattn/seconds"):
+            assert math.isfinite(float(r[key])), key
+        assert -1 <= float(r["xattn/spes/pearson"]) <= 1
+    assert mon.probe_ids == ["syn0000", "syn0001", "syn0002"]
+    ranking = mon.head_ranking["spes"]
+    assert len(ranking) == 4 and ranking[0][2] >= ranking[-1][2]
+
+
+def test_wandb_offline_run_readback(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="xl-test")
+    _fit(tmp_path, mon, logger)
+    import wandb
+
+    wandb.finish()
+    (run_file,) = glob.glob(str(tmp_path / "wandb/offline-run-*/run-*.wandb"))
+    hist = history(run_file)
+    scal = [h for h in hist if "xattn/encoder_spes/pearson" in h]
+    assert [h["trainer/global_step"] for h in scal] == [6, 12]
+    assert all(math.isfinite(h["xattn/encoder_spes/pearson"]) for h in scal)
+    imgs = [h for h in hist if h.get("xattn/heatmaps/_type") == "images/separated"]
+    assert [h["xattn/heatmaps/count"] for h in imgs] == [2, 2]
+    assert [h["trainer/global_step"] for h in imgs] == [6, 12]
+    assert any(h.get("xattn/head_grid/_type") == "images/separated" for h in hist)
+    tables = [h for h in hist if h.get("xattn/probes/_type") == "table-file"]
+    assert [h["xattn/probes/nrows"] for h in tables] == [2, 2]
+    assert any(h.get("xattn/head_ranking/_type") == "table-file" for h in hist)
+    steps = [h["_step"] for h in hist]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+
+
+def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(
+        num_probes=2, methods=("spes", "encoder_spes", "saliency"), n_masks=16, targets="labels"
+    )
+    with_m, t1 = _fit(tmp_path / "a", mon, accumulate_grad_batches=2)
+    without, t2 = _fit(tmp_path / "b", None, accumulate_grad_batches=2)
+    for (n, a), (_, b) in zip(with_m.state_dict().items(), without.state_dict().items()):
+        assert torch.equal(a, b), n
+    o1, o2 = t1.optimizers[0].state_dict(), t2.optimizers[0].state_dict()
+    for k in o1["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(o1["state"][k][name], o2["state"][k][name])
+    assert t1.global_step == t2.global_step
+    assert len(mon.history) == 2
+
+
+def test_rng_streams_untouched(tmp_path):
+    model = DemoModule()
+    _, va = loaders(8, 4, batch_size=4)
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("spes",), n_masks=8, targets="generate")
+    trainer = _trainer(tmp_path, [mon], max_epochs=1)
+    trainer.validate(model, va)  # collects probes
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    mon.run(trainer, model)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_resume_keeps_probe_set_and_history(tmp_path):
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
+    pl.seed_everything(0)
+    tr, va = loaders(48, 6, batch_size=8)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[mon, ckpt_cb], logger=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, enable_model_summary=False)
+    trainer.fit(DemoModule(), tr, va)
+    state = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["callbacks"]
+    (key,) = [k for k in state if "XAttnSaliencyMonitor" in k]
+    assert state[key]["probe_ids"] == ["syn0000", "syn0001"]
+    # resume with a validation set in a different order: the stored positions are kept
+    mon2 = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
+    trainer2 = pl.Trainer(max_epochs=3, callbacks=[mon2], logger=False, enable_progress_bar=False,
+                          default_root_dir=tmp_path, enable_model_summary=False, enable_checkpointing=False)
+    trainer2.fit(DemoModule(), tr, va, ckpt_path=tmp_path / "ckpt/last.ckpt")
+    assert mon2.probe_ids == ["syn0000", "syn0001"]
+    steps = [h["step"] for h in mon2.history]
+    assert steps == sorted(set(steps)) and len(steps) == 3  # one restored + two new, none repeated
+
+
+def test_sanity_check_is_skipped_and_schedule(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(every_n_epochs=2, num_probes=1, methods=("encoder_spes",), n_masks=4)
+    _fit(tmp_path, mon, max_epochs=4, num_sanity_val_steps=2)
+    assert [h["epoch"] for h in mon.history] == [1, 3]
+
+
+def test_monitor_argument_errors():
+    with pytest.raises(xl.XAttnError, match="exactly one"):
+        xl.XAttnSaliencyMonitor(every_n_epochs=1, every_n_steps=5)
+    with pytest.raises(xl.UnknownNameError, match="spes"):
+        xl.XAttnSaliencyMonitor(methods=("gradcam",))
+    with pytest.raises(xl.UnknownNameError, match="n_masks"):
+        xl.XAttnSaliencyMonitor(nmasks=4)
+    with pytest.raises(xl.XAttnError, match="positive"):
+        xl.XAttnSaliencyMonitor(num_probes=0)
+    with pytest.raises(xl.UnknownNameError, match="labels"):
+        xl.XAttnSaliencyMonitor(targets="refs")
+
+
+def test_fault_in_monitor_is_warned_and_training_continues(tmp_path):
+    def broken(_):
+        raise RuntimeError("injected fault")
+
+    mon = xl.XAttnSaliencyMonitor(num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken)
+    with pytest.warns(UserWarning, match="injected fault"):
+        _, trainer = _fit(tmp_path, mon)
+    assert trainer.current_epoch == 2 and mon.history == []
+    mon_raise = xl.XAttnSaliencyMonitor(num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken,
+                                        on_error="raise")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        _fit(tmp_path / "r", mon_raise)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_two_cpu_processes_same_numbers(tmp_path):
+    kw = dict(num_probes=4, methods=("encoder_spes",), n_masks=8, targets="labels")
+    single = xl.XAttnSaliencyMonitor(**kw)
+    # lr=0: both runs explain the same (initial) weights, whatever order the ranks saw the data in
+    _fit(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
+    ddp = xl.XAttnSaliencyMonitor(**kw)
+    pl.seed_everything(0)
+    tr, va = loaders(48, 6, batch_size=8)
+    model = DemoModule(lr=0.0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[ddp], logger=CSVLogger(tmp_path / "ddp"), strategy="ddp_spawn",
+                         accelerator="cpu", devices=2, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(model, tr, va)
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])))
+    (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]
+    assert float(x["xattn/num_probes"]) == 4.0
+    # each rank explained 2 of the 4 probes; gathered, the numbers are the single-process ones
+    assert float(x["xattn/encoder_spes/pearson"]) == pytest.approx(single.history[0]["xattn/encoder_spes/pearson"], abs=1e-5)
