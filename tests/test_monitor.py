@@ -15,9 +15,16 @@ from xattn_lightning.demo import DemoModule, loaders
 
 def _trainer(tmp_path, callbacks, logger=False, **kw):
     return pl.Trainer(
-        max_epochs=kw.pop("max_epochs", 2), callbacks=callbacks, logger=logger, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=kw.pop("enable_checkpointing", False),
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, **kw,
+        max_epochs=kw.pop("max_epochs", 2),
+        callbacks=callbacks,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        **kw,
     )
 
 
@@ -37,9 +44,15 @@ def test_csv_logger_gets_scalars(tmp_path):
     xrows = [r for r in rows if r.get("xattn/spes/pearson")]
     assert [int(r["step"]) for r in xrows] == [6, 12]  # after each epoch's validation, at the global step
     for r in xrows:
-        for key in ("xattn/spes/pearson", "xattn/encoder_spes/spearman", "xattn/context_mixing_gap",
-                    "xattn/spes/pearson_layer1", "xattn/spes/pearson_best_head", "xattn/spes/coverage",
-                    "xattn/seconds"):
+        for key in (
+            "xattn/spes/pearson",
+            "xattn/encoder_spes/spearman",
+            "xattn/context_mixing_gap",
+            "xattn/spes/pearson_layer1",
+            "xattn/spes/pearson_best_head",
+            "xattn/spes/coverage",
+            "xattn/seconds",
+        ):
             assert math.isfinite(float(r[key])), key
         assert -1 <= float(r["xattn/spes/pearson"]) <= 1
     assert mon.probe_ids == ["syn0000", "syn0001", "syn0002"]
@@ -104,16 +117,29 @@ def test_resume_keeps_probe_set_and_history(tmp_path):
     mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=8)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[mon, ckpt_cb], logger=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[mon, ckpt_cb],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
     trainer.fit(DemoModule(), tr, va)
     state = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["callbacks"]
     (key,) = [k for k in state if "XAttnSaliencyMonitor" in k]
     assert state[key]["probe_ids"] == ["syn0000", "syn0001"]
     # resume with a validation set in a different order: the stored positions are kept
     mon2 = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
-    trainer2 = pl.Trainer(max_epochs=3, callbacks=[mon2], logger=False, enable_progress_bar=False,
-                          default_root_dir=tmp_path, enable_model_summary=False, enable_checkpointing=False)
+    trainer2 = pl.Trainer(
+        max_epochs=3,
+        callbacks=[mon2],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer2.fit(DemoModule(), tr, va, ckpt_path=tmp_path / "ckpt/last.ckpt")
     assert mon2.probe_ids == ["syn0000", "syn0001"]
     steps = [h["step"] for h in mon2.history]
@@ -147,8 +173,9 @@ def test_fault_in_monitor_is_warned_and_training_continues(tmp_path):
     with pytest.warns(UserWarning, match="injected fault"):
         _, trainer = _fit(tmp_path, mon)
     assert trainer.current_epoch == 2 and mon.history == []
-    mon_raise = xl.XAttnSaliencyMonitor(num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken,
-                                        on_error="raise")
+    mon_raise = xl.XAttnSaliencyMonitor(
+        num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken, on_error="raise"
+    )
     with pytest.raises(RuntimeError, match="injected fault"):
         _fit(tmp_path / "r", mon_raise)
 
@@ -163,12 +190,24 @@ def test_ddp_two_cpu_processes_same_numbers(tmp_path):
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=8)
     model = DemoModule(lr=0.0)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[ddp], logger=CSVLogger(tmp_path / "ddp"), strategy="ddp_spawn",
-                         accelerator="cpu", devices=2, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[ddp],
+        logger=CSVLogger(tmp_path / "ddp"),
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, tr, va)
     rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])))
     (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]
     assert float(x["xattn/num_probes"]) == 4.0
     # each rank explained 2 of the 4 probes; gathered, the numbers are the single-process ones
-    assert float(x["xattn/encoder_spes/pearson"]) == pytest.approx(single.history[0]["xattn/encoder_spes/pearson"], abs=1e-5)
+    assert float(x["xattn/encoder_spes/pearson"]) == pytest.approx(
+        single.history[0]["xattn/encoder_spes/pearson"], abs=1e-5
+    )

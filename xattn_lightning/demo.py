@@ -89,8 +89,12 @@ class DemoModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def loaders(train_size: int = 256, val_size: int = 16, batch_size: int = 16, **kw: Any) -> tuple[DataLoader, DataLoader]:
+def loaders(
+    train_size: int = 256, val_size: int = 16, batch_size: int = 16, **kw: Any
+) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders of the synthetic task (validation never shuffled)."""
-    train = DataLoader(SyntheticSpeech(train_size, seed=1, **kw), batch_size=batch_size, shuffle=True, collate_fn=collate)
+    train = DataLoader(
+        SyntheticSpeech(train_size, seed=1, **kw), batch_size=batch_size, shuffle=True, collate_fn=collate
+    )
     val = DataLoader(SyntheticSpeech(val_size, seed=2, **kw), batch_size=batch_size, shuffle=False, collate_fn=collate)
     return train, val

@@ -170,6 +170,7 @@ class XAttnSaliencyMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self.head_ranking: dict[str, list[tuple[int, int, float]]] = {}
         self.last_explanations: list = []
+        self.first_explanations: list = []
         self._warned: set[str] = set()
 
     @property
@@ -371,6 +372,8 @@ class XAttnSaliencyMonitor(Callback):
         scalars[PREFIX + "num_failed"] = float(len(errors))
         self.head_ranking = summary["head_ranking"]
         self.last_explanations = [e for _, e in exps]
+        if not self.history:
+            self.first_explanations = list(self.last_explanations)
         self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **scalars})
         self._log_scalars(trainer, pl_module, scalars)
         if trainer.is_global_zero:

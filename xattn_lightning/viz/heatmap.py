@@ -43,7 +43,7 @@ def heatmap_figure(
     heights = [1.2] + [max(1.0, 0.18 * len(e.token_ids))] * (panels - 1)
     axes = fig.subplots(panels, 1, gridspec_kw={"height_ratios": heights})
     seconds = e.num_frames / frame_rate
-    ext = (0, seconds, -0.5, len(e.token_ids) - 0.5)
+    ext = (0, seconds, len(e.token_ids) - 0.5, -0.5)  # row 0 (first token) on top
     axes[0].imshow(
         e.features.T.numpy(), aspect="auto", origin="lower", extent=(0, seconds, 0, e.features.shape[1]), cmap="magma"
     )
