@@ -13,6 +13,11 @@ import xattn_lightning as xl
 from xattn_lightning.demo import DemoModule, loaders
 
 
+def _read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
 def _trainer(tmp_path, callbacks, logger=False, **kw):
     return pl.Trainer(
         max_epochs=kw.pop("max_epochs", 2),
@@ -40,7 +45,7 @@ def _fit(tmp_path, monitor=None, logger=False, seed=0, lr=3e-3, **kw):
 def test_csv_logger_gets_scalars(tmp_path):
     mon = xl.XAttnSaliencyMonitor(num_probes=3, methods=("encoder_spes", "spes"), n_masks=24, targets="labels")
     _fit(tmp_path, mon, CSVLogger(tmp_path))
-    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])))
+    rows = _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
     xrows = [r for r in rows if r.get("xattn/spes/pearson")]
     assert [int(r["step"]) for r in xrows] == [6, 12]  # after each epoch's validation, at the global step
     for r in xrows:
@@ -204,7 +209,7 @@ def test_ddp_two_cpu_processes_same_numbers(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(model, tr, va)
-    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])))
+    rows = _read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
     (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]
     assert float(x["xattn/num_probes"]) == 4.0
     # each rank explained 2 of the 4 probes; gathered, the numbers are the single-process ones
