@@ -1,0 +1,93 @@
+"""Loading Hugging Face S2T checkpoints and turning manifests into model batches.
+
+Used by the CLI, the examples and the benchmarks; ``xl.explain`` itself never loads anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from xattn_lightning.audio import ManifestRow, load_audio
+from xattn_lightning.errors import UnsupportedModelError, XAttnError
+
+
+def load_hf_model(name_or_path: str, device: str = "cpu") -> tuple[Any, Any]:
+    """Load a Hugging Face Whisper or Speech2Text checkpoint and its processor.
+
+    ``name_or_path`` is a hub id (``openai/whisper-tiny.en``) or a local directory. Raises
+    :class:`~xattn_lightning.errors.XAttnError` with one clear line when it is missing or not a
+    speech-to-text encoder-decoder.
+    """
+    import transformers
+
+    local = Path(name_or_path)
+    if local.exists() and not local.is_dir():
+        raise XAttnError(
+            f"{name_or_path!r} is a file, not a Hugging Face model directory; "
+            "Lightning .ckpt files need --module package.module:Class."
+        )
+    if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise XAttnError(f"Model directory {name_or_path!r} does not exist.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+    except Exception as err:  # hub unreachable, no config.json, ...
+        hint = " (offline: set HF_HUB_OFFLINE=0 or pass a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise XAttnError(f"Cannot load a model config from {name_or_path!r}{hint}: {_first_line(err)}") from err
+    if config.model_type == "whisper":
+        model_cls, proc_cls = transformers.WhisperForConditionalGeneration, transformers.WhisperProcessor
+    elif config.model_type == "speech_to_text":
+        model_cls, proc_cls = transformers.Speech2TextForConditionalGeneration, transformers.Speech2TextProcessor
+    else:
+        raise UnsupportedModelError(
+            f"{name_or_path!r} is a {config.model_type!r} model, not a speech-to-text encoder-decoder "
+            "(supported: whisper, speech_to_text; custom models through xl.HookAdapter)."
+        )
+    try:
+        model = model_cls.from_pretrained(name_or_path).to(device).eval()
+        processor = proc_cls.from_pretrained(name_or_path)
+    except Exception as err:
+        raise XAttnError(f"Cannot load {name_or_path!r}: {_first_line(err)}") from err
+    return model, processor
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: int = 16000) -> dict:
+    """Model inputs (``input_features``, ``attention_mask``) for manifest rows, through the model's processor."""
+    wavs = []
+    for r in rows:
+        wav = load_audio(r.audio, sampling_rate)
+        if wav.numel() < sampling_rate // 40:
+            raise XAttnError(f"Audio {str(r.audio)!r} of utterance {r.id!r} is shorter than 25 ms; leave it out.")
+        wavs.append(wav.numpy())
+    fe = getattr(processor, "feature_extractor", processor)
+    # Whisper's extractor pads to its 30-s window by itself; others pad to the longest utterance
+    padding = {} if "Whisper" in type(fe).__name__ else {"padding": True}
+    out = fe(wavs, sampling_rate=sampling_rate, return_tensors="pt", return_attention_mask=True, **padding)
+    return dict(out)
+
+
+def manifest_batches(
+    processor: Any, rows: Sequence[ManifestRow], batch_size: int = 8, labels: bool = False
+) -> Iterator[tuple[list[ManifestRow], dict]]:
+    """Yield ``(rows, batch)`` chunks; with ``labels`` the batch carries tokenised references (-100 padded)."""
+    for i in range(0, len(rows), batch_size):
+        chunk = list(rows[i : i + batch_size])
+        batch = features_batch(processor, chunk)
+        if labels:
+            batch["labels"] = tokenize_labels(processor, [r.text for r in chunk])
+        yield chunk, batch
+
+
+def tokenize_labels(processor: Any, texts: Sequence[str]):
+    """Reference token ids padded with -100 (the Hugging Face label convention)."""
+    tok = getattr(processor, "tokenizer", processor)
+    enc = tok(list(texts), return_tensors="pt", padding=True)
+    ids = enc.input_ids
+    return ids.masked_fill(enc.attention_mask == 0, -100)
