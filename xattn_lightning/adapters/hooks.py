@@ -151,6 +151,7 @@ class HookAdapter(Adapter):
         if self.info.num_mel_bins and x.shape[2] != self.info.num_mel_bins:
             raise XAttnError(f"Expected {self.info.num_mel_bins} feature bins but got {x.shape[2]}.")
         check_features(x, f"{self.input_key!r}")
+        self._seen_bins = int(x.shape[2])
         if "lengths" in batch:
             lengths = [int(v) for v in torch.as_tensor(batch["lengths"])]
         elif "attention_mask" in batch:
@@ -235,6 +236,7 @@ class HookAdapter(Adapter):
 
     def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
         x = features.to(self.device, self.dtype)
+        self._seen_bins = int(x.shape[-1])
         ids = decoder_ids.to(self.device)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0).expand(x.shape[0], -1)
@@ -257,6 +259,7 @@ class HookAdapter(Adapter):
         b = encoder_out.shape[0]
         if ids.dim() == 1:
             ids = ids.unsqueeze(0).expand(b, -1)
-        # the encoder is skipped; the features only carry batch size, device and dtype
-        dummy = torch.zeros(b, 1, max(self.info.num_mel_bins, 1), device=encoder_out.device, dtype=encoder_out.dtype)
+        # the encoder is skipped; the features only carry batch size, feature size, device and dtype
+        bins = self.info.num_mel_bins or getattr(self, "_seen_bins", 1)
+        dummy = torch.zeros(b, 1, bins, device=encoder_out.device, dtype=encoder_out.dtype)
         return self._run(dummy, ids, output_attentions, enc=encoder_out)

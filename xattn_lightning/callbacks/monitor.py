@@ -253,8 +253,7 @@ class XAttnSaliencyMonitor(Callback):
             if not self._wants_more():
                 break
             b = self._to_model_batch(batch)
-            first = next(v for v in b.values() if isinstance(v, Tensor))
-            if first.dim() >= 1 and "input_features" in b and b["input_features"].dim() == 2:
+            if "input_features" in b and isinstance(b["input_features"], Tensor) and b["input_features"].dim() == 2:
                 b = {k: (v.unsqueeze(0) if isinstance(v, Tensor) else [v]) for k, v in b.items()}
             self._take(_split_batch(b))
 
