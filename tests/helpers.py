@@ -139,3 +139,39 @@ def oracle_adapter(model: Oracle):
         frames_per_step=2,
         num_heads=1,
     )
+
+
+def speaking_tiny_whisper(seed: int = 0):
+    """A tiny random Whisper that generates ordinary (non-special) tokens."""
+    m = tiny_whisper(seed=seed)
+    with torch.no_grad():
+        m.model.decoder.embed_tokens.weight[50:] *= 0.01  # tied output projection: specials unlikely
+    return m
+
+
+def tiny_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=16, chunk_length=2, sampling_rate=16000)  # the tiny model's 2-s window
+
+
+try:
+    import lightning.pytorch as _pl
+
+    class TinyWhisperModule(_pl.LightningModule):
+        """A LightningModule around a tiny Whisper with a ``processor`` (for .ckpt loading tests)."""
+
+        def __init__(self, seed: int = 0) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = speaking_tiny_whisper(seed)
+            self.processor = tiny_extractor()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_features=batch[0], labels=batch[1]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+except ImportError:  # pragma: no cover
+    pass

@@ -1,4 +1,8 @@
-"""``xattn-lightning`` command line: ``demo`` (train a tiny S2T model with the monitor on)."""
+"""``xattn-lightning`` command line.
+
+``demo``: train a tiny S2T model on a synthetic task with the monitor on.
+``compare``: the same probe utterances through several checkpoints, side by side.
+"""
 
 from __future__ import annotations
 
@@ -141,8 +145,49 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    """Explain the same probes with every checkpoint; table on stdout, CSV/JSON/figures in --out."""
+    from xattn_lightning.audio import load_audio, read_manifest
+    from xattn_lightning.compare import compare_checkpoints, log_comparison_to_wandb, write_comparison
+
+    rows = read_manifest(args.manifest)[: args.num_probes]
+    for r in rows:  # fail on unreadable audio before loading any model
+        load_audio(r.audio)
+    for c in args.checkpoints:
+        if c.endswith(".ckpt") and not Path(c).is_file():
+            raise XAttnError(f"Checkpoint {c!r} does not exist.")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes}
+    if args.strategy:
+        trainer_kwargs["strategy"] = args.strategy
+    start = time.perf_counter()
+    comp = compare_checkpoints(
+        args.checkpoints,
+        rows,
+        methods=methods,
+        targets=args.targets,
+        module=args.module,
+        names=names,
+        batch_size=args.batch_size,
+        trainer_kwargs=trainer_kwargs,
+        n_masks=args.n_masks,
+        seed=args.seed,
+    )
+    files = write_comparison(comp, args.out)
+    print(comp.table())
+    print(
+        f"{len(rows)} probes, {time.perf_counter() - start:.0f} s; written: "
+        + ", ".join(str(p) for p in files.values())
+    )
+    if args.wandb:
+        run_dir = log_comparison_to_wandb(comp, files, args.out)
+        print(f"W&B run: {run_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``xattn-lightning``."""
+    """Entry point of ``xattn-lightning``; errors are one line on stderr and a non-zero exit."""
     parser = argparse.ArgumentParser(prog="xattn-lightning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train a tiny S2T model on a synthetic task with the monitor on")
@@ -152,12 +197,43 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="xattn_runs/demo")
     d.add_argument("--no-wandb", action="store_true")
+    c = sub.add_parser("compare", help="the same probe utterances through several checkpoints, side by side")
+    c.add_argument(
+        "checkpoints", nargs="+", metavar="MODEL_OR_CKPT", help="HF directories/ids or Lightning .ckpt files"
+    )
+    c.add_argument("--manifest", required=True, help="TSV: id<TAB>audio<TAB>text (audio relative to the manifest)")
+    c.add_argument("--num-probes", type=int, default=8, help="first N utterances of the manifest")
+    c.add_argument("--methods", default="encoder_spes", help="comma-separated saliency methods")
+    c.add_argument("--n-masks", type=int, default=256)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--targets", default="generate", choices=("generate", "labels"))
+    c.add_argument("--module", help="package.module:Class of the LightningModule, for .ckpt files")
+    c.add_argument("--names", help="comma-separated display names, one per checkpoint")
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--out", default="xattn_runs/compare")
+    c.add_argument("--wandb", action="store_true", help="log the comparison as one W&B run (offline without a key)")
+    c.add_argument("--accelerator", default="cpu")
+    c.add_argument("--devices", default=1, type=lambda v: v if v == "auto" else int(v))
+    c.add_argument("--num-nodes", type=int, default=1)
+    c.add_argument("--strategy", default=None)
     args = parser.parse_args(argv)
     try:
-        return demo(args)
+        return demo(args) if args.command == "demo" else compare(args)
     except XAttnError as err:
         print(f"xattn-lightning: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("xattn-lightning: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line, never a traceback (XATTN_DEBUG=1 shows it)
+        if os.environ.get("XATTN_DEBUG"):
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"xattn-lightning: error: {type(err).__name__}: {msg} (set XATTN_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

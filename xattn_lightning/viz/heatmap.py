@@ -83,3 +83,56 @@ def grid_figure(grid: Sequence[Sequence[float]], title: str = "ρ per layer × h
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     return fig
+
+
+def layers_figure(series: dict[str, Sequence[float]], title: str = "ρ per layer") -> Figure:
+    """One line per checkpoint: ρ of each layer's head-mean attention."""
+    fig = Figure(figsize=(6, 3.2), dpi=90)
+    ax = fig.subplots()
+    for name, vals in series.items():
+        ax.plot(range(len(vals)), vals, marker="o", label=name)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("ρ")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_heatmaps(
+    exps: dict[str, Explanation], methods: Sequence[str], title: str = "", frame_rate: float = 100.0
+) -> Figure:
+    """The same utterance through several checkpoints: one column per checkpoint, rows =
+    cross-attention and each method's saliency (normalised as in the agreement)."""
+    names = list(exps)
+    rows = 1 + len(methods)
+    n_tok = max(len(e.token_ids) for e in exps.values())
+    fig = Figure(figsize=(4.2 * len(names), 0.8 + rows * max(1.6, 0.16 * n_tok)), dpi=80)
+    axes = fig.subplots(rows, len(names), squeeze=False)
+    for c, name in enumerate(names):
+        e = exps[name]
+        seconds = e.num_frames / frame_rate
+        ext = (0, seconds, len(e.token_ids) - 0.5, -0.5)
+        labels = e.tokens or [str(int(t)) for t in e.token_ids]
+        panels = [("cross-attention", framewise_zscore(e.attention()))]
+        panels += [(f"{m}  ρ={e.agreement(m):+.3f}", tokenwise_zscore(e.pooled(m))) for m in methods]
+        for r, (label, mat) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(mat.numpy(), aspect="auto", extent=ext, cmap="viridis", interpolation="nearest")
+            ax.set_ylim(len(labels) - 0.5, -0.5)
+            ax.set_yticks(range(len(labels)))
+            ax.set_yticklabels(labels, fontsize=6)
+            ax.set_title(f"{name}\n{label}" if r == 0 else label, fontsize=8)
+        axes[-1, c].set_xlabel("seconds")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path) -> object:
+    """Write ``fig`` as PNG to ``path`` and release it; returns the path."""
+    FigureCanvasAgg(fig).print_png(str(path))
+    fig.clear()
+    return path

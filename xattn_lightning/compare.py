@@ -1,0 +1,404 @@
+"""Comparing checkpoints: the same probe utterances through several models, side by side.
+
+``compare_checkpoints`` runs each checkpoint through a Lightning ``Trainer.predict`` over the probe
+set (so ``devices``/``num_nodes``/``strategy`` spread the work with Lightning's own DDP), computes
+agreement per method, layer and head, the WER of each checkpoint on the probes, and returns a
+:class:`Comparison`; ``write_comparison`` saves the CSV, JSON and figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from xattn_lightning.adapters import Adapter, adapter_for
+from xattn_lightning.audio import ManifestRow
+from xattn_lightning.errors import XAttnError
+from xattn_lightning.explain import Explanation, explain
+from xattn_lightning.loading import features_batch, load_hf_model
+from xattn_lightning.saliency import validate_methods
+from xattn_lightning.summary import probe_scores, summarize
+from xattn_lightning.text import wer
+
+
+@dataclass
+class CheckpointResult:
+    """What one checkpoint gave on the probes."""
+
+    name: str
+    scalars: dict[str, float]
+    wer: float
+    rows: list[dict[str, Any]]
+    head_ranking: dict[str, list[tuple[int, int, float]]]
+    grids: dict[str, list[list[float]]]
+    seconds: float
+    explanations: list[Explanation] = field(default_factory=list, repr=False)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    """Side-by-side results, one :class:`CheckpointResult` per checkpoint (input order)."""
+
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+    probe_ids: list[str]
+    results: list[CheckpointResult]
+
+    def columns(self) -> list[str]:
+        """Scalar columns present for every checkpoint, in a stable order."""
+        keys = [k for k in self.results[0].scalars if all(k in r.scalars for r in self.results)]
+        return keys
+
+    def table(self) -> str:
+        """A text table, one column per checkpoint and one row per number (WER first)."""
+        keys = ["wer"] + [c for c in self.columns() if not c.endswith(("best_head_layer", "best_head_index"))]
+        names = [r.name for r in self.results]
+        kw = max(len(k) for k in keys)
+        widths = [max(8, len(n)) for n in names]
+        lines = [f"{'':<{kw}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+        lines.append("-" * len(lines[0]))
+        for k in keys:
+            vals = [r.wer if k == "wer" else r.scalars[k] for r in self.results]
+            lines.append(f"{k:<{kw}}  " + "  ".join(f"{_fmt(v):>{w}}" for v, w in zip(vals, widths)))
+        for m in self.methods:
+            heads = []
+            for r in self.results:
+                rk = r.head_ranking.get(m) or []
+                heads.append(f"L{rk[0][0]}H{rk[0][1]}" if rk else "-")
+            lines.append(f"{m + '/best_head':<{kw}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "methods": list(self.methods),
+            "metrics": list(self.metrics),
+            "probe_ids": self.probe_ids,
+            "checkpoints": [
+                {
+                    "name": r.name,
+                    "wer": r.wer,
+                    "scalars": r.scalars,
+                    "head_ranking": {m: [list(x) for x in rk] for m, rk in r.head_ranking.items()},
+                    "grids": r.grids,
+                    "seconds": r.seconds,
+                    "probes": r.rows,
+                    "failures": [list(f) for f in r.failures],
+                }
+                for r in self.results
+            ],
+        }
+
+
+def _wer(scores: list[dict]) -> float:
+    """WER of the hypotheses on the probes (``nan`` without a tokenizer to turn ids into text)."""
+    if any(s["hypothesis"] is None for s in scores):
+        return math.nan
+    return wer([s["text"] for s in scores], [s["hypothesis"] for s in scores])
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+# ---------------------------------------------------------------------------- loading
+def load_checkpoint(spec: str, module: str | None = None, processor: str | None = None) -> tuple[Any, Any, str]:
+    """Load ``spec`` (HF directory / hub id, or a Lightning ``.ckpt`` with ``module="pkg.mod:Class"``).
+
+    Returns ``(model, processor, name)``; the model is whatever :func:`xattn_lightning.adapter_for`
+    accepts (for a LightningModule: its ``xattn_adapter`` or the HF model it wraps).
+    """
+    path = Path(spec)
+    if spec.endswith(".ckpt"):
+        if not path.is_file():
+            raise XAttnError(f"Checkpoint {spec!r} does not exist.")
+        if module is None:
+            raise XAttnError(f"{spec!r} is a Lightning checkpoint; pass --module package.module:Class to load it.")
+        cls = _import_class(module)
+        try:
+            lit = cls.load_from_checkpoint(str(path), map_location="cpu")
+        except Exception as err:
+            raise XAttnError(f"Cannot load {spec!r} with {module}: {type(err).__name__}: {_first_line(err)}") from err
+        lit.eval()
+        model = getattr(lit, "xattn_adapter", None) or lit
+        proc = getattr(lit, "processor", None)
+        if processor is not None:
+            proc = load_hf_model_processor(processor)
+        if proc is None:
+            raise XAttnError(f"{module} has no .processor to turn audio into features; pass --processor HF_DIR_OR_ID.")
+        _check_s2t(model, spec)
+        return model, proc, path.stem
+    model, proc = load_hf_model(spec)
+    if processor is not None:
+        proc = load_hf_model_processor(processor)
+    return model, proc, path.name if path.exists() else spec
+
+
+def load_hf_model_processor(name_or_path: str) -> Any:
+    """Only the processor of a Hugging Face checkpoint."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(name_or_path)
+    except Exception as err:
+        raise XAttnError(f"Cannot load a processor from {name_or_path!r}: {_first_line(err)}") from err
+
+
+def _check_s2t(model: Any, spec: str) -> None:
+    try:
+        adapter_for(model)
+    except XAttnError as err:
+        raise XAttnError(f"{spec!r} is not a speech-to-text encoder-decoder this tool can read: {err}") from err
+
+
+def _import_class(spec: str) -> type:
+    mod_name, sep, cls_name = spec.partition(":")
+    if not sep or not mod_name or not cls_name:
+        raise XAttnError(f"Expected --module as package.module:Class but got {spec!r}.")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # modules of the current directory, as `python -m` would find them
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as err:
+        raise XAttnError(f"Cannot import {mod_name!r}: {type(err).__name__}: {_first_line(err)}") from err
+    cls = getattr(mod, cls_name, None)
+    if cls is None or not hasattr(cls, "load_from_checkpoint"):
+        raise XAttnError(f"{spec!r} is not a LightningModule class.")
+    return cls
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------------------- running
+class _Rows(Dataset):
+    def __init__(self, rows: Sequence[ManifestRow]) -> None:
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, ManifestRow]:
+        return i, self.rows[i]
+
+
+class _ExplainerModule(pl.LightningModule):
+    """``predict_step`` explains a batch of manifest rows (collected in ``outputs``)."""
+
+    def __init__(self, model: Any, processor: Any, explain_kwargs: dict[str, Any], metrics: Sequence[str]) -> None:
+        super().__init__()
+        self.inner = model if isinstance(model, nn.Module) else None
+        self.tokenizer = _tokenizer_of(processor)
+        self.adapter = adapter_for(model, self.tokenizer)
+        self.processor = processor
+        self.explain_kwargs = explain_kwargs
+        self.metrics = tuple(metrics)
+        self.outputs: list[tuple[int, dict, Explanation]] = []
+        self.failures: list[tuple[int, str, str]] = []
+
+    def predict_step(self, batch: Any, batch_idx: int) -> None:
+        idx, rows = batch
+        for i, r in zip(idx, rows):  # one utterance at a time: a bad one costs only itself
+            feats = features_batch(self.processor, [r])
+            feats = {k: v.to(self.adapter.device) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
+            try:
+                (e,) = explain(self.adapter, feats, **self.explain_kwargs)
+                score = probe_scores(e, self.explain_kwargs["methods"], self.metrics)
+            except XAttnError as err:
+                self.failures.append((int(i), r.id, str(err)))
+                continue
+            score.update(id=r.id, text=r.text, hypothesis=e.text)
+            self.outputs.append((int(i), score, e))
+
+
+def _tokenizer_of(processor: Any) -> Any:
+    """The tokenizer inside a processor (a bare feature extractor has none)."""
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        return tok
+    return processor if hasattr(processor, "convert_ids_to_tokens") or hasattr(processor, "decode") else None
+
+
+def _collate(items: list) -> tuple[list[int], list[ManifestRow]]:
+    return [i for i, _ in items], [r for _, r in items]
+
+
+def _gather(outputs: list) -> list:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, outputs)
+        outputs = [x for p in parts for x in p]
+    seen: dict[int, Any] = {}
+    for item in outputs:  # the distributed sampler repeats items to even out the ranks
+        seen.setdefault(item[0], item)
+    return [seen[k] for k in sorted(seen)]
+
+
+def compare_checkpoints(
+    checkpoints: Sequence[str | nn.Module | Adapter],
+    rows: Sequence[ManifestRow],
+    methods: Sequence[str] = ("encoder_spes",),
+    metrics: Sequence[str] = ("pearson", "spearman"),
+    targets: str = "generate",
+    module: str | None = None,
+    processor: Any = None,
+    names: Sequence[str] | None = None,
+    batch_size: int = 4,
+    trainer_kwargs: dict[str, Any] | None = None,
+    keep_explanations: int = 2,
+    progress: bool = True,
+    on_checkpoint: Callable[[CheckpointResult], None] | None = None,
+    **method_options: Any,
+) -> Comparison:
+    """Explain the same probe ``rows`` with every checkpoint and put the results side by side.
+
+    Args:
+        checkpoints: HF directories / hub ids, Lightning ``.ckpt`` paths (with ``module``), or
+            already loaded models (then pass ``processor``).
+        rows: probe utterances (``xattn_lightning.audio.read_manifest``).
+        methods, metrics, targets, **method_options: as in :func:`xattn_lightning.explain`.
+        trainer_kwargs: ``lightning.Trainer`` arguments (``devices``, ``num_nodes``, ``strategy``,
+            ``accelerator``) for spreading the probes over processes.
+        keep_explanations: explanations kept per checkpoint (for the side-by-side heatmaps).
+
+    Example:
+        >>> compare_checkpoints([], [])
+        Traceback (most recent call last):
+        ...
+        xattn_lightning.errors.XAttnError: Expected at least one checkpoint to compare.
+    """
+    if not checkpoints:
+        raise XAttnError("Expected at least one checkpoint to compare.")
+    if not rows:
+        raise XAttnError("Expected at least one probe utterance.")
+    validate_methods(methods, method_options)
+    if not methods:
+        raise XAttnError("Expected at least one saliency method; see xl.list_methods().")
+    if names is not None and len(names) != len(checkpoints):
+        raise XAttnError(f"Got {len(names)} names for {len(checkpoints)} checkpoints.")
+    kwargs = {"targets": targets, "methods": tuple(methods), **method_options}
+    tkw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False}
+    tkw.update(trainer_kwargs or {})
+    results: list[CheckpointResult] = []
+    probe_ids = [r.id for r in rows]
+    for n, ckpt in enumerate(checkpoints):
+        start = time.perf_counter()
+        if isinstance(ckpt, (str, Path)):
+            model, proc, name = load_checkpoint(str(ckpt), module, None)
+            if processor is not None:
+                proc = processor
+        else:
+            if processor is None:
+                raise XAttnError("A loaded model needs processor=... to turn audio into features.")
+            model, proc, name = ckpt, processor, type(ckpt).__name__
+        if names is not None:
+            name = names[n]
+        lit = _ExplainerModule(model, proc, kwargs, metrics)
+        trainer = pl.Trainer(inference_mode=False, enable_progress_bar=progress, enable_model_summary=False, **tkw)
+        loader = DataLoader(_Rows(rows), batch_size=batch_size, collate_fn=_collate)
+        trainer.predict(lit, loader, return_predictions=False)
+        outputs = _gather(lit.outputs)
+        failures = _gather(lit.failures)
+        if not outputs:
+            reasons = "; ".join(f"{pid}: {msg}" for _, pid, msg in failures[:2])
+            raise XAttnError(f"{name}: no probe utterance could be explained ({reasons}).")
+        scores = [s for _, s, _ in outputs]
+        summary = summarize(scores, methods, metrics)
+        res = CheckpointResult(
+            name=name,
+            scalars=summary["scalars"],
+            wer=_wer(scores),
+            rows=scores,
+            head_ranking=summary["head_ranking"],
+            grids=summary["grids"],
+            seconds=time.perf_counter() - start,
+            explanations=[e for _, _, e in outputs[:keep_explanations]],
+            failures=[(pid, msg) for _, pid, msg in failures],
+        )
+        if failures:
+            rank_zero_warn(
+                f"{name}: {len(failures)} probe(s) could not be explained, e.g. {failures[0][1]}: {failures[0][2]}"
+            )
+        results.append(res)
+        if on_checkpoint is not None:
+            on_checkpoint(res)
+        del lit, model
+    return Comparison(tuple(methods), tuple(metrics), probe_ids, results)
+
+
+# ---------------------------------------------------------------------------- writing
+def write_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
+    """Write ``comparison.csv``, ``comparison.json``, ``layers.png`` (per-layer ρ of each checkpoint)
+    and ``heatmaps_<probe>.png`` (the same utterance through every checkpoint, side by side)."""
+    from xattn_lightning.viz.heatmap import comparison_heatmaps, layers_figure, save_figure
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise XAttnError(f"Cannot create the output folder {str(out)!r}: {err.strerror}.") from err
+    files: dict[str, Path] = {}
+    cols = comp.columns()
+    files["csv"] = out / "comparison.csv"
+    with files["csv"].open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["checkpoint", "wer", *cols, "seconds"])
+        for r in comp.results:
+            w.writerow([r.name, r.wer, *(r.scalars[c] for c in cols), r.seconds])
+    files["json"] = out / "comparison.json"
+    files["json"].write_text(json.dumps(comp.to_dict(), indent=1, default=float))
+    for m in comp.methods:
+        series = {
+            r.name: [r.scalars.get(f"{m}/pearson_layer{i}", math.nan) for i in range(len(r.grids[m]))]
+            for r in comp.results
+        }
+        files[f"layers_{m}"] = save_figure(layers_figure(series, f"ρ(CA, {m}) per layer"), out / f"layers_{m}.png")
+    n_shared = min(len(r.explanations) for r in comp.results)
+    for i in range(n_shared):
+        exps = {r.name: r.explanations[i] for r in comp.results}
+        pid = comp.probe_ids[i]
+        files[f"heatmaps_{pid}"] = save_figure(
+            comparison_heatmaps(exps, comp.methods, title=pid), out / f"heatmaps_{pid}.png"
+        )
+    return files
+
+
+def log_comparison_to_wandb(
+    comp: Comparison, files: dict[str, Path], out: str | Path, project: str = "xattn-lightning"
+) -> str:
+    """Log the comparison as one W&B run (offline without an API key); returns the run directory."""
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run = wandb.init(project=project, job_type="compare", dir=str(out), config={"methods": list(comp.methods)})
+    try:
+        cols = comp.columns()
+        table = wandb.Table(columns=["checkpoint", "wer", *cols])
+        for r in comp.results:
+            table.add_data(r.name, r.wer, *(r.scalars[c] for c in cols))
+        payload: dict[str, Any] = {"compare/table": table}
+        for key, path in files.items():
+            if path.suffix == ".png":
+                payload[f"compare/{key}"] = wandb.Image(str(path))
+        run.log(payload)
+        return str(run.dir)
+    finally:
+        run.finish()
