@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 import xattn_lightning as xl  # <-- xattn_lightning
 from xattn_lightning.audio import fbank, load_audio, read_manifest
 from xattn_lightning.errors import XAttnError
+from xattn_lightning.loggers import wandb_logger
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     loggers: list = [pl.loggers.CSVLogger(out, name="csv")]
     if not args.no_wandb:
-        os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
-        loggers.append(pl.loggers.WandbLogger(project="xattn-lightning", save_dir=str(out)))
+        loggers.append(wandb_logger(save_dir=out))
     monitor = xl.XAttnSaliencyMonitor(  # <-- xattn_lightning
         every_n_epochs=args.every_n_epochs,
         num_probes=args.num_probes,

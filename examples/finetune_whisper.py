@@ -13,7 +13,6 @@ fine-tuned model in Hugging Face format (for ``xattn-lightning compare``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from xattn_lightning import XAttnSaliencyMonitor  # <-- xattn_lightning
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.loading import features_batch, load_hf_model, tokenize_labels
+from xattn_lightning.loggers import wandb_logger
 
 
 class ManifestDataset(Dataset):
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     loggers: list = [pl.loggers.CSVLogger(out, name="csv")]
     if not args.no_wandb:
-        os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
-        loggers.append(pl.loggers.WandbLogger(project="xattn-lightning", save_dir=str(out)))
+        loggers.append(wandb_logger(save_dir=out))
     monitor = XAttnSaliencyMonitor(  # <-- xattn_lightning
         every_n_epochs=1,
         num_probes=args.num_probes,

@@ -65,6 +65,41 @@ def test_csv_logger_gets_scalars(tmp_path):
     assert len(ranking) == 4 and ranking[0][2] >= ranking[-1][2]
 
 
+def test_layers_heads_select_the_headline_aggregation(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers="last")
+    _fit(tmp_path, mon, max_epochs=1)
+    h = mon.history[-1]
+    assert h["xattn/encoder_spes/pearson"] == pytest.approx(h["xattn/encoder_spes/pearson_layer1"])
+    mon2 = xl.XAttnSaliencyMonitor(
+        num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers=[0], heads=[1]
+    )
+    _fit(tmp_path, mon2, max_epochs=1)
+    e = mon2.last_explanations[0]
+    assert e.agreement("encoder_spes", layers=[0], heads=[1]) == pytest.approx(e.agreement_grid("encoder_spes")[0, 1])
+    with pytest.raises(xl.XAttnError, match="last_k"):
+        xl.XAttnSaliencyMonitor(layers="last_x")
+
+
+def test_wandb_logger_helper_offline_and_sync_hint(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from xattn_lightning.loggers import wandb_logger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the helper must not rely on the mode being set
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    logger = wandb_logger(save_dir=tmp_path, project="xl-test")
+    assert logger._offline
+    mon = xl.XAttnSaliencyMonitor(num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels")
+    with caplog.at_level(logging.INFO):
+        _fit(tmp_path, mon, logger, max_epochs=1)
+    import wandb
+
+    wandb.finish()
+    assert any("wandb sync" in r.getMessage() and "offline-run-" in r.getMessage() for r in caplog.records)
+
+
 def test_wandb_offline_run_readback(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels")

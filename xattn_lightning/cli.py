@@ -99,6 +99,7 @@ def demo(args: argparse.Namespace) -> int:
 
     from xattn_lightning.callbacks import XAttnSaliencyMonitor
     from xattn_lightning.demo import DemoModule, loaders
+    from xattn_lightning.loggers import wandb_logger
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,11 +111,7 @@ def demo(args: argparse.Namespace) -> int:
     )
     loggers = [CSVLogger(out)]
     if not args.no_wandb:
-        loggers.append(
-            WandbLogger(
-                save_dir=str(out), offline=os.environ.get("WANDB_API_KEY") is None, project="xattn-lightning-demo"
-            )
-        )
+        loggers.append(wandb_logger(project="xattn-lightning-demo", save_dir=out))
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         callbacks=[monitor],

@@ -11,6 +11,7 @@ import torch
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import Explanation
 from xattn_lightning.functional import topk_overlap
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -18,15 +19,22 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
-def probe_scores(e: Explanation, methods: Sequence[str], metrics: Sequence[str] = ("pearson", "spearman")) -> dict:
-    """Per-utterance numbers: ρ per method/metric (full average), per layer, per (layer, head), coverage."""
+def probe_scores(
+    e: Explanation,
+    methods: Sequence[str],
+    metrics: Sequence[str] = ("pearson", "spearman"),
+    layers: LayerSpec = None,
+    heads: HeadSpec = None,
+) -> dict:
+    """Per-utterance numbers: ρ per method/metric of the attention aggregated over ``layers`` ×
+    ``heads`` (default all: the full average), per layer, per (layer, head), coverage."""
     out: dict[str, Any] = {"num_tokens": int(e.token_ids.numel()), "num_frames": e.num_frames}
     for m in methods:
         for metric in metrics:
-            out[f"{m}/{metric}"] = e.agreement(m, metric=metric)
+            out[f"{m}/{metric}"] = e.agreement(m, layers=layers, heads=heads, metric=metric)
         out[f"{m}/layers"] = e.layer_agreement(m).tolist()
         out[f"{m}/grid"] = e.agreement_grid(m).tolist()
-        out[f"{m}/coverage"] = topk_overlap(e.attention(), e.pooled(m))
+        out[f"{m}/coverage"] = topk_overlap(e.attention(layers, heads), e.pooled(m))
     if "spes" in methods and "encoder_spes" in methods:
         out["context_mixing_gap"] = out["encoder_spes/pearson"] - out["spes/pearson"]
     return out

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.saliency import validate_methods
 from xattn_lightning.summary import probe_scores, summarize
 
@@ -96,6 +97,9 @@ class XAttnSaliencyMonitor(Callback):
         batch_fn: ``batch_fn(batch) -> dict`` in the model's own format (HF convention by default).
         tokenizer: tokenizer/processor for token labels and text.
         metrics: correlations to report (``pearson``, ``spearman``, ``kendall``).
+        layers / heads: the aggregation behind the headline ``xattn/<method>/<metric>`` numbers, as in
+            :meth:`~xattn_lightning.Explanation.agreement` (``"all"``, ``"last"``, ``"last_2"``, indices);
+            per-layer and per-head numbers are always reported too. Default: all layers and heads.
         log_figures: W&B heatmaps and grids (the first ``max_figures`` probes).
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
@@ -119,6 +123,8 @@ class XAttnSaliencyMonitor(Callback):
         batch_fn: Callable[[Any], Mapping[str, Any]] | None = None,
         tokenizer: object | None = None,
         metrics: Sequence[str] = ("pearson", "spearman"),
+        layers: LayerSpec = None,
+        heads: HeadSpec = None,
         log_figures: bool = True,
         max_figures: int = 4,
         num_beams: int = 1,
@@ -154,6 +160,9 @@ class XAttnSaliencyMonitor(Callback):
         self.batch_fn = batch_fn
         self.tokenizer = tokenizer
         self.metrics = tuple(metrics)
+        resolve_layers(layers, 2**16)  # fail on a malformed spec now, not at the first validation
+        self.layers = layers
+        self.heads = heads
         self.log_figures = log_figures
         self.max_figures = max_figures
         self.num_beams = num_beams
@@ -298,6 +307,17 @@ class XAttnSaliencyMonitor(Callback):
                 "Training continues; pass on_error='raise' to debug."
             )
 
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from xattn_lightning.loggers import offline_sync_hint
+
+        for lg in trainer.loggers:
+            try:
+                hint = offline_sync_hint(lg)
+            except Exception:  # never fail the end of training over a hint
+                hint = None
+            if hint:
+                rank_zero_info(f"XAttnSaliencyMonitor: the W&B run was logged offline; upload it with: {hint}")
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._should_run(trainer):
             return
@@ -340,7 +360,7 @@ class XAttnSaliencyMonitor(Callback):
                             max_new_tokens=self.max_new_tokens,
                             **self.method_options,
                         )
-                        row = probe_scores(e, self.methods, self.metrics)
+                        row = probe_scores(e, self.methods, self.metrics, self.layers, self.heads)
                         row["id"] = self._probe_id(p)
                         row["text"] = self._ref_text(p, adapter)
                         row["hypothesis"] = e.text or " ".join(e.tokens or [])
