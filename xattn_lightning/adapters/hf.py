@@ -155,9 +155,10 @@ class _HFSeq2SeqAdapter(Adapter):
 
         x = self._to_model(utterance.features.unsqueeze(0).to(self.device, self.dtype))
         kwargs: dict = {"num_beams": num_beams, "do_sample": False}
-        if max_new_tokens is not None:
-            kwargs["max_new_tokens"] = max_new_tokens
         prompt = torch.tensor([self.prompt_ids()], device=self.device)
+        if max_new_tokens is not None:  # as max_length: the model's config already sets one
+            limit = self.info.max_target_positions or 10**9
+            kwargs["max_length"] = min(limit, prompt.shape[1] + max_new_tokens)
         # plain seq2seq generation from the forced prompt (language/task/no-timestamps): Whisper's own
         # generate() adds long-form segmentation and strips the prompt, which explanation does not want
         seq = GenerationMixin.generate(self.model, input_features=x, decoder_input_ids=prompt, **kwargs)
