@@ -198,12 +198,50 @@ class Adapter(ABC):
         restored on exit, also when the body raises. ``requires_grad`` flags are never changed.
         """
         modes = [(m, m.training) for m in self.model.modules()]
+        hooks = _hook_snapshot(self.model)
         try:
             self.model.eval()
             yield
         finally:
             for m, was_training in modes:
                 m.training = was_training
+            _restore_hooks(self.model, hooks)
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+#: flags libraries set when they install hooks lazily (transformers 5's output-capturing hooks)
+_HOOK_FLAGS = ("_output_capturing_hooks_installed",)
+
+
+def _hook_snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, set], dict[str, bool]]]:
+    snap = []
+    for m in model.modules():
+        keys = {name: set(getattr(m, name, {}) or {}) for name in _HOOK_DICTS}
+        flags = {f: f in m.__dict__ for f in _HOOK_FLAGS}
+        snap.append((m, keys, flags))
+    return snap
+
+
+def _restore_hooks(model: nn.Module, snap: list) -> None:
+    """Remove every hook added to ``model`` since ``snap`` (ours, or installed lazily by a library
+    during the call), so no hook survives an explanation."""
+    for m, keys, flags in snap:
+        for name, before in keys.items():
+            d = getattr(m, name, None)
+            if d:
+                for k in [k for k in d if k not in before]:
+                    del d[k]
+        for f, had in flags.items():
+            if not had and f in m.__dict__:
+                del m.__dict__[f]
 
 
 def check_target_length(adapter: Adapter, seq: Tensor) -> None:

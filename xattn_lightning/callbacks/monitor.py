@@ -296,10 +296,10 @@ class XAttnSaliencyMonitor(Callback):
                         continue
             raise
 
-    def _report(self, err: BaseException, where: str) -> None:
+    def _report(self, err: BaseException, where: str, key: str | None = None) -> None:
         if self.on_error == "raise":
             raise err
-        key = f"{where}:{type(err).__name__}:{err}"
+        key = key or f"{where}:{type(err).__name__}:{err}"
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(
@@ -328,7 +328,7 @@ class XAttnSaliencyMonitor(Callback):
         start = time.perf_counter()
         self._last_step = trainer.global_step
         rows: list[dict[str, Any]] = []
-        errors: list[str] = []
+        errors: list[tuple[str, str]] = []  # (probe id or "", cause)
         exps_local: list = []
         with _RngState():
             try:
@@ -369,14 +369,19 @@ class XAttnSaliencyMonitor(Callback):
                     except Exception as err:  # one bad probe does not cost the others
                         if self.on_error == "raise":
                             raise
-                        errors.append(f"probe {self._probe_id(p)}: {type(err).__name__}: {err}")
+                        errors.append((self._probe_id(p), f"{type(err).__name__}: {err}"))
             except Exception as err:
                 if self.on_error == "raise":
                     raise
-                errors.append(f"{type(err).__name__}: {err}")
+                errors.append(("", f"{type(err).__name__}: {err}"))
         rows, errors, exps = self._gather(trainer, rows, errors, exps_local)
-        for msg in errors:
-            self._report(RuntimeError(msg), "explaining probes")
+        by_cause: dict[str, list[str]] = {}
+        for pid, cause in errors:
+            by_cause.setdefault(cause, []).append(pid)
+        for cause, pids in by_cause.items():  # one warning per cause, naming the probes it hit
+            named = [p for p in pids if p]
+            where = f"explaining probes {', '.join(named)}" if named else "explaining probes"
+            self._report(RuntimeError(cause), where, key=cause)
         if not rows:
             return None
         try:
