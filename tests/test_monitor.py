@@ -80,6 +80,20 @@ def test_layers_heads_select_the_headline_aggregation(tmp_path):
         xl.XAttnSaliencyMonitor(layers="last_x")
 
 
+def test_max_seconds_budget_lowers_masks_and_reports_them(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(
+        num_probes=2, methods=("spes", "encoder_spes"), n_masks=100000, max_seconds=0.5, targets="labels"
+    )
+    _fit(tmp_path, mon, max_epochs=1)
+    h = mon.history[-1]
+    for m, batch in (("spes", 8), ("encoder_spes", 32)):
+        assert batch <= h[f"xattn/{m}/n_masks"] < 100000
+    assert h["xattn/seconds"] < 30  # the budget, not 100k masks, decided the run time
+    full = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=64, targets="labels")
+    _fit(tmp_path / "f", full, max_epochs=1)
+    assert full.history[-1]["xattn/encoder_spes/n_masks"] == 64.0
+
+
 def test_wandb_logger_helper_offline_and_sync_hint(tmp_path, monkeypatch, caplog):
     import logging
 

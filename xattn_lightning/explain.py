@@ -176,7 +176,8 @@ def explain(
         methods: saliency methods (see :func:`xattn_lightning.list_methods`).
         tokenizer: a tokenizer or processor, for token strings and text.
         **method_options: ``n_masks``, ``seed``, ``p``, ``p_h``, ``batch_size``, ``n_steps``, ... shared by
-            every method that takes them.
+            every method that takes them. ``max_seconds`` caps each perturbation method per utterance:
+            masks stop at the budget (whole batches) and ``e.info[method]["n_masks"]`` says how many ran.
 
     Example:
         >>> import xattn_lightning as xl

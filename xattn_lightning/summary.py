@@ -35,6 +35,8 @@ def probe_scores(
         out[f"{m}/layers"] = e.layer_agreement(m).tolist()
         out[f"{m}/grid"] = e.agreement_grid(m).tolist()
         out[f"{m}/coverage"] = topk_overlap(e.attention(layers, heads), e.pooled(m))
+        if "n_masks" in e.info.get(m, {}):
+            out[f"{m}/n_masks"] = float(e.info[m]["n_masks"])
     if "spes" in methods and "encoder_spes" in methods:
         out["context_mixing_gap"] = out["encoder_spes/pearson"] - out["spes/pearson"]
     return out
@@ -70,6 +72,8 @@ def summarize(rows: Sequence[dict], methods: Sequence[str], metrics: Sequence[st
             scalars[f"{m}/best_head_layer"] = float(order[0][0])
             scalars[f"{m}/best_head_index"] = float(order[0][1])
         scalars[f"{m}/coverage"] = _mean([r[f"{m}/coverage"] for r in rows])
+        if all(f"{m}/n_masks" in r for r in rows):
+            scalars[f"{m}/n_masks"] = _mean([r[f"{m}/n_masks"] for r in rows])
     if all("context_mixing_gap" in r for r in rows) and rows:
         scalars["context_mixing_gap"] = _mean([r["context_mixing_gap"] for r in rows])
     return {"scalars": scalars, "head_ranking": ranking, "grids": grids}

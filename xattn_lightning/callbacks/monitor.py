@@ -103,7 +103,10 @@ class XAttnSaliencyMonitor(Callback):
         log_figures: W&B heatmaps and grids (the first ``max_figures`` probes).
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
-            ``p_h``, ``batch_size``, ``n_steps``, ``max_seconds`` ...).
+            ``p_h``, ``batch_size``, ``n_steps`` ...). ``max_seconds`` here is a budget for the whole
+            monitor run: it is shared out over the probes and perturbation methods, which stop drawing
+            masks when their share is spent (at least one batch each) and report the number used as
+            ``xattn/<method>/n_masks``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -349,8 +352,13 @@ class XAttnSaliencyMonitor(Callback):
                 adapter = self._model(pl_module)
                 world, rank = trainer.world_size, trainer.global_rank
                 mine = self._probe_items[rank::world]
-                for p in mine:
+                options = dict(self.method_options)
+                budget = options.pop("max_seconds", None)
+                for n_done, p in enumerate(mine):
                     try:
+                        if budget is not None:  # the rest of the run's budget, shared by the probes and methods left
+                            left = budget - (time.perf_counter() - start)
+                            options["max_seconds"] = max(0.0, left) / (len(mine) - n_done) / len(self.methods)
                         (e,) = explain(
                             adapter,
                             p["batch"],
@@ -358,7 +366,7 @@ class XAttnSaliencyMonitor(Callback):
                             methods=self.methods,
                             num_beams=self.num_beams,
                             max_new_tokens=self.max_new_tokens,
-                            **self.method_options,
+                            **options,
                         )
                         row = probe_scores(e, self.methods, self.metrics, self.layers, self.heads)
                         row["id"] = self._probe_id(p)
