@@ -11,7 +11,12 @@ from torch import Tensor
 
 from xattn_lightning.adapters import Adapter, Utterance
 from xattn_lightning.errors import UnknownNameError, XAttnError
-from xattn_lightning.saliency.gradients import GRADIENT_METHODS, captum_attribute, token_logprob_fn
+from xattn_lightning.saliency.gradients import (
+    GRADIENT_METHODS,
+    batched_attribute,
+    captum_attribute,
+    token_logprob_fn,
+)
 from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
 
 #: method name -> (space, description)
@@ -54,6 +59,7 @@ OPTIONS: dict[str, Any] = {
     "n_steps": 16,
     "internal_batch_size": None,
     "max_seconds": None,
+    "gradient_engine": "batched",
 }
 
 __all__ = ["METHODS", "OPTIONS", "compute_saliency", "list_methods", "validate_methods"]
@@ -80,6 +86,8 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
             raise UnknownNameError("option", k, OPTIONS)
     if options.get("sampling", "plain") not in ("plain", "antithetic"):
         raise UnknownNameError("sampling", options["sampling"], ("plain", "antithetic"))
+    if options.get("gradient_engine", "batched") not in ("batched", "captum"):
+        raise UnknownNameError("gradient_engine", options["gradient_engine"], ("batched", "captum"))
 
 
 def compute_saliency(
@@ -187,7 +195,8 @@ def _gradient(
 
             x = full[:, :n_frames].clone().requires_grad_()
         fn = token_logprob_fn(logits_fn, predicted, positions)
-        attr = captum_attribute(
+        engine = batched_attribute if opts["gradient_engine"] == "batched" else captum_attribute
+        attr = engine(
             name,
             fn,
             x,

@@ -58,6 +58,69 @@ def captum_attribute(
     return torch.stack(maps)
 
 
+def _vjp_rows(y: Tensor, x: Tensor, retain: bool) -> Tensor:
+    """Gradients of every column of ``y [B, I]`` (summed over B) w.r.t. ``x``: ``[I, *x.shape]``.
+
+    One batched vector-Jacobian product through ``is_grads_batched`` (vmap over the backward); models
+    whose backward vmap cannot trace fall back to one backward per token over the shared graph.
+    """
+    n = y.shape[1]
+    eye = torch.eye(n, dtype=y.dtype, device=y.device).unsqueeze(1).expand(n, y.shape[0], n)
+    try:
+        (g,) = torch.autograd.grad(y, x, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
+        return g
+    except (RuntimeError, NotImplementedError):
+        pass
+    rows = []
+    for i in range(n):
+        (gi,) = torch.autograd.grad(y[:, i].sum(), x, retain_graph=retain or i < n - 1)
+        rows.append(gi)
+    return torch.stack(rows)
+
+
+def batched_attribute(
+    name: str,
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    num_tokens: int,
+    n_steps: int = 16,
+    internal_batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Captum's Saliency / InputXGradient / IntegratedGradients (Gauss-Legendre, zero baseline) for
+    all ``num_tokens`` targets from one shared forward pass (per chunk of IG steps) and batched
+    backward passes, instead of Captum's forward + backward per target. Same maps as
+    :func:`captum_attribute` (tested to 1e-4); returns ``[I, *x.shape[1:]]``.
+    """
+    x = x.detach()
+    if name in ("saliency", "input_x_gradient"):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        g = _vjp_rows(y, xi, retain=False)[:, 0]
+        out = g if name == "saliency" else g * x[0]
+        if progress is not None:
+            progress(num_tokens)
+        return out.detach()
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    step_sizes_fn, alphas_fn = approximation_parameters("gausslegendre")
+    weights = torch.tensor(step_sizes_fn(n_steps), dtype=x.dtype, device=x.device)
+    alphas = torch.tensor(alphas_fn(n_steps), dtype=x.dtype, device=x.device)
+    baseline = torch.zeros_like(x)
+    chunk = internal_batch_size or n_steps
+    total = torch.zeros(num_tokens, *x.shape[1:], dtype=x.dtype, device=x.device)
+    for s0 in range(0, n_steps, chunk):
+        a = alphas[s0 : s0 + chunk].view(-1, *([1] * (x.dim() - 1)))
+        xs = (baseline + a * (x - baseline)).requires_grad_()
+        y = fn(xs)  # [steps, I]
+        g = _vjp_rows(y, xs, retain=False)  # [I, steps, ...] (each row: d y[:, i] / d xs)
+        w = weights[s0 : s0 + chunk].view(1, -1, *([1] * (x.dim() - 1)))
+        total += (g * w).sum(1)
+    if progress is not None:
+        progress(num_tokens)
+    return (total * (x - baseline)[0]).detach()
+
+
 def token_logprob_fn(
     logits_fn: Callable[[Tensor], Tensor], predicted: Tensor, positions: Tensor
 ) -> Callable[[Tensor], Tensor]:
