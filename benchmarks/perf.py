@@ -1,0 +1,364 @@
+"""Performance benchmarks, reported as ratios measured in one run (these machines are noisy).
+
+    python -m benchmarks.perf --model openai/whisper-tiny.en --manifest data/manifest.tsv --out results/
+    python -m benchmarks.perf                     # a tiny random Whisper when no model is given
+
+Sections (``--only`` picks some): ``spes`` (masks/s of SPES against a plain one-pass-per-mask loop
+and against the limit: the same number of batched teacher-forced passes with no masking or
+scoring; peak memory), ``encoder`` (encoder-output saliency per mask vs input SPES per mask),
+``gradients`` (all tokens' gradient maps, batched vs Captum once per token, and their max
+difference), ``convergence`` (per-token ρ of SPES maps at N masks vs a reference N with another
+seed, plain vs antithetic sampling, and how much ρ(CA, SM) moves between seeds), ``monitor``
+(epoch time of a short real fine-tune with and without the default monitor).
+Prints a table per section and writes ``perf.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import xattn_lightning as xl
+from xattn_lightning.functional import correlation
+from xattn_lightning.saliency.perturbation import kl_per_token, slic_segments, spes_input
+
+SECTIONS = ("spes", "encoder", "gradients", "convergence", "monitor")
+
+
+def _tiny_setup():
+    """A tiny random Whisper and one 1.5-s random utterance, when no real model is given."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=80,
+        num_mel_bins=16,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=150,
+        max_target_positions=32,
+        decoder_start_token_id=51,
+        eos_token_id=50,
+        pad_token_id=50,
+        bos_token_id=50,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    model = WhisperForConditionalGeneration(cfg).eval()
+    x = torch.full((1, 16, 300), -0.5)
+    x[:, :, :150] = torch.randn(1, 16, 150)
+    mask = torch.zeros(1, 300, dtype=torch.long)
+    mask[:, :150] = 1
+    batch = {"input_features": x, "attention_mask": mask}
+    targets = [[51, 52, 5, 6, 7, 8, 9, 10, 50]]
+    return model, None, batch, targets, "tiny random Whisper (1.5 s)"
+
+
+def _real_setup(model_path: str, manifest: str, index: int):
+    from xattn_lightning.audio import read_manifest
+    from xattn_lightning.loading import features_batch, load_hf_model
+
+    model, proc = load_hf_model(model_path)
+    row = read_manifest(manifest)[index]
+    batch = features_batch(proc, [row])
+    (e,) = xl.explain(model, batch, targets="generate", tokenizer=proc)
+    return model, proc, batch, e.decoder_ids.unsqueeze(0), f"{Path(model_path).name}, {row.id}"
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_spes(model, batch, targets, n_masks: int, batch_size: int) -> dict:
+    """Ours vs (a) a plain loop, one perturbed pass per mask, and (b) the limit: batched passes only."""
+    adapter = xl.adapter_for(model)
+    with torch.inference_mode(False), adapter.capture_context(), torch.no_grad():
+        (u,) = adapter.utterances(batch)
+        seq = adapter.normalize_target(torch.as_tensor(targets[0] if not torch.is_tensor(targets) else targets[0]))
+        dec_in, predicted = seq[:-1], seq[1:]
+        positions = (~adapter.special_mask(predicted)).nonzero().view(-1)
+        feats = u.features.to(adapter.device, adapter.dtype)
+        ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
+        logp = ref.logits[0].float().log_softmax(-1)
+
+        def run(x):
+            return adapter.forward(x, dec_in, output_attentions=False).logits
+
+        run(feats.unsqueeze(0).repeat(batch_size, 1, 1))  # warm-up
+        rss0 = _maxrss_mb()
+        t = time.perf_counter()
+        spes_input(run, feats, u.num_frames, logp, positions, n_masks=n_masks, batch_size=batch_size, seed=0)
+        ours = time.perf_counter() - t
+        rss_ours = _maxrss_mb() - rss0
+        # (b) the limit: the same number of teacher-forced passes, batched, nothing else
+        t = time.perf_counter()
+        for i0 in range(0, n_masks, batch_size):
+            b = min(batch_size, n_masks - i0)
+            run(feats.unsqueeze(0).expand(b, -1, -1).contiguous())
+        limit = time.perf_counter() - t
+        # (a) plain loop: per mask, build the masked input and score it with one pass
+        labels = slic_segments(feats[: u.num_frames], 400)
+        t = time.perf_counter()
+        g = torch.Generator().manual_seed(0)
+        num = torch.zeros(int(positions.numel()), labels.numel(), dtype=torch.float64)
+        den = torch.zeros(labels.numel(), dtype=torch.float64)
+        for _ in range(n_masks):
+            keep_seg = torch.rand(int(labels.max()) + 1, generator=g) >= 0.5
+            keep = keep_seg[labels].reshape(-1)
+            x = feats.clone()
+            x[: u.num_frames] = x[: u.num_frames] * keep.view(u.num_frames, -1).to(x.dtype)
+            kl = kl_per_token(logp, run(x.unsqueeze(0)), positions)[0]
+            for i in range(kl.numel()):  # per-token accumulation, as a straightforward port would
+                num[i] += kl[i].double() * (~keep).double()
+            den += (~keep).double()
+        loop = time.perf_counter() - t
+    return {
+        "n_masks": n_masks,
+        "batch_size": batch_size,
+        "ours_s": ours,
+        "limit_s": limit,
+        "loop_s": loop,
+        "ours_masks_per_s": n_masks / ours,
+        "ours_over_limit": ours / limit,
+        "loop_over_ours": loop / ours,
+        "peak_rss_growth_mb": rss_ours,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+
+
+def bench_encoder(model, batch, targets, n_masks: int) -> dict:
+    res = {}
+    for m, n in (("spes", n_masks), ("encoder_spes", 4 * n_masks)):
+        (e,) = xl.explain(model, batch, targets=targets, methods=(m,), n_masks=n, seed=0)
+        res[m] = e.info[m]["seconds"] / e.info[m]["n_masks"]
+    return {
+        "spes_s_per_mask": res["spes"],
+        "encoder_spes_s_per_mask": res["encoder_spes"],
+        "encoder_over_input": res["encoder_spes"] / res["spes"],
+    }
+
+
+def bench_gradients(model, batch, targets, n_steps: int) -> dict:
+    out = {}
+    for m in ("saliency", "integrated_gradients", "encoder_saliency"):
+        times = {}
+        maps = {}
+        for engine in ("captum", "batched", "captum", "batched"):  # interleaved, best of two
+            t = time.perf_counter()
+            (e,) = xl.explain(model, batch, targets=targets, methods=(m,), n_steps=n_steps, gradient_engine=engine)
+            dt = time.perf_counter() - t
+            times[engine] = min(times.get(engine, math.inf), dt)
+            maps[engine] = e.saliency[m]
+        diff = float((maps["captum"] - maps["batched"]).abs().max() / maps["captum"].abs().max().clamp(min=1e-30))
+        out[m] = {
+            "tokens": int(maps["captum"].shape[0]),
+            "captum_s": times["captum"],
+            "batched_s": times["batched"],
+            "speedup": times["captum"] / times["batched"],
+            "max_rel_diff": diff,
+        }
+    return out
+
+
+def _per_token_rho(a: torch.Tensor, b: torch.Tensor) -> float:
+    vals = [correlation(x, y) for x, y in zip(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def bench_convergence(model, batch, targets, ns: list[int], ref_n: int, methods: list[str], seeds: int) -> dict:
+    out: dict = {}
+    for m in methods:
+        (ref,) = xl.explain(model, batch, targets=targets, methods=(m,), n_masks=ref_n, seed=1000)
+        ref_map = ref.pooled(m)
+        rows = []
+        for n in ns:
+            row: dict = {"n": n}
+            for sampling in ("plain", "antithetic"):
+                rhos, agrees = [], []
+                for s in range(seeds):
+                    (e,) = xl.explain(model, batch, targets=targets, methods=(m,), n_masks=n, seed=s, sampling=sampling)
+                    rhos.append(_per_token_rho(e.pooled(m), ref_map))
+                    agrees.append(e.agreement(m))
+                row[f"{sampling}_per_token_rho"] = statistics.mean(rhos)
+                row[f"{sampling}_agreement_spread"] = max(agrees) - min(agrees)
+                row[f"{sampling}_agreement_mean"] = statistics.mean(agrees)
+            rows.append(row)
+            print(f"  convergence {m} N={n}: {row}", file=sys.stderr, flush=True)
+        hit = [r["n"] for r in rows if r["plain_per_token_rho"] >= 0.9]
+        hit_a = [r["n"] for r in rows if r["antithetic_per_token_rho"] >= 0.9]
+        out[m] = {
+            "reference_n": ref_n,
+            "rows": rows,
+            "masks_for_rho_0.9_plain": min(hit) if hit else None,
+            "masks_for_rho_0.9_antithetic": min(hit_a) if hit_a else None,
+        }
+    return out
+
+
+def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_masks: int) -> dict:
+    """Fine-tune time with and without the default monitor (examples/finetune_whisper.py, shortened)."""
+    import importlib.util
+
+    if not model_path or not manifest:
+        return {"skipped": "needs --model and --manifest"}
+    spec = importlib.util.spec_from_file_location(
+        "ft", Path(__file__).resolve().parent.parent / "examples" / "finetune_whisper.py"
+    )
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    import lightning.pytorch as pl
+
+    res = {}
+    for label, monitor in (("without", False), ("with", True), ("without_2", False), ("with_2", True)):
+        args = [
+            "--model",
+            model_path,
+            "--manifest",
+            manifest,
+            "--epochs",
+            "1",
+            "--limit-train-batches",
+            str(steps),
+            "--limit-val-batches",
+            "1",
+            "--batch-size",
+            "4",
+            "--num-probes",
+            "4",
+            "--n-masks",
+            str(n_masks),
+            "--out",
+            f"/tmp/xl_bench_monitor_{label}",
+            "--no-wandb",
+        ]
+        if not monitor:
+            args += ["--methods", "encoder_spes"]
+        t = time.perf_counter()
+        if monitor:
+            out = ft.main(args)
+        else:
+            orig = ft.XAttnSaliencyMonitor
+
+            class Off(pl.Callback):
+                history: list = []
+                head_ranking: dict = {}
+
+                def __init__(self, *a, **k):
+                    pass
+
+            ft.XAttnSaliencyMonitor = Off
+            try:
+                out = ft.main(args)
+            finally:
+                ft.XAttnSaliencyMonitor = orig
+        res[label] = time.perf_counter() - t
+        if monitor:
+            res[f"{label}_agreement"] = out["history"][-1].get("xattn/encoder_spes/pearson")
+            res[f"{label}_monitor_s"] = out["history"][-1].get("xattn/seconds")
+    base = min(res["without"], res["without_2"])
+    withm = min(res["with"], res["with_2"])
+    res["overhead"] = withm / base - 1.0
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=os.environ.get("XL_WHISPER_PATH"))
+    ap.add_argument("--manifest", default=os.environ.get("XL_ESPEAK_MANIFEST"))
+    ap.add_argument("--utterance", type=int, default=0)
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--n-masks", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--n-steps", type=int, default=16)
+    ap.add_argument("--convergence-ns", default="64,128,256,512,1000")
+    ap.add_argument("--convergence-ref", type=int, default=4000)
+    ap.add_argument("--convergence-methods", default="encoder_spes")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--monitor-steps", type=int, default=6)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    for s in only:
+        if s not in SECTIONS:
+            ap.error(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
+    if args.model and args.manifest:
+        model, _, batch, targets, what = _real_setup(args.model, args.manifest, args.utterance)
+    else:
+        model, _, batch, targets, what = _tiny_setup()
+    report: dict = {
+        "setup": what,
+        "device": f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "argv": argv or sys.argv[1:],
+    }
+    print(f"# {what} on {report['device']}")
+    if "spes" in only:
+        r = report["spes"] = bench_spes(model, batch, targets, args.n_masks, args.batch_size)
+        print(
+            f"SPES N={r['n_masks']}: ours {r['ours_s']:.2f} s ({r['ours_masks_per_s']:.2f} masks/s), limit "
+            f"{r['limit_s']:.2f} s, loop {r['loop_s']:.2f} s -> ours/limit {r['ours_over_limit']:.2f}x, "
+            f"loop/ours {r['loop_over_ours']:.2f}x, peak RSS +{r['peak_rss_growth_mb']:.0f} MB"
+        )
+    if "encoder" in only:
+        r = report["encoder"] = bench_encoder(model, batch, targets, args.n_masks)
+        print(
+            f"per mask: input SPES {r['spes_s_per_mask']:.4f} s, encoder SPES {r['encoder_spes_s_per_mask']:.4f} s "
+            f"-> {r['encoder_over_input']:.3f}x"
+        )
+    if "gradients" in only:
+        r = report["gradients"] = bench_gradients(model, batch, targets, args.n_steps)
+        for m, v in r.items():
+            print(
+                f"{m}: {v['tokens']} tokens, Captum per token {v['captum_s']:.2f} s, batched {v['batched_s']:.2f} s "
+                f"-> {v['speedup']:.2f}x, max rel diff {v['max_rel_diff']:.1e}"
+            )
+    if "convergence" in only:
+        ns = [int(x) for x in args.convergence_ns.split(",")]
+        methods = [m.strip() for m in args.convergence_methods.split(",")]
+        r = report["convergence"] = bench_convergence(
+            model, batch, targets, ns, args.convergence_ref, methods, args.seeds
+        )
+        for m, v in r.items():
+            print(
+                f"{m} (reference N={v['reference_n']}): N | per-token ρ plain / antithetic | ρ(CA,SM) spread over "
+                f"{args.seeds} seeds plain / antithetic"
+            )
+            for row in v["rows"]:
+                print(
+                    f"  {row['n']:>5} | {row['plain_per_token_rho']:.3f} / {row['antithetic_per_token_rho']:.3f} | "
+                    f"{row['plain_agreement_spread']:.3f} / {row['antithetic_agreement_spread']:.3f}"
+                )
+            print(
+                f"  masks for per-token ρ >= 0.9: plain {v['masks_for_rho_0.9_plain']}, "
+                f"antithetic {v['masks_for_rho_0.9_antithetic']}"
+            )
+    if "monitor" in only:
+        r = report["monitor"] = bench_monitor(args.model, args.manifest, args.monitor_steps, 256)
+        if "skipped" not in r:
+            print(
+                f"fine-tune epoch: without monitor {min(r['without'], r['without_2']):.1f} s, with "
+                f"{min(r['with'], r['with_2']):.1f} s -> overhead {100 * r['overhead']:.1f} %"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.json").write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The benchmark scripts run end to end (tiny settings; the numbers themselves are in the README)."""
+
+import json
+
+import pytest
+
+
+def test_perf_benchmarks_on_tiny_model(tmp_path, monkeypatch):
+    from benchmarks import perf
+
+    monkeypatch.delenv("XL_WHISPER_PATH", raising=False)
+    monkeypatch.delenv("XL_ESPEAK_MANIFEST", raising=False)
+    assert (
+        perf.main(
+            [
+                "--only",
+                "spes,encoder,gradients,convergence",
+                "--n-masks",
+                "16",
+                "--convergence-ns",
+                "16,32",
+                "--convergence-ref",
+                "64",
+                "--n-steps",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((tmp_path / "perf.json").read_text())
+    assert rep["spes"]["n_masks"] == 16 and rep["spes"]["ours_s"] > 0
+    for v in rep["gradients"].values():
+        assert v["max_rel_diff"] < 1e-4  # batched maps are Captum's maps
+    assert [r["n"] for r in rep["convergence"]["encoder_spes"]["rows"]] == [16, 32]
+    with pytest.raises(SystemExit):
+        perf.main(["--only", "nope"])
+
+
+@pytest.mark.integration
+def test_whisper_report_script_smoke(tmp_path, whisper_path, espeak_manifest):
+    from benchmarks import whisper_report
+
+    assert (
+        whisper_report.main(
+            [
+                "--model",
+                whisper_path,
+                "--manifest",
+                espeak_manifest,
+                "--utterances",
+                "1",
+                "--n-masks",
+                "4",
+                "--encoder-n-masks",
+                "8",
+                "--deletion-step",
+                "0.5",
+                "--stability-ns",
+                "",
+                "--encoder-stability-ns",
+                "",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((tmp_path / "report.json").read_text())
+    u = rep["utterances"][0]
+    assert len(u["spes"]["grid"]) == 4 and len(u["spes"]["grid"][0]) == 6
+    assert set(rep["deletion"]["deletion"]) == {"attention", "spes:pooled", "spes", "encoder_spes"}
+    assert "| layer | ρ(CA, SM_X) | ρ(CA, SM_H) |" in (tmp_path / "report.md").read_text()
