@@ -92,6 +92,21 @@ def write_report(monitor, out: Path, title: str = "xattn_lightning demo") -> Pat
 
 def demo(args: argparse.Namespace) -> int:
     """Train the tiny S2T model on the synthetic task with the monitor and W&B offline."""
+    start = time.perf_counter()
+    monitor, report, hints = run_demo(args)
+    for hint in hints:
+        print(f"W&B run saved offline; upload it with: {hint}")
+    first, last = monitor.history[0], monitor.history[-1]
+    print(
+        f"ρ(CA, SM_X): {first['xattn/spes/pearson']:+.3f} after epoch 1 -> {last['xattn/spes/pearson']:+.3f} after epoch {args.epochs}"
+    )
+    print(f"ρ(CA, SM_H): {first['xattn/encoder_spes/pearson']:+.3f} -> {last['xattn/encoder_spes/pearson']:+.3f}")
+    print(f"report: {report}   ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def run_demo(args: argparse.Namespace):
+    """The demo's training run; returns ``(monitor, report path, W&B sync hints)``."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     import lightning.pytorch as pl
@@ -99,11 +114,10 @@ def demo(args: argparse.Namespace) -> int:
 
     from xattn_lightning.callbacks import XAttnSaliencyMonitor
     from xattn_lightning.demo import DemoModule, loaders
-    from xattn_lightning.loggers import wandb_logger
+    from xattn_lightning.loggers import offline_sync_hint, wandb_logger
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     pl.seed_everything(args.seed, verbose=False)
     train, val = loaders(args.train_size, 16)
     monitor = XAttnSaliencyMonitor(
@@ -125,21 +139,14 @@ def demo(args: argparse.Namespace) -> int:
     )
     trainer.fit(DemoModule(), train, val)
     report = write_report(monitor, out)
+    hints = []
     for lg in loggers:
         if isinstance(lg, WandbLogger):
-            import wandb
-
-            wandb.finish()
-            print(
-                f"W&B run saved offline under {out / 'wandb'}; upload it with: wandb sync {out / 'wandb'}/offline-run-*"
-            )
-    first, last = monitor.history[0], monitor.history[-1]
-    print(
-        f"ρ(CA, SM_X): {first['xattn/spes/pearson']:+.3f} after epoch 1 -> {last['xattn/spes/pearson']:+.3f} after epoch {args.epochs}"
-    )
-    print(f"ρ(CA, SM_H): {first['xattn/encoder_spes/pearson']:+.3f} -> {last['xattn/encoder_spes/pearson']:+.3f}")
-    print(f"report: {report}   ({time.perf_counter() - start:.0f} s)")
-    return 0
+            hint = offline_sync_hint(lg)
+            if hint:
+                hints.append(hint)
+            lg.experiment.finish()
+    return monitor, report, hints
 
 
 def compare(args: argparse.Namespace) -> int:
