@@ -5,6 +5,7 @@
 True
 """
 
+from xattn_lightning import loggers  # noqa: E402  (xl.loggers.wandb_logger)
 from xattn_lightning.adapters import (
     Adapter,
     HookAdapter,
@@ -33,4 +34,5 @@ __all__ = [
     "corpus_agreement",
     "explain",
     "list_methods",
+    "loggers",
 ]
