@@ -89,9 +89,25 @@ def test_max_seconds_budget_lowers_masks_and_reports_them(tmp_path):
     for m, batch in (("spes", 8), ("encoder_spes", 32)):
         assert batch <= h[f"xattn/{m}/n_masks"] < 100000
     assert h["xattn/seconds"] < 30  # the budget, not 100k masks, decided the run time
-    full = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=64, targets="labels")
+    full = xl.XAttnSaliencyMonitor(
+        num_probes=2, methods=("encoder_spes",), n_masks=64, targets="labels", max_overhead=None
+    )
     _fit(tmp_path / "f", full, max_epochs=1)
     assert full.history[-1]["xattn/encoder_spes/n_masks"] == 64.0
+
+
+def test_max_overhead_budget_follows_training_time(tmp_path):
+    # the demo's epochs take about a second: 10 % of that leaves a few batches of masks, not 100,000
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=100000, targets="labels")
+    _fit(tmp_path, mon, max_epochs=2)
+    assert all(32.0 <= h["xattn/encoder_spes/n_masks"] < 5000 for h in mon.history)  # at least one batch
+    off = xl.XAttnSaliencyMonitor(
+        num_probes=2, methods=("encoder_spes",), n_masks=96, targets="labels", max_overhead=None
+    )
+    _fit(tmp_path / "off", off, max_epochs=1)
+    assert off.history[-1]["xattn/encoder_spes/n_masks"] == 96.0
+    with pytest.raises(xl.XAttnError, match="max_overhead"):
+        xl.XAttnSaliencyMonitor(max_overhead=0)
 
 
 def test_wandb_logger_helper_offline_and_sync_hint(tmp_path, monkeypatch, caplog):

@@ -101,6 +101,10 @@ class XAttnSaliencyMonitor(Callback):
             :meth:`~xattn_lightning.Explanation.agreement` (``"all"``, ``"last"``, ``"last_2"``, indices);
             per-layer and per-head numbers are always reported too. Default: all layers and heads.
         log_figures: W&B heatmaps and grids (the first ``max_figures`` probes).
+        max_overhead: the monitor's time budget as a fraction of the training time since its last run
+            (default 0.1: at most ~10 % on top of training). Perturbation methods stop drawing masks
+            when the budget is spent (at least one batch each; ``xattn/<method>/n_masks`` says how many
+            ran). ``None``: always ``n_masks``. An explicit ``max_seconds`` takes precedence.
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
             ``p_h``, ``batch_size``, ``n_steps`` ...). ``max_seconds`` here is a budget for the whole
@@ -133,6 +137,7 @@ class XAttnSaliencyMonitor(Callback):
         num_beams: int = 1,
         max_new_tokens: int | None = None,
         frame_rate: float = 100.0,
+        max_overhead: float | None = 0.1,
         on_error: str = "warn",
         **method_options: Any,
     ) -> None:
@@ -172,6 +177,10 @@ class XAttnSaliencyMonitor(Callback):
         self.max_new_tokens = max_new_tokens
         self.frame_rate = frame_rate
         self.on_error = on_error
+        if max_overhead is not None and not max_overhead > 0:
+            raise XAttnError(f"Expected max_overhead > 0 (a fraction of training time) or None, got {max_overhead!r}.")
+        self.max_overhead = max_overhead
+        self._clock: float | None = None  # end of the last monitor run (or start of training)
         self.method_options = {**MONITOR_DEFAULTS, **method_options}
         # state
         self.probe_ids: list[str] = []
@@ -310,6 +319,9 @@ class XAttnSaliencyMonitor(Callback):
                 "Training continues; pass on_error='raise' to debug."
             )
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._clock = time.perf_counter()
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from xattn_lightning.loggers import offline_sync_hint
 
@@ -324,7 +336,11 @@ class XAttnSaliencyMonitor(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._should_run(trainer):
             return
-        self.run(trainer, pl_module)
+        try:
+            self.run(trainer, pl_module)
+        finally:
+            if self._clock is not None:  # the next budget counts training time from here
+                self._clock = time.perf_counter()
 
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
         """Explain the probes now and log; returns the summary (``None`` when skipped)."""
@@ -354,6 +370,8 @@ class XAttnSaliencyMonitor(Callback):
                 mine = self._probe_items[rank::world]
                 options = dict(self.method_options)
                 budget = options.pop("max_seconds", None)
+                if budget is None and self.max_overhead is not None and self._clock is not None:
+                    budget = self.max_overhead * (start - self._clock)
                 for n_done, p in enumerate(mine):
                     try:
                         if budget is not None:  # the rest of the run's budget, shared by the probes and methods left
