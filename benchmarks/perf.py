@@ -189,20 +189,26 @@ def bench_convergence(model, batch, targets, ns: list[int], ref_n: int, methods:
         for n in ns:
             row: dict = {"n": n}
             for sampling in ("plain", "antithetic"):
-                rhos, agrees = [], []
+                rhos, agrees, corrected = [], [], []
                 for s in range(seeds):
                     (e,) = xl.explain(model, batch, targets=targets, methods=(m,), n_masks=n, seed=s, sampling=sampling)
                     rhos.append(_per_token_rho(e.pooled(m), ref_map))
                     agrees.append(e.agreement(m))
+                    corrected.append(e.agreement(m, corrected=True))
                 row[f"{sampling}_per_token_rho"] = statistics.mean(rhos)
                 row[f"{sampling}_agreement_spread"] = max(agrees) - min(agrees)
                 row[f"{sampling}_agreement_mean"] = statistics.mean(agrees)
+                ok = [c for c in corrected if not math.isnan(c)]
+                row[f"{sampling}_corrected_mean"] = statistics.mean(ok) if ok else math.nan
+                row[f"{sampling}_corrected_spread"] = (max(ok) - min(ok)) if len(ok) > 1 else math.nan
             rows.append(row)
             print(f"  convergence {m} N={n}: {row}", file=sys.stderr, flush=True)
         hit = [r["n"] for r in rows if r["plain_per_token_rho"] >= 0.9]
         hit_a = [r["n"] for r in rows if r["antithetic_per_token_rho"] >= 0.9]
         out[m] = {
             "reference_n": ref_n,
+            "reference_agreement": ref.agreement(m),
+            "reference_corrected": ref.agreement(m, corrected=True),
             "rows": rows,
             "masks_for_rho_0.9_plain": min(hit) if hit else None,
             "masks_for_rho_0.9_antithetic": min(hit_a) if hit_a else None,

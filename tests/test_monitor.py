@@ -60,6 +60,9 @@ def test_csv_logger_gets_scalars(tmp_path):
         ):
             assert math.isfinite(float(r[key])), key
         assert -1 <= float(r["xattn/spes/pearson"]) <= 1
+        # split-half reliability of the 24-mask maps, and ρ corrected for their noise (left out when undefined)
+        assert r["xattn/spes/reliability"] == "" or 0 < float(r["xattn/spes/reliability"]) <= 1
+        assert "xattn/encoder_spes/pearson_corrected" in r
     assert mon.probe_ids == ["syn0000", "syn0001", "syn0002"]
     ranking = mon.head_ranking["spes"]
     assert len(ranking) == 4 and ranking[0][2] >= ranking[-1][2]

@@ -190,3 +190,27 @@ def test_batched_gradients_equal_captum_per_token(which):
     )
     with pytest.raises(xl.UnknownNameError, match="captum"):
         xl.explain(model, batch, gradient_engine="jax", **kw)
+
+
+def test_split_half_reliability_and_attenuation_correction(oracle_exp):
+    """Few masks: the raw ρ is pulled down by the map's noise; the corrected ρ recovers the
+    many-mask value, and the reliability grows with the number of masks."""
+    model = Oracle(REGIONS)
+    x = torch.randn(1, 24, 4, generator=torch.Generator().manual_seed(0)) + 2.0
+    ad, b, t = oracle_adapter(model), {"input_features": x}, [[1, 5, 6, 7, 2]]
+    (big,) = xl.explain(ad, b, targets=t, methods=("encoder_spes",), n_masks=2000, seed=0)
+    raw, corr, rel = [], [], []
+    for seed in range(4):
+        (e,) = xl.explain(ad, b, targets=t, methods=("encoder_spes",), n_masks=32, seed=seed)
+        raw.append(e.agreement("encoder_spes"))
+        corr.append(e.agreement("encoder_spes", corrected=True))
+        rel.append(e.reliability("encoder_spes"))
+        halves = e.info["encoder_spes"]["halves"]
+        assert halves.shape == (2, *e.saliency["encoder_spes"].shape)
+        assert torch.allclose((halves[0] + halves[1]) / 2, e.saliency["encoder_spes"], atol=0.15 * float(halves.max()))
+    target = big.agreement("encoder_spes")
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert abs(mean(corr) - target) < abs(mean(raw) - target) / 2
+    assert mean(rel) < big.reliability("encoder_spes") <= 1.0
+    assert oracle_exp.reliability("saliency") == 1.0  # gradient maps are exact
+    assert oracle_exp.agreement("saliency", corrected=True) == oracle_exp.agreement("saliency")

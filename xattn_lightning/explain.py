@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from xattn_lightning.adapters import Adapter, Utterance, adapter_for
 from xattn_lightning.adapters.base import check_target_length
 from xattn_lightning.errors import XAttnError, check_choice
-from xattn_lightning.functional import aggregate_attention, agreement_grid, pool_saliency
+from xattn_lightning.functional import (
+    aggregate_attention,
+    agreement_grid,
+    disattenuate,
+    pool_saliency,
+    split_half_reliability,
+)
 from xattn_lightning.functional import agreement as _agreement
 from xattn_lightning.functional import per_token_correlation as _per_token
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
@@ -92,9 +98,31 @@ class Explanation:
         metric: str = "pearson",
         pooling: str = "max2d",
         normalize: bool = True,
+        corrected: bool = False,
     ) -> float:
-        """Paper-faithful agreement ρ(CA, SM) of this utterance (default Pearson, all layers and heads)."""
-        return _agreement(self.attention(layers, heads, pairs), self.pooled(method, pooling), metric, normalize)
+        """Paper-faithful agreement ρ(CA, SM) of this utterance (default Pearson, all layers and heads).
+
+        ``corrected=True`` divides by the square root of the saliency map's split-half
+        :meth:`reliability` (Spearman's correction for attenuation): an estimate of the agreement
+        with the map an unlimited number of masks would give. Deterministic maps are unchanged.
+        """
+        rho = _agreement(self.attention(layers, heads, pairs), self.pooled(method, pooling), metric, normalize)
+        if not corrected:
+            return rho
+        return disattenuate(rho, self.reliability(method, metric, pooling))
+
+    def reliability(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> float:
+        """Split-half reliability of a perturbation map at encoder resolution (1.0 for gradient
+        maps, which are exact); see :func:`xattn_lightning.functional.split_half_reliability`."""
+        self._saliency(method)
+        halves = self.info.get(method, {}).get("halves")
+        if halves is None:
+            return 1.0
+        if halves.dim() == 4:  # input space [2, I, T, F]
+            halves = torch.stack(
+                [pool_saliency(h, self.frames_per_step, self.num_encoder_frames, mode=pooling) for h in halves]
+            )
+        return split_half_reliability(halves[0], halves[1], metric)
 
     def per_token_agreement(self, method: str, metric: str = "pearson", pooling: str = "max2d", **agg: Any) -> Tensor:
         """ρ per explained token, ``[I]``."""

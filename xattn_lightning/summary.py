@@ -10,7 +10,7 @@ import torch
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import Explanation
-from xattn_lightning.functional import topk_overlap
+from xattn_lightning.functional import disattenuate, topk_overlap
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 
 
@@ -37,6 +37,11 @@ def probe_scores(
         out[f"{m}/coverage"] = topk_overlap(e.attention(layers, heads), e.pooled(m))
         if "n_masks" in e.info.get(m, {}):
             out[f"{m}/n_masks"] = float(e.info[m]["n_masks"])
+        if "halves" in e.info.get(m, {}):  # perturbation maps: how noisy, and ρ corrected for that noise
+            rel = e.reliability(m)
+            out[f"{m}/reliability"] = rel
+            if "pearson" in metrics:
+                out[f"{m}/pearson_corrected"] = disattenuate(out[f"{m}/pearson"], rel)
     if "spes" in methods and "encoder_spes" in methods:
         out["context_mixing_gap"] = out["encoder_spes/pearson"] - out["spes/pearson"]
     return out
@@ -72,8 +77,9 @@ def summarize(rows: Sequence[dict], methods: Sequence[str], metrics: Sequence[st
             scalars[f"{m}/best_head_layer"] = float(order[0][0])
             scalars[f"{m}/best_head_index"] = float(order[0][1])
         scalars[f"{m}/coverage"] = _mean([r[f"{m}/coverage"] for r in rows])
-        if all(f"{m}/n_masks" in r for r in rows):
-            scalars[f"{m}/n_masks"] = _mean([r[f"{m}/n_masks"] for r in rows])
+        for extra in ("n_masks", "reliability", "pearson_corrected"):
+            if all(f"{m}/{extra}" in r for r in rows):
+                scalars[f"{m}/{extra}"] = _mean([r[f"{m}/{extra}"] for r in rows])
     if all("context_mixing_gap" in r for r in rows) and rows:
         scalars["context_mixing_gap"] = _mean([r["context_mixing_gap"] for r in rows])
     return {"scalars": scalars, "head_ranking": ranking, "grids": grids}

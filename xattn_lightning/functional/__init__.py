@@ -12,7 +12,9 @@ from xattn_lightning.functional.agreement import (
     agreement_grid,
     correlation,
     deletion_auc,
+    disattenuate,
     per_token_correlation,
+    split_half_reliability,
     topk_overlap,
 )
 from xattn_lightning.functional.pooling import pool_saliency
@@ -23,11 +25,13 @@ __all__ = [
     "agreement_grid",
     "correlation",
     "deletion_auc",
+    "disattenuate",
     "framewise_zscore",
     "layer_means",
     "per_token_correlation",
     "pool_saliency",
     "resolve_layers",
+    "split_half_reliability",
     "tokenwise_zscore",
     "topk_overlap",
 ]

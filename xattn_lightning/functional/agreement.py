@@ -128,3 +128,31 @@ def topk_overlap(ca: Tensor, sm: Tensor, fraction: float = 0.1) -> float:
     top_sm = sm.topk(k, dim=1).indices
     hits = (top_ca.unsqueeze(2) == top_sm.unsqueeze(1)).any(1).float().mean(1)
     return float(hits.mean())
+
+
+def split_half_reliability(half_a: Tensor, half_b: Tensor, metric: str = "pearson") -> float:
+    """Reliability of a saliency map estimated from two independent half maps ``[I, T']`` (each from
+    half of the masks): their correlation in the representation the agreement uses (per-token
+    z-scored, flattened), stepped up to the full number of masks with the Spearman-Brown formula
+    ``2r / (1 + r)``. ``nan`` when the halves do not correlate positively (the map is noise).
+
+    >>> x = torch.rand(3, 20)
+    >>> round(split_half_reliability(x, x), 6)
+    1.0
+    """
+    r = correlation(tokenwise_zscore(half_a), tokenwise_zscore(half_b), metric)
+    if not r > 0:
+        return float("nan")
+    return 2.0 * r / (1.0 + r)
+
+
+def disattenuate(rho: float, reliability: float) -> float:
+    """Correct a correlation with a noisy map for the map's noise (Spearman's correction for
+    attenuation, the attention map being exact): ``rho / sqrt(reliability)``, clipped to [-1, 1].
+
+    >>> disattenuate(0.3, 0.36)
+    0.5
+    """
+    if reliability != reliability or reliability <= 0 or rho != rho:
+        return float("nan")
+    return float(max(-1.0, min(1.0, rho / reliability**0.5)))

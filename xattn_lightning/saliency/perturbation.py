@@ -82,22 +82,31 @@ def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator
 
 
 class _Accumulator:
-    """Running ``Σ_n KL_n·occluded_n`` and ``Σ_n occluded_n`` (paper §6.2 step 7)."""
+    """Running ``Σ_n KL_n·occluded_n`` and ``Σ_n occluded_n`` (paper §6.2 step 7), kept separately
+    for even- and odd-numbered masks so that two independent half maps come for free (their
+    agreement measures how reliable the map is at this number of masks)."""
 
     def __init__(self, num_tokens: int, num_cells: int, device: torch.device) -> None:
-        self.num = torch.zeros(num_tokens, num_cells, device=device, dtype=torch.float64)
-        self.den = torch.zeros(num_cells, device=device, dtype=torch.float64)
+        self.num = torch.zeros(2, num_tokens, num_cells, device=device, dtype=torch.float64)
+        self.den = torch.zeros(2, num_cells, device=device, dtype=torch.float64)
         self.n = 0
 
     def add(self, kl: Tensor, occluded: Tensor) -> None:
         occ = occluded.to(torch.float64)
-        self.num += kl.to(torch.float64).T @ occ
-        self.den += occ.sum(0)
+        kl = kl.to(torch.float64)
+        first = self.n % 2  # global mask index parity, whatever the batch size
+        for half in (0, 1):
+            sel = slice((half - first) % 2, None, 2)
+            self.num[half] += kl[sel].T @ occ[sel]
+            self.den[half] += occ[sel].sum(0)
         self.n += kl.shape[0]
 
     def result(self) -> Tensor:
-        den = self.den.clamp(min=1.0)
-        return (self.num / den).float()
+        return (self.num.sum(0) / self.den.sum(0).clamp(min=1.0)).float()
+
+    def halves(self) -> Tensor:
+        """``[2, I, cells]``: the map from the even masks and from the odd masks."""
+        return (self.num / self.den.clamp(min=1.0).unsqueeze(1)).float()
 
 
 def _chunks(total: int, batch_size: int) -> list[int]:
@@ -163,6 +172,7 @@ def spes_input(
             break
     sm = acc.result().view(-1, t_valid, n_bins).cpu()
     return sm, {
+        "halves": acc.halves().view(2, -1, t_valid, n_bins).cpu(),
         "n_masks": acc.n,
         "segments": counts,
         "seconds": time.perf_counter() - start,
@@ -210,6 +220,7 @@ def spes_encoder(
             stopped = True
             break
     return acc.result().cpu(), {
+        "halves": acc.halves().cpu(),
         "n_masks": acc.n,
         "seconds": time.perf_counter() - start,
         "budget_hit": stopped,
