@@ -214,3 +214,13 @@ def test_split_half_reliability_and_attenuation_correction(oracle_exp):
     assert mean(rel) < big.reliability("encoder_spes") <= 1.0
     assert oracle_exp.reliability("saliency") == 1.0  # gradient maps are exact
     assert oracle_exp.agreement("saliency", corrected=True) == oracle_exp.agreement("saliency")
+
+
+def test_antithetic_masks_pair_complements_only_for_half_occlusion():
+    from xattn_lightning.saliency.perturbation import draw_keep_masks
+
+    m = draw_keep_masks(6, 10, 0.5, torch.Generator().manual_seed(0), "antithetic")
+    assert torch.equal(m[:3], ~m[3:])  # every cell occluded in exactly half of the masks
+    assert torch.equal(m.sum(0), torch.full((10,), 3))
+    with pytest.raises(xl.XAttnError, match="p = 0.5"):
+        draw_keep_masks(6, 10, 0.7, torch.Generator().manual_seed(0), "antithetic")

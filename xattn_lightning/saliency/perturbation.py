@@ -75,6 +75,11 @@ def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator
     ``sampling="antithetic"`` pairs every mask with its complement (variance reduction for p = 0.5).
     """
     if sampling == "antithetic":
+        if abs(p - 0.5) > 1e-9:
+            raise XAttnError(
+                f"sampling='antithetic' pairs each mask with its complement, which keeps the occlusion rate only "
+                f"for p = 0.5 (got {p}); use sampling='plain'."
+            )
         half = (n + 1) // 2
         base = torch.rand(half, num_units, generator=generator) >= p
         return torch.cat([base, ~base])[:n]
