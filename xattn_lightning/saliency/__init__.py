@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -195,7 +196,13 @@ def _gradient(
 
             x = full[:, :n_frames].clone().requires_grad_()
         fn = token_logprob_fn(logits_fn, predicted, positions)
-        engine = batched_attribute if opts["gradient_engine"] == "batched" else captum_attribute
+        if opts["gradient_engine"] == "batched":
+            # vmap'd VJPs pay off on GPUs and for decoder-only graphs; on CPU a backward per token
+            # through the encoder is faster (benchmarks/perf.py)
+            vjp = "vmap" if encoder_space or x.device.type == "cuda" else "loop"
+            engine = functools.partial(batched_attribute, vjp=vjp)
+        else:
+            engine = captum_attribute
         attr = engine(
             name,
             fn,

@@ -58,22 +58,25 @@ def captum_attribute(
     return torch.stack(maps)
 
 
-def _vjp_rows(y: Tensor, x: Tensor, retain: bool) -> Tensor:
+def _vjp_rows(y: Tensor, x: Tensor, vjp: str = "vmap") -> Tensor:
     """Gradients of every column of ``y [B, I]`` (summed over B) w.r.t. ``x``: ``[I, *x.shape]``.
 
-    One batched vector-Jacobian product through ``is_grads_batched`` (vmap over the backward); models
-    whose backward vmap cannot trace fall back to one backward per token over the shared graph.
+    ``vjp="vmap"``: one batched vector-Jacobian product (``is_grads_batched``, vmap over the
+    backward; falls back to the loop when the model's backward cannot be vmapped). ``"loop"``: one
+    backward per token over the shared graph, which is faster on CPU when the graph runs through a
+    large encoder (measured on Whisper tiny.en: 1.6x vs Captum for the loop, 1.2x for vmap).
     """
     n = y.shape[1]
-    eye = torch.eye(n, dtype=y.dtype, device=y.device).unsqueeze(1).expand(n, y.shape[0], n)
-    try:
-        (g,) = torch.autograd.grad(y, x, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-        return g
-    except (RuntimeError, NotImplementedError):
-        pass
+    if vjp == "vmap":
+        eye = torch.eye(n, dtype=y.dtype, device=y.device).unsqueeze(1).expand(n, y.shape[0], n)
+        try:
+            (g,) = torch.autograd.grad(y, x, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
+            return g
+        except (RuntimeError, NotImplementedError):
+            pass
     rows = []
     for i in range(n):
-        (gi,) = torch.autograd.grad(y[:, i].sum(), x, retain_graph=retain or i < n - 1)
+        (gi,) = torch.autograd.grad(y[:, i].sum(), x, retain_graph=i < n - 1)
         rows.append(gi)
     return torch.stack(rows)
 
@@ -86,6 +89,7 @@ def batched_attribute(
     n_steps: int = 16,
     internal_batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    vjp: str = "vmap",
 ) -> Tensor:
     """Captum's Saliency / InputXGradient / IntegratedGradients (Gauss-Legendre, zero baseline) for
     all ``num_tokens`` targets from one shared forward pass (per chunk of IG steps) and batched
@@ -96,7 +100,7 @@ def batched_attribute(
     if name in ("saliency", "input_x_gradient"):
         xi = x.clone().requires_grad_()
         y = fn(xi)
-        g = _vjp_rows(y, xi, retain=False)[:, 0]
+        g = _vjp_rows(y, xi, vjp)[:, 0]
         out = g if name == "saliency" else g * x[0]
         if progress is not None:
             progress(num_tokens)
@@ -113,7 +117,7 @@ def batched_attribute(
         a = alphas[s0 : s0 + chunk].view(-1, *([1] * (x.dim() - 1)))
         xs = (baseline + a * (x - baseline)).requires_grad_()
         y = fn(xs)  # [steps, I]
-        g = _vjp_rows(y, xs, retain=False)  # [I, steps, ...] (each row: d y[:, i] / d xs)
+        g = _vjp_rows(y, xs, vjp)  # [I, steps, ...] (each row: d y[:, i] / d xs)
         w = weights[s0 : s0 + chunk].view(1, -1, *([1] * (x.dim() - 1)))
         total += (g * w).sum(1)
     if progress is not None:
