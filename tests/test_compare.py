@@ -126,6 +126,65 @@ def test_cli_compare_lightning_checkpoints(tmp_path, capsys):
     assert got[0]["encoder_spes/pearson"] != got[1]["encoder_spes/pearson"]
 
 
+@pytest.mark.timeout(300)
+def test_cli_compare_with_lightning_ddp_two_processes_matches_one(tmp_path):
+    """--devices 2 --strategy ddp: Lightning re-launches the command per rank, each rank explains its
+    share, rank 0 gathers and writes; the table equals the single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pl.seed_everything(0)
+    data = TensorDataset(torch.randn(2, 16, 200), torch.randint(0, 50, (2, 5)))
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(TinyWhisperModule(0), DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "s0.ckpt")
+    manifest = _manifest(tmp_path, n=4)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    outs = {}
+    for label, extra in (("single", []), ("ddp", ["--devices", "2", "--strategy", "ddp"])):
+        cmd = [
+            sys.executable,
+            "-m",
+            "xattn_lightning",
+            "compare",
+            str(tmp_path / "s0.ckpt"),
+            "--manifest",
+            str(manifest),
+            "--module",
+            "helpers:TinyWhisperModule",
+            "--n-masks",
+            "8",
+            "--out",
+            str(tmp_path / label),
+            *extra,
+        ]
+        res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[label] = (tmp_path / label / "comparison.csv").read_text()
+        if label == "ddp":
+            assert "MEMBER: 2/2" in res.stderr + res.stdout
+    assert outs["ddp"].splitlines()[1].split(",")[:8] == outs["single"].splitlines()[1].split(",")[:8]
+    with pytest.raises(XAttnError, match="strategy='ddp'"):
+        compare_checkpoints(
+            [tiny_whisper()],
+            read_manifest(manifest),
+            processor=tiny_extractor(),
+            trainer_kwargs={"strategy": "ddp_spawn", "devices": 2},
+        )
+
+
 def _run(capsys, *argv):
     rc = main(["compare", *map(str, argv)])
     err = capsys.readouterr().err.strip()

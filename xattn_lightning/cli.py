@@ -183,6 +183,10 @@ def compare(args: argparse.Namespace) -> int:
         n_masks=args.n_masks,
         seed=args.seed,
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # every rank explained its share and took part in the gather; rank 0 writes and prints
     files = write_comparison(comp, args.out)
     print(comp.table())
     print(

@@ -292,6 +292,11 @@ def compare_checkpoints(
         raise XAttnError("Expected at least one saliency method; see xl.list_methods().")
     if names is not None and len(names) != len(checkpoints):
         raise XAttnError(f"Got {len(names)} names for {len(checkpoints)} checkpoints.")
+    if "spawn" in str((trainer_kwargs or {}).get("strategy", "")):
+        raise XAttnError(
+            "compare collects results in the processes that compute them; use strategy='ddp' "
+            "(Lightning re-launches the command per rank), not a spawn strategy."
+        )
     kwargs = {"targets": targets, "methods": tuple(methods), **method_options}
     tkw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False}
     tkw.update(trainer_kwargs or {})
