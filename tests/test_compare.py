@@ -81,27 +81,30 @@ def test_compare_reports_unexplainable_probes(tmp_path):
         compare_checkpoints([silent], rows, processor=tiny_extractor(), n_masks=8, progress=False)
 
 
-def test_cli_compare_lightning_checkpoints(tmp_path, capsys):
+def _tiny_ckpt(tmp_path: Path, seed: int) -> Path:
+    """A Lightning checkpoint of a tiny Whisper module after one training step."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
-    ckpts = []
-    for seed in (0, 1):
-        pl.seed_everything(seed)
-        data = TensorDataset(torch.randn(2, 16, 200), torch.randint(0, 50, (2, 5)))
-        trainer = pl.Trainer(
-            max_steps=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
-        )
-        trainer.fit(TinyWhisperModule(seed), DataLoader(data, batch_size=2))
-        path = tmp_path / f"step-{seed}.ckpt"
-        trainer.save_checkpoint(path)
-        ckpts.append(path)
+    pl.seed_everything(seed)
+    data = TensorDataset(torch.randn(2, 16, 200), torch.randint(0, 50, (2, 5)))
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(TinyWhisperModule(seed), DataLoader(data, batch_size=2))
+    path = tmp_path / f"step-{seed}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_cli_compare_lightning_checkpoints(tmp_path, capsys):
+    ckpts = [_tiny_ckpt(tmp_path, seed) for seed in (0, 1)]
     out = tmp_path / "cmp"
     rc = main(
         [
@@ -134,22 +137,7 @@ def test_cli_compare_with_lightning_ddp_two_processes_matches_one(tmp_path):
     import subprocess
     import sys
 
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    pl.seed_everything(0)
-    data = TensorDataset(torch.randn(2, 16, 200), torch.randint(0, 50, (2, 5)))
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    trainer.fit(TinyWhisperModule(0), DataLoader(data, batch_size=2))
-    trainer.save_checkpoint(tmp_path / "s0.ckpt")
+    ckpt = _tiny_ckpt(tmp_path, 0)
     manifest = _manifest(tmp_path, n=4)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     outs = {}
@@ -159,7 +147,7 @@ def test_cli_compare_with_lightning_ddp_two_processes_matches_one(tmp_path):
             "-m",
             "xattn_lightning",
             "compare",
-            str(tmp_path / "s0.ckpt"),
+            str(ckpt),
             "--manifest",
             str(manifest),
             "--module",
