@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
-from xattn_lightning.functional import correlation
+from xattn_lightning.functional import map_similarity
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.saliency.perturbation import draw_keep_masks, kl_per_token
 
@@ -39,12 +38,6 @@ def estimate(keep: torch.Tensor, kl: torch.Tensor, kind: str, lam: float = 1.0) 
     z, y = occ - occ.mean(0), kl - kl.mean(0)
     a = z.T @ z + lam * z.shape[0] * torch.eye(z.shape[1], dtype=torch.float64)
     return torch.linalg.solve(a, z.T @ y).T
-
-
-def per_token_rho(a: torch.Tensor, b: torch.Tensor) -> float:
-    vals = [correlation(x.float(), y.float()) for x, y in zip(a, b)]
-    vals = [v for v in vals if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print("N | " + " | ".join(ESTIMATORS) + "   (per-token ρ to the other seed's full-N map)")
     for n in [x for x in (64, 128, 256, 512, 1000, 2000, 4000) if x < args.n] + [args.n]:
-        row = {"n": n, **{k: per_token_rho(estimate(draws[0][0][:n], draws[0][1][:n], k), refs[k]) for k in ESTIMATORS}}
+        row = {
+            "n": n,
+            **{k: map_similarity(estimate(draws[0][0][:n], draws[0][1][:n], k), refs[k]) for k in ESTIMATORS},
+        }
         rows.append(row)
         print(f"{n} | " + " | ".join(f"{row[k]:.3f}" for k in ESTIMATORS))
     out = Path(args.out)

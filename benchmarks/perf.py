@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import xattn_lightning as xl
-from xattn_lightning.functional import correlation
+from xattn_lightning.functional import map_similarity
 from xattn_lightning.saliency.perturbation import kl_per_token, slic_segments, spes_input
 
 SECTIONS = ("spes", "encoder", "gradients", "convergence", "monitor")
@@ -174,12 +174,6 @@ def bench_gradients(model, batch, targets, n_steps: int) -> dict:
     return out
 
 
-def _per_token_rho(a: torch.Tensor, b: torch.Tensor) -> float:
-    vals = [correlation(x, y) for x, y in zip(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))]
-    vals = [v for v in vals if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
 def bench_convergence(model, batch, targets, ns: list[int], ref_n: int, methods: list[str], seeds: int) -> dict:
     out: dict = {}
     for m in methods:
@@ -193,7 +187,7 @@ def bench_convergence(model, batch, targets, ns: list[int], ref_n: int, methods:
                 rhos, agrees, corrected = [], [], []
                 for s in range(seeds):
                     (e,) = xl.explain(model, batch, targets=targets, methods=(m,), n_masks=n, seed=s, sampling=sampling)
-                    rhos.append(_per_token_rho(e.pooled(m), ref_map))
+                    rhos.append(map_similarity(e.pooled(m), ref_map))
                     agrees.append(e.agreement(m))
                     corrected.append(e.agreement(m, corrected=True))
                 row[f"{sampling}_per_token_rho"] = statistics.mean(rhos)

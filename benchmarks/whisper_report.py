@@ -24,7 +24,7 @@ import torch
 import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.faithfulness import faithfulness_curves
-from xattn_lightning.functional import correlation
+from xattn_lightning.functional import correlation, map_similarity
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.text import wer
 
@@ -39,11 +39,6 @@ def _mean(xs):
 
 def _f(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
-
-
-def per_token_map_rho(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over tokens of Pearson between two saliency maps' rows (invariant to per-token scale)."""
-    return _mean([correlation(x, y, "pearson") for x, y in zip(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))])
 
 
 def flat_map_rho(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,13 +76,13 @@ def stability(model, proc, batch, target, ns, methods, seed_ref: int, base_seed:
             (e,) = xl.explain(model, batch, targets=target, methods=(m,), n_masks=n, seed=base_seed, **opts)
             row = {
                 "n": n,
-                "per_token_rho_pooled": per_token_map_rho(e.pooled(m), ref.pooled(m)),
+                "per_token_rho_pooled": map_similarity(e.pooled(m), ref.pooled(m)),
                 "flat_rho_pooled": flat_map_rho(e.pooled(m), ref.pooled(m)),
                 "agreement": e.agreement(m),
                 "seconds": e.info[m]["seconds"],
             }
             if e.saliency[m].dim() == 3:
-                row["per_token_rho_full"] = per_token_map_rho(e.saliency[m], ref.saliency[m])
+                row["per_token_rho_full"] = map_similarity(e.saliency[m], ref.saliency[m])
             rows.append(row)
             print(f"  stability {m} N={n}: {row}", file=sys.stderr, flush=True)
         res[m] = {"reference_n": n_ref, "reference_agreement": ref.agreement(m), "rows": rows}

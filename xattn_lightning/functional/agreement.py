@@ -156,3 +156,16 @@ def disattenuate(rho: float, reliability: float) -> float:
     if reliability != reliability or reliability <= 0 or rho != rho:
         return float("nan")
     return float(max(-1.0, min(1.0, rho / reliability**0.5)))
+
+
+def map_similarity(a: Tensor, b: Tensor, metric: str = "pearson") -> float:
+    """How alike two saliency maps of the same tokens are: the correlation of each token's row
+    (``[I, ...]``, trailing axes flattened; invariant to per-token scale), averaged over the tokens
+    whose correlation is defined (``nan`` if none is).
+
+    >>> map_similarity(torch.eye(3), 2 * torch.eye(3))
+    1.0
+    """
+    rows = per_token_correlation(a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float(), metric, False)
+    rows = rows[~rows.isnan()]
+    return float(rows.mean()) if rows.numel() else float("nan")
