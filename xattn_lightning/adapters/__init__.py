@@ -7,6 +7,7 @@ from torch import nn
 from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance
 from xattn_lightning.adapters.hf import Speech2TextAdapter, WhisperAdapter
 from xattn_lightning.adapters.hooks import HookAdapter
+from xattn_lightning.adapters.openai_whisper import OpenAIWhisperAdapter
 from xattn_lightning.errors import UnsupportedModelError
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "AdapterInfo",
     "ForwardOutput",
     "HookAdapter",
+    "OpenAIWhisperAdapter",
     "Speech2TextAdapter",
     "Utterance",
     "WhisperAdapter",
@@ -21,8 +23,33 @@ __all__ = [
 ]
 
 
+#: attributes of a wrapper (a LightningModule, say) searched for the model it trains, in this order
+INNER_MODEL_ATTRS: tuple[str, ...] = ("model", "net", "module", "s2t", "whisper", "asr")
+
+
+def _direct_adapter(model: nn.Module, tokenizer: object | None) -> Adapter | None:
+    from xattn_lightning.adapters.openai_whisper import OpenAIWhisperAdapter, is_openai_whisper
+
+    try:
+        from transformers import Speech2TextForConditionalGeneration, WhisperForConditionalGeneration
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        WhisperForConditionalGeneration = Speech2TextForConditionalGeneration = ()  # type: ignore[assignment]
+    if isinstance(model, WhisperForConditionalGeneration):
+        return WhisperAdapter(model, tokenizer)
+    if isinstance(model, Speech2TextForConditionalGeneration):
+        return Speech2TextAdapter(model, tokenizer)
+    if is_openai_whisper(model):
+        return OpenAIWhisperAdapter(model, tokenizer)
+    return None
+
+
 def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> Adapter:
     """Pick the adapter for ``model`` (an adapter is returned as it is).
+
+    Knows Hugging Face ``WhisperForConditionalGeneration`` and ``Speech2TextForConditionalGeneration``
+    and openai-whisper's ``whisper.model.Whisper``, given directly or as an attribute of a wrapper
+    (:data:`INNER_MODEL_ATTRS`, e.g. a LightningModule's ``.model``), or an adapter at
+    ``.xattn_adapter``.
 
     >>> adapter_for(nn.Linear(2, 2))
     Traceback (most recent call last):
@@ -34,26 +61,29 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
             model.tokenizer = tokenizer
         return model
     name = type(model).__name__
-    try:
-        from transformers import Speech2TextForConditionalGeneration, WhisperForConditionalGeneration
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        WhisperForConditionalGeneration = Speech2TextForConditionalGeneration = ()  # type: ignore[assignment]
-    if isinstance(model, WhisperForConditionalGeneration):
-        return WhisperAdapter(model, tokenizer)
-    if isinstance(model, Speech2TextForConditionalGeneration):
-        return Speech2TextAdapter(model, tokenizer)
-    for attr in ("model", "net", "module"):  # a LightningModule wrapping an HF model
+    found = _direct_adapter(model, tokenizer)
+    if found is not None:
+        return found
+    inner = getattr(model, "xattn_adapter", None)
+    if isinstance(inner, Adapter):
+        return adapter_for(inner, tokenizer)
+    for attr in INNER_MODEL_ATTRS:  # a wrapper (LightningModule) around a supported model
         inner = getattr(model, attr, None)
-        if isinstance(inner, (WhisperForConditionalGeneration, Speech2TextForConditionalGeneration)):
+        if isinstance(inner, Adapter):
             return adapter_for(inner, tokenizer)
-    has_cross = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+        if isinstance(inner, nn.Module) and inner is not model:
+            found = _direct_adapter(inner, tokenizer)
+            if found is not None:
+                return found
+    has_cross = isinstance(model, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     hint = (
         " It has nn.MultiheadAttention modules; name the cross-attention ones"
         if has_cross
         else " It has no nn.MultiheadAttention modules; if it has cross-attention, name those modules"
     )
     raise UnsupportedModelError(
-        f"No adapter knows {name}. Supported: WhisperForConditionalGeneration, Speech2TextForConditionalGeneration."
-        f"{hint} and wrap it: xl.HookAdapter(model, encoder='encoder', "
-        "cross_attention='decoder.layers.*.multihead_attn', decoder_start_id=..., eos_id=...)."
+        f"No adapter knows {name}. Supported: WhisperForConditionalGeneration, Speech2TextForConditionalGeneration, "
+        f"openai-whisper's Whisper (also as a .{'/.'.join(INNER_MODEL_ATTRS)} attribute).{hint} and wrap it: "
+        "xl.HookAdapter(model, encoder='encoder', cross_attention='decoder.layers.*.multihead_attn', "
+        "decoder_start_id=..., eos_id=...), then pass model_fn=lambda module: that_adapter to the monitor."
     )

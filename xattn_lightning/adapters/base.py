@@ -159,6 +159,19 @@ class Adapter(ABC):
             t = torch.cat([torch.tensor([info.decoder_start_id]), t])
         return t
 
+    def with_prompt(self, t: Tensor) -> Tensor:
+        """``t`` (starting with the decoder start token) with the forced prompt after the start token
+        when it lacks it (e.g. labels of an English-only Whisper without ``<|notimestamps|>``)."""
+        prompt = self.prompt_ids()
+        if len(prompt) > 1 and t[1 : len(prompt)].tolist() != prompt[1:] and not self.special_mask(t[1:2]).all():
+            t = torch.cat([torch.tensor(prompt), t[1:]])
+        return t
+
+    def suppress(self, logp: Tensor, step: int) -> Tensor:
+        """Log-probabilities ``[B, V]`` of the next token at generation ``step`` with the tokens the
+        model must never generate set to ``-inf`` (none by default)."""
+        return logp
+
     def special_mask(self, ids: Tensor) -> Tensor:
         """True where a predicted token is special (EOS, start, language/task/timestamp)."""
         special = torch.tensor(sorted(self.info.special_ids | {self.info.eos_id, self.info.decoder_start_id}))
@@ -271,10 +284,10 @@ def generic_generate(
     prompt = torch.tensor(adapter.prompt_ids(), device=adapter.device)
     beams: list[tuple[float, Tensor]] = [(0.0, prompt)]
     finished: list[tuple[float, Tensor]] = []
-    for _ in range(max(max_new, 0)):
+    for step in range(max(max_new, 0)):
         seqs = torch.stack([b[1] for b in beams])
         out = adapter.decode(enc.expand(len(beams), -1, -1), seqs)
-        logp = out.logits[:, -1].float().log_softmax(-1)
+        logp = adapter.suppress(out.logits[:, -1].float().log_softmax(-1), step)
         cand: list[tuple[float, Tensor]] = []
         for (score, seq), lp in zip(beams, logp):
             top = lp.topk(num_beams)

@@ -167,12 +167,7 @@ class _HFSeq2SeqAdapter(Adapter):
         return self.normalize_target(seq[0].cpu())
 
     def normalize_target(self, ids: Tensor) -> Tensor:
-        t = super().normalize_target(ids)
-        prompt = self.prompt_ids()
-        # a sequence given without the forced prompt (e.g. labels of an English-only model) gets it
-        if len(prompt) > 1 and t[1 : len(prompt)].tolist() != prompt[1:] and not self.special_mask(t[1:2]).all():
-            t = torch.cat([torch.tensor(prompt), t[1:]])
-        return t
+        return self.with_prompt(super().normalize_target(ids))
 
 
 class WhisperAdapter(_HFSeq2SeqAdapter):
@@ -239,30 +234,36 @@ class WhisperAdapter(_HFSeq2SeqAdapter):
         return features.transpose(1, 2)
 
     def utterances(self, batch: Mapping[str, Tensor]) -> list[Utterance]:
-        x = self._check_batch(batch)
-        info = self.info
-        if x.shape[1] != info.num_mel_bins:
-            raise XAttnError(
-                f"Expected {self.input_key!r} of shape (batch, {info.num_mel_bins} mel bins, frames) but got "
-                f"{tuple(x.shape)}; use the model's own WhisperProcessor/feature extractor."
-            )
-        if x.shape[2] != info.fixed_num_frames:
-            raise XAttnError(
-                f"Whisper expects {info.fixed_num_frames} frames (its 30-s window) but the features have "
-                f"{x.shape[2]}; let the WhisperProcessor pad them (padding='max_length')."
-            )
-        mask = batch.get("attention_mask")
-        out = []
-        for b in range(x.shape[0]):
-            feats = x[b].transpose(0, 1).contiguous()  # [T, F]
-            if mask is not None:
-                n = int(torch.as_tensor(mask)[b].sum())
-            else:
-                n = _valid_frames_from_padding(feats)
-            if n < 1:
-                raise XAttnError(f"Utterance {b} has no valid frames (empty audio); drop it from the batch.")
-            out.append(Utterance(features=feats, num_frames=n, index=b))
-        return out
+        return whisper_window_utterances(self._check_batch(batch), batch.get("attention_mask"), self.info, self.input_key)
+
+
+def whisper_window_utterances(x: Tensor, mask: Tensor | None, info: AdapterInfo, key: str) -> list[Utterance]:
+    """Utterances of a Whisper batch ``x [B, n_mels, window]``: the valid length of each from the
+    attention ``mask`` or, without one, from the constant padding frames at the end."""
+    if x.dim() != 3:
+        raise XAttnError(
+            f"Expected {key!r} of rank 3 (batch, mel bins, frames) but got shape {tuple(x.shape)}; "
+            "add a batch dimension with .unsqueeze(0) for a single utterance."
+        )
+    check_features(x, repr(key))
+    if x.shape[1] != info.num_mel_bins:
+        raise XAttnError(
+            f"Expected {key!r} of shape (batch, {info.num_mel_bins} mel bins, frames) but got "
+            f"{tuple(x.shape)}; use the model's own feature extractor (log-mel spectrogram)."
+        )
+    if x.shape[2] != info.fixed_num_frames:
+        raise XAttnError(
+            f"Whisper expects {info.fixed_num_frames} frames (its 30-s window) but the features have "
+            f"{x.shape[2]}; pad them to the window (WhisperProcessor(padding='max_length') or whisper.pad_or_trim)."
+        )
+    out = []
+    for b in range(x.shape[0]):
+        feats = x[b].transpose(0, 1).contiguous()  # [T, F]
+        n = int(torch.as_tensor(mask)[b].sum()) if mask is not None else _valid_frames_from_padding(feats)
+        if n < 1:
+            raise XAttnError(f"Utterance {b} has no valid frames (empty audio); drop it from the batch.")
+        out.append(Utterance(features=feats, num_frames=n, index=b))
+    return out
 
 
 def _valid_frames_from_padding(feats: Tensor) -> int:

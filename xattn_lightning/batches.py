@@ -1,0 +1,113 @@
+"""Training-script batches in the dict convention the adapters read (pure; no model, no Lightning).
+
+Training scripts hand their batches around in many shapes. :func:`standard_batch` accepts the
+unambiguous ones and names the fix (``batch_fn=``) for everything else:
+
+- a dict in the Hugging Face convention (``input_features``, ``attention_mask``, ``labels``), as it is;
+- a dict with a usual alternative key for the features (:data:`FEATURE_KEYS`, e.g. ``mel`` or the
+  floating-point ``input_ids`` of the common openai-whisper fine-tuning notebooks) or the labels
+  (:data:`LABEL_KEYS`, e.g. ``targets``);
+- a tuple or list ``(features, labels)``: floating-point features and integer labels;
+- a floating-point features tensor alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xattn_lightning.errors import XAttnError
+
+#: keys that hold the input features in the batches of common training scripts, in order of preference
+FEATURE_KEYS: tuple[str, ...] = (
+    "input_features",
+    "features",
+    "mel",
+    "mels",
+    "log_mel",
+    "spectrogram",
+    "audio_features",
+    "input_ids",  # openai-whisper notebooks: the log-mel spectrogram under this name (floating point)
+    "inputs",
+    "x",
+)
+#: keys that hold the target token ids (HF ``labels`` convention: padding ``-100``)
+LABEL_KEYS: tuple[str, ...] = ("labels", "label", "label_ids", "targets", "target", "target_ids", "y")
+
+_HINT = (
+    "pass batch_fn=... to the monitor that turns your batch into "
+    "{'input_features': Tensor, 'labels': Tensor} (labels optional with targets='generate')"
+)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor[{', '.join(map(str, x.shape))}] {str(x.dtype).removeprefix('torch.')}"
+    return type(x).__name__
+
+
+def _is_features(x: object) -> bool:
+    return isinstance(x, Tensor) and torch.is_floating_point(x) and x.dim() in (2, 3)
+
+
+def _is_labels(x: object) -> bool:
+    return isinstance(x, Tensor) and not torch.is_floating_point(x) and not x.is_complex() and x.dim() in (1, 2)
+
+
+def standard_batch(batch: Any, input_key: str = "input_features") -> dict[str, Any]:
+    """Return ``batch`` as a dict with the features under ``input_key`` (and target ids under
+    ``labels`` when the batch has them); raise :class:`~xattn_lightning.XAttnError` naming
+    ``batch_fn=`` when the shape is ambiguous.
+
+    Example:
+        >>> feats, labels = torch.randn(2, 80, 3000), torch.randint(0, 9, (2, 5))
+        >>> sorted(standard_batch((feats, labels)))
+        ['input_features', 'labels']
+        >>> sorted(standard_batch({"mel": feats, "targets": labels, "id": ["a", "b"]}))
+        ['id', 'input_features', 'labels']
+        >>> standard_batch((feats, labels, labels))
+        Traceback (most recent call last):
+        ...
+        xattn_lightning.errors.XAttnError: The batch is a tuple of 3 items (...); only (features, labels) ...
+    """
+    if isinstance(batch, Mapping):
+        return _from_mapping(batch, input_key)
+    if _is_features(batch):
+        return {input_key: batch}
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        items = list(batch)
+        if len(items) == 1 and _is_features(items[0]):
+            return {input_key: items[0]}
+        if len(items) == 2 and _is_features(items[0]) and _is_labels(items[1]):
+            feats, labels = items
+            if labels.dim() == feats.dim() - 1 and (labels.dim() == 1 or labels.shape[0] == feats.shape[0]):
+                return {input_key: feats, "labels": labels}
+        if len(items) == 1 and isinstance(items[0], Mapping):  # a list holding one dict
+            return _from_mapping(items[0], input_key)
+        shapes = ", ".join(_describe(x) for x in items)
+        raise XAttnError(
+            f"The batch is a {type(batch).__name__} of {len(items)} items ({shapes}); only (features, labels) "
+            f"with floating-point features [B, ...] and integer labels [B, S] is understood without help: {_HINT}."
+        )
+    raise XAttnError(f"The batch is a {_describe(batch)}, not a dict, a (features, labels) pair or a tensor: {_HINT}.")
+
+
+def _from_mapping(batch: Mapping[str, Any], input_key: str) -> dict[str, Any]:
+    out = dict(batch)
+    if input_key not in out:
+        found = [k for k in FEATURE_KEYS if k != input_key and _is_features(out.get(k))]
+        if not found:
+            keys = ", ".join(f"{k}: {_describe(v)}" for k, v in out.items())
+            raise XAttnError(
+                f"The batch has no features under {input_key!r} nor under a usual alternative "
+                f"({', '.join(FEATURE_KEYS)}); it has {{{keys}}}: {_HINT}."
+            )
+        out[input_key] = out.pop(found[0])
+    if "labels" not in out:
+        found = [k for k in LABEL_KEYS if _is_labels(out.get(k))]
+        if found:
+            out["labels"] = out.pop(found[0])
+    return out
