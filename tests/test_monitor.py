@@ -47,7 +47,9 @@ def test_csv_logger_gets_scalars(tmp_path):
     _fit(tmp_path, mon, CSVLogger(tmp_path))
     rows = _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
     xrows = [r for r in rows if r.get("xattn/spes/pearson")]
-    assert [int(r["step"]) for r in xrows] == [6, 12]  # after each epoch's validation, at the global step
+    # after each epoch's validation, at the step Lightning gives that validation's own metrics
+    val_steps = [int(r["step"]) for r in rows if r.get("val_loss")]
+    assert [int(r["step"]) for r in xrows] == val_steps == [5, 11]
     for r in xrows:
         for key in (
             "xattn/spes/pearson",
@@ -144,11 +146,12 @@ def test_wandb_offline_run_readback(tmp_path, monkeypatch):
     (run_file,) = glob.glob(str(tmp_path / "wandb/offline-run-*/run-*.wandb"))
     hist = history(run_file)
     scal = [h for h in hist if "xattn/encoder_spes/pearson" in h]
-    assert [h["trainer/global_step"] for h in scal] == [6, 12]
+    val_steps = [h["trainer/global_step"] for h in hist if "val_loss" in h]
+    assert [h["trainer/global_step"] for h in scal] == val_steps == [5, 11]  # beside the validation they follow
     assert all(math.isfinite(h["xattn/encoder_spes/pearson"]) for h in scal)
     imgs = [h for h in hist if h.get("xattn/heatmaps/_type") == "images/separated"]
     assert [h["xattn/heatmaps/count"] for h in imgs] == [2, 2]
-    assert [h["trainer/global_step"] for h in imgs] == [6, 12]
+    assert [h["trainer/global_step"] for h in imgs] == [5, 11]
     assert any(h.get("xattn/head_grid/_type") == "images/separated" for h in hist)
     tables = [h for h in hist if h.get("xattn/probes/_type") == "table-file"]
     assert [h["xattn/probes/nrows"] for h in tables] == [2, 2]

@@ -20,11 +20,51 @@ __all__ = [
     "Utterance",
     "WhisperAdapter",
     "adapter_for",
+    "find_tokenizer",
+    "is_tokenizer",
 ]
 
 
 #: attributes of a wrapper (a LightningModule, say) searched for the model it trains, in this order
 INNER_MODEL_ATTRS: tuple[str, ...] = ("model", "net", "module", "s2t", "whisper", "asr")
+
+
+#: attributes searched for a tokenizer or processor (training scripts keep one as ``self.processor``)
+TOKENIZER_ATTRS: tuple[str, ...] = ("tokenizer", "processor")
+
+
+def is_tokenizer(obj: object) -> bool:
+    """True for something that turns token ids into text: a tokenizer, a processor that wraps one,
+    openai-whisper's tokenizer (a bare feature extractor is not).
+
+    >>> is_tokenizer(None), is_tokenizer(object())
+    (False, False)
+    """
+    if obj is None:
+        return False
+    inner = getattr(obj, "tokenizer", obj)
+    return callable(getattr(inner, "decode", None)) or callable(getattr(inner, "convert_ids_to_tokens", None))
+
+
+def find_tokenizer(*owners: object) -> object | None:
+    """The first tokenizer or processor found as a ``.tokenizer``/``.processor`` attribute of
+    ``owners`` (a LightningModule, its model, a DataModule ...), or ``None``.
+
+    >>> class Module: processor = None
+    >>> find_tokenizer(Module(), None) is None
+    True
+    """
+    for owner in owners:
+        if owner is None:
+            continue
+        for attr in TOKENIZER_ATTRS:
+            try:
+                tok = getattr(owner, attr, None)
+            except Exception:  # a property that fails (e.g. a DataModule not set up) is no tokenizer
+                continue
+            if is_tokenizer(tok):
+                return tok
+    return None
 
 
 def _direct_adapter(model: nn.Module, tokenizer: object | None) -> Adapter | None:

@@ -159,6 +159,10 @@ class Adapter(ABC):
             t = torch.cat([torch.tensor([info.decoder_start_id]), t])
         return t
 
+    def default_tokenizer(self) -> object | None:
+        """A tokenizer the model itself can provide without downloads (``None`` by default)."""
+        return None
+
     def with_prompt(self, t: Tensor) -> Tensor:
         """``t`` (starting with the decoder start token) with the forced prompt after the start token
         when it lacks it (e.g. labels of an English-only Whisper without ``<|notimestamps|>``)."""

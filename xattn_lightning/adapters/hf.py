@@ -65,6 +65,18 @@ class _HFSeq2SeqAdapter(Adapter):
     def encoder_length(self, num_frames: int) -> int:
         return conv_output_length(num_frames, self._convs)
 
+    def default_tokenizer(self) -> object | None:
+        """The tokenizer saved beside the model (``name_or_path``), loaded from local files only."""
+        path = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", None)
+        if not path:
+            return None
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:  # not saved with the model, or not in the local cache
+            return None
+
     @contextlib.contextmanager
     def _eager(self) -> Iterator[None]:
         """Eager attention (the only kernel that returns weights) for the call, restored afterwards."""

@@ -1,20 +1,26 @@
-"""``XAttnSaliencyMonitor``: attention–saliency agreement on fixed probe utterances during training."""
+"""``XAttnSaliencyMonitor``: attention–saliency agreement on fixed probe utterances during training.
+
+One run of the monitor is a few named steps (:meth:`XAttnSaliencyMonitor.run`): fix the probe set
+(``_probes``), find the model (``_adapter``), explain this rank's share (``_explain``), gather the
+numbers across ranks (``_gather``), summarise and log (``_publish``).
+"""
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
-from xattn_lightning.adapters import Adapter, adapter_for
+from xattn_lightning.adapters import Adapter, adapter_for, find_tokenizer
+from xattn_lightning.batches import standard_batch
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
@@ -27,10 +33,13 @@ PREFIX = "xattn/"
 
 
 def _split_batch(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Split an HF-style batch dict into one dict per utterance (tensors cloned to CPU)."""
+    """Split a batch dict into one dict per utterance (tensors cloned to CPU)."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0}
     if len(sizes) != 1:
-        raise XAttnError(f"Cannot split the batch into utterances: tensors have batch sizes {sorted(sizes)}.")
+        raise XAttnError(
+            f"Cannot split the batch into utterances: its tensors have batch sizes {sorted(sizes)}; "
+            "pass batch_fn=... that returns only per-utterance tensors."
+        )
     (n,) = sizes
     out = []
     for i in range(n):
@@ -44,58 +53,83 @@ def _split_batch(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _merge(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    keys = set(items[0])
-    out: dict[str, Any] = {}
-    for k in keys:
-        vals = [it[k] for it in items]
-        if isinstance(vals[0], Tensor):
-            if k == "labels":  # labels of different lengths: pad with -100
-                width = max(v.shape[1] for v in vals)
-                vals = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=-100) for v in vals]
-            out[k] = torch.cat(vals)
-        else:
-            out[k] = [x for v in vals for x in v]
-    return out
+def _as_batch(b: dict[str, Any], input_key: str) -> dict[str, Any]:
+    """A dataset item (features without a batch dimension) as a batch of one."""
+    x = b.get(input_key)
+    if isinstance(x, Tensor) and x.dim() == 2:
+        return {k: (v.unsqueeze(0) if isinstance(v, Tensor) else [v]) for k, v in b.items()}
+    return b
 
 
-class _RngState:
-    """Saves and restores every RNG stream the monitor could touch (torch CPU/CUDA, numpy, random)."""
+def _sharded_stream(trainer: Trainer) -> tuple[int, int]:
+    """``(stride, offset)`` of this rank's validation items in the global order: Lightning's
+    default ``DistributedSampler`` (no shuffling) gives rank ``r`` the items ``r, r + world, ...``."""
+    from torch.utils.data import DistributedSampler
 
-    def __enter__(self) -> None:
-        self.torch = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.np = np.random.get_state()
-        self.py = random.getstate()
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
+            return int(sampler.num_replicas), int(sampler.rank)
+    return 1, 0
 
-    def __exit__(self, *exc: object) -> None:
-        torch.set_rng_state(self.torch)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        np.random.set_state(self.np)
-        random.setstate(self.py)
+
+def _validation_planned(trainer: Trainer, pl_module: LightningModule) -> bool:
+    if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
+        return False
+    try:  # whether any validation data was given (private in Lightning; assume yes if it moved)
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:  # pragma: no cover - depends on the Lightning version
+        return True
+
+
+def _log_step(trainer: Trainer, epoch_end: bool = False) -> int:
+    """The step Lightning's own logger connector gives metrics logged at this point (so ``xattn/``
+    scalars land at the step of the validation metrics they belong to)."""
+    try:
+        step = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    except AttributeError:  # pragma: no cover - depends on the Lightning version
+        return trainer.global_step
+    return max(step - 1, 0) if epoch_end else step
 
 
 class XAttnSaliencyMonitor(Callback):
     """Tracks how far cross-attention agrees with saliency on fixed probe utterances.
 
-    After validation (never in the sanity check), every ``every_n_epochs`` epochs or
-    ``every_n_steps`` optimizer steps, explains the probes with :func:`xattn_lightning.explain`
-    and logs under ``xattn/``: agreement per method and metric (full average, per layer, best
-    head), the context-mixing gap, saliency coverage and the seconds spent. With a
-    ``WandbLogger`` it also logs per-probe heatmaps, a layer × head grid of ρ and a probe table.
+    Every ``every_n_epochs`` epochs or ``every_n_steps`` optimizer steps (never in the sanity
+    check), explains the probes with :func:`xattn_lightning.explain` and logs under ``xattn/``:
+    agreement per method and metric (full average, per layer, best head), the context-mixing gap,
+    saliency coverage and the seconds spent. With a ``WandbLogger`` it also logs per-probe
+    heatmaps, a layer × head grid of ρ and a probe table.
+
+    Where the probes come from, and so when it runs:
+
+    - ``probes=None`` (default): the first ``num_probes`` validation utterances, after validation.
+      Under DDP with Lightning's distributed sampler the ranks' shares are put back in the
+      single-process order, so the probe set does not depend on the world size.
+    - ``probes=`` a DataLoader, a map-style Dataset or a list of batches: no validation loop
+      needed. With ``every_n_epochs`` it runs after validation when validation ran that epoch,
+      else at the end of the training epoch; with ``every_n_steps`` after every that many
+      optimizer steps.
+
+    When it cannot run (no validation and no ``probes``, no model found, no probe usable) it warns
+    once, naming the fix. Batches may be HF-style dicts, dicts with usual alternative keys or
+    ``(features, labels)`` tuples (:func:`xattn_lightning.batches.standard_batch`); ``batch_fn``
+    converts anything else.
 
     Args:
         every_n_epochs / every_n_steps: schedule, exactly one (default ``every_n_epochs=1``).
-        num_probes: validation utterances explained each time (the first ones seen, fixed for
-            the whole run and across resumes).
+        num_probes: probe utterances explained each time (fixed for the run and across resumes).
         methods: saliency methods (``xl.list_methods()``).
         targets: ``"generate"`` (the model's hypothesis) or ``"labels"`` (references, teacher forcing).
-        probes: optional dataset/dataloader/iterable of batches to take the probes from instead.
-        model_fn: ``model_fn(pl_module) -> nn.Module | Adapter``; default: the module itself if
-            supported, else its ``.model`` attribute.
-        batch_fn: ``batch_fn(batch) -> dict`` in the model's own format (HF convention by default).
-        tokenizer: tokenizer/processor for token labels and text.
+        probes: probe utterances instead of validation data (see above).
+        model_fn: ``model_fn(pl_module) -> nn.Module | Adapter``; default: the module itself, an
+            adapter at ``.xattn_adapter``, or a supported model at ``.model`` (``xl.adapter_for``).
+        batch_fn: ``batch_fn(batch) -> dict`` in the model's own format, for batch shapes that
+            :func:`~xattn_lightning.batches.standard_batch` does not understand.
+        tokenizer: tokenizer/processor for token labels and text; default: found on the module, its
+            model or the DataModule (``.tokenizer``/``.processor``), saved beside an HF model, or
+            openai-whisper's own.
         metrics: correlations to report (``pearson``, ``spearman``, ``kendall``).
         layers / heads: the aggregation behind the headline ``xattn/<method>/<metric>`` numbers, as in
             :meth:`~xattn_lightning.Explanation.agreement` (``"all"``, ``"last"``, ``"last_2"``, indices);
@@ -107,10 +141,9 @@ class XAttnSaliencyMonitor(Callback):
             ran). ``None``: always ``n_masks``. An explicit ``max_seconds`` takes precedence.
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
-            ``p_h``, ``batch_size``, ``n_steps`` ...). ``max_seconds`` here is a budget for the whole
-            monitor run: it is shared out over the probes and perturbation methods, which stop drawing
-            masks when their share is spent (at least one batch each) and report the number used as
-            ``xattn/<method>/n_masks``.
+            ``p_h``, ``batch_size``, ``frame_rate``, ``scales`` ...). ``frame_rate`` (input frames per second)
+            also sets the seconds axis of the figures. ``max_seconds`` here is a budget for the whole
+            monitor run, shared out over the probes and perturbation methods.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -127,7 +160,7 @@ class XAttnSaliencyMonitor(Callback):
         targets: str = "generate",
         probes: Any = None,
         model_fn: Callable[[LightningModule], nn.Module | Adapter] | None = None,
-        batch_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+        batch_fn: Callable[[Any], Any] | None = None,
         tokenizer: object | None = None,
         metrics: Sequence[str] = ("pearson", "spearman"),
         layers: LayerSpec = None,
@@ -136,7 +169,6 @@ class XAttnSaliencyMonitor(Callback):
         max_figures: int = 4,
         num_beams: int = 1,
         max_new_tokens: int | None = None,
-        frame_rate: float = 100.0,
         max_overhead: float | None = 0.1,
         on_error: str = "warn",
         **method_options: Any,
@@ -158,6 +190,14 @@ class XAttnSaliencyMonitor(Callback):
         validate_methods(methods, method_options)
         if not methods:
             raise XAttnError("Expected at least one saliency method; see xl.list_methods().")
+        if probes is not None and isinstance(probes, (str, bytes, Mapping)):
+            raise XAttnError(
+                f"Expected probes= to be a DataLoader, a Dataset or a list of batches but got a "
+                f"{type(probes).__name__}; wrap a single batch in a list: probes=[batch]."
+            )
+        if max_overhead is not None and not max_overhead > 0:
+            raise XAttnError(f"Expected max_overhead > 0 (a fraction of training time) or None, got {max_overhead!r}.")
+        resolve_layers(layers, 2**16)  # fail on a malformed spec now, not at the first run
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.num_probes = num_probes
@@ -168,31 +208,39 @@ class XAttnSaliencyMonitor(Callback):
         self.batch_fn = batch_fn
         self.tokenizer = tokenizer
         self.metrics = tuple(metrics)
-        resolve_layers(layers, 2**16)  # fail on a malformed spec now, not at the first validation
         self.layers = layers
         self.heads = heads
         self.log_figures = log_figures
         self.max_figures = max_figures
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
-        self.frame_rate = frame_rate
-        self.on_error = on_error
-        if max_overhead is not None and not max_overhead > 0:
-            raise XAttnError(f"Expected max_overhead > 0 (a fraction of training time) or None, got {max_overhead!r}.")
         self.max_overhead = max_overhead
-        self._clock: float | None = None  # end of the last monitor run (or start of training)
+        self.on_error = on_error
         self.method_options = {**MONITOR_DEFAULTS, **method_options}
-        # state
+        # state kept across resumes
         self.probe_ids: list[str] = []
         self.probe_positions: list[int] = []
-        self._probe_items: list[dict[str, Any]] = []
-        self._seen = 0
         self._last_step = -1
         self.history: list[dict[str, Any]] = []
+        # per fit
+        self._probe_items: list[dict[str, Any]] = []  # {"pos": global position, "batch": one utterance}
+        self._probes_final = False
+        self._seen = 0
+        self._stride, self._offset = 1, 0
+        self._adapter_cache: tuple[int, Adapter] | None = None
+        self._validated_epoch = -1
+        self._clock: float | None = None  # end of the last monitor run (or start of training)
         self.head_ranking: dict[str, list[tuple[int, int, float]]] = {}
         self.last_explanations: list = []
         self.first_explanations: list = []
         self._warned: set[str] = set()
+
+    @property
+    def frame_rate(self) -> float:
+        """Input frames per second: SPES segmentation and the figures' seconds axis (``frame_rate=``)."""
+        from xattn_lightning.saliency import OPTIONS
+
+        return float(self.method_options.get("frame_rate", OPTIONS["frame_rate"]))
 
     @property
     def state_key(self) -> str:
@@ -204,7 +252,7 @@ class XAttnSaliencyMonitor(Callback):
             "probe_ids": list(self.probe_ids),
             "probe_positions": list(self.probe_positions),
             "last_step": self._last_step,
-            "history": [{k: v for k, v in h.items()} for h in self.history],
+            "history": [dict(h) for h in self.history],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -213,100 +261,15 @@ class XAttnSaliencyMonitor(Callback):
         self._last_step = int(state_dict.get("last_step", -1))
         self.history = list(state_dict.get("history", []))
 
-    # ------------------------------------------------------------------ probe collection
-    def _wants_more(self) -> bool:
-        if self.probe_positions:  # resumed or fixed: collect exactly those positions
-            return len(self._probe_items) < len(self.probe_positions)
-        return len(self._probe_items) < self.num_probes
-
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.probes_source is not None or dataloader_idx != 0 or not self._wants_more():
-            return
-        try:
-            items = _split_batch(self._to_model_batch(batch))
-        except Exception as err:  # never break validation over probe collection
-            self._report(err, "collecting probes")
-            return
-        self._take(items)
-
-    def _take(self, items: list[dict[str, Any]]) -> None:
-        """Keep utterances by their position in the validation stream (stable across epochs/resumes)."""
-        have = {p["pos"] for p in self._probe_items}
-        for item in items:
-            pos = self._seen
-            self._seen += 1
-            if pos in have or (self.probe_positions and pos not in self.probe_positions):
-                continue
-            if not self._wants_more():
-                break
-            self._probe_items.append({"pos": pos, "batch": item})
-        self._probe_items.sort(key=lambda p: p["pos"])
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._seen = 0
-
-    def _to_model_batch(self, batch: Any) -> Mapping[str, Any]:
-        if self.batch_fn is not None:
-            return self.batch_fn(batch)
-        if not isinstance(batch, Mapping):
-            raise XAttnError(
-                f"The validation batch is a {type(batch).__name__}, not a dict in the HF convention "
-                "(input_features, attention_mask, labels); pass batch_fn=... to convert it."
-            )
-        return batch
-
-    def _collect_from_source(self) -> None:
-        src = self.probes_source
-        if hasattr(src, "__getitem__") and hasattr(src, "__len__") and not isinstance(src, Mapping):
-            it = (src[i] for i in range(len(src)))
-        else:
-            it = iter(src)
-        self._seen = 0
-        for batch in it:
-            if not self._wants_more():
-                break
-            b = self._to_model_batch(batch)
-            if "input_features" in b and isinstance(b["input_features"], Tensor) and b["input_features"].dim() == 2:
-                b = {k: (v.unsqueeze(0) if isinstance(v, Tensor) else [v]) for k, v in b.items()}
-            self._take(_split_batch(b))
-
-    # ------------------------------------------------------------------ schedule
-    def _should_run(self, trainer: Trainer) -> bool:
-        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
-            return False
-        if self.every_n_epochs is not None:
-            return (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.global_step != self._last_step
-        step = trainer.global_step
-        if self._last_step < 0:
-            return step >= self.every_n_steps
-        return step - self._last_step >= self.every_n_steps
-
-    # ------------------------------------------------------------------ main
-    def _model(self, pl_module: LightningModule) -> Adapter:
-        if self.model_fn is not None:
-            return adapter_for(self.model_fn(pl_module), self.tokenizer)
-        adapter = getattr(pl_module, "xattn_adapter", None)
-        if isinstance(adapter, Adapter):
-            return adapter_for(adapter, self.tokenizer)
-        try:
-            return adapter_for(pl_module, self.tokenizer)
-        except XAttnError:
-            for attr in ("model", "net", "module", "s2t"):
-                inner = getattr(pl_module, attr, None)
-                if isinstance(inner, (nn.Module, Adapter)):
-                    try:
-                        return adapter_for(inner, self.tokenizer)
-                    except XAttnError:
-                        continue
-            raise
+    # ------------------------------------------------------------------ warnings
+    def _warn_once(self, key: str, message: str, err: BaseException | None = None) -> None:
+        if self.on_error == "raise":
+            if err is not None:
+                raise err
+            raise XAttnError(message)
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"XAttnSaliencyMonitor: {message}")
 
     def _report(self, err: BaseException, where: str, key: str | None = None) -> None:
         if self.on_error == "raise":
@@ -317,6 +280,33 @@ class XAttnSaliencyMonitor(Callback):
             rank_zero_warn(
                 f"XAttnSaliencyMonitor: {where} failed and was skipped ({type(err).__name__}: {err}). "
                 "Training continues; pass on_error='raise' to debug."
+            )
+
+    # ------------------------------------------------------------------ fit start: say now what cannot work
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._adapter_cache = None
+        if self.probes_source is None and not _validation_planned(trainer, pl_module):
+            self._warn_once(
+                "no-probes",
+                "nothing will be logged: there is no validation loop (validation_step and val data) to take "
+                "probe utterances from. Pass probes=<a DataLoader, Dataset or list of batches> (a few held-out "
+                "utterances; training batches work too), or add a validation loop.",
+            )
+        try:
+            adapter = self._adapter(pl_module)
+        except Exception as err:
+            self._warn_once(
+                "no-model",
+                f"nothing will be logged: no supported model was found on {type(pl_module).__name__} ({err}). "
+                "Pass model_fn=lambda module: <the model or an xl.HookAdapter>.",
+                err,
+            )
+            return
+        if adapter.tokenizer is None:
+            self._warn_once(
+                "no-tokenizer",
+                "no tokenizer found (as .tokenizer/.processor on the module, its model or the DataModule, nor saved "
+                "beside the model): tables and heatmaps will show token ids. Pass tokenizer=... for text.",
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -333,127 +323,249 @@ class XAttnSaliencyMonitor(Callback):
             if hint:
                 rank_zero_info(f"XAttnSaliencyMonitor: the W&B run was logged offline; upload it with: {hint}")
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._should_run(trainer):
+    # ------------------------------------------------------------------ probe collection from validation
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen = 0
+        if self.probes_source is None and not self._probes_final:
+            self._stride, self._offset = _sharded_stream(trainer) if trainer.world_size > 1 else (1, 0)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.probes_source is not None or self._probes_final or dataloader_idx != 0 or not self._wants_more():
             return
         try:
-            self.run(trainer, pl_module)
+            items = _split_batch(self._to_model_batch(batch, pl_module))
+        except Exception as err:  # never break validation over probe collection
+            self._report(err, "taking probe utterances from the validation batches")
+            return
+        self._take(items)
+
+    def _wants_more(self) -> bool:
+        if self.probe_positions:  # resumed: collect exactly those positions
+            return len(self._probe_items) < len(self.probe_positions)
+        return len(self._probe_items) < self.num_probes
+
+    def _take(self, items: list[dict[str, Any]]) -> None:
+        """Keep utterances by their global position in the probe stream (stable across epochs,
+        resumes and world sizes)."""
+        have = {p["pos"] for p in self._probe_items}
+        for item in items:
+            pos = self._seen * self._stride + self._offset
+            self._seen += 1
+            if pos in have or (self.probe_positions and pos not in self.probe_positions):
+                continue
+            if not self._wants_more():
+                break
+            self._probe_items.append({"pos": pos, "batch": item})
+        self._probe_items.sort(key=lambda p: p["pos"])
+
+    def _input_key(self, pl_module: LightningModule) -> str:
+        try:
+            return self._adapter(pl_module).input_key
+        except Exception:  # reported where the model is needed; collect under the HF name meanwhile
+            return Adapter.input_key
+
+    def _to_model_batch(self, batch: Any, pl_module: LightningModule) -> dict[str, Any]:
+        input_key = self._input_key(pl_module)
+        if self.batch_fn is not None:
+            batch = self.batch_fn(batch)
+        return standard_batch(batch, input_key)
+
+    # ------------------------------------------------------------------ schedule
+    def _due(self, trainer: Trainer) -> bool:
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return False
+        if trainer.global_step == self._last_step:
+            return False
+        if self.every_n_epochs is not None:
+            return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        step = trainer.global_step
+        if self._last_step < 0:
+            return step >= self.every_n_steps
+        return step - self._last_step >= self.every_n_steps
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validated_epoch = trainer.current_epoch
+        if self.every_n_steps is not None and self.probes_source is not None:
+            return  # step schedule with own probes: runs after training steps
+        if self._due(trainer):
+            self._scheduled_run(trainer, pl_module, _log_step(trainer))
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps is None or self.probes_source is None:
+            return
+        if self._due(trainer) and trainer.global_step % self.every_n_steps == 0:
+            self._scheduled_run(trainer, pl_module, _log_step(trainer))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_epochs is None or self._validated_epoch == trainer.current_epoch or not self._due(trainer):
+            return
+        if self.probes_source is None:
+            self._warn_once(
+                "no-validation-run",
+                f"no validation ran in epoch {trainer.current_epoch}, where a reading was due; the monitor takes its "
+                "probes from validation. Pass probes=... to run without validation.",
+            )
+            return
+        self._scheduled_run(trainer, pl_module, _log_step(trainer, epoch_end=True))
+
+    def _scheduled_run(self, trainer: Trainer, pl_module: LightningModule, log_step: int) -> None:
+        try:
+            self.run(trainer, pl_module, log_step=log_step)
         finally:
             if self._clock is not None:  # the next budget counts training time from here
                 self._clock = time.perf_counter()
 
-    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
-        """Explain the probes now and log; returns the summary (``None`` when skipped)."""
+    # ------------------------------------------------------------------ one run, in named steps
+    def run(self, trainer: Trainer, pl_module: LightningModule, log_step: int | None = None) -> dict[str, Any] | None:
+        """Explain the probes now and log at ``log_step`` (default: the trainer's global step);
+        returns the summary (``None`` when skipped)."""
         start = time.perf_counter()
         self._last_step = trainer.global_step
         rows: list[dict[str, Any]] = []
         errors: list[tuple[str, str]] = []  # (probe id or "", cause)
-        exps_local: list = []
-        with _RngState():
+        exps: list[tuple[str, Any]] = []
+        with isolate_rng():
             try:
-                if self.probes_source is not None and not self._probe_items:
-                    self._collect_from_source()
-                if not self._probe_items:
-                    raise XAttnError("No probe utterances were collected from the validation data.")
-                if len(self._probe_items) < self.num_probes and not self.probe_positions:
-                    if "few" not in self._warned:
-                        self._warned.add("few")
-                        rank_zero_warn(
-                            f"XAttnSaliencyMonitor: only {len(self._probe_items)} probe utterances available "
-                            f"(num_probes={self.num_probes}); using those."
-                        )
-                if not self.probe_positions:
-                    self.probe_positions = [p["pos"] for p in self._probe_items]
-                    self.probe_ids = [self._probe_id(p) for p in self._probe_items]
-                adapter = self._model(pl_module)
-                world, rank = trainer.world_size, trainer.global_rank
-                mine = self._probe_items[rank::world]
-                options = dict(self.method_options)
-                budget = options.pop("max_seconds", None)
-                if budget is None and self.max_overhead is not None and self._clock is not None:
-                    budget = self.max_overhead * (start - self._clock)
-                for n_done, p in enumerate(mine):
-                    try:
-                        if budget is not None:  # the rest of the run's budget, shared by the probes and methods left
-                            left = budget - (time.perf_counter() - start)
-                            options["max_seconds"] = max(0.0, left) / (len(mine) - n_done) / len(self.methods)
-                        (e,) = explain(
-                            adapter,
-                            p["batch"],
-                            targets=self.targets,
-                            methods=self.methods,
-                            num_beams=self.num_beams,
-                            max_new_tokens=self.max_new_tokens,
-                            **options,
-                        )
-                        row = probe_scores(e, self.methods, self.metrics, self.layers, self.heads)
-                        row["id"] = self._probe_id(p)
-                        row["text"] = self._ref_text(p, adapter)
-                        row["hypothesis"] = e.text or " ".join(e.tokens or [])
-                        rows.append(row)
-                        exps_local.append((row["id"], e))
-                    except Exception as err:  # one bad probe does not cost the others
-                        if self.on_error == "raise":
-                            raise
-                        errors.append((self._probe_id(p), f"{type(err).__name__}: {err}"))
+                probes = self._probes(trainer, pl_module)
+                adapter = self._adapter(pl_module)
+                mine = probes[trainer.global_rank :: trainer.world_size]
+                rows, exps, errors = self._explain(adapter, mine, self._budget(start))
             except Exception as err:
                 if self.on_error == "raise":
                     raise
                 errors.append(("", f"{type(err).__name__}: {err}"))
-        rows, errors, exps = self._gather(trainer, rows, errors, exps_local)
-        by_cause: dict[str, list[str]] = {}
-        for pid, cause in errors:
-            by_cause.setdefault(cause, []).append(pid)
-        for cause, pids in by_cause.items():  # one warning per cause, naming the probes it hit
-            named = [p for p in pids if p]
-            where = f"explaining probes {', '.join(named)}" if named else "explaining probes"
-            self._report(RuntimeError(cause), where, key=cause)
+        rows, errors, exps = self._gather(trainer, rows, errors, exps)
+        self._warn_errors(errors)
         if not rows:
             return None
-        try:
-            summary = summarize(rows, self.methods, self.metrics)
-        except Exception as err:
-            self._report(err, "summarizing")
-            return None
-        seconds = time.perf_counter() - start
-        scalars = {PREFIX + k: v for k, v in summary["scalars"].items() if not math.isnan(v)}
-        scalars[PREFIX + "seconds"] = seconds
-        scalars[PREFIX + "num_probes"] = float(len(rows))
-        scalars[PREFIX + "num_failed"] = float(len(errors))
-        self.head_ranking = summary["head_ranking"]
-        self.last_explanations = [e for _, e in exps]
-        if not self.history:
-            self.first_explanations = list(self.last_explanations)
-        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **scalars})
-        self._log_scalars(trainer, pl_module, scalars)
-        if trainer.is_global_zero:
-            self._log_media(trainer, rows, exps, summary)
-            best = {m: f"layer {r[0][0]} head {r[0][1]} (rho={r[0][2]:.3f})" for m, r in self.head_ranking.items() if r}
-            rank_zero_info(f"XAttnSaliencyMonitor step {trainer.global_step}: best head {best}")
-        return summary
+        return self._publish(trainer, rows, errors, exps, time.perf_counter() - start, log_step)
 
-    def _probe_id(self, p: dict[str, Any]) -> str:
-        for key in ("id", "ids", "utt_id"):
-            v = p["batch"].get(key)
-            if isinstance(v, list) and v:
-                return str(v[0])
-        return f"val{p['pos']}"
+    def _probes(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
+        """Step 1: the fixed probe set, the same on every rank."""
+        if not self._probes_final:
+            if self.probes_source is not None:
+                self._collect_from_source(pl_module)
+            elif trainer.world_size > 1:
+                self._merge_ranks(trainer)
+            if not self._probe_items:
+                where = "the probes= source" if self.probes_source is not None else "the validation batches"
+                raise XAttnError(
+                    f"no probe utterance could be taken from {where}; check that it yields utterances, or pass "
+                    "batch_fn=... that turns a batch into {'input_features': Tensor, 'labels': Tensor}."
+                )
+            if len(self._probe_items) < self.num_probes and not self.probe_positions:
+                self._warn_once(
+                    "few",
+                    f"only {len(self._probe_items)} probe utterances available (num_probes={self.num_probes}); "
+                    "using those.",
+                )
+            if not self.probe_positions:
+                self.probe_positions = [p["pos"] for p in self._probe_items]
+                self.probe_ids = [self._probe_id(p) for p in self._probe_items]
+            self._probes_final = True
+        return self._probe_items
 
-    def _ref_text(self, p: dict[str, Any], adapter: Adapter) -> str:
-        v = p["batch"].get("text")
-        if isinstance(v, list) and v:
-            return str(v[0])
-        labels = p["batch"].get("labels")
-        if isinstance(labels, Tensor):
-            return adapter.decode_text(adapter.normalize_target(labels[0])[1:]) or ""
-        return ""
+    def _collect_from_source(self, pl_module: LightningModule) -> None:
+        src = self.probes_source
+        if hasattr(src, "__getitem__") and hasattr(src, "__len__"):
+            it = (src[i] for i in range(len(src)))
+        else:
+            it = iter(src)
+        self._seen, self._stride, self._offset = 0, 1, 0
+        input_key = self._input_key(pl_module)
+        for batch in it:
+            if not self._wants_more():
+                break
+            self._take(_split_batch(_as_batch(self._to_model_batch(batch, pl_module), input_key)))
+
+    def _merge_ranks(self, trainer: Trainer) -> None:
+        """Every rank collected from its shard of validation: put the shares back in the global order
+        and keep the first probes, so the set equals a single-process run's."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        gathered: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, self._probe_items)
+        by_pos: dict[int, dict[str, Any]] = {}
+        for items in gathered:
+            for p in items or []:
+                by_pos.setdefault(p["pos"], p)
+        ordered = [by_pos[k] for k in sorted(by_pos)]
+        if self.probe_positions:
+            ordered = [p for p in ordered if p["pos"] in self.probe_positions]
+        self._probe_items = ordered[: len(self.probe_positions) or self.num_probes]
+
+    def _adapter(self, pl_module: LightningModule) -> Adapter:
+        """Step 2: the model's adapter (resolved once per fit), with a tokenizer wherever one is found."""
+        if self._adapter_cache is not None and self._adapter_cache[0] == id(pl_module):
+            return self._adapter_cache[1]
+        target = self.model_fn(pl_module) if self.model_fn is not None else pl_module
+        adapter = adapter_for(target, self.tokenizer)
+        if adapter.tokenizer is None:
+            datamodule = getattr(getattr(pl_module, "_trainer", None), "datamodule", None)
+            adapter.tokenizer = find_tokenizer(pl_module, adapter.model, datamodule) or adapter.default_tokenizer()
+        self._adapter_cache = (id(pl_module), adapter)
+        return adapter
+
+    def _budget(self, start: float) -> float | None:
+        """Seconds this run may spend (``max_seconds``, or ``max_overhead`` × training time since the last run)."""
+        budget = self.method_options.get("max_seconds")
+        if budget is None and self.max_overhead is not None and self._clock is not None:
+            budget = self.max_overhead * (start - self._clock)
+        return budget
+
+    def _explain(self, adapter: Adapter, probes: list[dict[str, Any]], budget: float | None) -> tuple[list, list, list]:
+        """Step 3: explain and score this rank's probes; one bad probe does not cost the others."""
+        start = time.perf_counter()
+        options = {k: v for k, v in self.method_options.items() if k != "max_seconds"}
+        rows, exps, errors = [], [], []
+        for n_done, p in enumerate(probes):
+            pid = self._probe_id(p)
+            try:
+                if budget is not None:  # the rest of the budget, shared by the probes and methods left
+                    left = budget - (time.perf_counter() - start)
+                    options["max_seconds"] = max(0.0, left) / (len(probes) - n_done) / len(self.methods)
+                (e,) = explain(
+                    adapter,
+                    p["batch"],
+                    targets=self.targets,
+                    methods=self.methods,
+                    num_beams=self.num_beams,
+                    max_new_tokens=self.max_new_tokens,
+                    **options,
+                )
+                row = probe_scores(e, self.methods, self.metrics, self.layers, self.heads)
+                row["id"] = pid
+                row["text"] = self._ref_text(p, adapter)
+                row["hypothesis"] = e.text or " ".join(e.tokens or map(str, e.token_ids.tolist()))
+                rows.append(row)
+                exps.append((pid, e))
+            except Exception as err:
+                if self.on_error == "raise":
+                    raise
+                errors.append((pid, f"{type(err).__name__}: {err}"))
+        return rows, exps, errors
 
     def _gather(self, trainer: Trainer, rows: list, errors: list, exps: list) -> tuple[list, list, list]:
-        """All ranks take part (no collective inside rank-zero-only code); every rank gets all rows."""
+        """Step 4: every rank gets all rows and errors, and the explanations rank 0 will draw.
+
+        All ranks take part (no collective inside rank-zero-only code)."""
         if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return rows, errors, exps
+        draw = set(self.probe_ids[: self.max_figures]) if self.log_figures else set()
         gathered: list = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, (rows, errors, exps))
+        torch.distributed.all_gather_object(gathered, (rows, errors, [x for x in exps if x[0] in draw]))
         all_rows, all_err, all_exps = [], [], []
         for r, er, ex in gathered:
             all_rows += r
@@ -464,18 +576,69 @@ class XAttnSaliencyMonitor(Callback):
         all_exps.sort(key=lambda x: order.get(x[0], 0))
         return all_rows, all_err, all_exps
 
-    def _log_scalars(self, trainer: Trainer, pl_module: LightningModule, scalars: dict[str, float]) -> None:
+    def _warn_errors(self, errors: list[tuple[str, str]]) -> None:
+        by_cause: dict[str, list[str]] = {}
+        for pid, cause in errors:
+            by_cause.setdefault(cause, []).append(pid)
+        for cause, pids in by_cause.items():  # one warning per cause, naming the probes it hit
+            named = [p for p in pids if p]
+            where = f"explaining probes {', '.join(named)}" if named else "explaining probes"
+            self._report(RuntimeError(cause), where, key=cause)
+
+    def _publish(
+        self, trainer: Trainer, rows: list, errors: list, exps: list, seconds: float, log_step: int | None
+    ) -> dict[str, Any] | None:
+        """Step 5: summarise, keep the history and log (scalars everywhere, media on rank 0)."""
+        try:
+            summary = summarize(rows, self.methods, self.metrics)
+        except Exception as err:
+            self._report(err, "summarizing")
+            return None
+        scalars = {PREFIX + k: v for k, v in summary["scalars"].items() if not math.isnan(v)}
+        scalars[PREFIX + "seconds"] = seconds
+        scalars[PREFIX + "num_probes"] = float(len(rows))
+        scalars[PREFIX + "num_failed"] = float(len(errors))
+        self.head_ranking = summary["head_ranking"]
+        self.last_explanations = [e for _, e in exps]
+        if not self.history:
+            self.first_explanations = list(self.last_explanations)
+        step = trainer.global_step if log_step is None else log_step
+        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "log_step": step, **scalars})
+        self._log_scalars(trainer, scalars, step)
+        if trainer.is_global_zero:
+            self._log_media(trainer, rows, exps, summary, step)
+            best = {m: f"layer {r[0][0]} head {r[0][1]} (rho={r[0][2]:.3f})" for m, r in self.head_ranking.items() if r}
+            rank_zero_info(f"XAttnSaliencyMonitor step {trainer.global_step}: best head {best}")
+        return summary
+
+    # ------------------------------------------------------------------ helpers
+    def _probe_id(self, p: dict[str, Any]) -> str:
+        for key in ("id", "ids", "utt_id"):
+            v = p["batch"].get(key)
+            if isinstance(v, list) and v:
+                return str(v[0])
+        return f"probe{p['pos']}" if self.probes_source is not None else f"val{p['pos']}"
+
+    def _ref_text(self, p: dict[str, Any], adapter: Adapter) -> str:
+        for key in ("text", "sentence", "transcript", "transcription"):
+            v = p["batch"].get(key)
+            if isinstance(v, list) and v and isinstance(v[0], str):
+                return v[0]
+        labels = p["batch"].get("labels")
+        if isinstance(labels, Tensor):
+            return adapter.decode_text(adapter.normalize_target(labels[0])[1:]) or ""
+        return ""
+
+    def _log_scalars(self, trainer: Trainer, scalars: dict[str, float], step: int) -> None:
         for logger in trainer.loggers:
             try:
-                logger.log_metrics(scalars, step=trainer.global_step)
+                logger.log_metrics(scalars, step=step)
             except Exception as err:
                 self._report(err, f"logging scalars to {type(logger).__name__}")
 
-    def _log_media(self, trainer: Trainer, rows: list, exps: list, summary: dict) -> None:
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-        except ImportError:  # pragma: no cover
-            return
+    def _log_media(self, trainer: Trainer, rows: list, exps: list, summary: dict, step: int) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not wandb_loggers or not self.log_figures:
             return
@@ -484,25 +647,21 @@ class XAttnSaliencyMonitor(Callback):
 
             from xattn_lightning.viz import figure_to_array, grid_figure, heatmap_figure
 
-            step = trainer.global_step
             images = {}
             for pid, e in exps[: self.max_figures]:
-                fig = heatmap_figure(e, self.methods, title=f"{pid} @ step {step}", frame_rate=self.frame_rate)
+                fig = heatmap_figure(
+                    e, self.methods, title=f"{pid} @ step {trainer.global_step}", frame_rate=self.frame_rate
+                )
                 images[pid] = figure_to_array(fig)
             grids = {
                 m: figure_to_array(grid_figure(g, f"ρ(CA, {m}) per layer × head")) for m, g in summary["grids"].items()
             }
-            columns = (
-                ["id", "text", "hypothesis"] + [f"{m}/{k}" for m in self.methods for k in self.metrics] + ["image"]
-            )
+            scores = [f"{m}/{k}" for m in self.methods for k in self.metrics]
+            columns = ["id", "text", "hypothesis", *scores, "image"]
             data = []
             for r in rows:
                 img = wandb.Image(images[r["id"]]) if r["id"] in images else None
-                data.append(
-                    [r["id"], r["text"], r["hypothesis"]]
-                    + [r[f"{m}/{k}"] for m in self.methods for k in self.metrics]
-                    + [img]
-                )
+                data.append([r["id"], r["text"], r["hypothesis"], *(r[c] for c in scores), img])
             ranking_cols = ["method", "rank", "layer", "head", "rho"]
             ranking = [
                 [m, i + 1, li, hi, rho] for m, rk in self.head_ranking.items() for i, (li, hi, rho) in enumerate(rk)
