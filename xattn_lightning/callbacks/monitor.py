@@ -412,6 +412,8 @@ class XAttnSaliencyMonitor(Callback):
         if self.every_n_epochs is None or self._validated_epoch == trainer.current_epoch or not self._due(trainer):
             return
         if self.probes_source is None:
+            if "no-probes" in self._warned:  # already told at fit start
+                return
             self._warn_once(
                 "no-validation-run",
                 f"no validation ran in epoch {trainer.current_epoch}, where a reading was due; the monitor takes its "
@@ -421,6 +423,11 @@ class XAttnSaliencyMonitor(Callback):
         self._scheduled_run(trainer, pl_module, _log_step(trainer, epoch_end=True))
 
     def _scheduled_run(self, trainer: Trainer, pl_module: LightningModule, log_step: int) -> None:
+        if "no-model" in self._warned:  # told at fit start; run only if the model has appeared since
+            try:
+                self._adapter(pl_module)
+            except Exception:
+                return
         try:
             self.run(trainer, pl_module, log_step=log_step)
         finally:

@@ -1,0 +1,139 @@
+"""openai-whisper models through xl.adapter_for: cross-attention equal to the Hugging Face model's,
+SDPA switched back, generation, saliency, and the WhisperModelModule-style example."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import xattn_lightning as xl
+
+whisper = pytest.importorskip("whisper", reason="openai-whisper is an optional extra: pip install openai-whisper")
+from whisper.model import ModelDimensions, MultiHeadAttention, Whisper  # noqa: E402
+
+from xattn_lightning.adapters.openai_whisper import OpenAIWhisperAdapter, openai_whisper_from_hf  # noqa: E402
+
+EN_VOCAB = 51864  # English-only Whisper: the tokenizer's special ids need the full vocabulary
+
+
+def tiny_dims(n_audio_ctx: int = 50) -> ModelDimensions:
+    return ModelDimensions(
+        n_mels=80, n_audio_ctx=n_audio_ctx, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
+        n_vocab=EN_VOCAB, n_text_ctx=24, n_text_state=16, n_text_head=2, n_text_layer=2,
+    )  # fmt: skip
+
+
+def random_whisper(n_audio_ctx: int = 50, seed: int = 0) -> Whisper:
+    """A random openai-whisper model (the package leaves the decoder's positions uninitialised)."""
+    torch.manual_seed(seed)
+    model = Whisper(tiny_dims(n_audio_ctx))
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0, 0.02)
+    return model.eval()
+
+
+def tiny_hf_whisper(seed: int = 0):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(
+        vocab_size=EN_VOCAB, num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=50, max_target_positions=24, decoder_start_token_id=50257, eos_token_id=50256,
+        pad_token_id=50256, bos_token_id=50256,
+    )  # fmt: skip
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+def mel_batch(lengths=(37, 80), window: int = 100, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((len(lengths), 80, window), -0.5)
+    for b, n in enumerate(lengths):
+        x[b, :, :n] = torch.randn(80, n, generator=g)
+    return {"input_features": x}
+
+
+def test_adapter_for_finds_openai_whisper_directly_and_inside_a_module():
+    model = random_whisper()
+    a = xl.adapter_for(model)
+    assert isinstance(a, OpenAIWhisperAdapter)
+    assert (a.info.num_layers, a.info.num_heads, a.frames_per_step(), a.encoder_length(100)) == (2, 2, 2, 50)
+    assert a.prompt_ids() == [50257, 50362]  # <|startoftranscript|><|notimestamps|>
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+    assert isinstance(xl.adapter_for(Module()), OpenAIWhisperAdapter)
+
+
+def test_cross_attention_equals_hugging_face_for_the_same_weights():
+    hf = tiny_hf_whisper()
+    oa = openai_whisper_from_hf(hf)
+    batch = mel_batch()
+    ids = [[50257, 50362, 11, 12, 13, 50256], [50257, 50362, 7, 8, 50256]]
+    e_hf = xl.explain(hf, batch, targets=ids)
+    e_oa = xl.explain(oa, batch, targets=ids)
+    for a, b in zip(e_hf, e_oa):
+        assert a.cross_attention.shape == b.cross_attention.shape
+        torch.testing.assert_close(b.cross_attention, a.cross_attention, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.log_probs, a.log_probs, atol=1e-4, rtol=1e-4)
+    # the package's SDPA switch is restored, and no hook is left behind
+    assert MultiHeadAttention.use_sdpa is True
+    assert all(not m._forward_hooks for m in oa.modules())
+
+
+def test_saliency_generation_and_text_on_random_weights():
+    model = random_whisper()
+    calls = []
+    h = model.encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        (e,) = xl.explain(model, mel_batch(lengths=(60,)), methods=("encoder_spes",), n_masks=64, max_new_tokens=5)
+        n_enc = len(calls)
+        xl.explain(model, mel_batch(lengths=(60,)), methods=("encoder_spes",), n_masks=8, max_new_tokens=5)
+    finally:
+        h.remove()
+    assert n_enc == len(calls) - n_enc  # the encoder runs a fixed number of times, whatever the mask count
+    assert e.saliency["encoder_spes"].shape == (e.token_ids.numel(), 30)
+    assert not bool(xl.adapter_for(model).special_mask(e.token_ids).any())  # no timestamps or tags generated
+    assert isinstance(e.text, str) and e.tokens is not None and len(e.tokens) == e.token_ids.numel()
+    (s,) = xl.explain(model, mel_batch(lengths=(60,)), targets=[[50257, 50362, 11, 12, 50256]], methods=("spes",),
+                      n_masks=8)  # fmt: skip
+    assert s.saliency["spes"].shape == (2, 60, 80) and torch.isfinite(s.saliency["spes"]).all()
+
+
+def test_wrong_window_is_a_clear_error():
+    model = random_whisper()
+    with pytest.raises(xl.XAttnError, match="pad_or_trim"):
+        xl.explain(model, {"input_features": torch.randn(1, 80, 64)}, targets=[[50257, 11, 50256]])
+
+
+def _whisper_checkpoint(tmp_path, n_audio_ctx: int = 1500):
+    dims = tiny_dims(n_audio_ctx)
+    model = random_whisper(n_audio_ctx)
+    path = tmp_path / "tiny-random.pt"
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("no_val", [False, True])
+def test_openai_whisper_example_shortened(tmp_path, no_val):
+    from test_examples import _load, _tone_manifest
+
+    ex = _load("finetune_openai_whisper")
+    manifest = _tone_manifest(tmp_path, n=4)
+    argv = ["--model", str(_whisper_checkpoint(tmp_path)), "--manifest", str(manifest), "--epochs", "2",
+            "--batch-size", "2", "--num-probes", "2", "--n-masks", "8", "--lr", "1e-3", "--out", str(tmp_path / "run"),
+            "--accelerator", "cpu"] + (["--no-val"] if no_val else [])  # fmt: skip
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = ex.main(argv)
+    messages = [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]
+    assert not messages, messages  # found the model, the tokenizer and the batch layout by itself
+    mon = res["monitor"]
+    assert len(mon.history) == 2 and all(h["xattn/num_probes"] == 2.0 for h in mon.history)
+    assert mon.probe_ids == (["probe0", "probe1"] if no_val else ["val0", "val1"])
+    e = mon.last_explanations[0]
+    assert e.tokens is not None and isinstance(e.text, str)  # openai-whisper's own tokenizer gave text

@@ -1,0 +1,218 @@
+"""The monitor in the training scripts people have: no validation loop, tuple batches, no tokenizer
+argument, DDP with Lightning's default sampler; and never silent when it cannot run."""
+
+import glob
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import speaking_tiny_whisper
+from lightning.pytorch.loggers import CSVLogger
+from test_monitor import _read_csv
+from torch.utils.data import DataLoader, TensorDataset
+
+import xattn_lightning as xl
+from xattn_lightning.batches import standard_batch
+
+
+def tuple_data(n: int = 8, seed: int = 0) -> TensorDataset:
+    """(features [16 mel, 200 frames], labels) pairs, as a script's own Dataset would give them."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.full((n, 16, 200), -0.5)
+    feats[:, :, :120] = torch.randn(n, 16, 120, generator=g)
+    labels = torch.randint(3, 40, (n, 5), generator=g)
+    labels[:, -1] = 50  # EOS
+    return TensorDataset(feats, labels)
+
+
+class TrainOnly(pl.LightningModule):
+    """Like the public HF-Whisper Lightning scripts: a model, a training step on tuples, no validation."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = speaking_tiny_whisper()
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        features, labels = batch
+        loss = self.model(input_features=features, labels=labels).loss
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class WithValidation(TrainOnly):
+    def validation_step(self, batch, batch_idx):
+        features, labels = batch
+        self.log("val_loss", self.model(input_features=features, labels=labels).loss)
+
+
+class FakeTokenizer:
+    """Enough of a tokenizer: ids -> strings."""
+
+    def convert_ids_to_tokens(self, ids):
+        return [f"w{i}" for i in ids]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def fit(tmp_path, module, monitor, val=None, **kw):
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=kw.pop("max_epochs", 2),
+        callbacks=[monitor],
+        logger=kw.pop("logger", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=1,
+        **kw,
+    )
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader(tuple_data(8), batch_size=2, shuffle=True), val)
+    return trainer, [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]
+
+
+def test_training_only_module_with_tuple_batches_gets_readings_through_probes(tmp_path):
+    probes = DataLoader(tuple_data(3, seed=1), batch_size=2)  # (features, labels) tuples, no batch_fn
+    mon = xl.XAttnSaliencyMonitor(num_probes=3, probes=probes, targets="labels", n_masks=16, tokenizer=FakeTokenizer())
+    trainer, warned = fit(tmp_path, TrainOnly(), mon, logger=CSVLogger(tmp_path))
+    assert warned == []
+    assert [h["epoch"] for h in mon.history] == [0, 1] and mon.probe_ids == ["probe0", "probe1", "probe2"]
+    for h in mon.history:
+        assert h["xattn/num_probes"] == 3.0 and math.isfinite(h["xattn/encoder_spes/pearson"])
+    rows = _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
+    xsteps = [int(r["step"]) for r in rows if r.get("xattn/encoder_spes/pearson")]
+    assert xsteps == [int(r["step"]) for r in rows if r.get("train_loss")] == [3, 7]  # beside the epoch's metrics
+    assert mon.last_explanations[0].tokens[0].startswith("w")
+
+
+def test_probes_as_a_dataset_or_a_list_with_batch_fn_and_a_step_schedule(tmp_path):
+    ds = tuple_data(2, seed=1)
+    weird = [{"audio": {"mel": ds[i][0].unsqueeze(0)}, "y": ds[i][1].unsqueeze(0)} for i in range(2)]
+    mon = xl.XAttnSaliencyMonitor(
+        every_n_steps=3,
+        num_probes=2,
+        probes=weird,
+        batch_fn=lambda b: {"input_features": b["audio"]["mel"], "labels": b["y"]},
+        targets="labels",
+        n_masks=8,
+        tokenizer=FakeTokenizer(),
+    )
+    fit(tmp_path, TrainOnly(), mon, max_epochs=2)
+    assert [h["step"] for h in mon.history] == [3, 6]  # 4 optimizer steps per epoch, every 3
+    mon2 = xl.XAttnSaliencyMonitor(num_probes=2, probes=ds, targets="labels", n_masks=8, tokenizer=FakeTokenizer())
+    fit(tmp_path / "ds", TrainOnly(), mon2, max_epochs=1)  # a map-style Dataset of unbatched items
+    assert len(mon2.history) == 1 and mon2.history[0]["xattn/num_probes"] == 2.0
+
+
+def test_readings_run_at_epoch_end_when_validation_skips_that_epoch(tmp_path):
+    val = DataLoader(tuple_data(2, seed=2), batch_size=2)
+    mon = xl.XAttnSaliencyMonitor(
+        num_probes=2, probes=tuple_data(2, seed=1), targets="labels", n_masks=8, tokenizer=FakeTokenizer()
+    )
+    fit(tmp_path, WithValidation(), mon, val=val, max_epochs=4, check_val_every_n_epoch=2, num_sanity_val_steps=0)
+    assert [h["epoch"] for h in mon.history] == [0, 1, 2, 3]
+
+
+def test_without_validation_or_probes_it_warns_at_fit_start_naming_the_fix(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, n_masks=8, tokenizer=FakeTokenizer())
+    _, warned = fit(tmp_path, TrainOnly(), mon)
+    assert mon.history == []
+    assert len([w for w in warned if "probes=" in w and "validation" in w]) == 1, warned
+    with pytest.raises(xl.XAttnError, match="probes="):
+        fit(tmp_path / "r", TrainOnly(), xl.XAttnSaliencyMonitor(num_probes=2, on_error="raise"))
+
+
+def test_no_model_no_probe_and_no_tokenizer_are_each_warned_once(tmp_path):
+    class Custom(TrainOnly):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(2, 2)
+            self.whisper_like = self.model
+            del self.model
+
+        def training_step(self, batch, batch_idx):
+            return self.whisper_like(input_features=batch[0], labels=batch[1]).loss
+
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, probes=tuple_data(2), targets="labels", n_masks=8)
+    _, warned = fit(tmp_path, Custom(), mon)
+    assert len([w for w in warned if "model_fn=" in w]) == 1, warned
+    assert mon.history == []
+    bad = xl.XAttnSaliencyMonitor(num_probes=2, probes=[{"wave": torch.randn(2, 100)}], n_masks=8)
+    _, warned = fit(tmp_path / "b", TrainOnly(), bad)
+    assert len([w for w in warned if "batch_fn=" in w]) == 1, warned  # the first scheduled run says why
+    assert len([w for w in warned if "token ids" in w and "tokenizer=" in w]) == 1, warned
+
+
+def test_tokenizer_is_found_on_the_module(tmp_path):
+    module = TrainOnly()
+    module.processor = FakeTokenizer()
+    mon = xl.XAttnSaliencyMonitor(num_probes=1, probes=tuple_data(1), targets="labels", n_masks=8)
+    _, warned = fit(tmp_path, module, mon, max_epochs=1)
+    assert warned == []
+    e = mon.last_explanations[0]
+    assert e.tokens == [f"w{i}" for i in e.token_ids.tolist()] and e.text.startswith("w")
+
+
+def test_standard_batch_shapes():
+    x, y = torch.randn(2, 16, 200), torch.randint(0, 9, (2, 4))
+    assert set(standard_batch([x, y])) == {"input_features", "labels"}
+    assert set(standard_batch({"input_ids": x, "labels": y, "dec_input_ids": y})) == {
+        "input_features",
+        "labels",
+        "dec_input_ids",
+    }
+    assert torch.equal(standard_batch({"features": x, "targets": y}, input_key="feats")["feats"], x)
+    assert set(standard_batch(x)) == {"input_features"}
+    for bad, match in (
+        ((x, y, y), "tuple of 3 items"),
+        ((y, x), "only \\(features, labels\\)"),
+        ({"wave": torch.randn(2, 100, 3, 3)}, "batch_fn="),
+        ("text", "batch_fn="),
+    ):
+        with pytest.raises(xl.XAttnError, match=match):
+            standard_batch(bad)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_with_the_default_sampler_equals_one_process(tmp_path):
+    """Lightning's DistributedSampler shards validation (rank 0: items 0, 2, 4; rank 1: 1, 3, 5): the
+    probes are put back in order, so probe set and readings equal a single-process run."""
+    from test_monitor import _fit
+
+    from xattn_lightning.demo import DemoModule, loaders
+
+    kw = dict(num_probes=3, methods=("encoder_spes",), n_masks=8, targets="labels")
+    single = xl.XAttnSaliencyMonitor(**kw)
+    _fit(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
+    pl.seed_everything(0)
+    tr, va = loaders(48, 6, batch_size=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[xl.XAttnSaliencyMonitor(**kw)],
+        logger=CSVLogger(tmp_path / "ddp"),
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(DemoModule(lr=0.0), tr, va)
+    rows = _read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
+    (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]
+    assert float(x["xattn/num_probes"]) == 3.0
+    assert single.probe_ids == ["syn0000", "syn0001", "syn0002"]
+    for key in ("xattn/encoder_spes/pearson", "xattn/encoder_spes/spearman", "xattn/encoder_spes/coverage"):
+        assert float(x[key]) == pytest.approx(single.history[0][key], abs=1e-5), key
