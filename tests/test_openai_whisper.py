@@ -137,3 +137,23 @@ def test_openai_whisper_example_shortened(tmp_path, no_val):
     assert mon.probe_ids == (["probe0", "probe1"] if no_val else ["val0", "val1"])
     e = mon.last_explanations[0]
     assert e.tokens is not None and isinstance(e.text, str)  # openai-whisper's own tokenizer gave text
+
+
+@pytest.mark.integration
+def test_real_tiny_en_cross_attention_equals_hugging_face(real_whisper, espeak_manifest):
+    """The real Whisper tiny.en converted to openai-whisper: same hypotheses, same cross-attention and
+    encoder-output saliency as the Hugging Face model on real speech."""
+    from test_integration_whisper import _batch
+
+    from xattn_lightning.audio import read_manifest
+
+    hf, proc = real_whisper
+    oa = openai_whisper_from_hf(hf)
+    batch = _batch(proc, read_manifest(espeak_manifest)[:2])
+    e_hf = xl.explain(hf, batch, tokenizer=proc, methods=("encoder_spes",), n_masks=16)
+    e_oa = xl.explain(oa, batch, methods=("encoder_spes",), n_masks=16)
+    for a, b in zip(e_hf, e_oa):
+        assert b.text == a.text and b.token_ids.tolist() == a.token_ids.tolist()
+        torch.testing.assert_close(b.cross_attention, a.cross_attention, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(b.saliency["encoder_spes"], a.saliency["encoder_spes"], atol=1e-4, rtol=1e-3)
+    assert MultiHeadAttention.use_sdpa is True

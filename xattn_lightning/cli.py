@@ -185,18 +185,39 @@ def compare(args: argparse.Namespace) -> int:
     )
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return 0  # every rank explained its share and took part in the gather; rank 0 writes and prints
-    files = write_comparison(comp, args.out)
-    print(comp.table())
-    print(
-        f"{len(rows)} probes, {time.perf_counter() - start:.0f} s; written: "
-        + ", ".join(str(p) for p in files.values())
-    )
-    if args.wandb:
-        run_dir = log_comparison_to_wandb(comp, files, args.out)
-        print(f"W&B run: {run_dir}")
-    return 0
+    distributed = dist.is_available() and dist.is_initialized()
+    try:
+        if distributed and dist.get_rank() != 0:
+            return 0  # every rank explained its share and took part in the gather; rank 0 writes and prints
+        files = write_comparison(comp, args.out)
+        print(comp.table())
+        print(
+            f"{len(rows)} probes, {time.perf_counter() - start:.0f} s; written: "
+            + ", ".join(str(p) for p in files.values())
+        )
+        if args.wandb:
+            run_dir = log_comparison_to_wandb(comp, files, args.out)
+            print(f"W&B run: {run_dir}")
+        return 0
+    finally:
+        if distributed:
+            _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter exits.
+
+    A Gloo/NCCL process group left alive at exit is destroyed during interpreter shutdown, where its
+    worker threads can still be joinable: the C++ runtime then aborts the process ("terminate called
+    without an active exception", exit -6) although the work was done. Rank 0 may still be writing
+    when the other ranks finish, so all ranks meet at a barrier first.
+    """
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
