@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
         every_n_epochs=1,
         num_probes=args.num_probes,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        tokenizer=module.processor,
         n_masks=args.n_masks,
         seed=args.seed,
     )

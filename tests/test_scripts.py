@@ -216,3 +216,17 @@ def test_ddp_with_the_default_sampler_equals_one_process(tmp_path):
     assert single.probe_ids == ["syn0000", "syn0001", "syn0002"]
     for key in ("xattn/encoder_spes/pearson", "xattn/encoder_spes/spearman", "xattn/encoder_spes/coverage"):
         assert float(x[key]) == pytest.approx(single.history[0][key], abs=1e-5), key
+
+
+def test_frame_rate_reaches_spes_segmentation(tmp_path):
+    """frame_rate= is the SPES option of the same name (as in xl.explain), and the figures' time axis."""
+    from xattn_lightning.saliency.perturbation import segment_counts
+
+    mon = xl.XAttnSaliencyMonitor(
+        num_probes=1, probes=tuple_data(1), methods=("spes",), targets="labels", n_masks=6, frame_rate=50.0,
+        tokenizer=FakeTokenizer(),
+    )  # fmt: skip
+    fit(tmp_path, TrainOnly(), mon, max_epochs=1)
+    e = mon.last_explanations[0]
+    assert mon.frame_rate == 50.0
+    assert e.info["spes"]["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
