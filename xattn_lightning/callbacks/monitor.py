@@ -83,6 +83,21 @@ def _validation_planned(trainer: Trainer, pl_module: LightningModule) -> bool:
         return True
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank (unchanged in a single process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
 def _log_step(trainer: Trainer, epoch_end: bool = False) -> int:
     """The step Lightning's own logger connector gives metrics logged at this point (so ``xattn/``
     scalars land at the step of the validation metrics they belong to)."""
@@ -135,15 +150,17 @@ class XAttnSaliencyMonitor(Callback):
             :meth:`~xattn_lightning.Explanation.agreement` (``"all"``, ``"last"``, ``"last_2"``, indices);
             per-layer and per-head numbers are always reported too. Default: all layers and heads.
         log_figures: W&B heatmaps and grids (the first ``max_figures`` probes).
-        max_overhead: the monitor's time budget as a fraction of the training time since its last run
-            (default 0.1: at most ~10 % on top of training). Perturbation methods stop drawing masks
-            when the budget is spent (at least one batch each; ``xattn/<method>/n_masks`` says how many
-            ran). ``None``: always ``n_masks``. An explicit ``max_seconds`` takes precedence.
+        max_overhead: the monitor's time budget as a fraction of the training time (default 0.1: at most
+            ~10 % on top of training). It changes only *how often* readings are taken: a reading that is
+            due while the monitor has used more than this share is skipped (one warning says so), never
+            made cheaper, so every reading uses the same number of masks. ``None``: never skip.
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
             ``p_h``, ``batch_size``, ``frame_rate``, ``scales`` ...). ``frame_rate`` (input frames per second)
-            also sets the seconds axis of the figures. ``max_seconds`` here is a budget for the whole
-            monitor run, shared out over the probes and perturbation methods.
+            also sets the seconds axis of the figures. ``max_seconds`` here is a time budget for one
+            whole reading: the mask count that fits it is calibrated once, at the first reading, then
+            frozen for the run (kept in the checkpoint, so a resume keeps it; ``n_masks`` is the upper
+            bound), so that readings stay comparable.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -229,7 +246,12 @@ class XAttnSaliencyMonitor(Callback):
         self._stride, self._offset = 1, 0
         self._adapter_cache: tuple[int, Adapter] | None = None
         self._validated_epoch = -1
-        self._clock: float | None = None  # end of the last monitor run (or start of training)
+        self.clock: Callable[[], float] = time.perf_counter  # replaceable, e.g. by a fake clock in tests
+        self.n_masks_frozen: int | None = None  # the calibrated mask count (with max_seconds)
+        self.skipped_steps: list[int] = []  # readings skipped by max_overhead
+        self._train_start: float | None = None
+        self._monitor_seconds = 0.0
+        self._runs_this_fit = 0
         self.head_ranking: dict[str, list[tuple[int, int, float]]] = {}
         self.last_explanations: list = []
         self.first_explanations: list = []
@@ -253,6 +275,7 @@ class XAttnSaliencyMonitor(Callback):
             "probe_positions": list(self.probe_positions),
             "last_step": self._last_step,
             "history": [dict(h) for h in self.history],
+            "n_masks_frozen": self.n_masks_frozen,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -260,6 +283,7 @@ class XAttnSaliencyMonitor(Callback):
         self.probe_positions = list(state_dict.get("probe_positions", []))
         self._last_step = int(state_dict.get("last_step", -1))
         self.history = list(state_dict.get("history", []))
+        self.n_masks_frozen = state_dict.get("n_masks_frozen")
 
     # ------------------------------------------------------------------ warnings
     def _warn_once(self, key: str, message: str, err: BaseException | None = None) -> None:
@@ -310,7 +334,9 @@ class XAttnSaliencyMonitor(Callback):
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._clock = time.perf_counter()
+        self._train_start = self.clock()
+        self._monitor_seconds = 0.0
+        self._runs_this_fit = 0
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from xattn_lightning.loggers import offline_sync_hint
@@ -428,17 +454,38 @@ class XAttnSaliencyMonitor(Callback):
                 self._adapter(pl_module)
             except Exception:
                 return
+        if not self._within_budget(trainer):
+            return
+        start = self.clock()
         try:
             self.run(trainer, pl_module, log_step=log_step)
         finally:
-            if self._clock is not None:  # the next budget counts training time from here
-                self._clock = time.perf_counter()
+            self._runs_this_fit += 1
+            self._monitor_seconds += self.clock() - start
+
+    def _within_budget(self, trainer: Trainer) -> bool:
+        """``max_overhead``: skip a due reading while the monitor has used more than its share of the
+        training time (the first reading of a fit always runs). Decides how often, never how."""
+        if self.max_overhead is None or self._train_start is None or self._runs_this_fit == 0:
+            return True
+        training = self.clock() - self._train_start - self._monitor_seconds
+        if self._monitor_seconds <= self.max_overhead * training:
+            return True
+        self.skipped_steps.append(trainer.global_step)
+        self._warn_once(
+            "overhead",
+            f"skipping the reading at step {trainer.global_step} (and later ones while over budget): the monitor "
+            f"has used {self._monitor_seconds:.0f} s against {training:.0f} s of training, more than "
+            f"max_overhead={self.max_overhead}. Readings are thinned, never made noisier; for more of them lower "
+            "num_probes or n_masks, or raise max_overhead (None: never skip).",
+        )
+        return False
 
     # ------------------------------------------------------------------ one run, in named steps
     def run(self, trainer: Trainer, pl_module: LightningModule, log_step: int | None = None) -> dict[str, Any] | None:
         """Explain the probes now and log at ``log_step`` (default: the trainer's global step);
         returns the summary (``None`` when skipped)."""
-        start = time.perf_counter()
+        start = self.clock()
         self._last_step = trainer.global_step
         rows: list[dict[str, Any]] = []
         errors: list[tuple[str, str]] = []  # (probe id or "", cause)
@@ -448,7 +495,8 @@ class XAttnSaliencyMonitor(Callback):
                 probes = self._probes(trainer, pl_module)
                 adapter = self._adapter(pl_module)
                 mine = probes[trainer.global_rank :: trainer.world_size]
-                rows, exps, errors = self._explain(adapter, mine, self._budget(start))
+                options = self._options(adapter, probes)
+                rows, exps, errors = self._explain(adapter, mine, options)
             except Exception as err:
                 if self.on_error == "raise":
                     raise
@@ -457,7 +505,7 @@ class XAttnSaliencyMonitor(Callback):
         self._warn_errors(errors)
         if not rows:
             return None
-        return self._publish(trainer, rows, errors, exps, time.perf_counter() - start, log_step)
+        return self._publish(trainer, rows, errors, exps, self.clock() - start, log_step)
 
     def _probes(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
         """Step 1: the fixed probe set, the same on every rank."""
@@ -525,24 +573,48 @@ class XAttnSaliencyMonitor(Callback):
         self._adapter_cache = (id(pl_module), adapter)
         return adapter
 
-    def _budget(self, start: float) -> float | None:
-        """Seconds this run may spend (``max_seconds``, or ``max_overhead`` × training time since the last run)."""
-        budget = self.method_options.get("max_seconds")
-        if budget is None and self.max_overhead is not None and self._clock is not None:
-            budget = self.max_overhead * (start - self._clock)
-        return budget
-
-    def _explain(self, adapter: Adapter, probes: list[dict[str, Any]], budget: float | None) -> tuple[list, list, list]:
-        """Step 3: explain and score this rank's probes; one bad probe does not cost the others."""
-        start = time.perf_counter()
+    def _options(self, adapter: Adapter, probes: list[dict[str, Any]]) -> dict[str, Any]:
+        """The explain options of every reading: the user's, with the mask count fixed for the run."""
         options = {k: v for k, v in self.method_options.items() if k != "max_seconds"}
+        budget = self.method_options.get("max_seconds")
+        perturbation = [m for m in self.methods if m in ("spes", "encoder_spes")]
+        if budget is not None and perturbation and self.n_masks_frozen is None:
+            self.n_masks_frozen = self._calibrate(adapter, probes[0], perturbation, float(budget), len(probes))
+            rank_zero_info(
+                f"XAttnSaliencyMonitor: {self.n_masks_frozen} masks per method fit max_seconds={budget}; "
+                "fixed for the rest of the run."
+            )
+        if self.n_masks_frozen is not None:
+            options["n_masks"] = self.n_masks_frozen
+        return options
+
+    def _calibrate(
+        self, adapter: Adapter, probe: dict[str, Any], methods: list[str], budget: float, num_probes: int
+    ) -> int:
+        """Masks per method that fit ``budget`` seconds for the whole reading, from one probe's timing
+        (whole batches of 8, between 8 and ``n_masks``); rank 0's count on every rank."""
+        calib = 8
+        options = {**self.method_options, "n_masks": calib}
+        options.pop("max_seconds", None)
+        t0 = self.clock()
+        (e,) = explain(adapter, probe["batch"], targets=self.targets, methods=tuple(methods), **options)
+        total = self.clock() - t0
+        mask_seconds = sum(float(e.info[m].get("seconds", 0.0)) for m in methods)
+        fixed = max(total - mask_seconds, 0.0)
+        per_mask = mask_seconds / calib
+        per_rank = math.ceil(num_probes / _world_size())
+        n = int((budget / per_rank - fixed) / max(per_mask, 1e-9))
+        n = max(calib, min(int(self.method_options.get("n_masks", 256)), n // calib * calib))
+        return _broadcast_int(n)
+
+    def _explain(
+        self, adapter: Adapter, probes: list[dict[str, Any]], options: dict[str, Any]
+    ) -> tuple[list, list, list]:
+        """Step 3: explain and score this rank's probes; one bad probe does not cost the others."""
         rows, exps, errors = [], [], []
-        for n_done, p in enumerate(probes):
+        for p in probes:
             pid = self._probe_id(p)
             try:
-                if budget is not None:  # the rest of the budget, shared by the probes and methods left
-                    left = budget - (time.perf_counter() - start)
-                    options["max_seconds"] = max(0.0, left) / (len(probes) - n_done) / len(self.methods)
                 (e,) = explain(
                     adapter,
                     p["batch"],
