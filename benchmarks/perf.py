@@ -6,7 +6,10 @@
 Sections (``--only`` picks some): ``spes`` (masks/s of SPES against a plain one-pass-per-mask loop
 and against the limit: the same number of batched teacher-forced passes with no masking or
 scoring; peak memory), ``encoder`` (encoder-output saliency per mask vs input SPES per mask),
-``gradients`` (all tokens' gradient maps, batched vs Captum once per token, and their max
+``kv`` (encoder-output saliency per mask: cross-attention keys/values projected once and masked
+vs zeroing frames and re-running the decoder; the maps' max difference), ``costs`` (a SPES mask
+and a whole ``explain`` at N = 64 against plain forwards of the model as loaded; the fixed cost of
+a probe against one greedy decode), ``gradients`` (all tokens' gradient maps, batched vs Captum once per token, and their max
 difference), ``convergence`` (per-token ρ of SPES maps at N masks vs a reference N with another
 seed, plain vs antithetic sampling, and how much ρ(CA, SM) moves between seeds), ``monitor``
 (epoch time of a short real fine-tune with and without the default monitor).
@@ -31,7 +34,7 @@ import xattn_lightning as xl
 from xattn_lightning.functional import map_similarity
 from xattn_lightning.saliency.perturbation import kl_per_token, slic_segments, spes_input
 
-SECTIONS = ("spes", "encoder", "gradients", "convergence", "monitor")
+SECTIONS = ("spes", "encoder", "kv", "costs", "gradients", "convergence", "monitor")
 
 
 def _tiny_setup():
@@ -150,6 +153,79 @@ def bench_encoder(model, batch, targets, n_masks: int) -> dict:
         "encoder_spes_s_per_mask": res["encoder_spes"],
         "encoder_over_input": res["encoder_spes"] / res["spes"],
     }
+
+
+def bench_kv(model, batch, targets, n_masks: int) -> dict:
+    """Encoder-output saliency: the K/V shortcut (``Adapter.masked_decoder``) against the generic
+    path (zero the frames, re-run the decoder), same masks, side by side."""
+    from xattn_lightning.adapters import Adapter
+    from xattn_lightning.saliency.perturbation import spes_encoder
+
+    adapter = xl.adapter_for(model)
+    with torch.inference_mode(False), adapter.capture_context(), torch.no_grad():
+        (u,) = adapter.utterances(batch)
+        seq = adapter.normalize_target(torch.as_tensor(targets[0]))
+        dec_in = seq[:-1]
+        positions = (~adapter.special_mask(seq[1:])).nonzero().view(-1)
+        enc = adapter.encode(u.features.unsqueeze(0))
+        logp = adapter.decode(enc, dec_in).logits[0].float().log_softmax(-1)
+        t_enc = adapter.encoder_length(u.num_frames)
+        runs = {"kv": adapter.masked_decoder(enc, dec_in), "zero": Adapter.masked_decoder(adapter, enc, dec_in)}
+        res: dict = {}
+        maps = {}
+        for label in ("kv", "zero", "kv", "zero"):  # interleaved, best of two
+            t = time.perf_counter()
+            sm, _ = spes_encoder(runs[label], t_enc, logp, positions, n_masks=n_masks, seed=0)
+            dt = (time.perf_counter() - t) / n_masks
+            res[f"{label}_s_per_mask"] = min(res.get(f"{label}_s_per_mask", math.inf), dt)
+            maps[label] = sm
+    res["speedup"] = res["zero_s_per_mask"] / res["kv_s_per_mask"]
+    res["max_abs_diff"] = float((maps["kv"] - maps["zero"]).abs().max())
+    res["max_abs_value"] = float(maps["zero"].abs().max())
+    return res
+
+
+def bench_costs(model, batch, targets) -> dict:
+    """A SPES mask and a whole ``explain`` at N = 64 against plain forwards of the model as the user
+    loaded it; the fixed cost of a probe (``explain`` without methods) against one greedy decode."""
+    adapter = xl.adapter_for(model)
+    (u,) = adapter.utterances(batch)
+    seq = adapter.normalize_target(torch.as_tensor(targets[0]))
+    feats = u.features.unsqueeze(0)
+
+    def plain(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(n):
+                adapter.forward(feats, seq[:-1], output_attentions=False)
+        return (time.perf_counter() - t) / n
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    plain(2)  # warm-up
+    res: dict = {}
+    for _ in range(2):  # best of two, interleaved
+        res["plain_forward_s"] = min(res.get("plain_forward_s", math.inf), plain(8))
+        (e,) = xl.explain(model, batch, targets=[seq.tolist()], methods=("spes",), n_masks=64, seed=0)
+        res["spes_s_per_mask"] = min(res.get("spes_s_per_mask", math.inf), e.info["spes"]["seconds"] / 64)
+        res["explain_spes64_s"] = min(
+            res.get("explain_spes64_s", math.inf),
+            timed(lambda: xl.explain(model, batch, targets=[seq.tolist()], methods=("spes",), n_masks=64, seed=0)),
+        )
+        res["greedy_decode_s"] = min(
+            res.get("greedy_decode_s", math.inf),
+            timed(lambda: adapter.generate(u)),
+        )
+        res["fixed_cost_s"] = min(
+            res.get("fixed_cost_s", math.inf), timed(lambda: xl.explain(model, batch, targets="generate"))
+        )
+    res["spes_mask_over_plain"] = res["spes_s_per_mask"] / res["plain_forward_s"]
+    res["explain64_over_64_plain"] = res["explain_spes64_s"] / (64 * res["plain_forward_s"])
+    res["fixed_over_greedy"] = res["fixed_cost_s"] / res["greedy_decode_s"]
+    return res
 
 
 def bench_gradients(model, batch, targets, n_steps: int) -> dict:
@@ -320,6 +396,21 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"per mask: input SPES {r['spes_s_per_mask']:.4f} s, encoder SPES {r['encoder_spes_s_per_mask']:.4f} s "
             f"-> {r['encoder_over_input']:.3f}x"
+        )
+    if "kv" in only:
+        r = report["kv"] = bench_kv(model, batch, targets, 4 * args.n_masks)
+        print(
+            f"encoder saliency per mask: K/V shortcut {r['kv_s_per_mask']:.4f} s, zeroed frames + decoder "
+            f"{r['zero_s_per_mask']:.4f} s -> {r['speedup']:.2f}x; max |diff| {r['max_abs_diff']:.1e} "
+            f"(max |value| {r['max_abs_value']:.1e})"
+        )
+    if "costs" in only:
+        r = report["costs"] = bench_costs(model, batch, targets)
+        print(
+            f"plain forward {r['plain_forward_s']:.3f} s; SPES mask {r['spes_s_per_mask']:.3f} s "
+            f"({r['spes_mask_over_plain']:.2f}x); explain SPES N=64 {r['explain_spes64_s']:.2f} s "
+            f"({r['explain64_over_64_plain']:.2f}x 64 plain); fixed cost {r['fixed_cost_s']:.2f} s vs greedy decode "
+            f"{r['greedy_decode_s']:.2f} s ({r['fixed_over_greedy']:.2f}x)"
         )
     if "gradients" in only:
         r = report["gradients"] = bench_gradients(model, batch, targets, args.n_steps)

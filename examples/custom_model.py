@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default="spes,encoder_spes")
     ap.add_argument("--n-masks", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--max-overhead",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=0.1,
+        help="skip readings while the monitor uses more than this share of training time ('none': never)",
+    )
     ap.add_argument("--limit-train-batches", type=float, default=1.0)
     ap.add_argument("--out", default="runs/custom_model")
     ap.add_argument("--no-wandb", action="store_true")
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         n_masks=args.n_masks,
         seed=args.seed,
+        max_overhead=args.max_overhead,
         max_new_tokens=200,
     )
     trainer = pl.Trainer(

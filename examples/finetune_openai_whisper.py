@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-probes", type=int, default=4)
     ap.add_argument("--n-masks", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--max-overhead",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=0.1,
+        help="skip readings while the monitor uses more than this share of training time ('none': never)",
+    )
     ap.add_argument("--out", default="runs/finetune_openai_whisper")
     ap.add_argument("--accelerator", default="auto")
     return ap
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_probes=args.num_probes,  # <-- xattn_lightning
         probes=held_out if args.no_val else None,  # <-- xattn_lightning: only needed without validation
         n_masks=args.n_masks,  # <-- xattn_lightning
+        max_overhead=args.max_overhead,  # <-- xattn_lightning
     )  # <-- xattn_lightning
     out = Path(args.out)
     trainer = pl.Trainer(

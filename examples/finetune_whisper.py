@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default="encoder_spes", help="comma-separated saliency methods")
     ap.add_argument("--n-masks", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--max-overhead",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=0.1,
+        help="skip readings while the monitor uses more than this share of training time ('none': never)",
+    )
     ap.add_argument("--out", default="runs/finetune_whisper")
     ap.add_argument("--save", help="write the fine-tuned model here (Hugging Face format)")
     ap.add_argument("--no-wandb", action="store_true")
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         n_masks=args.n_masks,
         seed=args.seed,
+        max_overhead=args.max_overhead,
     )
     trainer = pl.Trainer(
         max_epochs=args.epochs,

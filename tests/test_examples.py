@@ -58,6 +58,8 @@ def test_custom_model_example_shortened(tmp_path, monkeypatch):
             "3",
             "--out",
             str(tmp_path / "run"),
+            "--max-overhead",
+            "none",
         ]
     )
     hist = res["history"]
@@ -103,6 +105,8 @@ def test_finetune_whisper_example_shortened(tmp_path, monkeypatch, whisper_path,
             str(tmp_path / "run"),
             "--save",
             str(save),
+            "--max-overhead",
+            "none",
         ]
     )
     hist = res["history"]

@@ -44,7 +44,9 @@ def _fit(tmp_path, monitor=None, logger=False, seed=0, lr=3e-3, **kw):
 
 
 def test_csv_logger_gets_scalars(tmp_path):
-    mon = xl.XAttnSaliencyMonitor(num_probes=3, methods=("encoder_spes", "spes"), n_masks=24, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=3, methods=("encoder_spes", "spes"), n_masks=24, targets="labels"
+    )
     _fit(tmp_path, mon, CSVLogger(tmp_path))
     rows = _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
     xrows = [r for r in rows if r.get("xattn/spes/pearson")]
@@ -72,18 +74,20 @@ def test_csv_logger_gets_scalars(tmp_path):
 
 
 def test_layers_heads_select_the_headline_aggregation(tmp_path):
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers="last")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers="last"
+    )
     _fit(tmp_path, mon, max_epochs=1)
     h = mon.history[-1]
     assert h["xattn/encoder_spes/pearson"] == pytest.approx(h["xattn/encoder_spes/pearson_layer1"])
     mon2 = xl.XAttnSaliencyMonitor(
-        num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers=[0], heads=[1]
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers=[0], heads=[1]
     )
     _fit(tmp_path, mon2, max_epochs=1)
     e = mon2.last_explanations[0]
     assert e.agreement("encoder_spes", layers=[0], heads=[1]) == pytest.approx(e.agreement_grid("encoder_spes")[0, 1])
     with pytest.raises(xl.XAttnError, match="last_k"):
-        xl.XAttnSaliencyMonitor(layers="last_x")
+        xl.XAttnSaliencyMonitor(max_overhead=None, layers="last_x")
 
 
 def test_max_seconds_calibrates_the_mask_count_once_then_freezes_it(tmp_path, monkeypatch):
@@ -170,7 +174,9 @@ def test_wandb_logger_helper_offline_and_sync_hint(tmp_path, monkeypatch, caplog
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     logger = wandb_logger(save_dir=tmp_path, project="xl-test")
     assert logger._offline
-    mon = xl.XAttnSaliencyMonitor(num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels"
+    )
     with caplog.at_level(logging.INFO):
         _fit(tmp_path, mon, logger, max_epochs=1)
     import wandb
@@ -181,7 +187,9 @@ def test_wandb_logger_helper_offline_and_sync_hint(tmp_path, monkeypatch, caplog
 
 def test_wandb_offline_run_readback(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels"
+    )
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="xl-test")
     _fit(tmp_path, mon, logger)
     import wandb
@@ -206,7 +214,7 @@ def test_wandb_offline_run_readback(tmp_path, monkeypatch):
 
 def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
-        num_probes=2, methods=("spes", "encoder_spes", "saliency"), n_masks=16, targets="labels"
+        max_overhead=None, num_probes=2, methods=("spes", "encoder_spes", "saliency"), n_masks=16, targets="labels"
     )
     with_m, t1 = _fit(tmp_path / "a", mon, accumulate_grad_batches=2)
     without, t2 = _fit(tmp_path / "b", None, accumulate_grad_batches=2)
@@ -223,7 +231,7 @@ def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
 def test_rng_streams_untouched(tmp_path):
     model = DemoModule()
     _, va = loaders(8, 4, batch_size=4)
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("spes",), n_masks=8, targets="generate")
+    mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, methods=("spes",), n_masks=8, targets="generate")
     trainer = _trainer(tmp_path, [mon], max_epochs=1)
     trainer.validate(model, va)  # collects probes
     torch.manual_seed(123)
@@ -234,7 +242,9 @@ def test_rng_streams_untouched(tmp_path):
 
 def test_resume_keeps_probe_set_and_history(tmp_path):
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels"
+    )
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=8)
     trainer = pl.Trainer(
@@ -250,7 +260,9 @@ def test_resume_keeps_probe_set_and_history(tmp_path):
     (key,) = [k for k in state if "XAttnSaliencyMonitor" in k]
     assert state[key]["probe_ids"] == ["syn0000", "syn0001"]
     # resume with a validation set in a different order: the stored positions are kept
-    mon2 = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
+    mon2 = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels"
+    )
     trainer2 = pl.Trainer(
         max_epochs=3,
         callbacks=[mon2],
@@ -267,7 +279,9 @@ def test_resume_keeps_probe_set_and_history(tmp_path):
 
 
 def test_sanity_check_is_skipped_and_schedule(tmp_path):
-    mon = xl.XAttnSaliencyMonitor(every_n_epochs=2, num_probes=1, methods=("encoder_spes",), n_masks=4)
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, every_n_epochs=2, num_probes=1, methods=("encoder_spes",), n_masks=4
+    )
     _fit(tmp_path, mon, max_epochs=4, num_sanity_val_steps=2)
     assert [h["epoch"] for h in mon.history] == [1, 3]
 
@@ -289,12 +303,14 @@ def test_fault_in_monitor_is_warned_and_training_continues(tmp_path):
     def broken(_):
         raise RuntimeError("injected fault")
 
-    mon = xl.XAttnSaliencyMonitor(num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken)
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken
+    )
     with pytest.warns(UserWarning, match="injected fault"):
         _, trainer = _fit(tmp_path, mon)
     assert trainer.current_epoch == 2 and mon.history == []
     mon_raise = xl.XAttnSaliencyMonitor(
-        num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken, on_error="raise"
+        max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken, on_error="raise"
     )
     with pytest.raises(RuntimeError, match="injected fault"):
         _fit(tmp_path / "r", mon_raise)
@@ -303,10 +319,10 @@ def test_fault_in_monitor_is_warned_and_training_continues(tmp_path):
 @pytest.mark.timeout(300)
 def test_ddp_two_cpu_processes_same_numbers(tmp_path):
     kw = dict(num_probes=4, methods=("encoder_spes",), n_masks=8, targets="labels")
-    single = xl.XAttnSaliencyMonitor(**kw)
+    single = xl.XAttnSaliencyMonitor(max_overhead=None, **kw)
     # lr=0: both runs explain the same (initial) weights, whatever order the ranks saw the data in
     _fit(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
-    ddp = xl.XAttnSaliencyMonitor(**kw)
+    ddp = xl.XAttnSaliencyMonitor(max_overhead=None, **kw)
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=8)
     model = DemoModule(lr=0.0)

@@ -126,11 +126,15 @@ def test_openai_whisper_example_shortened(tmp_path, no_val):
     manifest = _tone_manifest(tmp_path, n=4)
     argv = ["--model", str(_whisper_checkpoint(tmp_path)), "--manifest", str(manifest), "--epochs", "2",
             "--batch-size", "2", "--num-probes", "2", "--n-masks", "8", "--lr", "1e-3", "--out", str(tmp_path / "run"),
-            "--accelerator", "cpu"] + (["--no-val"] if no_val else [])  # fmt: skip
+            "--accelerator", "cpu", "--max-overhead", "none"] + (["--no-val"] if no_val else [])  # fmt: skip
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         res = ex.main(argv)
-    messages = [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]
+    messages = [
+        str(w.message)
+        for w in rec
+        if "XAttnSaliencyMonitor" in str(w.message) and "pearson_corrected is not logged" not in str(w.message)
+    ]
     assert not messages, messages  # found the model, the tokenizer and the batch layout by itself
     mon = res["monitor"]
     assert len(mon.history) == 2 and all(h["xattn/num_probes"] == 2.0 for h in mon.history)

@@ -141,7 +141,9 @@ def _run(kind: str, tmp_path, monitor, **kw):
 )
 def test_bit_identical_training_with_and_without_monitor(tmp_path, kind, accumulate, precision):
     methods = ("spes", "encoder_spes", "saliency")
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=methods, n_masks=8, targets="labels", n_steps=2)
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=methods, n_masks=8, targets="labels", n_steps=2
+    )
     kw = dict(accumulate_grad_batches=accumulate, precision=precision)
     with_m, t1, before = _run(kind, tmp_path / "a", mon, **kw)
     rng_with = (torch.get_rng_state(), torch.initial_seed())
@@ -172,7 +174,9 @@ def test_frozen_encoder_and_train_mode_and_checkpointing_survive(tmp_path):
     module.model.gradient_checkpointing_enable()
     module.model.train()  # left in train mode, dropout on
     _, va = _whisper_loaders()
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("saliency", "encoder_saliency"), targets="labels", n_steps=2)
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("saliency", "encoder_saliency"), targets="labels", n_steps=2
+    )
     trainer = _trainer(tmp_path, [mon], max_epochs=1)
     trainer.validate(module, va)
     state = _module_state(module)
@@ -191,7 +195,9 @@ def test_memory_returns_to_its_level(tmp_path):
 
     model = DemoModule()
     _, va = loaders(8, 4, batch_size=4)
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("spes", "encoder_spes"), n_masks=8, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("spes", "encoder_spes"), n_masks=8, targets="labels"
+    )
     trainer = _trainer(tmp_path, [mon], max_epochs=1)
     trainer.validate(model, va)
 
@@ -261,7 +267,9 @@ def _warnings_matching(record, text: str) -> list:
     ],
 )
 def test_failing_logger_is_warned_once_and_other_loggers_still_get_metrics(tmp_path, exc, cause):
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels"
+    )
     csv = CSVLogger(tmp_path)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -291,7 +299,9 @@ def test_wandb_media_failing_does_not_stop_training(tmp_path, monkeypatch):
                 broken()
             super().log_metrics(metrics, step)
 
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels"
+    )
     csv = CSVLogger(tmp_path)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -324,7 +334,9 @@ def test_injected_faults_skip_and_training_continues(tmp_path, monkeypatch, faul
 
         monkeypatch.setattr(sal, "spes_encoder", nan_maps)
         cause = "NaN/inf"
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels"
+    )
     if fault == "bad_probe":
         # the second probe has NaN features: it fails, the first is still explained and logged
         def batch_fn(batch):
@@ -335,7 +347,7 @@ def test_injected_faults_skip_and_training_continues(tmp_path, monkeypatch, faul
             return batch
 
         mon = xl.XAttnSaliencyMonitor(
-            num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels", batch_fn=batch_fn
+            max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels", batch_fn=batch_fn
         )
         cause = "NaN/inf"
     with warnings.catch_warnings(record=True) as rec:
@@ -350,6 +362,7 @@ def test_injected_faults_skip_and_training_continues(tmp_path, monkeypatch, faul
     else:
         assert logged == [] and mon.history == []  # run skipped, nothing half-logged
     mon_raise = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
         num_probes=2,
         methods=("encoder_spes",),
         n_masks=8,
@@ -375,7 +388,9 @@ def test_nan_metric_is_never_logged(tmp_path):
     ]
     scalars = summarize(rows, ("spes",), ("pearson",))["scalars"]
     assert math.isnan(scalars["spes/pearson"])
-    mon = xl.XAttnSaliencyMonitor(num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels"
+    )
     model = DemoModule()
     _, va = loaders(4, 4, batch_size=4)
     trainer = _trainer(tmp_path, [mon], logger=CSVLogger(tmp_path), max_epochs=1)
@@ -421,7 +436,9 @@ def test_bad_input_rows():
 
 
 def test_probe_set_smaller_than_num_probes_is_warned_and_used(tmp_path):
-    mon = xl.XAttnSaliencyMonitor(num_probes=50, methods=("encoder_spes",), n_masks=4, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=50, methods=("encoder_spes",), n_masks=4, targets="labels"
+    )
     with pytest.warns(UserWarning, match="only 4 probe utterances"):
         _fit_small(tmp_path, mon)
     assert mon.history[-1]["xattn/num_probes"] == 4.0
@@ -467,7 +484,9 @@ def test_resume_continues_wandb_steps_without_duplicates(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     tr, va = loaders(24, 4, batch_size=4)
     ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
-    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=4, targets="labels")
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=4, targets="labels"
+    )
     pl.seed_everything(0)
     t1 = pl.Trainer(
         max_epochs=2,
@@ -479,7 +498,9 @@ def test_resume_continues_wandb_steps_without_duplicates(tmp_path, monkeypatch):
     )
     t1.fit(DemoModule(), tr, va)
     wandb.finish()
-    mon2 = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=4, targets="labels")
+    mon2 = xl.XAttnSaliencyMonitor(
+        max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=4, targets="labels"
+    )
     t2 = pl.Trainer(
         max_epochs=4,
         callbacks=[mon2],
@@ -507,7 +528,12 @@ def _fail_on_rank_one(pl_module):
 @pytest.mark.timeout(300)
 def test_ddp_fault_on_one_rank_does_not_deadlock(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
-        num_probes=4, methods=("encoder_spes",), n_masks=4, targets="labels", model_fn=_fail_on_rank_one
+        max_overhead=None,
+        num_probes=4,
+        methods=("encoder_spes",),
+        n_masks=4,
+        targets="labels",
+        model_fn=_fail_on_rank_one,
     )
     pl.seed_everything(0)
     tr, va = loaders(16, 8, batch_size=4)

@@ -111,18 +111,43 @@ class Explanation:
             return rho
         return disattenuate(rho, self.reliability(method, metric, pooling))
 
-    def reliability(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> float:
-        """Split-half reliability of a perturbation map at encoder resolution (1.0 for gradient
-        maps, which are exact); see :func:`xattn_lightning.functional.split_half_reliability`."""
+    def pooled_halves(self, method: str, pooling: str = "max2d") -> Tensor | None:
+        """The two half maps of a perturbation method (even and odd masks) at encoder resolution,
+        ``[2, I, T']``; ``None`` for exact (gradient) maps."""
         self._saliency(method)
         halves = self.info.get(method, {}).get("halves")
         if halves is None:
-            return 1.0
+            return None
         if halves.dim() == 4:  # input space [2, I, T, F]
             halves = torch.stack(
                 [pool_saliency(h, self.frames_per_step, self.num_encoder_frames, mode=pooling) for h in halves]
             )
+        return halves
+
+    def reliability(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> float:
+        """Split-half reliability of a perturbation map at encoder resolution (1.0 for gradient
+        maps, which are exact); see :func:`xattn_lightning.functional.split_half_reliability`."""
+        halves = self.pooled_halves(method, pooling)
+        if halves is None:
+            return 1.0
         return split_half_reliability(halves[0], halves[1], metric)
+
+    def mask_noise(
+        self,
+        method: str,
+        metric: str = "pearson",
+        pooling: str = "max2d",
+        layers: LayerSpec = None,
+        heads: HeadSpec = None,
+    ) -> float:
+        """Standard deviation of :meth:`agreement` due to the random masks, from the two half maps:
+        their agreements differ by about twice the full map's (0.0 for exact maps)."""
+        halves = self.pooled_halves(method, pooling)
+        if halves is None:
+            return 0.0
+        ca = self.attention(layers, heads)
+        a, b = (_agreement(ca, h, metric) for h in halves)
+        return abs(a - b) / 2.0
 
     def per_token_agreement(self, method: str, metric: str = "pearson", pooling: str = "max2d", **agg: Any) -> Tensor:
         """ρ per explained token, ``[I]``."""
@@ -155,17 +180,13 @@ def grad_allowed() -> Iterator[None]:
 
 
 def _targets_for(
-    adapter: Adapter,
-    batch: Mapping[str, Any],
-    utts: list[Utterance],
-    targets: str | Tensor | Sequence,
-    num_beams: int,
-    max_new_tokens: int | None,
-) -> list[Tensor]:
+    adapter: Adapter, batch: Mapping[str, Any], utts: list[Utterance], targets: str | Tensor | Sequence
+) -> list[Tensor | None]:
+    """Target sequences per utterance; ``None`` where the model's own hypothesis is to be generated."""
     if isinstance(targets, str):
         check_choice("targets mode", targets, TARGET_MODES)
         if targets == "generate":
-            return [adapter.generate(u, num_beams=num_beams, max_new_tokens=max_new_tokens) for u in utts]
+            return [None] * len(utts)
         if "labels" not in batch:
             raise XAttnError(
                 f"targets='labels' needs a 'labels' entry in the batch (keys: {sorted(batch)}); "
@@ -223,18 +244,31 @@ def explain(
     results: list[Explanation] = []
     with grad_allowed(), adapter.capture_context():
         utts = adapter.utterances(batch)
-        with torch.no_grad():
-            seqs = _targets_for(adapter, batch, utts, targets, num_beams, max_new_tokens)
+        seqs = _targets_for(adapter, batch, utts, targets)
         for u, seq in zip(utts, seqs):
-            exp = _explain_one(adapter, u, seq)
+            exp, ref = _explain_one(adapter, u, seq, num_beams, max_new_tokens)
             if methods:
-                compute_saliency(adapter, u, exp, methods, progress=progress, **method_options)
+                compute_saliency(adapter, u, exp, methods, progress=progress, reference=ref, **method_options)
             results.append(exp)
     return results
 
 
+def _encode_once(adapter: Adapter, u: Utterance) -> Tensor | None:
+    """The utterance's encoder output, computed once and shared by decoding, attention capture and
+    the saliency reference (``None`` for adapters without separate encoder and decoder passes)."""
+    try:
+        return adapter.encode(u.features.unsqueeze(0))
+    except NotImplementedError:
+        return None
+
+
 @torch.no_grad()
-def _explain_one(adapter: Adapter, u: Utterance, seq: Tensor) -> Explanation:
+def _explain_one(
+    adapter: Adapter, u: Utterance, seq: Tensor | None, num_beams: int = 1, max_new_tokens: int | None = None
+) -> tuple[Explanation, Any]:
+    enc = _encode_once(adapter, u)
+    if seq is None:
+        seq = adapter.generate(u, num_beams=num_beams, max_new_tokens=max_new_tokens, encoder_out=enc)
     check_target_length(adapter, seq)
     predicted = seq[1:]
     keep = ~adapter.special_mask(predicted)
@@ -243,8 +277,10 @@ def _explain_one(adapter: Adapter, u: Utterance, seq: Tensor) -> Explanation:
             f"Utterance {u.index}: the target has only special tokens ({predicted.tolist()}), nothing to explain; "
             "the model produced no text (check the audio) or the labels are empty."
         )
-    feats = u.features.unsqueeze(0)
-    out = adapter.forward(feats, seq[:-1], output_attentions=True)
+    if enc is not None:
+        out = adapter.decode(enc, seq[:-1], output_attentions=True)
+    else:
+        out = adapter.forward(u.features.unsqueeze(0), seq[:-1], output_attentions=True)
     fps = adapter.frames_per_step(u)
     t_enc = min(adapter.encoder_length(u.num_frames), out.cross_attention.shape[-1])
     ca = out.cross_attention[0, :, :, :, :t_enc].float()
@@ -266,7 +302,7 @@ def _explain_one(adapter: Adapter, u: Utterance, seq: Tensor) -> Explanation:
         decoder_ids=seq.cpu(),
         text=adapter.decode_text(seq[1:]),
         index=u.index,
-    )
+    ), out
 
 
 def corpus_agreement(explanations: Sequence[Explanation], method: str, **kwargs: Any) -> float:

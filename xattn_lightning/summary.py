@@ -10,7 +10,13 @@ import torch
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import Explanation
-from xattn_lightning.functional import disattenuate, topk_overlap
+from xattn_lightning.functional import (
+    RELIABILITY_FLOOR,
+    bootstrap_mean_ci,
+    disattenuate,
+    masks_for_reliability,
+    topk_overlap,
+)
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 
 
@@ -42,22 +48,32 @@ def probe_scores(
             out[f"{m}/reliability"] = rel
             if "pearson" in metrics:
                 out[f"{m}/pearson_corrected"] = disattenuate(out[f"{m}/pearson"], rel)
+                out[f"{m}/mask_noise"] = e.mask_noise(m, layers=layers, heads=heads)
     if "spes" in methods and "encoder_spes" in methods:
         out["context_mixing_gap"] = out["encoder_spes/pearson"] - out["spes/pearson"]
     return out
 
 
-def summarize(rows: Sequence[dict], methods: Sequence[str], metrics: Sequence[str] = ("pearson", "spearman")) -> dict:
+def summarize(
+    rows: Sequence[dict],
+    methods: Sequence[str],
+    metrics: Sequence[str] = ("pearson", "spearman"),
+    reliability_floor: float = RELIABILITY_FLOOR,
+) -> dict:
     """Corpus scalars (means over probes; undefined ρ left out) and the head ranking per method.
 
+    ``pearson_corrected`` (the headline) is reported only where the maps' mean split-half reliability
+    reaches ``reliability_floor``; 95 % bootstrap intervals come with the raw and corrected ρ.
+
     Returns ``{"scalars": {name: float}, "head_ranking": {method: [(layer, head, rho), ...]},
-    "grids": {method: [[...]]}}``.
+    "grids": {method: [[...]]}, "below_floor": {method: (reliability, masks that would reach the floor)}}``.
     """
     if not rows:
         raise XAttnError("No probe utterance could be explained; nothing to summarize.")
     scalars: dict[str, float] = {}
     ranking: dict[str, list[tuple[int, int, float]]] = {}
     grids: dict[str, list[list[float]]] = {}
+    below_floor: dict[str, tuple[float, int]] = {}
     for m in methods:
         for metric in metrics:
             scalars[f"{m}/{metric}"] = _mean([r[f"{m}/{metric}"] for r in rows])
@@ -80,6 +96,32 @@ def summarize(rows: Sequence[dict], methods: Sequence[str], metrics: Sequence[st
         for extra in ("n_masks", "reliability", "pearson_corrected"):
             if all(f"{m}/{extra}" in r for r in rows):
                 scalars[f"{m}/{extra}"] = _mean([r[f"{m}/{extra}"] for r in rows])
+        if "pearson" in metrics:
+            _intervals(scalars, below_floor, m, rows, reliability_floor)
     if all("context_mixing_gap" in r for r in rows) and rows:
         scalars["context_mixing_gap"] = _mean([r["context_mixing_gap"] for r in rows])
-    return {"scalars": scalars, "head_ranking": ranking, "grids": grids}
+    return {"scalars": scalars, "head_ranking": ranking, "grids": grids, "below_floor": below_floor}
+
+
+def _intervals(scalars: dict, below_floor: dict, m: str, rows: Sequence[dict], floor: float) -> None:
+    """95 % bootstrap intervals (probes and mask noise) of the raw and the corrected ρ; the corrected
+    ρ and its interval are left out where the map's reliability is under the floor."""
+    raw = torch.tensor([r[f"{m}/pearson"] for r in rows], dtype=torch.float64)
+    noise = (
+        torch.tensor([r[f"{m}/mask_noise"] for r in rows], dtype=torch.float64)
+        if all(f"{m}/mask_noise" in r for r in rows)
+        else None
+    )
+    scalars[f"{m}/pearson_ci_low"], scalars[f"{m}/pearson_ci_high"] = bootstrap_mean_ci(raw, noise)
+    if f"{m}/pearson_corrected" not in scalars:
+        return
+    rel = scalars[f"{m}/reliability"]
+    if not rel >= floor:  # the correction would mostly amplify noise
+        del scalars[f"{m}/pearson_corrected"]
+        n = int(scalars.get(f"{m}/n_masks", 0) or 0)
+        below_floor[m] = (rel, masks_for_reliability(n, rel, floor) if n else -1)
+        return
+    rels = torch.tensor([r[f"{m}/reliability"] for r in rows], dtype=torch.float64)
+    corrected = torch.tensor([r[f"{m}/pearson_corrected"] for r in rows], dtype=torch.float64)
+    lo, hi = bootstrap_mean_ci(corrected, None if noise is None else noise / rels.clamp(min=1e-6).sqrt())
+    scalars[f"{m}/pearson_corrected_ci_low"], scalars[f"{m}/pearson_corrected_ci_high"] = lo, hi

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -132,10 +132,35 @@ class Adapter(ABC):
         """Decoder-only pass over a given encoder output ``[B, T', D]``."""
         raise NotImplementedError(f"{type(self).__name__} does not support decoder-only passes.")
 
+    def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
+        """``run(keep [B, t]) -> logits [B, S, V]``: decoder-only passes over ``encoder_out [1, T', D]``
+        with the first ``t`` encoder frames zeroed where ``keep`` is False (frame occlusion).
+
+        The default zeroes the frames and calls :meth:`decode`; adapters that can, project the
+        cross-attention keys and values once and mask their rows instead (same result, cheaper).
+        """
+
+        def run(keep: Tensor) -> Tensor:
+            b, t = keep.shape
+            h = encoder_out.expand(b, -1, -1).clone()
+            h[:, :t] = h[:, :t] * keep.unsqueeze(-1).to(h.dtype)
+            return self.decode(h, decoder_ids).logits
+
+        return run
+
     # ------------------------------------------------------------------ targets
-    def generate(self, utterance: Utterance, num_beams: int = 1, max_new_tokens: int | None = None) -> Tensor:
-        """The model's own hypothesis, as a decoder sequence starting with the start token."""
-        return generic_generate(self, utterance, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    def generate(
+        self,
+        utterance: Utterance,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        encoder_out: Tensor | None = None,
+    ) -> Tensor:
+        """The model's own hypothesis, as a decoder sequence starting with the start token
+        (over ``encoder_out`` when given, so the encoder does not run again)."""
+        return generic_generate(
+            self, utterance, num_beams=num_beams, max_new_tokens=max_new_tokens, encoder_out=encoder_out
+        )
 
     def prompt_ids(self) -> list[int]:
         """Tokens that begin every decoder sequence (at least the decoder start token)."""
@@ -276,15 +301,20 @@ def check_target_length(adapter: Adapter, seq: Tensor) -> None:
 
 @torch.no_grad()
 def generic_generate(
-    adapter: Adapter, utterance: Utterance, num_beams: int = 1, max_new_tokens: int | None = None
+    adapter: Adapter,
+    utterance: Utterance,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    encoder_out: Tensor | None = None,
 ) -> Tensor:
     """Greedy (``num_beams=1``) or beam search over a cached encoder output, for adapters
     without a generation routine of their own. Returns the sequence including the prompt."""
     info = adapter.info
     limit = info.max_target_positions or 128
     max_new = min(max_new_tokens or min(limit, 200), limit - len(adapter.prompt_ids()))
-    feats = utterance.features.unsqueeze(0).to(adapter.device, adapter.dtype)
-    enc = adapter.encode(feats)
+    if encoder_out is None:
+        encoder_out = adapter.encode(utterance.features.unsqueeze(0).to(adapter.device, adapter.dtype))
+    enc = encoder_out
     prompt = torch.tensor(adapter.prompt_ids(), device=adapter.device)
     beams: list[tuple[float, Tensor]] = [(0.0, prompt)]
     finished: list[tuple[float, Tensor]] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,14 @@ def conv_output_length(n: int, convs: list[nn.Conv1d]) -> int:
         k, s, p, d = c.kernel_size[0], c.stride[0], c.padding[0], c.dilation[0]
         n = (n + 2 * p - d * (k - 1) - 1) // s + 1
     return max(int(n), 0)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """``cache`` in transformers >= 5.x (``past_key_values`` deprecated), ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _tokenizer_special_ids(tokenizer: object | None) -> set[int]:
@@ -90,11 +98,6 @@ class _HFSeq2SeqAdapter(Adapter):
             if switched:
                 self.model.set_attn_implementation(prev)
 
-    @contextlib.contextmanager
-    def capture_context(self) -> Iterator[None]:
-        """Eval mode and eager attention for the call; both restored afterwards (also on error)."""
-        with super().capture_context(), self._eager():
-            yield
 
     def _check_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
         if not isinstance(batch, Mapping):
@@ -161,11 +164,63 @@ class _HFSeq2SeqAdapter(Adapter):
         ca = self._stack_cross(out.cross_attentions) if output_attentions else None
         return ForwardOutput(logits=out.logits, cross_attention=ca, encoder_out=encoder_out)
 
-    @torch.no_grad()
-    def generate(self, utterance: Utterance, num_beams: int = 1, max_new_tokens: int | None = None) -> Tensor:
-        from transformers import GenerationMixin
+    def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
+        """Frame occlusion without re-projecting the encoder output: each decoder layer's
+        cross-attention keys and values are projected once, and a mask replaces the rows of occluded
+        frames by the projection of a zero frame (its bias), through the model's own cross-attention
+        cache. Equals zeroing the frames and decoding (``Adapter.masked_decoder``)."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
 
-        x = self._to_model(utterance.features.unsqueeze(0).to(self.device, self.dtype))
+        layers = list(self.model.get_decoder().layers)
+        zero = encoder_out.new_zeros(1, 1, encoder_out.shape[-1])
+        projected = []
+        for layer in layers:
+            attn = layer.encoder_attn
+            projected.append((attn.k_proj(encoder_out), attn.v_proj(encoder_out), attn.k_proj(zero), attn.v_proj(zero)))
+        heads, head_dim = layers[0].encoder_attn.num_heads, layers[0].encoder_attn.head_dim
+        cache_kw = _cache_keyword(self.model)
+
+        def masked(full: Tensor, row0: Tensor, keep: Tensor) -> Tensor:
+            b, t = keep.shape
+            out = full.expand(b, -1, -1).clone()
+            out[:, :t] = torch.where(keep.unsqueeze(-1), full[:, :t], row0)
+            return out.view(b, -1, heads, head_dim).transpose(1, 2)
+
+        def run(keep: Tensor) -> Tensor:
+            b = keep.shape[0]
+            cross = DynamicCache()
+            for i, (k, v, k0, v0) in enumerate(projected):
+                cross.update(masked(k, k0, keep), masked(v, v0, keep), i)
+            cache = EncoderDecoderCache(DynamicCache(), cross)
+            for i in range(len(layers)):
+                cache.is_updated[i] = True  # use the cached cross keys/values, do not project again
+            ids = decoder_ids.to(self.device)
+            ids = ids.unsqueeze(0).expand(b, -1) if ids.dim() == 1 else ids
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out.expand(b, -1, -1)),
+                decoder_input_ids=ids,
+                use_cache=True,
+                return_dict=True,
+                **{cache_kw: cache},
+            )
+            return out.logits
+
+        return run
+
+    @torch.no_grad()
+    def generate(
+        self,
+        utterance: Utterance,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        encoder_out: Tensor | None = None,
+    ) -> Tensor:
+        from transformers import GenerationMixin
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if encoder_out is None:
+            encoder_out = self.encode(utterance.features.unsqueeze(0))
         kwargs: dict = {"num_beams": num_beams, "do_sample": False}
         prompt = torch.tensor([self.prompt_ids()], device=self.device)
         if max_new_tokens is not None:  # as max_length: the model's config already sets one
@@ -173,7 +228,12 @@ class _HFSeq2SeqAdapter(Adapter):
             kwargs["max_length"] = min(limit, prompt.shape[1] + max_new_tokens)
         # plain seq2seq generation from the forced prompt (language/task/no-timestamps): Whisper's own
         # generate() adds long-form segmentation and strips the prompt, which explanation does not want
-        seq = GenerationMixin.generate(self.model, input_features=x, decoder_input_ids=prompt, **kwargs)
+        seq = GenerationMixin.generate(
+            self.model,
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out),
+            decoder_input_ids=prompt,
+            **kwargs,
+        )
         if not isinstance(seq, Tensor):
             seq = seq.sequences
         return self.normalize_target(seq[0].cpu())
@@ -246,7 +306,9 @@ class WhisperAdapter(_HFSeq2SeqAdapter):
         return features.transpose(1, 2)
 
     def utterances(self, batch: Mapping[str, Tensor]) -> list[Utterance]:
-        return whisper_window_utterances(self._check_batch(batch), batch.get("attention_mask"), self.info, self.input_key)
+        return whisper_window_utterances(
+            self._check_batch(batch), batch.get("attention_mask"), self.info, self.input_key
+        )
 
 
 def whisper_window_utterances(x: Tensor, mask: Tensor | None, info: AdapterInfo, key: str) -> list[Utterance]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -182,8 +182,53 @@ class OpenAIWhisperAdapter(Adapter):
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         return self._decode(encoder_out, self._ids(decoder_ids, encoder_out.shape[0]), output_attentions)
 
-    def generate(self, utterance: Utterance, num_beams: int = 1, max_new_tokens: int | None = None) -> Tensor:
-        return generic_generate(self, utterance, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    def generate(
+        self,
+        utterance: Utterance,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        encoder_out: Tensor | None = None,
+    ) -> Tensor:
+        return generic_generate(
+            self, utterance, num_beams=num_beams, max_new_tokens=max_new_tokens, encoder_out=encoder_out
+        )
+
+    def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
+        """Frame occlusion with each block's cross-attention keys and values projected once; a mask
+        replaces the rows of occluded frames by the projection of a zero frame (the bias)."""
+        dec = self.model.decoder
+        zero = encoder_out.new_zeros(1, 1, encoder_out.shape[-1])
+        projected = [
+            (
+                b.cross_attn.key(encoder_out),
+                b.cross_attn.value(encoder_out),
+                b.cross_attn.key(zero),
+                b.cross_attn.value(zero),
+            )
+            for b in dec.blocks
+        ]
+
+        def masked(full: Tensor, row0: Tensor, keep: Tensor) -> Tensor:
+            b, t = keep.shape
+            out = full.expand(b, -1, -1).clone()
+            out[:, :t] = torch.where(keep.unsqueeze(-1), full[:, :t], row0)
+            return out
+
+        def run(keep: Tensor) -> Tensor:
+            ids = self._ids(decoder_ids, keep.shape[0])
+            n = ids.shape[-1]
+            x = (dec.token_embedding(ids) + dec.positional_embedding[:n]).to(encoder_out.dtype)
+            for block, (k, v, k0, v0) in zip(dec.blocks, projected):
+                x = x + block.attn(block.attn_ln(x), mask=dec.mask)[0]
+                ca = block.cross_attn
+                q = ca.query(block.cross_attn_ln(x))
+                wv, _ = ca.qkv_attention(q, masked(k, k0, keep), masked(v, v0, keep))
+                x = x + ca.out(wv)
+                x = x + block.mlp(block.mlp_ln(x))
+            x = dec.ln(x)
+            return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
+
+        return run
 
     def suppress(self, logp: Tensor, step: int) -> Tensor:
         """No special token but EOT is ever generated (plain text, no timestamps); nor EOT or a bare

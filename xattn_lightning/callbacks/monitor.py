@@ -23,6 +23,7 @@ from xattn_lightning.adapters import Adapter, adapter_for, find_tokenizer
 from xattn_lightning.batches import standard_batch
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
+from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.saliency import validate_methods
 from xattn_lightning.summary import probe_scores, summarize
@@ -154,6 +155,9 @@ class XAttnSaliencyMonitor(Callback):
             ~10 % on top of training). It changes only *how often* readings are taken: a reading that is
             due while the monitor has used more than this share is skipped (one warning says so), never
             made cheaper, so every reading uses the same number of masks. ``None``: never skip.
+        reliability_floor: ``xattn/<method>/pearson_corrected`` (the headline) is logged only when the
+            maps' split-half reliability reaches it (default :data:`~xattn_lightning.functional.RELIABILITY_FLOOR`,
+            chosen in ``docs/reliability_floor.md``); below it one warning says how many masks would.
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
             ``p_h``, ``batch_size``, ``frame_rate``, ``scales`` ...). ``frame_rate`` (input frames per second)
@@ -187,6 +191,7 @@ class XAttnSaliencyMonitor(Callback):
         num_beams: int = 1,
         max_new_tokens: int | None = None,
         max_overhead: float | None = 0.1,
+        reliability_floor: float = RELIABILITY_FLOOR,
         on_error: str = "warn",
         **method_options: Any,
     ) -> None:
@@ -232,6 +237,7 @@ class XAttnSaliencyMonitor(Callback):
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.max_overhead = max_overhead
+        self.reliability_floor = float(reliability_floor)
         self.on_error = on_error
         self.method_options = {**MONITOR_DEFAULTS, **method_options}
         # state kept across resumes
@@ -449,8 +455,8 @@ class XAttnSaliencyMonitor(Callback):
         self._scheduled_run(trainer, pl_module, _log_step(trainer, epoch_end=True))
 
     def _scheduled_run(self, trainer: Trainer, pl_module: LightningModule, log_step: int) -> None:
-        if "no-model" in self._warned:  # told at fit start; run only if the model has appeared since
-            try:
+        if "no-model" in self._warned and trainer.world_size == 1:  # told at fit start (under DDP every rank
+            try:  # takes part, so that no collective waits for a rank that skipped; failures are gathered)
                 self._adapter(pl_module)
             except Exception:
                 return
@@ -469,7 +475,8 @@ class XAttnSaliencyMonitor(Callback):
         if self.max_overhead is None or self._train_start is None or self._runs_this_fit == 0:
             return True
         training = self.clock() - self._train_start - self._monitor_seconds
-        if self._monitor_seconds <= self.max_overhead * training:
+        # rank 0's clock decides for all ranks: a reading skipped on some ranks only would deadlock
+        if _broadcast_int(int(self._monitor_seconds <= self.max_overhead * training)):
             return True
         self.skipped_steps.append(trainer.global_step)
         self._warn_once(
@@ -669,10 +676,19 @@ class XAttnSaliencyMonitor(Callback):
     ) -> dict[str, Any] | None:
         """Step 5: summarise, keep the history and log (scalars everywhere, media on rank 0)."""
         try:
-            summary = summarize(rows, self.methods, self.metrics)
+            summary = summarize(rows, self.methods, self.metrics, self.reliability_floor)
         except Exception as err:
             self._report(err, "summarizing")
             return None
+        for m, (rel, needed) in summary.get("below_floor", {}).items():
+            more = f"; about {needed} masks (n_masks={needed}) would reach it" if needed > 0 else "; raise n_masks"
+            level = f"{rel:.2f}" if rel == rel else "undefined: the two half maps do not agree, the maps are noise"
+            self._warn_once(
+                f"floor:{m}",
+                f"xattn/{m}/pearson_corrected is not logged while the maps' split-half reliability ({level}) is "
+                f"below the floor {self.reliability_floor}: the correction would mostly amplify noise{more}. The raw "
+                f"xattn/{m}/pearson and its interval are logged.",
+            )
         scalars = {PREFIX + k: v for k, v in summary["scalars"].items() if not math.isnan(v)}
         scalars[PREFIX + "seconds"] = seconds
         scalars[PREFIX + "num_probes"] = float(len(rows))

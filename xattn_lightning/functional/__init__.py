@@ -8,12 +8,15 @@ from xattn_lightning.functional.aggregate import (
     tokenwise_zscore,
 )
 from xattn_lightning.functional.agreement import (
+    RELIABILITY_FLOOR,
     agreement,
     agreement_grid,
+    bootstrap_mean_ci,
     correlation,
     deletion_auc,
     disattenuate,
     map_similarity,
+    masks_for_reliability,
     per_token_correlation,
     split_half_reliability,
     topk_overlap,
@@ -21,15 +24,18 @@ from xattn_lightning.functional.agreement import (
 from xattn_lightning.functional.pooling import pool_saliency
 
 __all__ = [
+    "RELIABILITY_FLOOR",
     "aggregate_attention",
     "agreement",
     "agreement_grid",
+    "bootstrap_mean_ci",
     "correlation",
     "deletion_auc",
     "disattenuate",
     "framewise_zscore",
     "layer_means",
     "map_similarity",
+    "masks_for_reliability",
     "per_token_correlation",
     "pool_saliency",
     "resolve_layers",

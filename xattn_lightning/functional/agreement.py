@@ -6,6 +6,7 @@ undefined and is returned as ``nan`` (never a fake ±1); callers decide how to r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -169,3 +170,53 @@ def map_similarity(a: Tensor, b: Tensor, metric: str = "pearson") -> float:
     rows = per_token_correlation(a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float(), metric, False)
     rows = rows[~rows.isnan()]
     return float(rows.mean()) if rows.numel() else float("nan")
+
+
+#: below this split-half reliability the attenuation correction is not trusted (not reported); chosen
+#: from docs/reliability_floor.md: the lowest reliability from which corrected ρ(CA, SM_H) at small N
+#: lands within 0.05 of the large-N value on average
+RELIABILITY_FLOOR = 0.5
+
+
+def masks_for_reliability(n_masks: int, reliability: float, target: float = RELIABILITY_FLOOR) -> int:
+    """Masks that would bring a map of ``reliability`` at ``n_masks`` to ``target`` (Spearman-Brown:
+    ``k`` times the masks give ``k r / (1 + (k - 1) r)``).
+
+    >>> masks_for_reliability(100, 0.25, 0.5)
+    300
+    """
+    if not reliability > 0:
+        return -1
+    if reliability >= target:
+        return n_masks
+    k = target * (1 - reliability) / (reliability * (1 - target))
+    return int(math.ceil(n_masks * k - 1e-9))
+
+
+def bootstrap_mean_ci(
+    values: Tensor, noise_sd: Tensor | None = None, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-probe ``values`` ``[P]``: probes resampled with
+    replacement and, when ``noise_sd`` ``[P]`` is given, each drawn value moved by a normal draw of its
+    own mask noise (so one probe still gets an interval). Deterministic for a ``seed``; NaN values are
+    left out, and the interval is ``(nan, nan)`` when none is left.
+
+    >>> lo, hi = bootstrap_mean_ci(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]))
+    >>> 0.1 < lo < 0.45 < hi < 0.8
+    True
+    """
+    keep = ~values.isnan()
+    if noise_sd is not None:
+        keep &= ~noise_sd.isnan()
+    v = values[keep].double()
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=g)
+    draws = v[idx]
+    if noise_sd is not None:
+        draws = draws + torch.randn(draws.shape, generator=g, dtype=torch.float64) * noise_sd[keep].double()[idx]
+    means = draws.mean(1)
+    alpha = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return float(lo), float(hi)

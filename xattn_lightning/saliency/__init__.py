@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xattn_lightning.adapters import Adapter, Utterance
+from xattn_lightning.adapters import Adapter, ForwardOutput, Utterance
 from xattn_lightning.errors import UnknownNameError, XAttnError
 from xattn_lightning.saliency.gradients import (
     GRADIENT_METHODS,
@@ -92,9 +92,18 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
 
 
 def compute_saliency(
-    adapter: Adapter, u: Utterance, exp: Any, methods: Sequence[str], progress: bool = False, **options: Any
+    adapter: Adapter,
+    u: Utterance,
+    exp: Any,
+    methods: Sequence[str],
+    progress: bool = False,
+    reference: ForwardOutput | None = None,
+    **options: Any,
 ) -> None:
-    """Compute ``methods`` for one utterance and store them in ``exp.saliency`` / ``exp.info``."""
+    """Compute ``methods`` for one utterance and store them in ``exp.saliency`` / ``exp.info``.
+
+    ``reference`` is the unperturbed teacher-forced pass (logits and encoder output) when the caller
+    has it already, so that the encoder does not run again."""
     opts = {**OPTIONS, **options}
     seq = exp.decoder_ids
     dec_in = seq[:-1]
@@ -105,8 +114,10 @@ def compute_saliency(
     t_enc = exp.num_encoder_frames
     bar = _progress_bar(progress, methods, opts, positions.numel())
     try:
-        with torch.no_grad():
-            ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
+        ref = reference
+        if ref is None or ref.encoder_out is None:
+            with torch.no_grad():
+                ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
         logp_ref = ref.logits[0].float().log_softmax(-1)
         enc = ref.encoder_out
         for m in methods:
@@ -124,8 +135,7 @@ def compute_saliency(
             elif m == "encoder_spes":
                 with torch.no_grad():
                     sm, info = spes_encoder(
-                        lambda h: adapter.decode(h, dec_in).logits,
-                        enc,
+                        adapter.masked_decoder(enc, dec_in),
                         t_enc,
                         logp_ref,
                         positions,

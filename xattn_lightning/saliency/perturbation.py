@@ -186,8 +186,7 @@ def spes_input(
 
 
 def spes_encoder(
-    decode: Callable[[Tensor], Tensor],
-    encoder_out: Tensor,
+    run: Callable[[Tensor], Tensor],
     num_encoder_frames: int,
     logp_ref: Tensor,
     positions: Tensor,
@@ -200,12 +199,13 @@ def spes_encoder(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, dict]:
     """Encoder-output saliency ``[I, T']`` (paper §1.4): zero whole valid encoder frames with
-    probability ``p_h``; ``decode(H [B, T'_full, D]) -> logits`` re-runs only the decoder."""
+    probability ``p_h``; ``run(keep [B, T'_valid]) -> logits [B, S, V]`` re-runs only the decoder
+    with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``)."""
     if n_masks < 1:
         raise XAttnError(f"Expected n_masks >= 1 but got {n_masks}.")
     if not 0.0 < p_h < 1.0:
         raise XAttnError(f"Expected the encoder occlusion probability p_h in (0, 1) but got {p_h}.")
-    device = encoder_out.device
+    device = logp_ref.device
     t_valid = num_encoder_frames
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     keep_all = draw_keep_masks(n_masks, t_valid, p_h, gen, sampling).to(device)
@@ -214,13 +214,10 @@ def spes_encoder(
     stopped = False
     for i0 in range(0, n_masks, batch_size):
         keep = keep_all[i0 : i0 + batch_size]
-        b = keep.shape[0]
-        h = encoder_out.expand(b, -1, -1).clone()
-        h[:, :t_valid] = h[:, :t_valid] * keep.unsqueeze(-1).to(h.dtype)
-        kl = kl_per_token(logp_ref, decode(h), positions)
+        kl = kl_per_token(logp_ref, run(keep), positions)
         acc.add(kl, ~keep)
         if progress is not None:
-            progress(b)
+            progress(keep.shape[0])
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             stopped = True
             break

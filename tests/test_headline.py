@@ -1,0 +1,118 @@
+"""Issue 12: one encoder pass per probe, the K/V shortcut for encoder-output saliency, the
+reliability floor and the intervals of the headline."""
+
+import math
+
+import pytest
+import torch
+from helpers import speaking_tiny_whisper, whisper_batch
+
+import xattn_lightning as xl
+from xattn_lightning.adapters import Adapter
+from xattn_lightning.functional import RELIABILITY_FLOOR, masks_for_reliability
+from xattn_lightning.saliency.perturbation import spes_encoder
+from xattn_lightning.summary import summarize
+
+
+def _setup(model, batch):
+    adapter = xl.adapter_for(model)
+    (e,) = xl.explain(model, batch, targets="generate")
+    (u,) = adapter.utterances(batch)
+    with torch.no_grad():
+        enc = adapter.encode(u.features.unsqueeze(0))
+    return adapter, u, enc, e.decoder_ids
+
+
+def _models():
+    models = [("hf", speaking_tiny_whisper(), whisper_batch(speaking_tiny_whisper(), lengths=(60,)))]
+    try:
+        from test_openai_whisper import mel_batch, random_whisper
+
+        models.append(("openai", random_whisper(), mel_batch(lengths=(60,))))
+    except Exception:  # openai-whisper not installed: the HF adapter alone
+        pass
+    return models
+
+
+@pytest.mark.parametrize("name,model,batch", _models(), ids=lambda x: x if isinstance(x, str) else "")
+def test_kv_shortcut_equals_zeroing_frames(name, model, batch):
+    adapter, u, enc, seq = _setup(model, batch)
+    t = adapter.encoder_length(u.num_frames)
+    keep = torch.rand(5, t, generator=torch.Generator().manual_seed(0)) > 0.7
+    with torch.no_grad():
+        fast = adapter.masked_decoder(enc, seq[:-1])(keep)
+        slow = Adapter.masked_decoder(adapter, enc, seq[:-1])(keep)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    positions = (~adapter.special_mask(seq[1:])).nonzero().view(-1)
+    with torch.no_grad():
+        logp = adapter.decode(enc, seq[:-1]).logits[0].float().log_softmax(-1)
+        maps = [
+            spes_encoder(run, t, logp, positions, n_masks=64, seed=3)[0]
+            for run in (adapter.masked_decoder(enc, seq[:-1]), Adapter.masked_decoder(adapter, enc, seq[:-1]))
+        ]
+    assert (maps[0] - maps[1]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name,model,batch", _models(), ids=lambda x: x if isinstance(x, str) else "")
+def test_one_encoder_pass_per_probe(name, model, batch):
+    encoder = model.get_encoder() if name == "hf" else model.encoder
+    calls = []
+    h = encoder.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        xl.explain(model, batch, targets="generate", methods=("encoder_spes",), n_masks=40)
+    finally:
+        h.remove()
+    assert len(calls) == 1  # shared by decoding, attention capture and the saliency reference
+
+
+def _row(pearson, reliability, noise=0.01, n=64):
+    return {
+        "m/pearson": pearson,
+        "m/spearman": pearson,
+        "m/layers": [pearson],
+        "m/grid": [[pearson]],
+        "m/coverage": 0.5,
+        "m/n_masks": float(n),
+        "m/reliability": reliability,
+        "m/pearson_corrected": pearson / math.sqrt(reliability),
+        "m/mask_noise": noise,
+    }
+
+
+def test_corrected_headline_only_above_the_reliability_floor_with_intervals():
+    good = summarize([_row(0.3, 0.8), _row(0.4, 0.9), _row(0.35, 0.85)], ["m"])
+    s = good["scalars"]
+    assert good["below_floor"] == {}
+    assert s["m/pearson_corrected_ci_low"] <= s["m/pearson_corrected"] <= s["m/pearson_corrected_ci_high"]
+    assert s["m/pearson_ci_low"] <= s["m/pearson"] <= s["m/pearson_ci_high"]
+    assert s["m/pearson_ci_low"] < s["m/pearson_ci_high"]
+    noisy = summarize([_row(0.1, 0.1), _row(0.12, 0.2)], ["m"])
+    assert "m/pearson_corrected" not in noisy["scalars"] and "m/pearson_corrected_ci_low" not in noisy["scalars"]
+    rel, needed = noisy["below_floor"]["m"]
+    assert rel == pytest.approx(0.15) and needed == masks_for_reliability(64, 0.15, RELIABILITY_FLOOR) > 64
+    # Spearman-Brown: the predicted reliability at the suggested count reaches the floor
+    k = needed / 64
+    assert k * rel / (1 + (k - 1) * rel) >= RELIABILITY_FLOOR - 1e-9
+    # one probe still gets an interval, from its mask noise
+    (lo, hi) = (lambda s: (s["m/pearson_ci_low"], s["m/pearson_ci_high"]))(
+        summarize([_row(0.3, 0.9)], ["m"])["scalars"]
+    )
+    assert lo < 0.3 < hi
+
+
+def test_monitor_warns_once_how_many_masks_reach_the_floor(tmp_path):
+    import warnings
+
+    from test_monitor import _fit
+
+    mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels",
+                                  max_overhead=None, reliability_floor=0.999)  # fmt: skip
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _fit(tmp_path, mon, max_epochs=2)
+    msgs = [str(w.message) for w in rec if "floor" in str(w.message)]
+    h = mon.history[-1]
+    assert h["xattn/encoder_spes/reliability"] < 0.999 and len(mon.history) == 2
+    assert len(msgs) == 1 and "n_masks=" in msgs[0]  # once, not at every reading
+    assert all("xattn/encoder_spes/pearson_corrected" not in x for x in mon.history)
+    assert "xattn/encoder_spes/pearson_ci_low" in h and "xattn/encoder_spes/pearson_ci_high" in h
