@@ -76,11 +76,11 @@ class OpenAIWhisperAdapter(Adapter):
         language, task: for multilingual models, the prompt (default English transcription).
 
     Example:
-        >>> import whisper.model as wm  # doctest: +SKIP
+        >>> import whisper.model as wm
         >>> dims = wm.ModelDimensions(n_mels=80, n_audio_ctx=50, n_audio_state=16, n_audio_head=2,
         ...     n_audio_layer=1, n_vocab=51864, n_text_ctx=32, n_text_state=16, n_text_head=2, n_text_layer=2)
-        >>> a = OpenAIWhisperAdapter(wm.Whisper(dims))  # doctest: +SKIP
-        >>> a.info.num_layers, a.encoder_length(100), a.prompt_ids()  # doctest: +SKIP
+        >>> a = OpenAIWhisperAdapter(wm.Whisper(dims))
+        >>> a.info.num_layers, a.encoder_length(100), a.prompt_ids()
         (2, 50, [50257, 50362])
     """
 
@@ -279,9 +279,10 @@ def openai_whisper_from_hf(hf_model: nn.Module) -> nn.Module:
     """Build a ``whisper.model.Whisper`` with the weights of a Hugging Face
     ``WhisperForConditionalGeneration`` (parameters renamed; nothing is downloaded).
 
-    Example:
-        >>> from transformers import WhisperForConditionalGeneration  # doctest: +SKIP
-        >>> model = openai_whisper_from_hf(WhisperForConditionalGeneration.from_pretrained(path))  # doctest: +SKIP
+    Example::
+
+        from transformers import WhisperForConditionalGeneration
+        model = openai_whisper_from_hf(WhisperForConditionalGeneration.from_pretrained("openai/whisper-tiny.en"))
     """
     import whisper.model as wm
 
