@@ -242,3 +242,18 @@ def test_frame_rate_reaches_spes_segmentation(tmp_path):
     e = mon.last_explanations[0]
     assert mon.frame_rate == 50.0
     assert e.info["spes"]["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
+
+
+def test_library_api_stands_without_lightning():
+    """xl.explain and the adapters import no Lightning; the monitor loads it on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, xattn_lightning as xl, xattn_lightning.explain\n"
+        "assert 'lightning.pytorch' not in sys.modules, 'the library imported Lightning'\n"
+        "from xattn_lightning import XAttnSaliencyMonitor\n"
+        "assert 'lightning.pytorch' in sys.modules and XAttnSaliencyMonitor is xl.XAttnSaliencyMonitor\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -5,25 +5,45 @@
 True
 """
 
-from xattn_lightning import loggers  # noqa: E402  (xl.loggers.wandb_logger)
+from typing import TYPE_CHECKING, Any
+
 from xattn_lightning.adapters import (
     Adapter,
     HookAdapter,
+    OpenAIWhisperAdapter,
     Speech2TextAdapter,
     WhisperAdapter,
     adapter_for,
 )
-from xattn_lightning.callbacks import XAttnSaliencyMonitor
 from xattn_lightning.errors import UnknownNameError, UnsupportedModelError, XAttnError
 from xattn_lightning.explain import Explanation, corpus_agreement, explain
 from xattn_lightning.saliency import list_methods
 
+if TYPE_CHECKING:  # pragma: no cover
+    from xattn_lightning import loggers
+    from xattn_lightning.callbacks import XAttnSaliencyMonitor
+
 __version__ = "0.1.0"
+
+#: names that import Lightning: loaded on first use, so the library API stands without it
+_LAZY = {"XAttnSaliencyMonitor": "xattn_lightning.callbacks", "loggers": "xattn_lightning.loggers"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        value = module if name == "loggers" else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'xattn_lightning' has no attribute {name!r}")
 
 __all__ = [
     "Adapter",
     "Explanation",
     "HookAdapter",
+    "OpenAIWhisperAdapter",
     "Speech2TextAdapter",
     "UnknownNameError",
     "UnsupportedModelError",

@@ -349,7 +349,7 @@ def compare_checkpoints(
 
 # ---------------------------------------------------------------------------- writing
 def write_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
-    """Write ``comparison.csv``, ``comparison.json``, ``layers.png`` (per-layer ρ of each checkpoint)
+    """Write ``comparison.csv``, ``comparison.json``, ``layers_<method>.png`` (per-layer ρ of each checkpoint)
     and ``heatmaps_<probe>.png`` (the same utterance through every checkpoint, side by side)."""
     from xattn_lightning.viz.heatmap import comparison_heatmaps, layers_figure, save_figure
 

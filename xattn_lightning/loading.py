@@ -6,7 +6,7 @@ Used by the CLI, the examples and the benchmarks; ``xl.explain`` itself never lo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +71,6 @@ def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: i
     padding = {} if "Whisper" in type(fe).__name__ else {"padding": True}
     out = fe(wavs, sampling_rate=sampling_rate, return_tensors="pt", return_attention_mask=True, **padding)
     return dict(out)
-
-
-def manifest_batches(
-    processor: Any, rows: Sequence[ManifestRow], batch_size: int = 8, labels: bool = False
-) -> Iterator[tuple[list[ManifestRow], dict]]:
-    """Yield ``(rows, batch)`` chunks; with ``labels`` the batch carries tokenised references (-100 padded)."""
-    for i in range(0, len(rows), batch_size):
-        chunk = list(rows[i : i + batch_size])
-        batch = features_batch(processor, chunk)
-        if labels:
-            batch["labels"] = tokenize_labels(processor, [r.text for r in chunk])
-        yield chunk, batch
 
 
 def tokenize_labels(processor: Any, texts: Sequence[str]):

@@ -214,7 +214,7 @@ class HookAdapter(Adapter):
             )
         return o if self._batch_first else o.transpose(0, 1)
 
-    def _collect(self, store: dict, batch: int) -> Tensor:
+    def _collect(self, store: dict) -> Tensor:
         attn = store["attn"]
         if any(a is None for a in attn):
             raise XAttnError(
@@ -231,7 +231,7 @@ class HookAdapter(Adapter):
             logits = self._forward_fn(self.model, features, ids)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        ca = self._collect(store, features.shape[0]) if capture else None
+        ca = self._collect(store) if capture else None
         return ForwardOutput(logits=logits, cross_attention=ca, encoder_out=self._enc_out(store["enc"]))
 
     def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:

@@ -6,7 +6,6 @@ token. Masks, KL and accumulation are computed on the model's device, batched ov
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -227,14 +226,3 @@ def spes_encoder(
         "seconds": time.perf_counter() - start,
         "budget_hit": stopped,
     }
-
-
-def mask_count_for_budget(seconds_per_mask: float, max_seconds: float, lo: int = 8) -> int:
-    """Masks that fit in ``max_seconds`` at the measured cost per mask (at least ``lo``).
-
-    >>> mask_count_for_budget(0.01, 1.0)
-    100
-    """
-    if seconds_per_mask <= 0:
-        return 10**9
-    return max(lo, int(math.floor(max_seconds / seconds_per_mask)))
