@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import speaking_tiny_whisper, whisper_batch
+from helpers import speaking_tiny_whisper, tiny_speech2text, whisper_batch
 
 import xattn_lightning as xl
 from xattn_lightning.adapters import Adapter
@@ -14,9 +14,14 @@ from xattn_lightning.saliency.perturbation import spes_encoder
 from xattn_lightning.summary import summarize
 
 
-def _setup(model, batch):
+def _targets(name, adapter):
+    info = adapter.info  # the random Speech2Text says nothing: give it a target
+    return [[info.decoder_start_id, 5, 6, 7, info.eos_id]] if name == "s2t" else "generate"
+
+
+def _setup(name, model, batch):
     adapter = xl.adapter_for(model)
-    (e,) = xl.explain(model, batch, targets="generate")
+    (e,) = xl.explain(model, batch, targets=_targets(name, adapter))
     (u,) = adapter.utterances(batch)
     with torch.no_grad():
         enc = adapter.encode(u.features.unsqueeze(0))
@@ -24,7 +29,11 @@ def _setup(model, batch):
 
 
 def _models():
-    models = [("hf", speaking_tiny_whisper(), whisper_batch(speaking_tiny_whisper(), lengths=(60,)))]
+    s2t_batch = {"input_features": torch.randn(1, 40, 12, generator=torch.Generator().manual_seed(0))}
+    models = [
+        ("hf", speaking_tiny_whisper(), whisper_batch(speaking_tiny_whisper(), lengths=(60,))),
+        ("s2t", tiny_speech2text(), s2t_batch),
+    ]
     try:
         from test_openai_whisper import mel_batch, random_whisper
 
@@ -36,7 +45,7 @@ def _models():
 
 @pytest.mark.parametrize("name,model,batch", _models(), ids=lambda x: x if isinstance(x, str) else "")
 def test_kv_shortcut_equals_zeroing_frames(name, model, batch):
-    adapter, u, enc, seq = _setup(model, batch)
+    adapter, u, enc, seq = _setup(name, model, batch)
     t = adapter.encoder_length(u.num_frames)
     keep = torch.rand(5, t, generator=torch.Generator().manual_seed(0)) > 0.7
     with torch.no_grad():
@@ -55,11 +64,11 @@ def test_kv_shortcut_equals_zeroing_frames(name, model, batch):
 
 @pytest.mark.parametrize("name,model,batch", _models(), ids=lambda x: x if isinstance(x, str) else "")
 def test_one_encoder_pass_per_probe(name, model, batch):
-    encoder = model.get_encoder() if name == "hf" else model.encoder
+    encoder = model.encoder if name == "openai" else model.get_encoder()
     calls = []
     h = encoder.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        xl.explain(model, batch, targets="generate", methods=("encoder_spes",), n_masks=40)
+        xl.explain(model, batch, targets=_targets(name, xl.adapter_for(model)), methods=("encoder_spes",), n_masks=40)
     finally:
         h.remove()
     assert len(calls) == 1  # shared by decoding, attention capture and the saliency reference

@@ -286,6 +286,23 @@ def _restore_hooks(model: nn.Module, snap: list) -> None:
                 del m.__dict__[f]
 
 
+def occlusion_bias(keep: Tensor, num_frames: int) -> Tensor:
+    """Additive attention bias ``[B, 1, 1, T' + 1]`` that makes attention over the encoder frames
+    plus one appended "occluded frame" equal attention over the frames with the occluded ones
+    (``keep`` False, ``[B, t]``, the first ``t`` frames) replaced by that frame: occluded frames get
+    ``-inf``, the appended one ``log(number occluded)`` (``-inf`` when none is).
+
+    >>> occlusion_bias(torch.tensor([[True, False, False]]), 4).flatten().tolist()[:3]
+    [0.0, -inf, -inf]
+    """
+    b, t = keep.shape
+    bias = keep.new_zeros(b, num_frames + 1, dtype=torch.float32)
+    bias[:, :t] = torch.where(keep, 0.0, -torch.inf)
+    occluded = (~keep).sum(1).float()
+    bias[:, -1] = torch.where(occluded > 0, occluded.clamp(min=1).log(), -torch.inf)
+    return bias[:, None, None, :]
+
+
 def check_target_length(adapter: Adapter, seq: Tensor) -> None:
     """Raise if a decoder sequence is empty or longer than the decoder's positions allow."""
     n_pred = seq.numel() - 1

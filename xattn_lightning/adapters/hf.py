@@ -15,6 +15,7 @@ from xattn_lightning.adapters.base import (
     ForwardOutput,
     Utterance,
     check_features,
+    occlusion_bias,
 )
 from xattn_lightning.errors import XAttnError
 
@@ -98,7 +99,6 @@ class _HFSeq2SeqAdapter(Adapter):
             if switched:
                 self.model.set_attn_implementation(prev)
 
-
     def _check_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
         if not isinstance(batch, Mapping):
             raise XAttnError(f"Expected the batch to be a dict of tensors but got {type(batch).__name__}.")
@@ -165,45 +165,54 @@ class _HFSeq2SeqAdapter(Adapter):
         return ForwardOutput(logits=out.logits, cross_attention=ca, encoder_out=encoder_out)
 
     def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
-        """Frame occlusion without re-projecting the encoder output: each decoder layer's
-        cross-attention keys and values are projected once, and a mask replaces the rows of occluded
-        frames by the projection of a zero frame (its bias), through the model's own cross-attention
-        cache. Equals zeroing the frames and decoding (``Adapter.masked_decoder``)."""
+        """Frame occlusion without re-projecting the encoder output. Each decoder layer's
+        cross-attention keys and values are projected once, with one more row: the projection of a
+        zero frame. A mask becomes an additive attention bias (:func:`occlusion_bias`): occluded frames
+        out, the zero frame weighted by their number. Equals zeroing the frames and decoding
+        (``Adapter.masked_decoder``) up to float rounding; the model's own cross-attention cache
+        carries the shared keys and values, a pre-hook the bias."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
         layers = list(self.model.get_decoder().layers)
         zero = encoder_out.new_zeros(1, 1, encoder_out.shape[-1])
+        heads, head_dim = layers[0].encoder_attn.num_heads, layers[0].encoder_attn.head_dim
         projected = []
         for layer in layers:
             attn = layer.encoder_attn
-            projected.append((attn.k_proj(encoder_out), attn.v_proj(encoder_out), attn.k_proj(zero), attn.v_proj(zero)))
-        heads, head_dim = layers[0].encoder_attn.num_heads, layers[0].encoder_attn.head_dim
+            k = torch.cat([attn.k_proj(encoder_out), attn.k_proj(zero)], 1)
+            v = torch.cat([attn.v_proj(encoder_out), attn.v_proj(zero)], 1)
+            projected.append(tuple(x.view(1, -1, heads, head_dim).transpose(1, 2) for x in (k, v)))
         cache_kw = _cache_keyword(self.model)
-
-        def masked(full: Tensor, row0: Tensor, keep: Tensor) -> Tensor:
-            b, t = keep.shape
-            out = full.expand(b, -1, -1).clone()
-            out[:, :t] = torch.where(keep.unsqueeze(-1), full[:, :t], row0)
-            return out.view(b, -1, heads, head_dim).transpose(1, 2)
+        num_frames = encoder_out.shape[1]
 
         def run(keep: Tensor) -> Tensor:
             b = keep.shape[0]
+            bias = occlusion_bias(keep, num_frames).to(encoder_out.dtype)
             cross = DynamicCache()
-            for i, (k, v, k0, v0) in enumerate(projected):
-                cross.update(masked(k, k0, keep), masked(v, v0, keep), i)
+            for i, (k, v) in enumerate(projected):
+                cross.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
             cache = EncoderDecoderCache(DynamicCache(), cross)
             for i in range(len(layers)):
                 cache.is_updated[i] = True  # use the cached cross keys/values, do not project again
+
+            def with_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+                return args, {**kwargs, "attention_mask": bias}
+
+            handles = [layer.encoder_attn.register_forward_pre_hook(with_bias, with_kwargs=True) for layer in layers]
             ids = decoder_ids.to(self.device)
             ids = ids.unsqueeze(0).expand(b, -1) if ids.dim() == 1 else ids
-            out = self.model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out.expand(b, -1, -1)),
-                decoder_input_ids=ids,
-                use_cache=True,
-                return_dict=True,
-                **{cache_kw: cache},
-            )
+            try:
+                out = self.model(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out.expand(b, -1, -1)),
+                    decoder_input_ids=ids,
+                    use_cache=True,
+                    return_dict=True,
+                    **{cache_kw: cache},
+                )
+            finally:
+                for h in handles:
+                    h.remove()
             return out.logits
 
         return run

@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance, generic_generate
+from xattn_lightning.adapters.base import (
+    Adapter,
+    AdapterInfo,
+    ForwardOutput,
+    Utterance,
+    generic_generate,
+    occlusion_bias,
+)
 from xattn_lightning.adapters.hf import conv_output_length, whisper_window_utterances
 from xattn_lightning.errors import XAttnError
 
@@ -194,36 +201,33 @@ class OpenAIWhisperAdapter(Adapter):
         )
 
     def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
-        """Frame occlusion with each block's cross-attention keys and values projected once; a mask
-        replaces the rows of occluded frames by the projection of a zero frame (the bias)."""
-        dec = self.model.decoder
-        zero = encoder_out.new_zeros(1, 1, encoder_out.shape[-1])
-        projected = [
-            (
-                b.cross_attn.key(encoder_out),
-                b.cross_attn.value(encoder_out),
-                b.cross_attn.key(zero),
-                b.cross_attn.value(zero),
-            )
-            for b in dec.blocks
-        ]
+        """Frame occlusion with each block's cross-attention keys and values projected once, plus the
+        projection of a zero frame; a mask becomes an additive attention bias (``occlusion_bias``).
+        Equals zeroing the frames and decoding, up to float rounding."""
+        import torch.nn.functional as F
 
-        def masked(full: Tensor, row0: Tensor, keep: Tensor) -> Tensor:
-            b, t = keep.shape
-            out = full.expand(b, -1, -1).clone()
-            out[:, :t] = torch.where(keep.unsqueeze(-1), full[:, :t], row0)
-            return out
+        dec = self.model.decoder
+        heads = self.info.num_heads
+        zero = encoder_out.new_zeros(1, 1, encoder_out.shape[-1])
+        projected = []
+        for block in dec.blocks:
+            ca = block.cross_attn
+            k = torch.cat([ca.key(encoder_out), ca.key(zero)], 1)
+            v = torch.cat([ca.value(encoder_out), ca.value(zero)], 1)
+            projected.append(tuple(x.view(1, x.shape[1], heads, -1).transpose(1, 2) for x in (k, v)))
+        num_frames = encoder_out.shape[1]
 
         def run(keep: Tensor) -> Tensor:
             ids = self._ids(decoder_ids, keep.shape[0])
-            n = ids.shape[-1]
+            b, n = ids.shape
+            bias = occlusion_bias(keep, num_frames).to(encoder_out.dtype)
             x = (dec.token_embedding(ids) + dec.positional_embedding[:n]).to(encoder_out.dtype)
-            for block, (k, v, k0, v0) in zip(dec.blocks, projected):
+            for block, (k, v) in zip(dec.blocks, projected):
                 x = x + block.attn(block.attn_ln(x), mask=dec.mask)[0]
                 ca = block.cross_attn
-                q = ca.query(block.cross_attn_ln(x))
-                wv, _ = ca.qkv_attention(q, masked(k, k0, keep), masked(v, v0, keep))
-                x = x + ca.out(wv)
+                q = ca.query(block.cross_attn_ln(x)).view(b, n, heads, -1).transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), attn_mask=bias)
+                x = x + ca.out(o.transpose(1, 2).flatten(2))
                 x = x + block.mlp(block.mlp_ln(x))
             x = dec.ln(x)
             return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
