@@ -18,7 +18,6 @@ from xattn_lightning.adapters.base import (
     AdapterInfo,
     ForwardOutput,
     Utterance,
-    generic_generate,
     occlusion_bias,
 )
 from xattn_lightning.adapters.hf import conv_output_length, whisper_window_utterances
@@ -188,17 +187,6 @@ class OpenAIWhisperAdapter(Adapter):
 
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         return self._decode(encoder_out, self._ids(decoder_ids, encoder_out.shape[0]), output_attentions)
-
-    def generate(
-        self,
-        utterance: Utterance,
-        num_beams: int = 1,
-        max_new_tokens: int | None = None,
-        encoder_out: Tensor | None = None,
-    ) -> Tensor:
-        return generic_generate(
-            self, utterance, num_beams=num_beams, max_new_tokens=max_new_tokens, encoder_out=encoder_out
-        )
 
     def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
         """Frame occlusion with each block's cross-attention keys and values projected once, plus the
