@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -61,7 +62,15 @@ OPTIONS: dict[str, Any] = {
     "internal_batch_size": None,
     "max_seconds": None,
     "gradient_engine": "batched",
+    "autocast": None,
 }
+
+#: batch sizes that ``batch_size="auto"`` / ``encoder_batch_size="auto"`` use off CUDA
+CPU_BATCH_SIZES: dict[str, int] = {"spes": 8, "encoder_spes": 32}
+#: the share of free GPU memory that ``"auto"`` batch sizes may fill, and their upper bound
+AUTO_MEMORY_SHARE = 0.6
+AUTO_MAX_BATCH = 1024
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["METHODS", "OPTIONS", "compute_saliency", "list_methods", "validate_methods"]
 
@@ -89,6 +98,45 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
         raise UnknownNameError("sampling", options["sampling"], ("plain", "antithetic"))
     if options.get("gradient_engine", "batched") not in ("batched", "captum"):
         raise UnknownNameError("gradient_engine", options["gradient_engine"], ("batched", "captum"))
+    if options.get("autocast") is not None and options["autocast"] not in AUTOCAST_DTYPES:
+        raise UnknownNameError("autocast", options["autocast"], (None, *AUTOCAST_DTYPES))
+    for k in ("batch_size", "encoder_batch_size"):
+        v = options.get(k, 1)
+        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise XAttnError(f"Expected {k} to be a positive int or 'auto' but got {v!r}.")
+
+
+def _autocast(device: torch.device, name: str | None) -> Any:
+    """``torch.autocast`` for the perturbed passes (``None``: full precision)."""
+    if name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[name])
+
+
+def auto_batch_size(run_batch: Callable[[int], Any], n_masks: int, device: torch.device, cpu_default: int) -> int:
+    """A mask batch size that fits the free GPU memory.
+
+    Measures the peak memory of one perturbed pass at batch 1 and at batch 4, and takes as many masks
+    per batch as :data:`AUTO_MEMORY_SHARE` of the free memory holds (at most ``n_masks`` and
+    :data:`AUTO_MAX_BATCH`). Off CUDA it returns ``cpu_default`` (batching barely helps on CPU).
+
+    >>> auto_batch_size(lambda b: None, 100, torch.device("cpu"), 8)
+    8
+    """
+    if device.type != "cuda":
+        return max(1, min(cpu_default, n_masks))
+    peaks = []
+    for b in (1, 4):
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            run_batch(b)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    per_mask = max((peaks[1] - peaks[0]) / 3.0, peaks[0] / 4.0, 1.0)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(n_masks, AUTO_MAX_BATCH, (AUTO_MEMORY_SHARE * free) // per_mask)))
 
 
 def compute_saliency(
@@ -120,26 +168,61 @@ def compute_saliency(
                 ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
         logp_ref = ref.logits[0].float().log_softmax(-1)
         enc = ref.encoder_out
+        device = torch.device(adapter.device)
+        cast = functools.partial(_autocast, device, opts["autocast"])
         for m in methods:
             if m == "spes":
+                x_in = feats.to(adapter.device, adapter.dtype)
+
+                def run_x(x: Tensor) -> Tensor:
+                    with cast():
+                        return adapter.forward(x, dec_in, output_attentions=False).logits.float()
+
                 with torch.no_grad():
+                    # under autocast the unperturbed reference is taken in the same precision, so
+                    # that the KL of an unmasked pass stays zero
+                    lp_ref = run_x(x_in.unsqueeze(0))[0].log_softmax(-1) if opts["autocast"] else logp_ref
+                    bs = opts["batch_size"]
+                    if bs == "auto":
+                        bs = auto_batch_size(
+                            lambda b: run_x(x_in.unsqueeze(0).expand(b, -1, -1)),
+                            opts["n_masks"],
+                            device,
+                            CPU_BATCH_SIZES["spes"],
+                        )
                     sm, info = spes_input(
-                        lambda x: adapter.forward(x, dec_in, output_attentions=False).logits,
-                        feats.to(adapter.device, adapter.dtype),
+                        run_x,
+                        x_in,
                         n_frames,
-                        logp_ref,
+                        lp_ref,
                         positions,
-                        **_kwargs(spes_input, opts),
+                        **{**_kwargs(spes_input, opts), "batch_size": bs},
                         progress=bar.update if bar else None,
                     )
             elif m == "encoder_spes":
+                masked = adapter.masked_decoder(enc, dec_in)
+
+                def run_h(keep: Tensor) -> Tensor:
+                    with cast():
+                        return masked(keep).float()
+
                 with torch.no_grad():
+                    ones = torch.ones(1, t_enc, dtype=torch.bool, device=device)
+                    lp_ref = run_h(ones)[0].log_softmax(-1) if opts["autocast"] else logp_ref
+                    bs = opts["encoder_batch_size"]
+                    if bs == "auto":
+                        bs = auto_batch_size(
+                            lambda b: run_h(ones.expand(b, -1)),
+                            opts["n_masks"],
+                            device,
+                            CPU_BATCH_SIZES["encoder_spes"],
+                        )
                     sm, info = spes_encoder(
-                        adapter.masked_decoder(enc, dec_in),
+                        run_h,
                         t_enc,
-                        logp_ref,
+                        lp_ref,
                         positions,
-                        **{**_kwargs(spes_encoder, opts), "batch_size": opts["encoder_batch_size"]},
+                        **{**_kwargs(spes_encoder, opts), "batch_size": bs},
                         progress=bar.update if bar else None,
                     )
             else:

@@ -179,6 +179,7 @@ def spes_input(
         "halves": acc.halves().view(2, -1, t_valid, n_bins).cpu(),
         "n_masks": acc.n,
         "segments": counts,
+        "batch_size": batch_size,
         "seconds": time.perf_counter() - start,
         "budget_hit": stopped,
     }
@@ -223,6 +224,7 @@ def spes_encoder(
     return acc.result().cpu(), {
         "halves": acc.halves().cpu(),
         "n_masks": acc.n,
+        "batch_size": batch_size,
         "seconds": time.perf_counter() - start,
         "budget_hit": stopped,
     }
