@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import xattn_lightning as xl
-from xattn_lightning.functional import map_similarity
+from xattn_lightning.functional import per_token_correlation
 
 SECTIONS = ("throughput", "precision", "monitor")
 
@@ -103,7 +103,8 @@ def bench_throughput(model, batch, targets, sizes: dict[str, list], n_masks: dic
 
 def _compare(a, b, method: str) -> dict:
     sa, sb = a.pooled(method), b.pooled(method)
-    per_tok = [v for v in (map_similarity(x, y) for x, y in zip(sa, sb)) if v == v] or [float("nan")]
+    per_tok = per_token_correlation(sa.float(), sb.float(), "pearson", False)
+    per_tok = per_tok[~per_tok.isnan()].tolist() or [float("nan")]
     rel = float((a.saliency[method] - b.saliency[method]).abs().max() / a.saliency[method].abs().max())
     return {
         "per_token_pearson_mean": statistics.fmean(per_tok),

@@ -238,3 +238,38 @@ def test_batched_vjp_modes_agree_with_captum(name):
     for vjp in ("vmap", "loop"):
         got = batched_attribute(name, fn, x, 3, n_steps=5, vjp=vjp)
         assert torch.allclose(got, ref, atol=1e-6, rtol=1e-4), vjp
+
+
+def _speaking_explain(**opts):
+    from helpers import speaking_tiny_whisper
+
+    m = speaking_tiny_whisper()
+    return xl.explain(m, whisper_batch(m, lengths=(60,)), methods=("spes", "encoder_spes"), max_new_tokens=5, **opts)[0]
+
+
+def test_auto_batch_sizes_off_cuda_take_the_cpu_defaults_and_give_the_same_maps():
+    auto = _speaking_explain(n_masks=12, batch_size="auto", encoder_batch_size="auto")
+    assert auto.info["spes"]["batch_size"] == 8
+    assert auto.info["encoder_spes"]["batch_size"] == 12  # the CPU default 32, capped at n_masks
+    fixed = _speaking_explain(n_masks=12, batch_size=8, encoder_batch_size=12)
+    for m in ("spes", "encoder_spes"):
+        torch.testing.assert_close(auto.saliency[m], fixed.saliency[m], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_gives_nearly_the_same_encoder_map():
+    from xattn_lightning.functional import map_similarity
+
+    f32 = _speaking_explain(n_masks=32)
+    bf16 = _speaking_explain(n_masks=32, autocast="bf16")
+    assert map_similarity(f32.saliency["encoder_spes"], bf16.saliency["encoder_spes"]) > 0.9  # real tiny.en on an H200: 0.9995
+    assert not torch.equal(f32.saliency["encoder_spes"], bf16.saliency["encoder_spes"])  # it did run in bf16
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [({"autocast": "int8"}, "autocast"), ({"batch_size": 0}, "batch_size"), ({"encoder_batch_size": "big"}, "auto")],
+)
+def test_bad_precision_and_batch_size_options_are_refused(opts, match):
+    m = tiny_whisper()
+    with pytest.raises(xl.XAttnError, match=match):
+        xl.explain(m, whisper_batch(m), targets=[[50257, 5, 50256]] * 2, methods=("encoder_spes",), **opts)

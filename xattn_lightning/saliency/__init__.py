@@ -99,7 +99,7 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
     if options.get("gradient_engine", "batched") not in ("batched", "captum"):
         raise UnknownNameError("gradient_engine", options["gradient_engine"], ("batched", "captum"))
     if options.get("autocast") is not None and options["autocast"] not in AUTOCAST_DTYPES:
-        raise UnknownNameError("autocast", options["autocast"], (None, *AUTOCAST_DTYPES))
+        raise UnknownNameError("autocast", options["autocast"], AUTOCAST_DTYPES)
     for k in ("batch_size", "encoder_batch_size"):
         v = options.get(k, 1)
         if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -168,63 +168,11 @@ def compute_saliency(
                 ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
         logp_ref = ref.logits[0].float().log_softmax(-1)
         enc = ref.encoder_out
-        device = torch.device(adapter.device)
-        cast = functools.partial(_autocast, device, opts["autocast"])
         for m in methods:
             if m == "spes":
-                x_in = feats.to(adapter.device, adapter.dtype)
-
-                def run_x(x: Tensor) -> Tensor:
-                    with cast():
-                        return adapter.forward(x, dec_in, output_attentions=False).logits.float()
-
-                with torch.no_grad():
-                    # under autocast the unperturbed reference is taken in the same precision, so
-                    # that the KL of an unmasked pass stays zero
-                    lp_ref = run_x(x_in.unsqueeze(0))[0].log_softmax(-1) if opts["autocast"] else logp_ref
-                    bs = opts["batch_size"]
-                    if bs == "auto":
-                        bs = auto_batch_size(
-                            lambda b: run_x(x_in.unsqueeze(0).expand(b, -1, -1)),
-                            opts["n_masks"],
-                            device,
-                            CPU_BATCH_SIZES["spes"],
-                        )
-                    sm, info = spes_input(
-                        run_x,
-                        x_in,
-                        n_frames,
-                        lp_ref,
-                        positions,
-                        **{**_kwargs(spes_input, opts), "batch_size": bs},
-                        progress=bar.update if bar else None,
-                    )
+                sm, info = _spes(adapter, feats, n_frames, dec_in, positions, logp_ref, opts, bar)
             elif m == "encoder_spes":
-                masked = adapter.masked_decoder(enc, dec_in)
-
-                def run_h(keep: Tensor) -> Tensor:
-                    with cast():
-                        return masked(keep).float()
-
-                with torch.no_grad():
-                    ones = torch.ones(1, t_enc, dtype=torch.bool, device=device)
-                    lp_ref = run_h(ones)[0].log_softmax(-1) if opts["autocast"] else logp_ref
-                    bs = opts["encoder_batch_size"]
-                    if bs == "auto":
-                        bs = auto_batch_size(
-                            lambda b: run_h(ones.expand(b, -1)),
-                            opts["n_masks"],
-                            device,
-                            CPU_BATCH_SIZES["encoder_spes"],
-                        )
-                    sm, info = spes_encoder(
-                        run_h,
-                        t_enc,
-                        lp_ref,
-                        positions,
-                        **{**_kwargs(spes_encoder, opts), "batch_size": bs},
-                        progress=bar.update if bar else None,
-                    )
+                sm, info = _encoder_spes(adapter, enc, t_enc, dec_in, positions, logp_ref, opts, bar)
             else:
                 sm, info = _gradient(adapter, m, feats, n_frames, enc, t_enc, dec_in, predicted, positions, opts, bar)
             if not torch.isfinite(sm).all():
@@ -234,6 +182,80 @@ def compute_saliency(
     finally:
         if bar is not None:
             bar.close()
+
+
+def _prepared(
+    method: str,
+    run: Callable[[Tensor], Tensor],
+    unmasked: Callable[[int], Tensor],
+    logp_ref: Tensor,
+    device,
+    opts: dict,
+) -> tuple[Callable[[Tensor], Tensor], Tensor, int]:
+    """What both perturbation families share: the perturbed pass in the asked precision, its
+    unperturbed reference and the mask batch size (``"auto"`` resolved)."""
+
+    def cast_run(x: Tensor) -> Tensor:
+        with _autocast(device, opts["autocast"]):
+            return run(x).float()
+
+    # under autocast the unperturbed reference is taken in the same precision, so that the KL of an
+    # unmasked pass stays zero
+    lp_ref = cast_run(unmasked(1))[0].log_softmax(-1) if opts["autocast"] else logp_ref
+    bs = opts["encoder_batch_size" if method == "encoder_spes" else "batch_size"]
+    if bs == "auto":
+        bs = auto_batch_size(lambda b: cast_run(unmasked(b)), opts["n_masks"], device, CPU_BATCH_SIZES[method])
+    return cast_run, lp_ref, bs
+
+
+@torch.no_grad()
+def _spes(
+    adapter: Adapter,
+    feats: Tensor,
+    n_frames: int,
+    dec_in: Tensor,
+    positions: Tensor,
+    logp_ref: Tensor,
+    opts: dict,
+    bar: Any,
+) -> tuple[Tensor, dict]:
+    x_in = feats.to(adapter.device, adapter.dtype)
+    run, lp_ref, bs = _prepared(
+        "spes",
+        lambda x: adapter.forward(x, dec_in, output_attentions=False).logits,
+        lambda b: x_in.unsqueeze(0).expand(b, -1, -1),
+        logp_ref,
+        torch.device(adapter.device),
+        opts,
+    )
+    return spes_input(
+        run,
+        x_in,
+        n_frames,
+        lp_ref,
+        positions,
+        **{**_kwargs(spes_input, opts), "batch_size": bs},
+        progress=bar.update if bar else None,
+    )
+
+
+@torch.no_grad()
+def _encoder_spes(
+    adapter: Adapter, enc: Tensor, t_enc: int, dec_in: Tensor, positions: Tensor, logp_ref: Tensor, opts: dict, bar: Any
+) -> tuple[Tensor, dict]:
+    device = torch.device(adapter.device)
+    ones = torch.ones(1, t_enc, dtype=torch.bool, device=device)
+    run, lp_ref, bs = _prepared(
+        "encoder_spes", adapter.masked_decoder(enc, dec_in), lambda b: ones.expand(b, -1), logp_ref, device, opts
+    )
+    return spes_encoder(
+        run,
+        t_enc,
+        lp_ref,
+        positions,
+        **{**_kwargs(spes_encoder, opts), "batch_size": bs},
+        progress=bar.update if bar else None,
+    )
 
 
 def _kwargs(fn: Any, opts: dict[str, Any]) -> dict[str, Any]:
