@@ -7,6 +7,7 @@ True
 
 from typing import TYPE_CHECKING, Any
 
+from xattn_lightning import timestamps
 from xattn_lightning.adapters import (
     Adapter,
     HookAdapter,
@@ -18,6 +19,7 @@ from xattn_lightning.adapters import (
 from xattn_lightning.errors import UnknownNameError, UnsupportedModelError, XAttnError
 from xattn_lightning.explain import Explanation, corpus_agreement, explain
 from xattn_lightning.saliency import list_methods
+from xattn_lightning.timestamps import alignment_heads, word_timestamps
 
 if TYPE_CHECKING:  # pragma: no cover
     from xattn_lightning import loggers
@@ -39,6 +41,7 @@ def __getattr__(name: str) -> Any:
         return value
     raise AttributeError(f"module 'xattn_lightning' has no attribute {name!r}")
 
+
 __all__ = [
     "Adapter",
     "Explanation",
@@ -51,8 +54,11 @@ __all__ = [
     "XAttnSaliencyMonitor",
     "XAttnError",
     "adapter_for",
+    "alignment_heads",
     "corpus_agreement",
     "explain",
     "list_methods",
     "loggers",
+    "timestamps",
+    "word_timestamps",
 ]

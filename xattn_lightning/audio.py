@@ -20,11 +20,14 @@ class ManifestRow:
     id: str
     audio: Path
     text: str
+    #: true word timings ``(word, start_s, end_s)`` from a ``words`` column (JSON), when the manifest has one
+    words: list[tuple[str, float, float]] | None = None
 
 
 def read_manifest(path: str | Path, check_files: bool = True) -> list[ManifestRow]:
     """Read a TSV manifest ``id<TAB>audio<TAB>text`` (an optional header line ``id audio text``);
-    audio paths are relative to the manifest's folder.
+    audio paths are relative to the manifest's folder. A header ``id audio text words`` adds a
+    fourth column: a JSON list of ``[word, start_s, end_s]`` (true word timings) per utterance.
 
     Raises :class:`~xattn_lightning.errors.XAttnError` naming the line of a malformed row or a missing file.
     """
@@ -32,11 +35,13 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[ManifestRo
     if not path.is_file():
         raise XAttnError(f"Manifest {str(path)!r} does not exist; pass a TSV file with lines 'id<TAB>audio<TAB>text'.")
     rows: list[ManifestRow] = []
+    has_words = False
     with path.open(newline="", encoding="utf-8") as fh:
         for lineno, rec in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             if not rec or all(not c.strip() for c in rec):
                 continue
             if lineno == 1 and [c.strip().lower() for c in rec[:3]] == ["id", "audio", "text"]:
+                has_words = len(rec) > 3 and rec[3].strip().lower() == "words"
                 continue
             if len(rec) < 3 or not rec[0].strip() or not rec[1].strip():
                 raise XAttnError(
@@ -46,10 +51,25 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[ManifestRo
             audio = (path.parent / rec[1].strip()).resolve()
             if check_files and not audio.is_file():
                 raise XAttnError(f"{path}:{lineno}: audio file {str(audio)!r} does not exist.")
-            rows.append(ManifestRow(rec[0].strip(), audio, "\t".join(rec[2:]).strip()))
+            if has_words:
+                rows.append(ManifestRow(rec[0].strip(), audio, rec[2].strip(), _words(rec, path, lineno)))
+            else:
+                rows.append(ManifestRow(rec[0].strip(), audio, "\t".join(rec[2:]).strip()))
     if not rows:
         raise XAttnError(f"Manifest {str(path)!r} has no utterances.")
     return rows
+
+
+def _words(rec: list[str], path: Path, lineno: int) -> list[tuple[str, float, float]]:
+    import json
+
+    try:
+        words = [(str(w), float(a), float(b)) for w, a, b in json.loads(rec[3])]
+    except (IndexError, ValueError, TypeError) as err:
+        raise XAttnError(
+            f"{path}:{lineno}: the words column must be a JSON list of [word, start_s, end_s] ({err})."
+        ) from None
+    return words
 
 
 def load_audio(path: str | Path, sampling_rate: int = 16000) -> Tensor:

@@ -59,7 +59,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: int = 16000) -> dict:
-    """Model inputs (``input_features``, ``attention_mask``) for manifest rows, through the model's processor."""
+    """Model inputs (``input_features``, ``attention_mask``) for manifest rows, through the model's processor;
+    ``words`` (true word timings per utterance) too when every row has them."""
     wavs = []
     for r in rows:
         wav = load_audio(r.audio, sampling_rate)
@@ -69,8 +70,10 @@ def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: i
     fe = getattr(processor, "feature_extractor", processor)
     # Whisper's extractor pads to its 30-s window by itself; others pad to the longest utterance
     padding = {} if "Whisper" in type(fe).__name__ else {"padding": True}
-    out = fe(wavs, sampling_rate=sampling_rate, return_tensors="pt", return_attention_mask=True, **padding)
-    return dict(out)
+    out = dict(fe(wavs, sampling_rate=sampling_rate, return_tensors="pt", return_attention_mask=True, **padding))
+    if rows and all(r.words is not None for r in rows):
+        out["words"] = [r.words for r in rows]
+    return out
 
 
 def tokenize_labels(processor: Any, texts: Sequence[str]):

@@ -1,0 +1,224 @@
+"""Token and word timing from cross-attention: the maths of Whisper's word timestamps.
+
+Pure functions (no model): choose heads' maps, normalise and smooth them as openai-whisper's
+``timing.py`` and transformers' ``_extract_token_timestamps`` do (z-score over tokens, median filter
+over time), align tokens to encoder frames by dynamic time warping, and score predicted word
+boundaries against true ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xattn_lightning.errors import XAttnError
+
+#: width of the median filter over time (openai-whisper and transformers use 7)
+MEDIAN_FILTER_WIDTH = 7
+#: seconds per Whisper encoder frame
+WHISPER_FRAME_SECONDS = 0.02
+
+Word = tuple[str, float, float]
+
+
+def median_filter(x: Tensor, width: int = MEDIAN_FILTER_WIDTH) -> Tensor:
+    """Median over a sliding window of odd ``width`` along the last axis, edges reflected (as transformers).
+
+    >>> median_filter(torch.tensor([[5.0, 0.0, 9.0, 0.0, 1.0]]), 3)
+    tensor([[0., 5., 0., 1., 0.]])
+    """
+    if width <= 0 or width % 2 != 1:
+        raise XAttnError(f"Expected an odd positive median filter width but got {width}.")
+    pad = width // 2
+    if x.shape[-1] <= pad:
+        return x
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1])
+    flat = torch.nn.functional.pad(flat, (pad, pad), mode="reflect")
+    return flat.unfold(-1, width, 1).sort()[0][..., pad].reshape(shape)
+
+
+def dtw(cost: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Monotonic alignment of rows (tokens) to columns (frames) that minimises the summed ``cost``.
+
+    The same recursion, tie-breaking and float32 sums as openai-whisper's and transformers' DTW,
+    computed one anti-diagonal at a time. Returns the path's row and column indices.
+
+    >>> dtw(np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]))
+    (array([0, 1, 1]), array([0, 1, 2]))
+    """
+    c = np.asarray(cost.detach().cpu().double().numpy() if isinstance(cost, Tensor) else cost, dtype=np.float64)
+    n, m = c.shape
+    acc = np.full((n + 1, m + 1), np.inf, dtype=np.float32)
+    trace = -np.ones((n + 1, m + 1), dtype=np.int8)
+    acc[0, 0] = 0
+    for k in range(2, n + m + 1):  # cells with i + j == k
+        i = np.arange(max(1, k - m), min(n, k - 1) + 1)
+        j = k - i
+        c0, c1, c2 = acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1]
+        t = np.where((c0 < c1) & (c0 < c2), 0, np.where((c1 < c0) & (c1 < c2), 1, 2))
+        best = np.where(t == 0, c0, np.where(t == 1, c1, c2))
+        acc[i, j] = (c[i - 1, j - 1] + best).astype(np.float32)
+        trace[i, j] = t
+    trace[0, :] = 2
+    trace[:, 0] = 1
+    i, j = n, m
+    rows, cols = [], []
+    while i > 0 or j > 0:
+        rows.append(i - 1)
+        cols.append(j - 1)
+        t = trace[i, j]
+        if t == 0:
+            i, j = i - 1, j - 1
+        elif t == 1:
+            i -= 1
+        else:
+            j -= 1
+    return np.array(rows[::-1]), np.array(cols[::-1])
+
+
+def alignment_matrix(
+    cross_attention: Tensor,
+    heads: Sequence[Sequence[int]] | None = None,
+    weights: Sequence[float] | None = None,
+    median_width: int = MEDIAN_FILTER_WIDTH,
+) -> Tensor:
+    """The token × frame matrix DTW runs on: each chosen head's map z-scored over tokens, median
+    filtered over time, then averaged over heads (weighted by ``weights`` when given).
+
+    Args:
+        cross_attention: ``[L, H, I, T']`` (one utterance, valid frames only).
+        heads: ``[layer, head]`` pairs (default: every head).
+        weights: one non-negative weight per head.
+
+    >>> alignment_matrix(torch.rand(2, 2, 3, 10), heads=[[1, 0]]).shape
+    torch.Size([3, 10])
+    """
+    num_layers, num_heads = cross_attention.shape[:2]
+    if heads is None:
+        heads = [[li, h] for li in range(num_layers) for h in range(num_heads)]
+    if not heads:
+        raise XAttnError("No alignment heads given; pass [layer, head] pairs or heads=None for all heads.")
+    for li, h in heads:
+        if not (0 <= li < num_layers and 0 <= h < num_heads):
+            raise XAttnError(f"Head [{li}, {h}] is outside this model's {num_layers} layers × {num_heads} heads.")
+    w = torch.stack([cross_attention[li, h] for li, h in heads]).double()  # [K, I, T]
+    std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
+    w = median_filter((w - mean) / std, median_width)
+    if weights is None:
+        return w.mean(0)
+    wt = torch.as_tensor(weights, dtype=w.dtype)
+    if wt.numel() != len(heads) or bool((wt < 0).any()) or float(wt.sum()) <= 0:
+        raise XAttnError(f"Expected {len(heads)} non-negative head weights with a positive sum but got {weights}.")
+    return (w * (wt / wt.sum()).view(-1, 1, 1)).sum(0)
+
+
+def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS) -> Tensor:
+    """Start time (s) of each row of ``matrix`` ``[I, T']``: the frame at which the DTW path of
+    ``-matrix`` first reaches that row.
+
+    >>> token_times(torch.tensor([[1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4]), 0.02)
+    tensor([0.0000, 0.0600], dtype=torch.float64)
+    """
+    rows, cols = dtw(-matrix)
+    jumps = np.pad(np.diff(rows), (1, 0), constant_values=1).astype(bool)
+    return torch.as_tensor(cols[jumps] * frame_seconds, dtype=torch.float64)
+
+
+_PUNCT = re.compile(r"^[\W_]+$")
+
+
+def group_words(pieces: Sequence[str]) -> list[list[int]]:
+    """Token indices of each word: a piece that starts with a space starts a word, punctuation
+    attaches to the word before it (as openai-whisper's ``merge_punctuations`` for English).
+
+    >>> group_words([" The", " wea", "ther", ",", " ok", "."])
+    [[0], [1, 2, 3], [4, 5]]
+    """
+    words: list[list[int]] = []
+    for i, p in enumerate(pieces):
+        if words and (not p.startswith(" ") or _PUNCT.match(p.strip() or "x")):
+            words[-1].append(i)
+        else:
+            words.append([i])
+    return words
+
+
+def words_from_tokens(pieces: Sequence[str], starts: Tensor, end: float) -> list[Word]:
+    """Words with start and end (s) from token pieces and each token's start; a word ends where the
+    next one starts (the last at ``end``).
+
+    >>> words_from_tokens([" a", " b", "c"], torch.tensor([0.0, 0.5, 0.7]), 1.0)
+    [('a', 0.0, 0.5), ('bc', 0.5, 1.0)]
+    """
+    groups = group_words(pieces)
+    out: list[Word] = []
+    for k, g in enumerate(groups):
+        stop = float(starts[groups[k + 1][0]]) if k + 1 < len(groups) else float(end)
+        out.append(("".join(pieces[i] for i in g).strip(), float(starts[g[0]]), max(stop, float(starts[g[0]]))))
+    return out
+
+
+def normalize_word(w: str) -> str:
+    """Lower case, letters, digits and apostrophes only.
+
+    >>> normalize_word(" Tomorrow,")
+    'tomorrow'
+    """
+    return re.sub(r"[^a-z0-9']", "", w.lower())
+
+
+def boundary_errors(predicted: Sequence[Word], reference: Sequence[Word]) -> list[float]:
+    """Absolute start and end errors (s) of the reference units the prediction got right.
+
+    A reference unit may hold several words ("in the"); it counts when its words appear, in order,
+    in the predicted words matched to the reference by a longest-common-subsequence alignment of
+    normalised words. Its predicted span runs from the first word's start to the last word's end.
+
+    >>> boundary_errors([("in", 1.0, 1.1), ("the", 1.1, 1.3)], [("in the", 0.9, 1.2)])
+    [0.09999999999999998, 0.10000000000000009]
+    """
+    from difflib import SequenceMatcher
+
+    hyp = [normalize_word(w) for w, _, _ in predicted]
+    ref_words: list[str] = []
+    owner: list[int] = []
+    for u, (text, _, _) in enumerate(reference):
+        for w in text.split():
+            ref_words.append(normalize_word(w))
+            owner.append(u)
+    match: dict[int, int] = {}
+    for a, b, size in SequenceMatcher(None, ref_words, hyp, autojunk=False).get_matching_blocks():
+        for d in range(size):
+            match[a + d] = b + d
+    errors: list[float] = []
+    for u, (_, start, end) in enumerate(reference):
+        idx = [k for k, o in enumerate(owner) if o == u]
+        if not idx or any(k not in match for k in idx):
+            continue
+        hs = [match[k] for k in idx]
+        if hs != list(range(hs[0], hs[0] + len(hs))):
+            continue
+        errors += [abs(predicted[hs[0]][1] - start), abs(predicted[hs[-1]][2] - end)]
+    return errors
+
+
+def timing_summary(errors: Sequence[float]) -> dict[str, float]:
+    """Mean boundary error (ms) and the shares within 50 and 100 ms.
+
+    >>> timing_summary([0.01, 0.07])
+    {'mae_ms': 40.0, 'within_50ms': 0.5, 'within_100ms': 1.0, 'boundaries': 2}
+    """
+    e = np.asarray(errors, dtype=np.float64)
+    if e.size == 0:
+        return {"mae_ms": float("nan"), "within_50ms": float("nan"), "within_100ms": float("nan"), "boundaries": 0}
+    return {
+        "mae_ms": round(float(e.mean() * 1000), 6),
+        "within_50ms": float((e <= 0.05 + 1e-9).mean()),
+        "within_100ms": float((e <= 0.1 + 1e-9).mean()),
+        "boundaries": int(e.size),
+    }

@@ -1,0 +1,347 @@
+"""Word timestamps from cross-attention, with alignment heads chosen by agreement with saliency.
+
+``xl.alignment_heads`` ranks ``[layer, head]`` pairs without labels (agreement of each head's
+cross-attention with a saliency map on the given speech) or, when the batches carry word timings,
+by their boundary error. ``xl.word_timestamps`` aligns tokens to encoder frames by DTW over the
+chosen heads (the method of openai-whisper's ``timing.py`` and transformers'
+``return_token_timestamps``). Stands without Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from xattn_lightning.adapters import Adapter, Utterance, adapter_for
+from xattn_lightning.errors import XAttnError, check_choice
+from xattn_lightning.functional.alignment import (
+    WHISPER_FRAME_SECONDS,
+    Word,
+    alignment_matrix,
+    boundary_errors,
+    timing_summary,
+    token_times,
+    words_from_tokens,
+)
+
+#: ``"transformers"``: transformers' ``return_token_timestamps`` exactly: DTW over the rows where
+#: the generated tokens are the decoder *input*, so a token gets the time of the row that predicts
+#: the token after it, and the EOS repeats the last time. ``"openai"``: openai-whisper's
+#: ``timing.py``: DTW over the rows that *predict* the text tokens and the end-of-text token, so
+#: each token gets the time of its own prediction and the last word ends where EOS is predicted.
+TimingMethod = Literal["transformers", "openai"]
+TIMING_METHODS = ("transformers", "openai")
+DEFAULT_TIMING_METHOD: TimingMethod = "openai"
+
+
+@dataclass
+class Alignment:
+    """Decoder sequence, its cross-attention and the facts needed to time its tokens."""
+
+    decoder_ids: Tensor  # [S] prompt, text tokens, EOS
+    cross_attention: Tensor  # [L, H, S, T'] one row per decoder input (EOS included), valid frames
+    num_prompt: int  # leading special tokens (the forced prompt)
+    pieces: list[str] | None  # token strings of the text tokens, spaces kept
+    frame_seconds: float
+    index: int = 0
+
+
+def _pieces(adapter: Adapter, ids: Tensor) -> list[str] | None:
+    return adapter.token_strings(ids)
+
+
+@torch.no_grad()
+def _align_one(adapter: Adapter, u: Utterance, seq: Tensor | None, frame_seconds: float) -> Alignment:
+    from xattn_lightning.explain import _encode_once
+
+    with adapter.capture_context():
+        enc = _encode_once(adapter, u)
+        if seq is None:
+            seq = adapter.generate(u, encoder_out=enc)
+        if enc is not None:
+            out = adapter.decode(enc, seq.to(adapter.device), output_attentions=True)
+        else:
+            out = adapter.forward(u.features.unsqueeze(0), seq.to(adapter.device), output_attentions=True)
+    t_enc = min(adapter.encoder_length(u.num_frames), out.cross_attention.shape[-1])
+    special = adapter.special_mask(seq)
+    n = 0
+    while n < len(seq) and bool(special[n]):
+        n += 1
+    stop = len(seq) - 1 if bool(special[-1]) else len(seq)  # text tokens are seq[n:stop]
+    if stop <= n:
+        raise XAttnError(f"Utterance {u.index}: the sequence has no text tokens ({seq.tolist()}); nothing to time.")
+    return Alignment(
+        decoder_ids=seq.cpu(),
+        cross_attention=out.cross_attention[0, :, :, :, :t_enc].float().cpu(),
+        num_prompt=n,
+        pieces=_pieces(adapter, seq[n:stop]),
+        frame_seconds=frame_seconds,
+        index=u.index,
+    )
+
+
+def _targets(adapter: Adapter, batch: Mapping[str, Any], utts: list[Utterance], targets: Any) -> list[Tensor | None]:
+    from xattn_lightning.explain import _targets_for
+
+    return _targets_for(adapter, batch, utts, targets)
+
+
+def align(
+    model: nn.Module | Adapter,
+    batch: Mapping[str, Any],
+    *,
+    tokenizer: object | None = None,
+    targets: str | Tensor | Sequence = "generate",
+    frame_seconds: float = WHISPER_FRAME_SECONDS,
+) -> list[Alignment]:
+    """One teacher-forced pass per utterance (the encoder once) with every decoder row's cross-attention.
+
+    Example:
+        >>> from xattn_lightning.models import TinyS2T
+        >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+        ...           targets=[[1, 5, 6, 2]])
+        >>> a[0].cross_attention.shape, a[0].num_prompt
+        (torch.Size([2, 2, 4, 4]), 1)
+    """
+    adapter = adapter_for(model, tokenizer)
+    with torch.inference_mode(False):
+        utts = adapter.utterances(batch)
+        seqs = _targets(adapter, batch, utts, targets)
+        return [_align_one(adapter, u, s, frame_seconds) for u, s in zip(utts, seqs)]
+
+
+def alignment_token_times(
+    a: Alignment,
+    heads: Sequence[Sequence[int]] | None = None,
+    weights: Sequence[float] | None = None,
+    method: TimingMethod = DEFAULT_TIMING_METHOD,
+) -> Tensor:
+    """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0); see :data:`TIMING_METHODS`.
+
+    >>> from xattn_lightning.models import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]])[0]
+    >>> alignment_token_times(a, method="transformers").shape
+    torch.Size([4])
+    """
+    check_choice("timing method", method, TIMING_METHODS)
+    s, n = len(a.decoder_ids), a.num_prompt
+    times = torch.zeros(s, dtype=torch.float64)
+    if method == "transformers":  # rows with tokens n .. s-2 as decoder input
+        rows, first = a.cross_attention[:, :, n : s - 1], n
+    else:  # rows predicting tokens max(n, 1) .. s-1
+        rows, first = a.cross_attention[:, :, max(n - 1, 0) : s - 1], max(n, 1)
+    if rows.shape[2] == 0:
+        return times
+    t = token_times(alignment_matrix(rows, heads, weights), a.frame_seconds)
+    times[first : first + len(t)] = t
+    if method == "transformers":
+        times[-1] = t[-1]
+    return times
+
+
+def alignment_words(
+    a: Alignment,
+    heads: Sequence[Sequence[int]] | None = None,
+    weights: Sequence[float] | None = None,
+    method: TimingMethod = DEFAULT_TIMING_METHOD,
+) -> list[Word]:
+    """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer)."""
+    if a.pieces is None:
+        raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
+    times = alignment_token_times(a, heads, weights, method)
+    n = a.num_prompt
+    stop = n + len(a.pieces)
+    end = float(times[stop]) if stop < len(times) else float(times[-1])
+    return words_from_tokens(a.pieces, times[n:stop], end)
+
+
+def word_timestamps(
+    model: nn.Module | Adapter,
+    batch: Mapping[str, Any],
+    *,
+    tokenizer: object | None = None,
+    heads: Sequence[Sequence[int]] | None = None,
+    weights: Sequence[float] | None = None,
+    targets: str | Tensor | Sequence = "generate",
+    method: TimingMethod = DEFAULT_TIMING_METHOD,
+) -> list[list[Word]]:
+    """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
+
+    Args:
+        heads: ``[layer, head]`` pairs; default: the model's ``generation_config.alignment_heads``
+            when it has them, else every head (measured better than the shipped heads on tiny.en:
+            see the README).
+        weights: one weight per head (e.g. their agreement), for a weighted mean.
+        method: ``"openai"`` (default; openai-whisper's convention) or ``"transformers"`` (equal to
+            transformers' token timestamps); see :data:`TIMING_METHODS`.
+
+    Example:
+        >>> import xattn_lightning as xl  # doctest: +SKIP
+        >>> xl.word_timestamps(model, batch, tokenizer=processor)[0][:2]  # doctest: +SKIP
+        [('The', 0.02, 0.14), ('weather', 0.14, 0.5)]
+    """
+    adapter = adapter_for(model, tokenizer)
+    if heads is None:
+        heads = model_alignment_heads(adapter.model)
+    return [alignment_words(a, heads, weights, method) for a in align(adapter, batch, targets=targets)]
+
+
+def model_alignment_heads(model: nn.Module) -> list[list[int]] | None:
+    """The ``alignment_heads`` a model's generation config carries (``None`` if it has none)."""
+    cfg = getattr(model, "generation_config", None)
+    heads = getattr(cfg, "alignment_heads", None)
+    return [list(map(int, h)) for h in heads] if heads else None
+
+
+def _batch_words(batch: Mapping[str, Any]) -> list[list[Word]] | None:
+    words = batch.get("words") if isinstance(batch, Mapping) else None
+    if words is None:
+        return None
+    return [[(str(w), float(s), float(e)) for w, s, e in utt] for utt in words]
+
+
+def head_agreement(
+    model: nn.Module | Adapter,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    tokenizer: object | None = None,
+    method: str = "encoder_spes",
+    **explain_options: Any,
+) -> Tensor:
+    """Mean agreement ρ of each single (layer, head) with ``method``'s saliency, ``[L, H]``, over the
+    utterances of ``batches`` (no labels needed)."""
+    import xattn_lightning as xl
+
+    grids = []
+    for b in batches:
+        for e in xl.explain(model, b, methods=(method,), tokenizer=tokenizer, **explain_options):
+            grids.append(e.agreement_grid(method))
+    if not grids:
+        raise XAttnError("No utterances in batches; pass at least one batch.")
+    return torch.stack(grids).nanmean(0)
+
+
+def head_errors(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]]) -> Tensor:
+    """Mean boundary error (s) of DTW timestamps from each single head, ``[L, H]`` (lower is better)."""
+    num_layers, num_heads = alignments[0].cross_attention.shape[:2]
+    err = torch.full((num_layers, num_heads), float("nan"), dtype=torch.float64)
+    for li in range(num_layers):
+        for h in range(num_heads):
+            e = [x for a, ref in zip(alignments, words) for x in boundary_errors(alignment_words(a, [[li, h]]), ref)]
+            if e:
+                err[li, h] = sum(e) / len(e)
+    return err
+
+
+def alignment_heads(
+    model: nn.Module | Adapter,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    tokenizer: object | None = None,
+    method: str = "encoder_spes",
+    k: int | None = None,
+    apply: bool = False,
+    supervised: bool | None = None,
+    **explain_options: Any,
+) -> list[list[int]]:
+    """``[layer, head]`` pairs for word timestamps, best first.
+
+    Label-free (default): heads ranked by their agreement with ``method``'s saliency on the given
+    speech, keeping the ``k`` best (default: the heads whose agreement is at least the mean of all
+    heads'). Supervised (when every batch carries ``words``: per utterance a list of
+    ``(word, start_s, end_s)``, or ``supervised=True``): heads added greedily while the mean
+    boundary error of the DTW timestamps falls (at most ``k``). ``apply=True`` writes them into
+    ``model.generation_config.alignment_heads`` so that ``generate(return_token_timestamps=True)``
+    and pipelines use them.
+
+    Example:
+        >>> heads = xl.alignment_heads(model, probe_batches, tokenizer=processor)  # doctest: +SKIP
+        >>> heads[:2]  # doctest: +SKIP
+        [[2, 3], [3, 1]]
+    """
+    batches = list(batches)
+    if not batches:
+        raise XAttnError("alignment_heads needs at least one batch of speech.")
+    labelled = [_batch_words(b) for b in batches]
+    if supervised is None:
+        supervised = all(w is not None for w in labelled)
+    if supervised:
+        if any(w is None for w in labelled):
+            raise XAttnError("supervised=True needs a 'words' entry (word, start_s, end_s per word) in every batch.")
+        adapter = adapter_for(model, tokenizer)
+        aligns = [a for b in batches for a in align(adapter, b)]
+        words = [u for w in labelled for u in w]  # type: ignore[union-attr]
+        heads = select_heads_supervised(aligns, words, k)
+    else:
+        grid = head_agreement(model, batches, tokenizer=tokenizer, method=method, **explain_options)
+        heads = select_heads_by_agreement(grid, k)
+    if apply:
+        inner = adapter_for(model, tokenizer).model
+        cfg = getattr(inner, "generation_config", None)
+        if cfg is None:
+            raise XAttnError(f"{type(inner).__name__} has no generation_config to write alignment_heads into.")
+        cfg.alignment_heads = heads
+    return heads
+
+
+def select_heads_by_agreement(grid: Tensor, k: int | None = None) -> list[list[int]]:
+    """Heads of an agreement grid ``[L, H]``, best first: the ``k`` best, or those at or above the mean.
+
+    >>> select_heads_by_agreement(torch.tensor([[0.1, 0.5], [0.3, 0.2]]))
+    [[0, 1], [1, 0]]
+    """
+    flat = grid.flatten().double()
+    order = [int(i) for i in torch.argsort(torch.nan_to_num(flat, nan=-2.0), descending=True)]
+    if k is None:
+        mean = float(flat.nanmean())
+        order = [i for i in order if float(flat[i]) >= mean]
+    else:
+        order = order[: max(1, int(k))]
+    num_heads = grid.shape[1]
+    return [[i // num_heads, i % num_heads] for i in order]
+
+
+def select_heads_supervised(
+    alignments: Sequence[Alignment], words: Sequence[Sequence[Word]], k: int | None = None
+) -> list[list[int]]:
+    """Greedy forward selection: start from the single head with the lowest boundary error and add
+    the head that lowers the mean error most, while it falls (at most ``k`` heads)."""
+    if len(alignments) != len(words):
+        raise XAttnError(f"Got {len(words)} word lists for {len(alignments)} utterances.")
+
+    def error(heads: list[list[int]]) -> float:
+        e = [x for a, ref in zip(alignments, words) for x in boundary_errors(alignment_words(a, heads), ref)]
+        return sum(e) / len(e) if e else float("inf")
+
+    single = head_errors(alignments, words)
+    num_heads = single.shape[1]
+    order = [int(i) for i in torch.argsort(torch.nan_to_num(single.flatten(), nan=float("inf")))]
+    chosen = [[order[0] // num_heads, order[0] % num_heads]]
+    best = error(chosen)
+    limit = k or len(order)
+    while len(chosen) < limit:
+        trials = [
+            (error([*chosen, [i // num_heads, i % num_heads]]), i)
+            for i in order
+            if [i // num_heads, i % num_heads] not in chosen
+        ]
+        if not trials:
+            break
+        e, i = min(trials)
+        if e >= best and k is None:
+            break
+        chosen.append([i // num_heads, i % num_heads])
+        best = e
+    return chosen
+
+
+def timing_scores(predicted: Sequence[Sequence[Word]], reference: Sequence[Sequence[Word]]) -> dict[str, float]:
+    """Mean boundary error (ms) and shares within 50 / 100 ms over utterances, for units the
+    transcript got right (see :func:`xattn_lightning.functional.alignment.boundary_errors`)."""
+    errors = [x for p, r in zip(predicted, reference) for x in boundary_errors(p, r)]
+    return timing_summary(errors)
