@@ -48,6 +48,7 @@ class Alignment:
     pieces: list[str] | None  # token strings of the text tokens, spaces kept
     frame_seconds: float
     index: int = 0
+    num_input_frames: int | None = None  # valid input frames (transformers crops to half of them)
 
 
 def _pieces(adapter: Adapter, ids: Tensor) -> list[str] | None:
@@ -81,6 +82,7 @@ def _align_one(adapter: Adapter, u: Utterance, seq: Tensor | None, frame_seconds
         pieces=_pieces(adapter, seq[n:stop]),
         frame_seconds=frame_seconds,
         index=u.index,
+        num_input_frames=u.num_frames,
     )
 
 
@@ -131,8 +133,9 @@ def alignment_token_times(
     check_choice("timing method", method, TIMING_METHODS)
     s, n = len(a.decoder_ids), a.num_prompt
     times = torch.zeros(s, dtype=torch.float64)
-    if method == "transformers":  # rows with tokens n .. s-2 as decoder input
-        rows, first = a.cross_attention[:, :, n : s - 1], n
+    if method == "transformers":  # rows with tokens n .. s-2 as decoder input, num_frames // 2 frames
+        frames = a.cross_attention.shape[-1] if a.num_input_frames is None else a.num_input_frames // 2
+        rows, first = a.cross_attention[:, :, n : s - 1, :frames], n
     else:  # rows predicting tokens max(n, 1) .. s-1
         rows, first = a.cross_attention[:, :, max(n - 1, 0) : s - 1], max(n, 1)
     if rows.shape[2] == 0:
@@ -165,7 +168,7 @@ def word_timestamps(
     batch: Mapping[str, Any],
     *,
     tokenizer: object | None = None,
-    heads: Sequence[Sequence[int]] | None = None,
+    heads: Sequence[Sequence[int]] | Literal["model"] | None = None,
     weights: Sequence[float] | None = None,
     targets: str | Tensor | Sequence = "generate",
     method: TimingMethod = DEFAULT_TIMING_METHOD,
@@ -173,9 +176,9 @@ def word_timestamps(
     """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
 
     Args:
-        heads: ``[layer, head]`` pairs; default: the model's ``generation_config.alignment_heads``
-            when it has them, else every head (measured better than the shipped heads on tiny.en:
-            see the README).
+        heads: ``[layer, head]`` pairs (e.g. from :func:`alignment_heads`); ``"model"``: the model's
+            ``generation_config.alignment_heads``; default ``None``: every head averaged, which was
+            measured more accurate than tiny.en's shipped heads (README, "Word timestamps").
         weights: one weight per head (e.g. their agreement), for a weighted mean.
         method: ``"openai"`` (default; openai-whisper's convention) or ``"transformers"`` (equal to
             transformers' token timestamps); see :data:`TIMING_METHODS`.
@@ -186,8 +189,11 @@ def word_timestamps(
         [('The', 0.02, 0.14), ('weather', 0.14, 0.5)]
     """
     adapter = adapter_for(model, tokenizer)
-    if heads is None:
+    if isinstance(heads, str):
+        check_choice("heads", heads, ("model",))
         heads = model_alignment_heads(adapter.model)
+        if heads is None:
+            raise XAttnError(f"{type(adapter.model).__name__} has no generation_config.alignment_heads; pass heads=.")
     return [alignment_words(a, heads, weights, method) for a in align(adapter, batch, targets=targets)]
 
 

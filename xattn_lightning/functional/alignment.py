@@ -106,7 +106,7 @@ def alignment_matrix(
     for li, h in heads:
         if not (0 <= li < num_layers and 0 <= h < num_heads):
             raise XAttnError(f"Head [{li}, {h}] is outside this model's {num_layers} layers × {num_heads} heads.")
-    w = torch.stack([cross_attention[li, h] for li, h in heads]).double()  # [K, I, T]
+    w = torch.stack([cross_attention[li, h] for li, h in heads]).float()  # [K, I, T], float32 as transformers
     std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
     w = median_filter((w - mean) / std, median_width)
     if weights is None:

@@ -1,0 +1,124 @@
+"""Word-timestamp accuracy against true word boundaries, for several choices of alignment heads.
+
+    python -m benchmarks.timestamps --model openai/whisper-tiny.en --timed data/timed-en/manifest.tsv \\
+        --select data/espeak-en/manifest.tsv --out results/
+
+The timed manifest has a ``words`` column (JSON ``[unit, start_s, end_s]``). Rows (each with the
+``openai`` and the ``transformers`` DTW convention): the model's shipped ``alignment_heads``, all
+heads, single best head by agreement, label-free heads (ranked by agreement of each head with
+encoder-output saliency on ``--select`` speech, which has no timings and is not the evaluation
+speech; ``k`` best or those above the mean), the same weighted by agreement, and supervised heads
+(greedy selection on the first ``--train`` timed utterances). Scores are on the remaining timed
+utterances (never seen by any selection): mean boundary error of starts and ends (ms) of the word
+units the transcript got right, and the shares within 50 and 100 ms. Writes ``timestamps.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import xattn_lightning as xl
+from xattn_lightning.audio import read_manifest
+from xattn_lightning.loading import features_batch, load_hf_model
+from xattn_lightning.timestamps import (
+    align,
+    alignment_words,
+    head_agreement,
+    model_alignment_heads,
+    select_heads_by_agreement,
+    select_heads_supervised,
+    timing_scores,
+)
+
+
+def _score(aligns, words, heads, weights=None, method="openai") -> dict:
+    pred = [alignment_words(a, heads, weights, method) for a in aligns]
+    return timing_scores(pred, words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=os.environ.get("XL_WHISPER_PATH"))
+    ap.add_argument("--timed", default=os.environ.get("XL_TIMED_MANIFEST"), help="manifest with a words column")
+    ap.add_argument("--select", default=os.environ.get("XL_ESPEAK_MANIFEST"), help="speech for label-free heads")
+    ap.add_argument("--select-utterances", type=int, default=10)
+    ap.add_argument("--n-masks", type=int, default=256)
+    ap.add_argument("--train", type=int, default=12, help="timed utterances for the supervised selection")
+    ap.add_argument("--ks", default="1,2,4,6,8")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--label", default="", help="name of this checkpoint in the report")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    if not (args.model and args.timed and args.select):
+        ap.error("needs --model, --timed and --select (or XL_WHISPER_PATH / XL_TIMED_MANIFEST / XL_ESPEAK_MANIFEST)")
+    model, proc = load_hf_model(args.model, device=args.device)
+    rows = read_manifest(args.timed)
+    if any(r.words is None for r in rows):
+        ap.error(f"{args.timed} has no words column (header 'id audio text words')")
+    t0 = time.perf_counter()
+    aligns = [align(model, features_batch(proc, [r]), tokenizer=proc)[0] for r in rows]
+    align_s = (time.perf_counter() - t0) / len(rows)
+    words = [r.words for r in rows]
+    train, test = slice(0, args.train), slice(args.train, None)
+    t0 = time.perf_counter()
+    sel_rows = read_manifest(args.select)[: args.select_utterances]
+    grid = head_agreement(
+        model, [features_batch(proc, [r]) for r in sel_rows], tokenizer=proc, n_masks=args.n_masks,
+        encoder_batch_size="auto",
+    )
+    select_s = (time.perf_counter() - t0) / len(sel_rows)
+    t0 = time.perf_counter()
+    supervised = select_heads_supervised(aligns[train], words[train])
+    supervised_s = time.perf_counter() - t0
+    num_layers, num_heads = grid.shape
+    configs: dict[str, tuple] = {"all heads": (None, None)}
+    shipped = model_alignment_heads(model)
+    if shipped:
+        configs["shipped alignment_heads"] = (shipped, None)
+    above = select_heads_by_agreement(grid)
+    configs[f"label-free: above-mean agreement ({len(above)})"] = (above, None)
+    configs["label-free: above-mean, weighted"] = (above, [float(grid[li, h]) for li, h in above])
+    for k in [int(x) for x in args.ks.split(",")]:
+        hk = select_heads_by_agreement(grid, k)
+        configs[f"label-free: top {k}"] = (hk, None)
+    allh = [[li, h] for li in range(num_layers) for h in range(num_heads)]
+    configs["all heads, weighted by agreement"] = (allh, [max(float(grid[li, h]), 0.0) for li, h in allh])
+    configs[f"supervised ({len(supervised)}, {args.train} timed utterances)"] = (supervised, None)
+    report: dict = {
+        "model": args.label or Path(args.model).name,
+        "device": args.device,
+        "timed": args.timed,
+        "evaluated_utterances": len(rows[test]),
+        "seconds_per_utterance_alignment": align_s,
+        "seconds_per_utterance_head_agreement": select_s,
+        "supervised_selection_s": supervised_s,
+        "agreement_grid": grid.tolist(),
+        "rows": [],
+        "argv": argv or sys.argv[1:],
+    }
+    print(f"# {report['model']}: {len(rows[test])} held-out timed utterances; one pass {align_s:.2f} s/utt")
+    print(f"{'heads':55s} {'method':12s} {'MAE ms':>7s} {'<=50ms':>7s} {'<=100ms':>7s} {'n':>4s}")
+    for name, (heads, weights) in configs.items():
+        for method in ("openai", "transformers"):
+            s = _score(aligns[test], words[test], heads, weights, method)
+            report["rows"].append({"heads": name, "method": method, "head_list": heads, **s})
+            print(
+                f"{name:55s} {method:12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
+                f"{s['boundaries']:4d}"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"timestamps{('_' + args.label) if args.label else ''}.json"
+    (out / name).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
