@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.timestamps import (
@@ -70,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sel_rows = read_manifest(args.select)[: args.select_utterances]
     grid = head_agreement(
-        model, [features_batch(proc, [r]) for r in sel_rows], tokenizer=proc, n_masks=args.n_masks,
+        model,
+        [features_batch(proc, [r]) for r in sel_rows],
+        tokenizer=proc,
+        n_masks=args.n_masks,
         encoder_batch_size="auto",
     )
     select_s = (time.perf_counter() - t0) / len(sel_rows)

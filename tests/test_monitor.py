@@ -347,3 +347,67 @@ def test_ddp_two_cpu_processes_same_numbers(tmp_path):
     assert float(x["xattn/encoder_spes/pearson"]) == pytest.approx(
         single.history[0]["xattn/encoder_spes/pearson"], abs=1e-5
     )
+
+
+def _timed_probes(n=3):
+    """Demo utterances with their true word timings (one token = one word, 10-ms input frames)."""
+    from xattn_lightning.demo import SyntheticSpeech, collate
+
+    ds = SyntheticSpeech(n, seed=7)
+    batches = []
+    for i in range(n):
+        item = ds[i]
+        words, t = [], 0
+        for k in item["labels"][:-1].tolist():
+            length = 3 + k % 4
+            words.append((f"w{k}", t * 0.01, (t + length) * 0.01))
+            t += length + 1
+        b = collate([item])
+        b["words"] = [words]
+        batches.append(b)
+    return batches
+
+
+def test_timed_probes_give_word_timestamp_scores_and_export_heads(tmp_path):
+    from types import SimpleNamespace
+
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
+        num_probes=3,
+        methods=("encoder_spes",),
+        n_masks=16,
+        targets="labels",
+        probes=_timed_probes(),
+        tokenizer=lambda i: f" w{i}",
+        export_alignment_heads=True,
+    )
+    pl.seed_everything(0)
+    model = DemoModule(lr=3e-3)
+    model.model.generation_config = SimpleNamespace(alignment_heads=None)
+    tr, va = loaders(48, 6, batch_size=8)
+    _trainer(tmp_path, [mon], CSVLogger(tmp_path)).fit(model, tr, va)
+    rows = [
+        r for r in _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0]) if r.get("xattn/seconds")
+    ]
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r["xattn/timestamps/boundaries"]) > 0
+        assert 0 <= float(r["xattn/timestamps/mae_ms"]) < 1000
+        assert 0 <= float(r["xattn/timestamps/within_50ms"]) <= float(r["xattn/timestamps/within_100ms"]) <= 1
+    assert mon.alignment_heads and all(len(h) == 2 for h in mon.alignment_heads)
+    assert model.model.generation_config.alignment_heads == mon.alignment_heads
+    assert mon.state_dict()["alignment_heads"] == mon.alignment_heads
+
+
+def test_export_without_timed_probes_or_config_warns(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
+        num_probes=2,
+        methods=("encoder_spes",),
+        n_masks=8,
+        targets="labels",
+        export_alignment_heads=True,
+    )
+    with pytest.warns(UserWarning, match="export_alignment_heads"):
+        _fit(tmp_path, mon, max_epochs=1)
+    assert mon.alignment_heads is None

@@ -261,7 +261,9 @@ def test_bf16_autocast_gives_nearly_the_same_encoder_map():
 
     f32 = _speaking_explain(n_masks=32)
     bf16 = _speaking_explain(n_masks=32, autocast="bf16")
-    assert map_similarity(f32.saliency["encoder_spes"], bf16.saliency["encoder_spes"]) > 0.9  # real tiny.en on an H200: 0.9995
+    assert (
+        map_similarity(f32.saliency["encoder_spes"], bf16.saliency["encoder_spes"]) > 0.9
+    )  # real tiny.en on an H200: 0.9995
     assert not torch.equal(f32.saliency["encoder_spes"], bf16.saliency["encoder_spes"])  # it did run in bf16
 
 

@@ -46,6 +46,9 @@ class Explanation:
         text: decoded text of the explained tokens, when a tokenizer is known.
         saliency: method name → map, ``[I, T, F]`` (input space) or ``[I, T']`` (encoder space).
         info: per-method facts (masks used, seconds, ...).
+        positions: ``LongTensor[I]`` where each explained token sits in ``decoder_ids``.
+        decoder_attention: ``Tensor[L, H, S - 1, T']`` cross-attention of every decoder input
+            ``decoder_ids[:-1]`` (prompt and special tokens included): what word timestamps align.
     """
 
     token_ids: Tensor
@@ -59,6 +62,8 @@ class Explanation:
     index: int = 0
     saliency: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    positions: Tensor | None = None
+    decoder_attention: Tensor | None = None
 
     @property
     def num_frames(self) -> int:
@@ -302,6 +307,8 @@ def _explain_one(
         decoder_ids=seq.cpu(),
         text=adapter.decode_text(seq[1:]),
         index=u.index,
+        positions=keep.nonzero().view(-1) + 1,
+        decoder_attention=ca.cpu(),
     ), out
 
 

@@ -18,6 +18,7 @@ from xattn_lightning.functional import (
     topk_overlap,
 )
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.functional.alignment import timing_summary
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -52,6 +53,10 @@ def probe_scores(
     if "spes" in methods and "encoder_spes" in methods:
         out["context_mixing_gap"] = out["encoder_spes/pearson"] - out["spes/pearson"]
     return out
+
+
+#: row key of a probe's word-boundary errors (s), when its batch carries word timings
+TIMING_ERRORS = "timestamps/errors"
 
 
 def summarize(
@@ -100,6 +105,11 @@ def summarize(
             _intervals(scalars, below_floor, m, rows, reliability_floor)
     if all("context_mixing_gap" in r for r in rows) and rows:
         scalars["context_mixing_gap"] = _mean([r["context_mixing_gap"] for r in rows])
+    timed = [r[TIMING_ERRORS] for r in rows if TIMING_ERRORS in r]
+    if timed:
+        t = timing_summary([x for errs in timed for x in errs])
+        scalars.update({f"timestamps/{k}": float(v) for k, v in t.items() if k != "boundaries"})
+        scalars["timestamps/boundaries"] = float(t["boundaries"])
     return {"scalars": scalars, "head_ranking": ranking, "grids": grids, "below_floor": below_floor}
 
 

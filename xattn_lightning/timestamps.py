@@ -16,10 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters import Adapter, Utterance, adapter_for
+from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.functional.alignment import (
-    WHISPER_FRAME_SECONDS,
     Word,
     alignment_matrix,
     boundary_errors,
@@ -43,7 +42,7 @@ class Alignment:
     """Decoder sequence, its cross-attention and the facts needed to time its tokens."""
 
     decoder_ids: Tensor  # [S] prompt, text tokens, EOS
-    cross_attention: Tensor  # [L, H, S, T'] one row per decoder input (EOS included), valid frames
+    cross_attention: Tensor  # [L, H, S - 1, T'] one row per decoder input decoder_ids[:-1], valid frames
     num_prompt: int  # leading special tokens (the forced prompt)
     pieces: list[str] | None  # token strings of the text tokens, spaces kept
     frame_seconds: float
@@ -51,45 +50,26 @@ class Alignment:
     num_input_frames: int | None = None  # valid input frames (transformers crops to half of them)
 
 
-def _pieces(adapter: Adapter, ids: Tensor) -> list[str] | None:
-    return adapter.token_strings(ids)
-
-
-@torch.no_grad()
-def _align_one(adapter: Adapter, u: Utterance, seq: Tensor | None, frame_seconds: float) -> Alignment:
-    from xattn_lightning.explain import _encode_once
-
-    with adapter.capture_context():
-        enc = _encode_once(adapter, u)
-        if seq is None:
-            seq = adapter.generate(u, encoder_out=enc)
-        if enc is not None:
-            out = adapter.decode(enc, seq.to(adapter.device), output_attentions=True)
-        else:
-            out = adapter.forward(u.features.unsqueeze(0), seq.to(adapter.device), output_attentions=True)
-    t_enc = min(adapter.encoder_length(u.num_frames), out.cross_attention.shape[-1])
-    special = adapter.special_mask(seq)
-    n = 0
-    while n < len(seq) and bool(special[n]):
-        n += 1
-    stop = len(seq) - 1 if bool(special[-1]) else len(seq)  # text tokens are seq[n:stop]
-    if stop <= n:
-        raise XAttnError(f"Utterance {u.index}: the sequence has no text tokens ({seq.tolist()}); nothing to time.")
+def alignment_from(e: Any, frame_seconds: float | None = None, frame_rate: float = 100.0) -> Alignment:
+    """The :class:`Alignment` of an :class:`~xattn_lightning.Explanation` (no new pass); an encoder
+    frame lasts ``frame_seconds`` (default: ``e.frames_per_step`` input frames at ``frame_rate`` per
+    second: 0.02 s for Whisper)."""
+    if frame_seconds is None:
+        frame_seconds = e.frames_per_step / frame_rate
+    if e.decoder_attention is None or e.positions is None or not len(e.positions):
+        raise XAttnError("This explanation carries no decoder attention; make it with xl.explain().")
+    pos = e.positions.tolist()
+    if pos != list(range(pos[0], pos[0] + len(pos))):
+        raise XAttnError(f"Utterance {e.index}: special tokens between the text tokens; cannot time words.")
     return Alignment(
-        decoder_ids=seq.cpu(),
-        cross_attention=out.cross_attention[0, :, :, :, :t_enc].float().cpu(),
-        num_prompt=n,
-        pieces=_pieces(adapter, seq[n:stop]),
+        decoder_ids=e.decoder_ids[: pos[-1] + 2],
+        cross_attention=e.decoder_attention,
+        num_prompt=pos[0],
+        pieces=e.tokens,
         frame_seconds=frame_seconds,
-        index=u.index,
-        num_input_frames=u.num_frames,
+        index=e.index,
+        num_input_frames=e.num_frames,
     )
-
-
-def _targets(adapter: Adapter, batch: Mapping[str, Any], utts: list[Utterance], targets: Any) -> list[Tensor | None]:
-    from xattn_lightning.explain import _targets_for
-
-    return _targets_for(adapter, batch, utts, targets)
 
 
 def align(
@@ -98,22 +78,22 @@ def align(
     *,
     tokenizer: object | None = None,
     targets: str | Tensor | Sequence = "generate",
-    frame_seconds: float = WHISPER_FRAME_SECONDS,
+    frame_seconds: float | None = None,
 ) -> list[Alignment]:
-    """One teacher-forced pass per utterance (the encoder once) with every decoder row's cross-attention.
+    """One pass per utterance (the encoder once, as :func:`xattn_lightning.explain`) with every decoder
+    row's cross-attention. ``frame_seconds``: the length of an encoder frame (default: from the
+    model's input frames per encoder frame at 100 input frames per second; 0.02 s for Whisper).
 
     Example:
         >>> from xattn_lightning.models import TinyS2T
         >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
         ...           targets=[[1, 5, 6, 2]])
         >>> a[0].cross_attention.shape, a[0].num_prompt
-        (torch.Size([2, 2, 4, 4]), 1)
+        (torch.Size([2, 2, 3, 4]), 1)
     """
-    adapter = adapter_for(model, tokenizer)
-    with torch.inference_mode(False):
-        utts = adapter.utterances(batch)
-        seqs = _targets(adapter, batch, utts, targets)
-        return [_align_one(adapter, u, s, frame_seconds) for u, s in zip(utts, seqs)]
+    from xattn_lightning.explain import explain
+
+    return [alignment_from(e, frame_seconds) for e in explain(model, batch, targets=targets, tokenizer=tokenizer)]
 
 
 def alignment_token_times(

@@ -25,8 +25,13 @@ from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
+from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.saliency import validate_methods
-from xattn_lightning.summary import probe_scores, summarize
+from xattn_lightning.summary import TIMING_ERRORS, probe_scores, summarize
+from xattn_lightning.timestamps import alignment_from, alignment_words, select_heads_by_agreement
+
+#: row key of a probe's (Alignment, true words) until its word timestamps are scored
+_ALIGNMENT = "_alignment"
 
 #: cheap defaults for a training-time monitor (see README "Costs")
 MONITOR_DEFAULTS = {"n_masks": 256, "seed": 0}
@@ -158,6 +163,12 @@ class XAttnSaliencyMonitor(Callback):
         reliability_floor: ``xattn/<method>/pearson_corrected`` (the headline) is logged only when the
             maps' split-half reliability reaches it (default :data:`~xattn_lightning.functional.RELIABILITY_FLOOR`,
             chosen in ``docs/reliability_floor.md``); below it one warning says how many masks would.
+        export_alignment_heads: at the end of fit, write the heads the last reading chose for word
+            timestamps (those agreeing most with saliency; ``monitor.alignment_heads``) into the
+            model's ``generation_config.alignment_heads``, so ``save_pretrained`` and pipelines use them.
+            When the probes carry true word timings (a ``words`` entry per utterance, as
+            :func:`xattn_lightning.loading.features_batch` makes from a manifest with a ``words``
+            column), each reading logs ``xattn/timestamps/mae_ms``, ``within_50ms`` and ``within_100ms``.
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
             ``p_h``, ``batch_size``, ``frame_rate``, ``scales`` ...). ``frame_rate`` (input frames per second)
@@ -192,6 +203,7 @@ class XAttnSaliencyMonitor(Callback):
         max_new_tokens: int | None = None,
         max_overhead: float | None = 0.1,
         reliability_floor: float = RELIABILITY_FLOOR,
+        export_alignment_heads: bool = False,
         on_error: str = "warn",
         **method_options: Any,
     ) -> None:
@@ -238,6 +250,9 @@ class XAttnSaliencyMonitor(Callback):
         self.max_new_tokens = max_new_tokens
         self.max_overhead = max_overhead
         self.reliability_floor = float(reliability_floor)
+        self.export_alignment_heads = bool(export_alignment_heads)
+        #: heads chosen for word timestamps at the last reading that had timed probes
+        self.alignment_heads: list[list[int]] | None = None
         self.on_error = on_error
         self.method_options = {**MONITOR_DEFAULTS, **method_options}
         # state kept across resumes
@@ -282,6 +297,7 @@ class XAttnSaliencyMonitor(Callback):
             "last_step": self._last_step,
             "history": [dict(h) for h in self.history],
             "n_masks_frozen": self.n_masks_frozen,
+            "alignment_heads": self.alignment_heads,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -290,6 +306,7 @@ class XAttnSaliencyMonitor(Callback):
         self._last_step = int(state_dict.get("last_step", -1))
         self.history = list(state_dict.get("history", []))
         self.n_masks_frozen = state_dict.get("n_masks_frozen")
+        self.alignment_heads = state_dict.get("alignment_heads")
 
     # ------------------------------------------------------------------ warnings
     def _warn_once(self, key: str, message: str, err: BaseException | None = None) -> None:
@@ -347,6 +364,8 @@ class XAttnSaliencyMonitor(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from xattn_lightning.loggers import offline_sync_hint
 
+        if self.export_alignment_heads:
+            self._export_alignment_heads(pl_module)
         for lg in trainer.loggers:
             try:
                 hint = offline_sync_hint(lg)
@@ -354,6 +373,22 @@ class XAttnSaliencyMonitor(Callback):
                 hint = None
             if hint:
                 rank_zero_info(f"XAttnSaliencyMonitor: the W&B run was logged offline; upload it with: {hint}")
+
+    def _export_alignment_heads(self, pl_module: LightningModule) -> None:
+        if not self.alignment_heads:
+            self._warn_once(
+                "export", "export_alignment_heads=True but no reading chose heads; the generation config is unchanged."
+            )
+            return
+        model = self._adapter(pl_module).model
+        cfg = getattr(model, "generation_config", None)
+        if cfg is None:
+            self._warn_once(
+                "export", f"export_alignment_heads=True but {type(model).__name__} has no generation_config."
+            )
+            return
+        cfg.alignment_heads = [list(h) for h in self.alignment_heads]
+        rank_zero_info(f"XAttnSaliencyMonitor: wrote alignment_heads={cfg.alignment_heads} into the generation config.")
 
     # ------------------------------------------------------------------ probe collection from validation
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -635,6 +670,12 @@ class XAttnSaliencyMonitor(Callback):
                 row["id"] = pid
                 row["text"] = self._ref_text(p, adapter)
                 row["hypothesis"] = e.text or " ".join(e.tokens or map(str, e.token_ids.tolist()))
+                words = p["batch"].get("words")
+                if isinstance(words, list) and len(words) == 1 and words[0]:
+                    row[_ALIGNMENT] = (
+                        alignment_from(e, frame_rate=self.frame_rate),
+                        [(str(w), float(a), float(b)) for w, a, b in words[0]],
+                    )
                 rows.append(row)
                 exps.append((pid, e))
             except Exception as err:
@@ -676,6 +717,7 @@ class XAttnSaliencyMonitor(Callback):
     ) -> dict[str, Any] | None:
         """Step 5: summarise, keep the history and log (scalars everywhere, media on rank 0)."""
         try:
+            self._time_words(rows)
             summary = summarize(rows, self.methods, self.metrics, self.reliability_floor)
         except Exception as err:
             self._report(err, "summarizing")
@@ -705,6 +747,22 @@ class XAttnSaliencyMonitor(Callback):
             best = {m: f"layer {r[0][0]} head {r[0][1]} (rho={r[0][2]:.3f})" for m, r in self.head_ranking.items() if r}
             rank_zero_info(f"XAttnSaliencyMonitor step {trainer.global_step}: best head {best}")
         return summary
+
+    def _time_words(self, rows: list[dict[str, Any]]) -> None:
+        """Word timestamps of the probes that carry true word timings, from the heads that agree
+        most with saliency at this reading (label-free; :func:`xattn_lightning.alignment_heads`)."""
+        timed = [r for r in rows if _ALIGNMENT in r]
+        if not timed:
+            return
+        method = "encoder_spes" if "encoder_spes" in self.methods else self.methods[0]
+        grid = torch.nanmean(torch.tensor([r[f"{method}/grid"] for r in rows], dtype=torch.float64), 0)
+        self.alignment_heads = select_heads_by_agreement(grid)
+        for r in timed:
+            alignment, words = r.pop(_ALIGNMENT)
+            try:
+                r[TIMING_ERRORS] = boundary_errors(alignment_words(alignment, self.alignment_heads), words)
+            except XAttnError as err:
+                self._warn_once("timestamps", f"word timestamps of the probes could not be made: {err}")
 
     # ------------------------------------------------------------------ helpers
     def _probe_id(self, p: dict[str, Any]) -> str:
