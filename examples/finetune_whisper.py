@@ -7,7 +7,10 @@ A plain fine-tuning script; the two lines that add the monitor are marked ``# <-
 
 The manifest is ``id<TAB>audio<TAB>text`` (audio paths relative to the manifest). W&B logs offline
 unless ``WANDB_API_KEY`` is set (``--no-wandb`` for a CSV logger only). ``--save DIR`` writes the
-fine-tuned model in Hugging Face format (for ``xattn-lightning compare``).
+fine-tuned model in Hugging Face format (for ``xattn-lightning compare``). ``--timed-manifest``
+(a manifest with a ``words`` column of true word timings) makes those utterances the monitor's
+probes, so each reading also logs word-timestamp accuracy (``xattn/timestamps/mae_ms``);
+``--export-alignment-heads`` writes the heads the monitor chose into the saved generation config.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="skip readings while the monitor uses more than this share of training time ('none': never)",
     )
+    ap.add_argument("--timed-manifest", help="probes with true word timings (a 'words' column)")
+    ap.add_argument("--export-alignment-heads", action="store_true")
     ap.add_argument("--out", default="runs/finetune_whisper")
     ap.add_argument("--save", help="write the fine-tuned model here (Hugging Face format)")
     ap.add_argument("--no-wandb", action="store_true")
@@ -137,6 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
         n_masks=args.n_masks,
         seed=args.seed,
         max_overhead=args.max_overhead,
+        probes=DataLoader(ManifestDataset(args.timed_manifest), batch_size=1, collate_fn=collate)
+        if args.timed_manifest
+        else None,
+        export_alignment_heads=args.export_alignment_heads,
     )
     trainer = pl.Trainer(
         max_epochs=args.epochs,
