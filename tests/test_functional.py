@@ -195,3 +195,26 @@ def test_fuzz_correlation(values, metric):
     a = torch.tensor(values)
     r = correlation(a, a.flip(0), metric)
     assert math.isnan(r) or -1.0 <= r <= 1.0
+
+
+def test_library_replacements_equal_the_hand_written_formulas():
+    """torchmetrics' WER and F.kl_div replace hand-written code: same numbers."""
+    import random
+
+    from xattn_lightning.saliency.perturbation import kl_per_token
+    from xattn_lightning.text import edit_distance, normalize_text, wer
+
+    rng = random.Random(0)
+    vocab = ["the", "cat", "sat", "on", "a", "mat", "Dog,", "ran!"]
+    refs = [" ".join(rng.choices(vocab, k=rng.randint(1, 8))) for _ in range(20)]
+    hyps = [" ".join(rng.choices(vocab, k=rng.randint(0, 8))) for _ in range(20)]
+    errors = sum(edit_distance(normalize_text(r), normalize_text(h)) for r, h in zip(refs, hyps))
+    words = sum(len(normalize_text(r)) for r in refs)
+    assert wer(refs, hyps) == pytest.approx(100.0 * errors / words, abs=1e-4)  # torchmetrics sums in float32
+    g = torch.Generator().manual_seed(0)
+    logp_ref = torch.randn(5, 11, generator=g).log_softmax(-1)
+    logits = torch.randn(3, 5, 11, generator=g)
+    pos = torch.tensor([1, 2, 4])
+    lp = logits[:, pos].log_softmax(-1)
+    by_hand = (logp_ref[pos].exp() * (logp_ref[pos] - lp)).sum(-1)
+    torch.testing.assert_close(kl_per_token(logp_ref, logits, pos), by_hand, rtol=1e-6, atol=1e-7)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.audio import ManifestRow
-from xattn_lightning.errors import XAttnError
+from xattn_lightning.errors import XAttnError, first_line
 from xattn_lightning.explain import Explanation, explain
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.saliency import validate_methods
@@ -132,7 +132,7 @@ def load_checkpoint(spec: str, module: str | None = None, processor: str | None 
         try:
             lit = cls.load_from_checkpoint(str(path), map_location="cpu")
         except Exception as err:
-            raise XAttnError(f"Cannot load {spec!r} with {module}: {type(err).__name__}: {_first_line(err)}") from err
+            raise XAttnError(f"Cannot load {spec!r} with {module}: {type(err).__name__}: {first_line(err)}") from err
         lit.eval()
         model = getattr(lit, "xattn_adapter", None) or lit
         proc = getattr(lit, "processor", None)
@@ -155,7 +155,7 @@ def load_hf_model_processor(name_or_path: str) -> Any:
     try:
         return transformers.AutoProcessor.from_pretrained(name_or_path)
     except Exception as err:
-        raise XAttnError(f"Cannot load a processor from {name_or_path!r}: {_first_line(err)}") from err
+        raise XAttnError(f"Cannot load a processor from {name_or_path!r}: {first_line(err)}") from err
 
 
 def _check_s2t(model: Any, spec: str) -> None:
@@ -174,16 +174,11 @@ def _import_class(spec: str) -> type:
     try:
         mod = importlib.import_module(mod_name)
     except Exception as err:
-        raise XAttnError(f"Cannot import {mod_name!r}: {type(err).__name__}: {_first_line(err)}") from err
+        raise XAttnError(f"Cannot import {mod_name!r}: {type(err).__name__}: {first_line(err)}") from err
     cls = getattr(mod, cls_name, None)
     if cls is None or not hasattr(cls, "load_from_checkpoint"):
         raise XAttnError(f"{spec!r} is not a LightningModule class.")
     return cls
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------------------- running

@@ -32,3 +32,13 @@ def check_choice(kind: str, name: str, valid: Iterable[str]) -> str:
     if name not in valid:
         raise UnknownNameError(kind, name, valid)
     return name
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty).
+
+    >>> first_line(OSError("no such file\\nTraceback ..."))
+    'no such file'
+    """
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

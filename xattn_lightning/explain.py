@@ -79,7 +79,9 @@ class Explanation:
         """Aggregated cross-attention ``[I, T']`` (default: mean over all layers and heads)."""
         return aggregate_attention(self.cross_attention, layers=layers, heads=heads, pairs=pairs)
 
-    def _saliency(self, method: str) -> Tensor:
+    def saliency_map(self, method: str) -> Tensor:
+        """The saliency map of ``method`` as computed (``[I, T, F]`` or ``[I, T']``); a clear error
+        naming what was computed when it was not."""
         if method not in self.saliency:
             raise XAttnError(
                 f"No saliency {method!r} in this explanation; computed: {sorted(self.saliency) or 'none'}. "
@@ -89,7 +91,7 @@ class Explanation:
 
     def pooled(self, method: str, mode: str = "max2d") -> Tensor:
         """Saliency of ``method`` at encoder resolution ``[I, T']`` (input-space maps are pooled)."""
-        sm = self._saliency(method)
+        sm = self.saliency_map(method)
         if sm.dim() == 2:
             return sm
         return pool_saliency(sm, self.frames_per_step, self.num_encoder_frames, mode=mode)
@@ -119,7 +121,7 @@ class Explanation:
     def pooled_halves(self, method: str, pooling: str = "max2d") -> Tensor | None:
         """The two half maps of a perturbation method (even and odd masks) at encoder resolution,
         ``[2, I, T']``; ``None`` for exact (gradient) maps."""
-        self._saliency(method)
+        self.saliency_map(method)
         halves = self.info.get(method, {}).get("halves")
         if halves is None:
             return None

@@ -73,7 +73,7 @@ def relevance_map(exp: Explanation, explainer: str, **aggregation: Any) -> Tenso
         if res == "pooled":
             enc = exp.pooled(method)
         else:
-            sm = exp._saliency(method)
+            sm = exp.saliency_map(method)
             if sm.dim() == 3:
                 return sm.float().mean(0)
             enc = sm

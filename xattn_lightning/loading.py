@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from xattn_lightning.audio import ManifestRow, load_audio
-from xattn_lightning.errors import UnsupportedModelError, XAttnError
+from xattn_lightning.errors import UnsupportedModelError, XAttnError, first_line
 
 
 def load_hf_model(name_or_path: str, device: str = "cpu") -> tuple[Any, Any]:
@@ -35,7 +35,7 @@ def load_hf_model(name_or_path: str, device: str = "cpu") -> tuple[Any, Any]:
         config = transformers.AutoConfig.from_pretrained(name_or_path)
     except Exception as err:  # hub unreachable, no config.json, ...
         hint = " (offline: set HF_HUB_OFFLINE=0 or pass a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise XAttnError(f"Cannot load a model config from {name_or_path!r}{hint}: {_first_line(err)}") from err
+        raise XAttnError(f"Cannot load a model config from {name_or_path!r}{hint}: {first_line(err)}") from err
     if config.model_type == "whisper":
         model_cls, proc_cls = transformers.WhisperForConditionalGeneration, transformers.WhisperProcessor
     elif config.model_type == "speech_to_text":
@@ -49,13 +49,8 @@ def load_hf_model(name_or_path: str, device: str = "cpu") -> tuple[Any, Any]:
         model = model_cls.from_pretrained(name_or_path).to(device).eval()
         processor = proc_cls.from_pretrained(name_or_path)
     except Exception as err:
-        raise XAttnError(f"Cannot load {name_or_path!r}: {_first_line(err)}") from err
+        raise XAttnError(f"Cannot load {name_or_path!r}: {first_line(err)}") from err
     return model, processor
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: int = 16000) -> dict:

@@ -26,8 +26,8 @@ def wandb_logger(project: str = "xattn-lightning", save_dir: str | os.PathLike =
     an offline run when training ends.
 
     >>> import os; os.environ["WANDB_MODE"] = "offline"
-    >>> wandb_logger(save_dir="/tmp")._offline
-    True
+    >>> type(wandb_logger(save_dir="/tmp")).__name__
+    'WandbLogger'
     """
     from lightning.pytorch.loggers import WandbLogger
 
@@ -37,8 +37,15 @@ def wandb_logger(project: str = "xattn-lightning", save_dir: str | os.PathLike =
 
 
 def offline_sync_hint(logger: Any) -> str | None:
-    """``"wandb sync <run dir>"`` for an offline ``WandbLogger`` whose run has started, else ``None``."""
-    if not getattr(logger, "_offline", False) or getattr(logger, "_experiment", None) is None:
+    """``"wandb sync <run dir>"`` for a ``WandbLogger`` whose run has started offline, else ``None``
+    (the run is W&B's current one: asking the logger would start a run that never logged)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
         return None
-    run_dir = Path(logger.experiment.dir).parent  # .../offline-run-*/files -> the run folder
-    return f"wandb sync {run_dir}"
+    import wandb
+
+    run = wandb.run
+    if run is None or not run.offline:
+        return None
+    return f"wandb sync {Path(run.dir).parent}"  # .../offline-run-*/files -> the run folder

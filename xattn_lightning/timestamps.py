@@ -163,10 +163,10 @@ def word_timestamps(
         method: ``"openai"`` (default; openai-whisper's convention) or ``"transformers"`` (equal to
             transformers' token timestamps); see :data:`TIMING_METHODS`.
 
-    Example:
-        >>> import xattn_lightning as xl  # doctest: +SKIP
-        >>> xl.word_timestamps(model, batch, tokenizer=processor)[0][:2]  # doctest: +SKIP
-        [('The', 0.02, 0.14), ('weather', 0.14, 0.5)]
+    Example (a real Whisper and its processor)::
+
+        words = xl.word_timestamps(model, batch, tokenizer=processor)
+        words[0][:2]  # [('The', 0.02, 0.14), ('weather', 0.14, 0.5)]
     """
     adapter = adapter_for(model, tokenizer)
     if isinstance(heads, str):
@@ -245,10 +245,10 @@ def alignment_heads(
     ``model.generation_config.alignment_heads`` so that ``generate(return_token_timestamps=True)``
     and pipelines use them.
 
-    Example:
-        >>> heads = xl.alignment_heads(model, probe_batches, tokenizer=processor)  # doctest: +SKIP
-        >>> heads[:2]  # doctest: +SKIP
-        [[2, 3], [3, 1]]
+    Example (a real Whisper and its processor)::
+
+        heads = xl.alignment_heads(model, probe_batches, tokenizer=processor, apply=True)
+        heads[:2]  # [[2, 1], [1, 5]]
     """
     batches = list(batches)
     if not batches:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from xattn_lightning.errors import XAttnError
@@ -64,8 +65,8 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor) -> Tensor:
     ``logp_ref`` is ``[S, V]`` log-probs of the unperturbed pass, ``logits`` ``[B, S, V]``.
     """
     lp = logits[:, positions].float().log_softmax(-1)
-    ref = logp_ref[positions]
-    return (ref.exp() * (ref - lp)).sum(-1).clamp(min=0.0)
+    ref = logp_ref[positions].expand_as(lp)
+    return F.kl_div(lp, ref, reduction="none", log_target=True).sum(-1).clamp(min=0.0)
 
 
 def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator, sampling: str = "plain") -> Tensor:
