@@ -218,3 +218,20 @@ def test_library_replacements_equal_the_hand_written_formulas():
     lp = logits[:, pos].log_softmax(-1)
     by_hand = (logp_ref[pos].exp() * (logp_ref[pos] - lp)).sum(-1)
     torch.testing.assert_close(kl_per_token(logp_ref, logits, pos), by_hand, rtol=1e-6, atol=1e-7)
+
+
+def test_batched_agreement_grid_equals_the_per_head_loop():
+    from xattn_lightning.functional import agreement
+
+    g = torch.Generator().manual_seed(3)
+    ca = torch.rand(3, 4, 5, 30, generator=g)
+    ca[1, 2] = 0.25  # a constant head: undefined
+    sm = torch.rand(5, 30, generator=g)
+    for normalize in (True, False):
+        grid = agreement_grid(ca, sm, "pearson", normalize)
+        loop = torch.tensor(
+            [[agreement(ca[li, h], sm, "pearson", normalize) for h in range(4)] for li in range(3)],
+            dtype=torch.float64,
+        )
+        torch.testing.assert_close(grid, loop, rtol=0, atol=1e-9, equal_nan=True)
+        assert math.isnan(float(grid[1, 2]))

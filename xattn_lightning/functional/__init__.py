@@ -3,7 +3,6 @@
 from xattn_lightning.functional.aggregate import (
     aggregate_attention,
     framewise_zscore,
-    layer_means,
     resolve_layers,
     tokenwise_zscore,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "deletion_auc",
     "disattenuate",
     "framewise_zscore",
-    "layer_means",
     "map_similarity",
     "masks_for_reliability",
     "per_token_correlation",

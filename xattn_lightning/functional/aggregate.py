@@ -120,16 +120,6 @@ def aggregate_attention(
     return ca[li][:, hi].mean(dim=(0, 1))
 
 
-def layer_means(ca: Tensor) -> Tensor:
-    """Head-mean attention per layer, ``[L, I, T']``.
-
-    >>> layer_means(torch.ones(2, 3, 4, 5)).shape
-    torch.Size([2, 4, 5])
-    """
-    _check_attention(ca)
-    return ca.mean(dim=1)
-
-
 def _zscore(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
     x = x.double() if x.dtype == torch.float64 else x.float()
     mean = x.mean(dim=dim, keepdim=True)

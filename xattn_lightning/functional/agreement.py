@@ -92,11 +92,28 @@ def agreement_grid(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: b
     """
     if ca.dim() != 4:
         raise XAttnError(f"Expected cross-attention [layers, heads, tokens, frames] but got {tuple(ca.shape)}.")
+    if metric == "pearson":
+        _check_pair(ca[0, 0], sm)
+        a, b = (framewise_zscore(ca), tokenwise_zscore(sm)) if normalize else (ca, sm)
+        return _pearson_rows(a.reshape(ca.shape[0] * ca.shape[1], -1), b.reshape(-1)).view(ca.shape[:2])
     grid = torch.empty(ca.shape[:2], dtype=torch.float64)
     for li in range(ca.shape[0]):
         for hi in range(ca.shape[1]):
             grid[li, hi] = agreement(ca[li, hi], sm, metric, normalize)
     return grid
+
+
+def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation of each row of ``x [K, N]`` with ``y [N]`` in one batched product;
+    ``nan`` for a constant or non-finite row (as :func:`correlation`)."""
+    x, y = x.double(), y.double()
+    if y.numel() < 2 or not bool(torch.isfinite(y).all()) or y.max() == y.min():
+        return torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
+    xc = x - x.mean(-1, keepdim=True)
+    yc = y - y.mean()
+    r = (xc @ yc) / (xc.norm(dim=-1) * yc.norm())
+    bad = ~torch.isfinite(x).all(-1) | (x.amax(-1) == x.amin(-1))
+    return r.clamp(-1.0, 1.0).masked_fill(bad, float("nan"))
 
 
 def deletion_auc(fractions: Sequence[float], scores: Sequence[float], max_score: float = 100.0) -> float:
