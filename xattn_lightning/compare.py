@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from xattn_lightning.adapters import Adapter, adapter_for
+from xattn_lightning.adapters import Adapter, adapter_for, is_tokenizer, unwrap_tokenizer
 from xattn_lightning.audio import ManifestRow
 from xattn_lightning.errors import XAttnError, first_line
 from xattn_lightning.explain import Explanation, explain
@@ -224,10 +224,7 @@ class _ExplainerModule(pl.LightningModule):
 
 def _tokenizer_of(processor: Any) -> Any:
     """The tokenizer inside a processor (a bare feature extractor has none)."""
-    tok = getattr(processor, "tokenizer", None)
-    if tok is not None:
-        return tok
-    return processor if hasattr(processor, "convert_ids_to_tokens") or hasattr(processor, "decode") else None
+    return unwrap_tokenizer(processor) if is_tokenizer(processor) else None
 
 
 def _collate(items: list) -> tuple[list[int], list[ManifestRow]]:

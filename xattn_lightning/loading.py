@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xattn_lightning.adapters.base import unwrap_tokenizer
 from xattn_lightning.audio import ManifestRow, load_audio
 from xattn_lightning.errors import UnsupportedModelError, XAttnError, first_line
 
@@ -73,7 +74,7 @@ def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: i
 
 def tokenize_labels(processor: Any, texts: Sequence[str]):
     """Reference token ids padded with -100 (the Hugging Face label convention)."""
-    tok = getattr(processor, "tokenizer", processor)
+    tok = unwrap_tokenizer(processor)
     enc = tok(list(texts), return_tensors="pt", padding=True)
     ids = enc.input_ids
     return ids.masked_fill(enc.attention_mask == 0, -100)

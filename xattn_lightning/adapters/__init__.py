@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance
+from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance, unwrap_tokenizer
 from xattn_lightning.adapters.hf import Speech2TextAdapter, WhisperAdapter
 from xattn_lightning.adapters.hooks import HookAdapter
 from xattn_lightning.adapters.openai_whisper import OpenAIWhisperAdapter
@@ -42,7 +42,7 @@ def is_tokenizer(obj: object) -> bool:
     """
     if obj is None:
         return False
-    inner = getattr(obj, "tokenizer", obj)
+    inner = unwrap_tokenizer(obj)
     return callable(getattr(inner, "decode", None)) or callable(getattr(inner, "convert_ids_to_tokens", None))
 
 

@@ -14,11 +14,23 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from xattn_lightning.errors import XAttnError
+
+
+def unwrap_tokenizer(obj: Any) -> Any:
+    """The tokenizer inside a processor (``.tokenizer``), or ``obj`` itself: the one place that
+    knows processors wrap tokenizers.
+
+    >>> class Processor: tokenizer = "tok"
+    >>> unwrap_tokenizer(Processor()), unwrap_tokenizer("tok")
+    ('tok', 'tok')
+    """
+    return getattr(obj, "tokenizer", obj)
 
 
 @dataclass
@@ -211,7 +223,7 @@ class Adapter(ABC):
         tok = self.tokenizer
         if tok is None:
             return None
-        tok = getattr(tok, "tokenizer", tok)  # a processor wraps its tokenizer
+        tok = unwrap_tokenizer(tok)
         if hasattr(tok, "convert_ids_to_tokens"):
             out = tok.convert_ids_to_tokens([int(i) for i in ids])
             return [str(s).replace("\u0120", " ").replace("\u2581", " ") for s in out]
@@ -224,7 +236,7 @@ class Adapter(ABC):
         tok = self.tokenizer
         if tok is None:
             return None
-        tok = getattr(tok, "tokenizer", tok)
+        tok = unwrap_tokenizer(tok)
         keep = ids[~self.special_mask(ids)]
         if hasattr(tok, "decode"):
             return str(tok.decode([int(i) for i in keep], skip_special_tokens=True)).strip()

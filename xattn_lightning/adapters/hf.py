@@ -16,6 +16,7 @@ from xattn_lightning.adapters.base import (
     Utterance,
     check_features,
     occlusion_bias,
+    unwrap_tokenizer,
 )
 from xattn_lightning.errors import XAttnError
 
@@ -41,7 +42,7 @@ def _cache_keyword(model: nn.Module) -> str:
 
 
 def _tokenizer_special_ids(tokenizer: object | None) -> set[int]:
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    tok = unwrap_tokenizer(tokenizer)
     ids = getattr(tok, "all_special_ids", None) or []
     return {int(i) for i in ids}
 
