@@ -24,10 +24,13 @@ from pathlib import Path
 
 import torch
 
+import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.timestamps import (
+    FUSION_WEIGHT,
     align,
+    alignment_from,
     alignment_words,
     head_agreement,
     model_alignment_heads,
@@ -37,8 +40,14 @@ from xattn_lightning.timestamps import (
 )
 
 
-def _score(aligns, words, heads, weights=None, method="openai") -> dict:
-    pred = [alignment_words(a, heads, weights, method) for a in aligns]
+def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0) -> dict:
+    if heads == "per-utterance":
+        pred = [
+            alignment_words(a, select_heads_by_agreement(e.agreement_grid("encoder_spes")), None, method, fusion)
+            for a, e in aligns
+        ]
+    else:
+        pred = [alignment_words(a, heads, weights, method, fusion) for a in aligns]
     return timing_scores(pred, words)
 
 
@@ -62,10 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     if any(r.words is None for r in rows):
         ap.error(f"{args.timed} has no words column (header 'id audio text words')")
     t0 = time.perf_counter()
-    aligns = [align(model, features_batch(proc, [r]), tokenizer=proc)[0] for r in rows]
-    align_s = (time.perf_counter() - t0) / len(rows)
-    words = [r.words for r in rows]
     train, test = slice(0, args.train), slice(args.train, None)
+    aligns = [align(model, features_batch(proc, [r]), tokenizer=proc)[0] for r in rows[train]]
+    align_s = (time.perf_counter() - t0) / max(len(aligns), 1)
+    # the held-out utterances with their encoder-output saliency: per-utterance heads and fusion
+    t0 = time.perf_counter()
+    test_exps = [
+        xl.explain(
+            model,
+            features_batch(proc, [r]),
+            methods=("encoder_spes",),
+            tokenizer=proc,
+            n_masks=args.n_masks,
+            encoder_batch_size="auto",
+        )[0]
+        for r in rows[test]
+    ]
+    saliency_s = (time.perf_counter() - t0) / max(len(test_exps), 1)
+    aligns += [alignment_from(e) for e in test_exps]
+    words = [r.words for r in rows]
     t0 = time.perf_counter()
     sel_rows = read_manifest(args.select)[: args.select_utterances]
     grid = head_agreement(
@@ -93,12 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     allh = [[li, h] for li in range(num_layers) for h in range(num_heads)]
     configs["all heads, weighted by agreement"] = (allh, [max(float(grid[li, h]), 0.0) for li, h in allh])
     configs[f"supervised ({len(supervised)}, {args.train} timed utterances)"] = (supervised, None)
+    fused = {
+        f"label-free: above-mean + saliency fusion {FUSION_WEIGHT}": (above, None),
+        f"label-free per utterance + fusion {FUSION_WEIGHT} (word_timestamps default)": ("per-utterance", None),
+        "label-free per utterance, no fusion": ("per-utterance", 0.0),
+    }
     report: dict = {
         "model": args.label or Path(args.model).name,
         "device": args.device,
         "timed": args.timed,
         "evaluated_utterances": len(rows[test]),
         "seconds_per_utterance_alignment": align_s,
+        "seconds_per_utterance_saliency": saliency_s,
         "seconds_per_utterance_head_agreement": select_s,
         "supervised_selection_s": supervised_s,
         "agreement_grid": grid.tolist(),
@@ -115,6 +145,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:55s} {method:12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
                 f"{s['boundaries']:4d}"
             )
+    pairs = list(zip(aligns[test], test_exps))
+    for name, (heads, fusion) in fused.items():
+        fusion = FUSION_WEIGHT if fusion is None else fusion
+        if heads == "per-utterance":
+            s = _score(pairs, words[test], heads, fusion=fusion)
+        else:
+            s = _score(aligns[test], words[test], heads, fusion=fusion)
+        report["rows"].append({"heads": name, "method": "openai", "head_list": heads, **s})
+        print(
+            f"{name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
+            f"{s['boundaries']:4d}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"timestamps{('_' + args.label) if args.label else ''}.json"

@@ -22,6 +22,7 @@ from xattn_lightning.functional.alignment import (
     Word,
     alignment_matrix,
     boundary_errors,
+    saliency_matrix,
     timing_summary,
     token_times,
     words_from_tokens,
@@ -48,12 +49,18 @@ class Alignment:
     frame_seconds: float
     index: int = 0
     num_input_frames: int | None = None  # valid input frames (transformers crops to half of them)
+    saliency: Tensor | None = None  # [I, T'] encoder-resolution saliency of the text tokens, when computed
 
 
-def alignment_from(e: Any, frame_seconds: float | None = None, frame_rate: float = 100.0) -> Alignment:
+def alignment_from(
+    e: Any, frame_seconds: float | None = None, frame_rate: float = 100.0, saliency_method: str | None = None
+) -> Alignment:
     """The :class:`Alignment` of an :class:`~xattn_lightning.Explanation` (no new pass); an encoder
     frame lasts ``frame_seconds`` (default: ``e.frames_per_step`` input frames at ``frame_rate`` per
-    second: 0.02 s for Whisper)."""
+    second: 0.02 s for Whisper). ``saliency_method``: carry that saliency map (pooled to encoder
+    frames) for fusion (default: the first computed, preferring ``encoder_spes``)."""
+    if saliency_method is None and e.saliency:
+        saliency_method = "encoder_spes" if "encoder_spes" in e.saliency else next(iter(e.saliency))
     if frame_seconds is None:
         frame_seconds = e.frames_per_step / frame_rate
     if e.decoder_attention is None or e.positions is None or not len(e.positions):
@@ -69,6 +76,7 @@ def alignment_from(e: Any, frame_seconds: float | None = None, frame_rate: float
         frame_seconds=frame_seconds,
         index=e.index,
         num_input_frames=e.num_frames,
+        saliency=e.pooled(saliency_method) if saliency_method else None,
     )
 
 
@@ -101,8 +109,12 @@ def alignment_token_times(
     heads: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
     method: TimingMethod = DEFAULT_TIMING_METHOD,
+    fusion: float = 0.0,
 ) -> Tensor:
     """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0); see :data:`TIMING_METHODS`.
+
+    ``fusion`` > 0 adds that weight of the alignment's saliency map (``a.saliency``, z-scored and
+    smoothed as the attention) to the DTW matrix (``"openai"`` method only).
 
     >>> from xattn_lightning.models import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
@@ -120,7 +132,15 @@ def alignment_token_times(
         rows, first = a.cross_attention[:, :, max(n - 1, 0) : s - 1], max(n, 1)
     if rows.shape[2] == 0:
         return times
-    t = token_times(alignment_matrix(rows, heads, weights), a.frame_seconds)
+    m = alignment_matrix(rows, heads, weights)
+    if fusion:
+        if method != "openai" or a.saliency is None:
+            raise XAttnError(
+                "fusion needs the 'openai' timing method and a saliency map (explain with methods=('encoder_spes',))."
+            )
+        m = m.clone()
+        m[: a.saliency.shape[0]] += fusion * saliency_matrix(a.saliency).to(m.dtype)
+    t = token_times(m, a.frame_seconds)
     times[first : first + len(t)] = t
     if method == "transformers":
         times[-1] = t[-1]
@@ -132,15 +152,21 @@ def alignment_words(
     heads: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
     method: TimingMethod = DEFAULT_TIMING_METHOD,
+    fusion: float = 0.0,
 ) -> list[Word]:
     """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer)."""
     if a.pieces is None:
         raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
-    times = alignment_token_times(a, heads, weights, method)
+    times = alignment_token_times(a, heads, weights, method, fusion)
     n = a.num_prompt
     stop = n + len(a.pieces)
     end = float(times[stop]) if stop < len(times) else float(times[-1])
     return words_from_tokens(a.pieces, times[n:stop], end)
+
+
+#: weight of the saliency map in the DTW matrix of :func:`word_timestamps`' default: chosen on the
+#: first 12 timed-en utterances (0.1-0.3 all help; README "Word timestamps")
+FUSION_WEIGHT = 0.2
 
 
 def word_timestamps(
@@ -148,33 +174,57 @@ def word_timestamps(
     batch: Mapping[str, Any],
     *,
     tokenizer: object | None = None,
-    heads: Sequence[Sequence[int]] | Literal["model"] | None = None,
+    heads: Sequence[Sequence[int]] | Literal["agreement", "model"] | None = "agreement",
     weights: Sequence[float] | None = None,
+    fusion: float | None = None,
     targets: str | Tensor | Sequence = "generate",
     method: TimingMethod = DEFAULT_TIMING_METHOD,
+    saliency_method: str = "encoder_spes",
+    **explain_options: Any,
 ) -> list[list[Word]]:
     """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
 
     Args:
-        heads: ``[layer, head]`` pairs (e.g. from :func:`alignment_heads`); ``"model"``: the model's
-            ``generation_config.alignment_heads``; default ``None``: every head averaged, which was
-            measured more accurate than tiny.en's shipped heads (README, "Word timestamps").
+        heads: ``"agreement"`` (default, label-free, the most accurate measured): per utterance,
+            the heads whose agreement with ``saliency_method``'s map is at least the mean of all
+            heads', with that map fused into the DTW matrix (``fusion``); ``[layer, head]`` pairs
+            (e.g. from :func:`alignment_heads`); ``"model"``: the model's
+            ``generation_config.alignment_heads``; ``None``: every head averaged.
         weights: one weight per head (e.g. their agreement), for a weighted mean.
+        fusion: weight of the saliency map added to the DTW matrix; default :data:`FUSION_WEIGHT`
+            with ``heads="agreement"``, else 0 (no saliency is computed then).
         method: ``"openai"`` (default; openai-whisper's convention) or ``"transformers"`` (equal to
             transformers' token timestamps); see :data:`TIMING_METHODS`.
+        **explain_options: saliency options (``n_masks``, default 256; ``seed`` ...).
 
     Example (a real Whisper and its processor)::
 
         words = xl.word_timestamps(model, batch, tokenizer=processor)
         words[0][:2]  # [('The', 0.02, 0.14), ('weather', 0.14, 0.5)]
     """
+    from xattn_lightning.explain import explain
+
     adapter = adapter_for(model, tokenizer)
     if isinstance(heads, str):
-        check_choice("heads", heads, ("model",))
+        check_choice("heads", heads, ("agreement", "model"))
+    if fusion is None:
+        fusion = FUSION_WEIGHT if heads == "agreement" else 0.0
+    if heads == "model":
         heads = model_alignment_heads(adapter.model)
         if heads is None:
             raise XAttnError(f"{type(adapter.model).__name__} has no generation_config.alignment_heads; pass heads=.")
-    return [alignment_words(a, heads, weights, method) for a in align(adapter, batch, targets=targets)]
+    use_saliency = heads == "agreement" or bool(fusion)
+    methods = (saliency_method,) if use_saliency else ()
+    options = {"n_masks": 256, **explain_options} if use_saliency else explain_options
+    out = []
+    for e in explain(adapter, batch, targets=targets, methods=methods, **options):
+        chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else heads
+        out.append(
+            alignment_words(
+                alignment_from(e, saliency_method=methods[0] if methods else None), chosen, weights, method, fusion
+            )
+        )
+    return out
 
 
 def model_alignment_heads(model: nn.Module) -> list[list[int]] | None:

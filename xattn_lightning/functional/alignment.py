@@ -117,6 +117,18 @@ def alignment_matrix(
     return (w * (wt / wt.sum()).view(-1, 1, 1)).sum(0)
 
 
+def saliency_matrix(saliency: Tensor, median_width: int = MEDIAN_FILTER_WIDTH) -> Tensor:
+    """A saliency map ``[I, T']`` made comparable with :func:`alignment_matrix`: z-scored over
+    tokens per frame, median filtered over time (to be added to it with a weight).
+
+    >>> saliency_matrix(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 1).tolist()
+    [[1.0, -1.0], [-1.0, 1.0]]
+    """
+    s = saliency.float()
+    std, mean = torch.std_mean(s, dim=-2, keepdim=True, unbiased=False)
+    return median_filter((s - mean) / std.clamp_min(1e-12), median_width)
+
+
 def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS) -> Tensor:
     """Start time (s) of each row of ``matrix`` ``[I, T']``: the frame at which the DTW path of
     ``-matrix`` first reaches that row.
