@@ -84,6 +84,7 @@ class Comparison:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The comparison as plain JSON-ready data (what ``comparison.json`` holds)."""
         return {
             "methods": list(self.methods),
             "metrics": list(self.metrics),
@@ -264,7 +265,16 @@ def compare_checkpoints(
         checkpoints: HF directories / hub ids, Lightning ``.ckpt`` paths (with ``module``), or
             already loaded models (then pass ``processor``).
         rows: probe utterances (``xattn_lightning.audio.read_manifest``).
-        methods, metrics, targets, **method_options: as in :func:`xattn_lightning.explain`.
+        methods: saliency methods, as in :func:`xattn_lightning.explain`.
+        metrics: correlation metrics (``pearson``, ``spearman``, ``kendall``).
+        targets: ``"generate"`` or ``"labels"``, as in :func:`xattn_lightning.explain`.
+        module: the LightningModule class (``"pkg.mod:Class"``) that loads ``.ckpt`` files.
+        processor: the processor of already loaded models (for features and text).
+        names: one display name per checkpoint (default: their paths or class names).
+        batch_size: probe utterances per batch.
+        progress: show a progress bar.
+        on_checkpoint: called with each :class:`CheckpointResult` as soon as it is done.
+        **method_options: saliency options, as in :func:`xattn_lightning.explain`.
         trainer_kwargs: ``lightning.Trainer`` arguments (``devices``, ``num_nodes``, ``strategy``,
             ``accelerator``) for spreading the probes over processes.
         keep_explanations: explanations kept per checkpoint (for the side-by-side heatmaps).

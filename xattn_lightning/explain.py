@@ -231,6 +231,9 @@ def explain(
             (``batch["labels"]``), or target ids (one sequence per utterance).
         methods: saliency methods (see :func:`xattn_lightning.list_methods`).
         tokenizer: a tokenizer or processor, for token strings and text.
+        num_beams: beam size of ``targets="generate"`` (1: greedy).
+        max_new_tokens: length limit of the generated hypothesis.
+        progress: show a progress bar over the saliency passes.
         **method_options: ``n_masks``, ``seed``, ``p``, ``p_h``, ``batch_size``, ``n_steps``, ... shared by
             every method that takes them. ``max_seconds`` caps each perturbation method per utterance:
             masks stop at the budget (whole batches) and ``e.info[method]["n_masks"]`` says how many ran.

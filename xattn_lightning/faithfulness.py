@@ -147,6 +147,9 @@ def faithfulness_curves(
             (see :func:`relevance_map`).
         modes: ``"deletion"`` and/or ``"insertion"``.
         fractions: increasing fractions of valid cells in [0, 1] (default 0, 5, ..., 100 %).
+        batch: the model inputs the explanations were made from.
+        tokenizer: a tokenizer or processor, to score re-decoded text by WER.
+        progress: show a progress bar.
         references: per utterance, the reference text (scored by WER) or token ids (token error
             rate). Default: the explained output itself, so the curve starts at 0.
         num_beams: re-decoding beam size (the paper used beam search; greedy is the cheap default).

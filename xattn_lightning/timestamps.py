@@ -185,6 +185,11 @@ def word_timestamps(
     """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
 
     Args:
+        model: a supported model or adapter.
+        batch: the model's inputs (e.g. :func:`xattn_lightning.loading.features_batch`).
+        tokenizer: a tokenizer or processor (word timestamps need token strings).
+        targets: ``"generate"`` (the model's own transcript), ``"labels"`` or token ids.
+        saliency_method: the saliency map for head choice and fusion (encoder-space by default).
         heads: ``"agreement"`` (default, label-free, the most accurate measured): per utterance,
             the heads whose agreement with ``saliency_method``'s map is at least the mean of all
             heads', with that map fused into the DTW matrix (``fusion``); ``[layer, head]`` pairs

@@ -28,7 +28,7 @@ from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_la
 from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.saliency import validate_methods
 from xattn_lightning.summary import TIMING_ERRORS, probe_scores, summarize
-from xattn_lightning.timestamps import alignment_from, alignment_words, select_heads_by_agreement
+from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
 
 #: row key of a probe's (Alignment, true words) until its word timestamps are scored
 _ALIGNMENT = "_alignment"
@@ -750,7 +750,8 @@ class XAttnSaliencyMonitor(Callback):
 
     def _time_words(self, rows: list[dict[str, Any]]) -> None:
         """Word timestamps of the probes that carry true word timings, from the heads that agree
-        most with saliency at this reading (label-free; :func:`xattn_lightning.alignment_heads`)."""
+        most with saliency at this reading (label-free; :func:`xattn_lightning.alignment_heads`),
+        with the probe's saliency map fused in as :func:`xattn_lightning.word_timestamps` does."""
         timed = [r for r in rows if _ALIGNMENT in r]
         if not timed:
             return
@@ -760,7 +761,9 @@ class XAttnSaliencyMonitor(Callback):
         for r in timed:
             alignment, words = r.pop(_ALIGNMENT)
             try:
-                r[TIMING_ERRORS] = boundary_errors(alignment_words(alignment, self.alignment_heads), words)
+                fusion = FUSION_WEIGHT if alignment.saliency is not None else 0.0
+                predicted = alignment_words(alignment, self.alignment_heads, fusion=fusion)
+                r[TIMING_ERRORS] = boundary_errors(predicted, words)
             except XAttnError as err:
                 self._warn_once("timestamps", f"word timestamps of the probes could not be made: {err}")
 

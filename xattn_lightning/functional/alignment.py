@@ -94,6 +94,7 @@ def alignment_matrix(
         cross_attention: ``[L, H, I, T']`` (one utterance, valid frames only).
         heads: ``[layer, head]`` pairs (default: every head).
         weights: one non-negative weight per head.
+        median_width: odd width (frames) of the median filter over time.
 
     >>> alignment_matrix(torch.rand(2, 2, 3, 10), heads=[[1, 0]]).shape
     torch.Size([3, 10])
