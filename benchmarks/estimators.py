@@ -1,11 +1,15 @@
-"""Does a smarter estimator make encoder-output saliency (SM_H) converge with fewer masks?
+"""Fewer masks for the same encoder-output saliency map (SM_H): mask designs × estimators.
 
-Draws N masks twice (seeds 0 and 1) on one utterance, keeps every mask's per-token KL, and compares
-estimators on prefixes of seed 0 against the full-N map of seed 1 (per-token Pearson, mean over
-tokens): ``paper`` (mean KL over the masks occluding a frame, SPES), ``diff`` (occluded mean minus
-kept mean), ``ridge`` (ridge regression of KL on the occlusion pattern, λ = 1 per mask).
+For each utterance, a reference map from ``--ref-n`` plain masks (the SPES estimator, its own
+seed); then, for every mask design (``plain``, ``balanced``: each frame occluded in exactly
+round(p·N) masks, ``sobol``: scrambled Sobol points; see ``draw_keep_masks``) and every N, two
+seeds of N masks, each scored with every estimator: ``paper`` (SPES: mean KL of the masks that
+occlude a frame), ``diff`` (occluded mean minus kept mean: the kept masks as a control variate),
+``ridge`` (ridge regression of KL on the occlusion pattern, λ = 1 per mask). Reported: per-token
+Pearson to the reference (mean over tokens and utterances; the goal is ≥ 0.9 with ≤ 1,000 masks)
+and how far ρ(CA, SM_H) moves between the two seeds.
 
-    python -m benchmarks.estimators --model openai/whisper-tiny.en --manifest data/manifest.tsv --n 3000
+    python -m benchmarks.estimators --model openai/whisper-tiny.en --manifest data/manifest.tsv
 """
 
 from __future__ import annotations
@@ -13,18 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
-from xattn_lightning.functional import map_similarity
+from xattn_lightning.functional import agreement, map_similarity
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.saliency.perturbation import draw_keep_masks, kl_per_token
 
 ESTIMATORS = ("paper", "diff", "ridge")
+DESIGNS = ("plain", "balanced", "sobol")
 
 
 def estimate(keep: torch.Tensor, kl: torch.Tensor, kind: str, lam: float = 1.0) -> torch.Tensor:
@@ -36,54 +43,91 @@ def estimate(keep: torch.Tensor, kl: torch.Tensor, kind: str, lam: float = 1.0) 
         kept = 1 - occ
         return (kl.T @ occ) / occ.sum(0).clamp(min=1) - (kl.T @ kept) / kept.sum(0).clamp(min=1)
     z, y = occ - occ.mean(0), kl - kl.mean(0)
-    a = z.T @ z + lam * z.shape[0] * torch.eye(z.shape[1], dtype=torch.float64)
+    a = z.T @ z + lam * z.shape[0] * torch.eye(z.shape[1], dtype=torch.float64, device=z.device)
     return torch.linalg.solve(a, z.T @ y).T
+
+
+def _kls(run, keep: torch.Tensor, logp: torch.Tensor, pos: torch.Tensor, batch: int) -> torch.Tensor:
+    out = []
+    for i0 in range(0, keep.shape[0], batch):
+        out.append(kl_per_token(logp, run(keep[i0 : i0 + batch]).float(), pos))
+    return torch.cat(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--model", default=os.environ.get("XL_WHISPER_PATH"), required=not os.environ.get("XL_WHISPER_PATH")
-    )
+    ap.add_argument("--model", default=os.environ.get("XL_WHISPER_PATH"))
     ap.add_argument("--manifest", default=os.environ.get("XL_ESPEAK_MANIFEST"))
-    ap.add_argument("--utterance", type=int, default=0)
-    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--utterances", type=int, default=4)
+    ap.add_argument("--ns", default="64,128,256,512,1000")
+    ap.add_argument("--ref-n", type=int, default=4000)
     ap.add_argument("--p-h", type=float, default=0.7)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    model, proc = load_hf_model(args.model)
-    batch = features_batch(proc, [read_manifest(args.manifest)[args.utterance]])
-    (e,) = xl.explain(model, batch, targets="generate", tokenizer=proc)
+    if not args.model or not args.manifest:
+        ap.error("needs --model and --manifest (or XL_WHISPER_PATH / XL_ESPEAK_MANIFEST)")
+    ns = [int(x) for x in args.ns.split(",")]
+    model, proc = load_hf_model(args.model, device=args.device)
     ad = xl.adapter_for(model)
-    draws = {}
-    with torch.inference_mode(False), ad.capture_context(), torch.no_grad():
-        (u,) = ad.utterances(batch)
-        dec_in, pred = e.decoder_ids[:-1], e.decoder_ids[1:]
-        pos = (~ad.special_mask(pred)).nonzero().view(-1)
-        ref = ad.forward(u.features.unsqueeze(0), dec_in, output_attentions=False)
-        logp, enc, t = ref.logits[0].float().log_softmax(-1), ref.encoder_out, e.num_encoder_frames
-        for seed in (0, 1):
-            keep = draw_keep_masks(args.n, t, args.p_h, torch.Generator().manual_seed(seed))
-            kls = []
-            for i0 in range(0, args.n, 32):
-                k = keep[i0 : i0 + 32]
-                h = enc.expand(k.shape[0], -1, -1).clone()
-                h[:, :t] *= k.unsqueeze(-1).to(h.dtype)
-                kls.append(kl_per_token(logp, ad.decode(h, dec_in).logits, pos))
-            draws[seed] = (keep, torch.cat(kls))
-    refs = {k: estimate(*draws[1], k) for k in ESTIMATORS}
+    t0 = time.perf_counter()
+    # per (design, n, estimator): per-token rho of both seeds, per utterance; rho(CA, SM) of both seeds
+    sim: dict = {}
+    spread: dict = {}
+    for row in read_manifest(args.manifest)[: args.utterances]:
+        batch = features_batch(proc, [row])
+        (e,) = xl.explain(model, batch, targets="generate", tokenizer=proc)
+        ca = e.attention()
+        with torch.inference_mode(False), torch.no_grad():
+            (u,) = ad.utterances(batch)
+            dec_in, pred = e.decoder_ids[:-1].to(ad.device), e.decoder_ids[1:]
+            pos = (~ad.special_mask(pred)).nonzero().view(-1).to(ad.device)
+            enc = ad.encode(u.features.unsqueeze(0))
+            logp = ad.decode(enc, dec_in).logits[0].float().log_softmax(-1)
+            run = ad.masked_decoder(enc, dec_in)
+            t = e.num_encoder_frames
+            gen = torch.Generator().manual_seed(10_000)
+            keep = draw_keep_masks(args.ref_n, t, args.p_h, gen).to(ad.device)
+            ref = estimate(keep, _kls(run, keep, logp, pos, args.batch), "paper").float().cpu()
+            for design in DESIGNS:
+                for n in ns:
+                    rhos: dict = {k: [] for k in ESTIMATORS}
+                    for seed in (0, 1):
+                        keep = draw_keep_masks(n, t, args.p_h, torch.Generator().manual_seed(seed), design)
+                        keep = keep.to(ad.device)
+                        kl = _kls(run, keep, logp, pos, args.batch)
+                        for k in ESTIMATORS:
+                            m = estimate(keep, kl, k).float().cpu()
+                            sim.setdefault((design, n, k), []).append(map_similarity(m, ref))
+                            rhos[k].append(agreement(ca, m))
+                    for k in ESTIMATORS:
+                        spread.setdefault((design, n, k), []).append(abs(rhos[k][0] - rhos[k][1]))
+        print(f"  {row.id} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
-    print("N | " + " | ".join(ESTIMATORS) + "   (per-token ρ to the other seed's full-N map)")
-    for n in [x for x in (64, 128, 256, 512, 1000, 2000, 4000) if x < args.n] + [args.n]:
-        row = {
-            "n": n,
-            **{k: map_similarity(estimate(draws[0][0][:n], draws[0][1][:n], k), refs[k]) for k in ESTIMATORS},
-        }
-        rows.append(row)
-        print(f"{n} | " + " | ".join(f"{row[k]:.3f}" for k in ESTIMATORS))
+    print(f"per-token ρ to a {args.ref_n}-mask plain map | mean |Δρ(CA, SM_H)| between two seeds")
+    print("design    N     " + "  ".join(f"{k:>13s}" for k in ESTIMATORS))
+    for design in DESIGNS:
+        for n in ns:
+            r = {"design": design, "n": n}
+            cells = []
+            for k in ESTIMATORS:
+                r[f"{k}_per_token_rho"] = statistics.fmean(sim[(design, n, k)])
+                r[f"{k}_seed_spread"] = statistics.fmean(spread[(design, n, k)])
+                cells.append(f"{r[f'{k}_per_token_rho']:.3f} | {r[f'{k}_seed_spread']:.3f}")
+            rows.append(r)
+            print(f"{design:9s} {n:5d} " + "  ".join(cells))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "estimators.json").write_text(json.dumps({"argv": argv or sys.argv[1:], "rows": rows}, indent=1))
+    report = {
+        "argv": argv or sys.argv[1:],
+        "device": args.device,
+        "utterances": args.utterances,
+        "ref_n": args.ref_n,
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
+    }
+    (out / "estimators.json").write_text(json.dumps(report, indent=1))
     return 0
 
 

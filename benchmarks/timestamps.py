@@ -8,7 +8,7 @@ The timed manifest has a ``words`` column (JSON ``[unit, start_s, end_s]``). Row
 heads, single best head by agreement, label-free heads (ranked by agreement of each head with
 encoder-output saliency on ``--select`` speech, which has no timings and is not the evaluation
 speech; ``k`` best or those above the mean), the same weighted by agreement, and supervised heads
-(greedy selection on the first ``--train`` timed utterances). Scores are on the remaining timed
+(heads ranked by their own error, the best count, on the first ``--train`` timed utterances). Scores are on the remaining timed
 utterances (never seen by any selection): mean boundary error of starts and ends (ms) of the word
 units the transcript got right, and the shares within 50 and 100 ms. Writes ``timestamps.json``.
 """
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"label-free: above-mean + saliency fusion {FUSION_WEIGHT}": (above, None),
         f"label-free per utterance + fusion {FUSION_WEIGHT} (word_timestamps default)": ("per-utterance", None),
         "label-free per utterance, no fusion": ("per-utterance", 0.0),
+        f"supervised + fusion {FUSION_WEIGHT}": (supervised, None),
     }
     report: dict = {
         "model": args.label or Path(args.model).name,

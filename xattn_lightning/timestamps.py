@@ -295,8 +295,8 @@ def alignment_heads(
     Label-free (default): heads ranked by their agreement with ``method``'s saliency on the given
     speech, keeping the ``k`` best (default: the heads whose agreement is at least the mean of all
     heads'). Supervised (when every batch carries ``words``: per utterance a list of
-    ``(word, start_s, end_s)``, or ``supervised=True``): heads added greedily while the mean
-    boundary error of the DTW timestamps falls (at most ``k``). ``apply=True`` writes them into
+    ``(word, start_s, end_s)``, or ``supervised=True``): heads ranked by their own boundary error,
+    keeping the ``k`` best (default: the count with the lowest error on these utterances). ``apply=True`` writes them into
     ``model.generation_config.alignment_heads`` so that ``generate(return_token_timestamps=True)``
     and pipelines use them.
 
@@ -350,8 +350,12 @@ def select_heads_by_agreement(grid: Tensor, k: int | None = None) -> list[list[i
 def select_heads_supervised(
     alignments: Sequence[Alignment], words: Sequence[Sequence[Word]], k: int | None = None
 ) -> list[list[int]]:
-    """Greedy forward selection: start from the single head with the lowest boundary error and add
-    the head that lowers the mean error most, while it falls (at most ``k`` heads)."""
+    """Heads ranked by the boundary error of each one alone, keeping the ``k`` best (default: the
+    ``k`` whose averaged timestamps have the lowest mean error on these utterances).
+
+    (A greedy forward selection stopped after 2 heads on timed-en and generalised worse: 65 ms
+    against 55 ms on held-out utterances.)
+    """
     if len(alignments) != len(words):
         raise XAttnError(f"Got {len(words)} word lists for {len(alignments)} utterances.")
 
@@ -362,23 +366,11 @@ def select_heads_supervised(
     single = head_errors(alignments, words)
     num_heads = single.shape[1]
     order = [int(i) for i in torch.argsort(torch.nan_to_num(single.flatten(), nan=float("inf")))]
-    chosen = [[order[0] // num_heads, order[0] % num_heads]]
-    best = error(chosen)
-    limit = k or len(order)
-    while len(chosen) < limit:
-        trials = [
-            (error([*chosen, [i // num_heads, i % num_heads]]), i)
-            for i in order
-            if [i // num_heads, i % num_heads] not in chosen
-        ]
-        if not trials:
-            break
-        e, i = min(trials)
-        if e >= best and k is None:
-            break
-        chosen.append([i // num_heads, i % num_heads])
-        best = e
-    return chosen
+    ranked = [[i // num_heads, i % num_heads] for i in order]
+    if k is not None:
+        return ranked[: max(1, int(k))]
+    best = min(range(1, len(ranked) + 1), key=lambda n: (error(ranked[:n]), n))
+    return ranked[:best]
 
 
 def timing_scores(predicted: Sequence[Sequence[Word]], reference: Sequence[Sequence[Word]]) -> dict[str, float]:

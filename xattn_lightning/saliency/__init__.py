@@ -19,7 +19,7 @@ from xattn_lightning.saliency.gradients import (
     captum_attribute,
     token_logprob_fn,
 )
-from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+from xattn_lightning.saliency.perturbation import SAMPLINGS, spes_encoder, spes_input
 
 #: method name -> (space, description)
 METHODS: dict[str, tuple[str, str]] = {
@@ -94,8 +94,8 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
     for k in options:
         if k not in OPTIONS:
             raise UnknownNameError("option", k, OPTIONS)
-    if options.get("sampling", "plain") not in ("plain", "antithetic"):
-        raise UnknownNameError("sampling", options["sampling"], ("plain", "antithetic"))
+    if options.get("sampling", "plain") not in SAMPLINGS:
+        raise UnknownNameError("sampling", options["sampling"], SAMPLINGS)
     if options.get("gradient_engine", "batched") not in ("batched", "captum"):
         raise UnknownNameError("gradient_engine", options["gradient_engine"], ("batched", "captum"))
     if options.get("autocast") is not None and options["autocast"] not in AUTOCAST_DTYPES:

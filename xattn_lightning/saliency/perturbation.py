@@ -69,10 +69,20 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor) -> Tensor:
     return F.kl_div(lp, ref, reduction="none", log_target=True).sum(-1).clamp(min=0.0)
 
 
+#: mask designs: ``plain`` (independent draws), ``antithetic`` (each mask and its complement;
+#: p = 0.5 only), ``balanced`` (each unit occluded in exactly round(p·N) masks, at random positions:
+#: a Latin-hypercube design per unit), ``sobol`` (scrambled Sobol points thresholded at p)
+SAMPLINGS = ("plain", "antithetic", "balanced", "sobol")
+
+
 def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator, sampling: str = "plain") -> Tensor:
     """``[n, num_units]`` bool, True = kept; each unit occluded with probability ``p``.
 
-    ``sampling="antithetic"`` pairs every mask with its complement (variance reduction for p = 0.5).
+    ``sampling`` picks the design (:data:`SAMPLINGS`); all are deterministic given ``generator``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> (~draw_keep_masks(10, 4, 0.3, g, "balanced")).sum(0).tolist()
+    [3, 3, 3, 3]
     """
     if sampling == "antithetic":
         if abs(p - 0.5) > 1e-9:
@@ -83,6 +93,16 @@ def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator
         half = (n + 1) // 2
         base = torch.rand(half, num_units, generator=generator) >= p
         return torch.cat([base, ~base])[:n]
+    if sampling == "balanced":
+        occluded = torch.arange(n).unsqueeze(1) < round(p * n)  # [n, 1]: the first round(p·n) rows
+        order = torch.rand(n, num_units, generator=generator).argsort(0)  # a permutation per unit
+        return ~occluded.expand(n, num_units).gather(0, order)
+    if sampling == "sobol":
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        engine = torch.quasirandom.SobolEngine(num_units, scramble=True, seed=seed)
+        return engine.draw(n).float() >= p
+    if sampling != "plain":
+        raise XAttnError(f"Unknown sampling {sampling!r}; choose from {', '.join(SAMPLINGS)}.")
     return torch.rand(n, num_units, generator=generator) >= p
 
 
