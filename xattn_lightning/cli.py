@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import os
 import sys
 import time
@@ -19,30 +18,18 @@ from xattn_lightning.errors import XAttnError
 
 
 def _png(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from xattn_lightning.viz import figure_to_png
 
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf)
-    fig.clear()
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(figure_to_png(fig)).decode()
 
 
 def write_report(monitor, out: Path, title: str = "xattn_lightning demo") -> Path:
     """A self-contained HTML page: agreement curves over training and probe heatmaps."""
-    from matplotlib.figure import Figure
-
-    from xattn_lightning.viz import heatmap_figure
+    from xattn_lightning.viz import heatmap_figure, history_figure
 
     hist = monitor.history
-    fig = Figure(figsize=(7, 3.5), dpi=90)
-    ax = fig.subplots()
-    for key in sorted({k for h in hist for k in h if k.endswith("/pearson") or k == "xattn/context_mixing_gap"}):
-        ax.plot([h["epoch"] + 1 for h in hist], [h.get(key, float("nan")) for h in hist], marker="o", label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("ρ(cross-attention, saliency)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    keys = sorted({k for h in hist for k in h if k.endswith("/pearson") or k == "xattn/context_mixing_gap"})
+    fig = history_figure(hist, keys)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Agreement over training</h2>",

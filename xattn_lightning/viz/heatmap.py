@@ -131,8 +131,34 @@ def comparison_heatmaps(
     return fig
 
 
+def figure_to_png(fig: Figure) -> bytes:
+    """Render ``fig`` as PNG bytes and release it (the one way figures become files or pages)."""
+    import io
+
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    fig.clear()
+    return buf.getvalue()
+
+
 def save_figure(fig: Figure, path) -> object:
     """Write ``fig`` as PNG to ``path`` and release it; returns the path."""
-    FigureCanvasAgg(fig).print_png(str(path))
-    fig.clear()
+    with open(path, "wb") as fh:
+        fh.write(figure_to_png(fig))
     return path
+
+
+def history_figure(
+    history: Sequence[dict], keys: Sequence[str], ylabel: str = "ρ(cross-attention, saliency)"
+) -> Figure:
+    """Monitor readings over training: one line per scalar key, by epoch."""
+    fig = Figure(figsize=(7, 3.5), dpi=90)
+    ax = fig.subplots()
+    for key in keys:
+        ax.plot([h["epoch"] + 1 for h in history], [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
