@@ -27,6 +27,8 @@ from xattn_lightning.functional import (
 from xattn_lightning.functional import agreement as _agreement
 from xattn_lightning.functional import per_token_correlation as _per_token
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.functional.agreement import Metric
+from xattn_lightning.functional.pooling import Pooling
 
 TARGET_MODES = ("generate", "labels")
 
@@ -89,7 +91,7 @@ class Explanation:
             )
         return self.saliency[method]
 
-    def pooled(self, method: str, mode: str = "max2d") -> Tensor:
+    def pooled(self, method: str, mode: Pooling = "max2d") -> Tensor:
         """Saliency of ``method`` at encoder resolution ``[I, T']`` (input-space maps are pooled)."""
         sm = self.saliency_map(method)
         if sm.dim() == 2:
@@ -102,8 +104,8 @@ class Explanation:
         layers: LayerSpec = None,
         heads: HeadSpec = None,
         pairs: Sequence | None = None,
-        metric: str = "pearson",
-        pooling: str = "max2d",
+        metric: Metric = "pearson",
+        pooling: Pooling = "max2d",
         normalize: bool = True,
         corrected: bool = False,
     ) -> float:
@@ -118,7 +120,7 @@ class Explanation:
             return rho
         return disattenuate(rho, self.reliability(method, metric, pooling))
 
-    def pooled_halves(self, method: str, pooling: str = "max2d") -> Tensor | None:
+    def pooled_halves(self, method: str, pooling: Pooling = "max2d") -> Tensor | None:
         """The two half maps of a perturbation method (even and odd masks) at encoder resolution,
         ``[2, I, T']``; ``None`` for exact (gradient) maps."""
         self.saliency_map(method)
@@ -131,7 +133,7 @@ class Explanation:
             )
         return halves
 
-    def reliability(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> float:
+    def reliability(self, method: str, metric: Metric = "pearson", pooling: Pooling = "max2d") -> float:
         """Split-half reliability of a perturbation map at encoder resolution (1.0 for gradient
         maps, which are exact); see :func:`xattn_lightning.functional.split_half_reliability`."""
         halves = self.pooled_halves(method, pooling)
@@ -142,8 +144,8 @@ class Explanation:
     def mask_noise(
         self,
         method: str,
-        metric: str = "pearson",
-        pooling: str = "max2d",
+        metric: Metric = "pearson",
+        pooling: Pooling = "max2d",
         layers: LayerSpec = None,
         heads: HeadSpec = None,
     ) -> float:
@@ -156,15 +158,17 @@ class Explanation:
         a, b = (_agreement(ca, h, metric) for h in halves)
         return abs(a - b) / 2.0
 
-    def per_token_agreement(self, method: str, metric: str = "pearson", pooling: str = "max2d", **agg: Any) -> Tensor:
+    def per_token_agreement(
+        self, method: str, metric: Metric = "pearson", pooling: Pooling = "max2d", **agg: Any
+    ) -> Tensor:
         """ρ per explained token, ``[I]``."""
         return _per_token(self.attention(**agg), self.pooled(method, pooling), metric)
 
-    def agreement_grid(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> Tensor:
+    def agreement_grid(self, method: str, metric: Metric = "pearson", pooling: Pooling = "max2d") -> Tensor:
         """ρ of every single (layer, head), ``[L, H]``."""
         return agreement_grid(self.cross_attention, self.pooled(method, pooling), metric)
 
-    def layer_agreement(self, method: str, metric: str = "pearson", pooling: str = "max2d") -> Tensor:
+    def layer_agreement(self, method: str, metric: Metric = "pearson", pooling: Pooling = "max2d") -> Tensor:
         """ρ of each layer's head-mean attention, ``[L]``."""
         sm = self.pooled(method, pooling)
         return torch.tensor(
@@ -173,7 +177,7 @@ class Explanation:
         )
 
     def context_mixing_gap(
-        self, metric: str = "pearson", input_method: str = "spes", encoder_method: str = "encoder_spes"
+        self, metric: Metric = "pearson", input_method: str = "spes", encoder_method: str = "encoder_spes"
     ) -> float:
         """ρ(CA, SM_H) − ρ(CA, SM_X): how much closer attention is to encoder-output saliency."""
         return self.agreement(encoder_method, metric=metric) - self.agreement(input_method, metric=metric)

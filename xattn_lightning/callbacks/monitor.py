@@ -26,7 +26,7 @@ from xattn_lightning.explain import explain
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.functional.alignment import boundary_errors
-from xattn_lightning.saliency import validate_methods
+from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.summary import TIMING_ERRORS, probe_scores, summarize
 from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
 
@@ -619,7 +619,7 @@ class XAttnSaliencyMonitor(Callback):
         """The explain options of every reading: the user's, with the mask count fixed for the run."""
         options = {k: v for k, v in self.method_options.items() if k != "max_seconds"}
         budget = self.method_options.get("max_seconds")
-        perturbation = [m for m in self.methods if m in ("spes", "encoder_spes")]
+        perturbation = perturbation_methods(self.methods)
         if budget is not None and perturbation and self.n_masks_frozen is None:
             self.n_masks_frozen = self._calibrate(adapter, probes[0], perturbation, float(budget), len(probes))
             rank_zero_info(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -16,10 +17,12 @@ from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spe
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.functional.aggregate import framewise_zscore, tokenwise_zscore
 
-METRICS = ("pearson", "spearman", "kendall")
+#: correlation metrics (names checked at run time; ``Metric`` for type checkers)
+Metric = Literal["pearson", "spearman", "kendall"]
+METRICS: tuple[str, ...] = get_args(Metric)
 
 
-def correlation(x: Tensor, y: Tensor, metric: str = "pearson") -> float:
+def correlation(x: Tensor, y: Tensor, metric: Metric = "pearson") -> float:
     """Correlation of two equally shaped tensors, flattened. ``nan`` if either is constant or non-finite.
 
     >>> round(correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0]), "spearman"), 4)
@@ -58,7 +61,7 @@ def _check_pair(ca: Tensor, sm: Tensor) -> None:
         raise XAttnError(f"Attention {tuple(ca.shape)} and saliency {tuple(sm.shape)} must have the same shape.")
 
 
-def agreement(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: bool = True) -> float:
+def agreement(ca: Tensor, sm: Tensor, metric: Metric = "pearson", normalize: bool = True) -> float:
     """Paper-faithful agreement of one utterance: frame-wise z-scored attention vs per-token
     z-scored saliency, one correlation over the flattened ``[I, T']`` maps.
 
@@ -72,7 +75,7 @@ def agreement(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: bool =
     return correlation(ca, sm, metric)
 
 
-def per_token_correlation(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: bool = True) -> Tensor:
+def per_token_correlation(ca: Tensor, sm: Tensor, metric: Metric = "pearson", normalize: bool = True) -> Tensor:
     """One correlation per token row (``[I]``), after the same normalisation as :func:`agreement`.
 
     >>> per_token_correlation(torch.eye(2) + 0.1, torch.eye(2)).tolist()
@@ -84,7 +87,7 @@ def per_token_correlation(ca: Tensor, sm: Tensor, metric: str = "pearson", norma
     return torch.tensor([correlation(a, s, metric) for a, s in zip(ca, sm)], dtype=torch.float64)
 
 
-def agreement_grid(ca: Tensor, sm: Tensor, metric: str = "pearson", normalize: bool = True) -> Tensor:
+def agreement_grid(ca: Tensor, sm: Tensor, metric: Metric = "pearson", normalize: bool = True) -> Tensor:
     """Agreement of every single (layer, head) map with the saliency: ``[L, H]``.
 
     >>> agreement_grid(torch.rand(2, 3, 4, 5), torch.rand(4, 5)).shape
@@ -148,7 +151,7 @@ def topk_overlap(ca: Tensor, sm: Tensor, fraction: float = 0.1) -> float:
     return float(hits.mean())
 
 
-def split_half_reliability(half_a: Tensor, half_b: Tensor, metric: str = "pearson") -> float:
+def split_half_reliability(half_a: Tensor, half_b: Tensor, metric: Metric = "pearson") -> float:
     """Reliability of a saliency map estimated from two independent half maps ``[I, T']`` (each from
     half of the masks): their correlation in the representation the agreement uses (per-token
     z-scored, flattened), stepped up to the full number of masks with the Spearman-Brown formula
@@ -176,7 +179,7 @@ def disattenuate(rho: float, reliability: float) -> float:
     return float(max(-1.0, min(1.0, rho / reliability**0.5)))
 
 
-def map_similarity(a: Tensor, b: Tensor, metric: str = "pearson") -> float:
+def map_similarity(a: Tensor, b: Tensor, metric: Metric = "pearson") -> float:
     """How alike two saliency maps of the same tokens are: the correlation of each token's row
     (``[I, ...]``, trailing axes flattened; invariant to per-token scale), averaged over the tokens
     whose correlation is defined (``nan`` if none is).

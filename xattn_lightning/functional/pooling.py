@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,12 @@ from torch import Tensor
 
 from xattn_lightning.errors import XAttnError, check_choice
 
-POOLING_MODES = ("max2d", "avg2d", "max_mean")
+#: pooling of input-space saliency to encoder frames (``Pooling`` for type checkers)
+Pooling = Literal["max2d", "avg2d", "max_mean"]
+POOLING_MODES: tuple[str, ...] = get_args(Pooling)
 
 
-def pool_saliency(sm: Tensor, frames_per_step: int, num_frames: int | None = None, mode: str = "max2d") -> Tensor:
+def pool_saliency(sm: Tensor, frames_per_step: int, num_frames: int | None = None, mode: Pooling = "max2d") -> Tensor:
     """Pool a ``[I, T, F]`` saliency map to ``[I, T']`` over non-overlapping windows of
     ``frames_per_step`` input frames × all frequency bins.
 

@@ -6,7 +6,8 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,29 +22,97 @@ from xattn_lightning.saliency.gradients import (
 )
 from xattn_lightning.saliency.perturbation import SAMPLINGS, spes_encoder, spes_input
 
-#: method name -> (space, description)
-METHODS: dict[str, tuple[str, str]] = {
-    "spes": (
+MethodName = Literal[
+    "spes",
+    "encoder_spes",
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "encoder_saliency",
+    "encoder_input_x_gradient",
+    "encoder_integrated_gradients",
+]
+
+
+@dataclass
+class _Inputs:
+    """What every method of one utterance shares (built once by :func:`compute_saliency`)."""
+
+    adapter: Adapter
+    feats: Tensor
+    n_frames: int
+    enc: Tensor
+    t_enc: int
+    dec_in: Tensor
+    predicted: Tensor
+    positions: Tensor
+    logp_ref: Tensor
+    opts: dict
+    bar: Any
+
+
+class MethodSpec(NamedTuple):
+    """A saliency method: where its map lives, what it is, its family and how to compute it.
+
+    Indexing keeps the old ``(space, description)`` tuple reading: ``METHODS[m][0]`` is the space.
+    """
+
+    space: Literal["input", "encoder"]
+    description: str
+    family: Literal["perturbation", "gradient"]
+    compute: Callable[[str, _Inputs], tuple[Tensor, dict]]
+
+
+def _run_spes(m: str, x: _Inputs) -> tuple[Tensor, dict]:
+    return _spes(x.adapter, x.feats, x.n_frames, x.dec_in, x.positions, x.logp_ref, x.opts, x.bar)
+
+
+def _run_encoder_spes(m: str, x: _Inputs) -> tuple[Tensor, dict]:
+    return _encoder_spes(x.adapter, x.enc, x.t_enc, x.dec_in, x.positions, x.logp_ref, x.opts, x.bar)
+
+
+def _run_gradient(m: str, x: _Inputs) -> tuple[Tensor, dict]:
+    return _gradient(
+        x.adapter, m, x.feats, x.n_frames, x.enc, x.t_enc, x.dec_in, x.predicted, x.positions, x.opts, x.bar
+    )
+
+
+#: the registry: method name -> :class:`MethodSpec`; ``compute_saliency`` dispatches through it
+METHODS: dict[str, MethodSpec] = {
+    "spes": MethodSpec(
         "input",
         "SPES: multi-scale SLIC segments of the spectrogram zeroed at random, KL scorer (SM_X)",
+        "perturbation",
+        _run_spes,
     ),
-    "encoder_spes": ("encoder", "whole encoder-output frames zeroed at random, KL scorer (SM_H)"),
-    "saliency": ("input", "Captum Saliency |d log p / d X|"),
-    "input_x_gradient": ("input", "Captum InputXGradient |X * d log p / d X|"),
-    "integrated_gradients": (
-        "input",
-        "Captum IntegratedGradients from an all-zero spectrogram, |attribution|",
+    "encoder_spes": MethodSpec(
+        "encoder", "whole encoder-output frames zeroed at random, KL scorer (SM_H)", "perturbation", _run_encoder_spes
     ),
-    "encoder_saliency": ("encoder", "Captum Saliency on the encoder output, L2 over hidden size"),
-    "encoder_input_x_gradient": (
-        "encoder",
-        "Captum InputXGradient on the encoder output, L2 over hidden size",
+    "saliency": MethodSpec("input", "Captum Saliency |d log p / d X|", "gradient", _run_gradient),
+    "input_x_gradient": MethodSpec("input", "Captum InputXGradient |X * d log p / d X|", "gradient", _run_gradient),
+    "integrated_gradients": MethodSpec(
+        "input", "Captum IntegratedGradients from an all-zero spectrogram, |attribution|", "gradient", _run_gradient
     ),
-    "encoder_integrated_gradients": (
-        "encoder",
-        "Captum IntegratedGradients on the encoder output, L2 over hidden size",
+    "encoder_saliency": MethodSpec(
+        "encoder", "Captum Saliency on the encoder output, L2 over hidden size", "gradient", _run_gradient
+    ),
+    "encoder_input_x_gradient": MethodSpec(
+        "encoder", "Captum InputXGradient on the encoder output, L2 over hidden size", "gradient", _run_gradient
+    ),
+    "encoder_integrated_gradients": MethodSpec(
+        "encoder", "Captum IntegratedGradients on the encoder output, L2 over hidden size", "gradient", _run_gradient
     ),
 }
+
+
+def perturbation_methods(methods: Sequence[str]) -> list[str]:
+    """The perturbation (mask-based) methods among ``methods``.
+
+    >>> perturbation_methods(["saliency", "encoder_spes"])
+    ['encoder_spes']
+    """
+    return [m for m in methods if METHODS[m].family == "perturbation"]
+
 
 #: option name -> default; the same names are accepted by explain(), the monitor and the CLI
 OPTIONS: dict[str, Any] = {
@@ -72,7 +141,16 @@ AUTO_MEMORY_SHARE = 0.6
 AUTO_MAX_BATCH = 1024
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-__all__ = ["METHODS", "OPTIONS", "compute_saliency", "list_methods", "validate_methods"]
+__all__ = [
+    "METHODS",
+    "OPTIONS",
+    "MethodName",
+    "MethodSpec",
+    "compute_saliency",
+    "list_methods",
+    "perturbation_methods",
+    "validate_methods",
+]
 
 
 def list_methods() -> list[str]:
@@ -168,13 +246,9 @@ def compute_saliency(
                 ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
         logp_ref = ref.logits[0].float().log_softmax(-1)
         enc = ref.encoder_out
+        inputs = _Inputs(adapter, feats, n_frames, enc, t_enc, dec_in, predicted, positions, logp_ref, opts, bar)
         for m in methods:
-            if m == "spes":
-                sm, info = _spes(adapter, feats, n_frames, dec_in, positions, logp_ref, opts, bar)
-            elif m == "encoder_spes":
-                sm, info = _encoder_spes(adapter, enc, t_enc, dec_in, positions, logp_ref, opts, bar)
-            else:
-                sm, info = _gradient(adapter, m, feats, n_frames, enc, t_enc, dec_in, predicted, positions, opts, bar)
+            sm, info = METHODS[m].compute(m, inputs)
             if not torch.isfinite(sm).all():
                 raise XAttnError(f"Saliency {m!r} produced NaN/inf values for utterance {u.index}.")
             exp.saliency[m] = sm
@@ -270,7 +344,7 @@ def _progress_bar(enabled: bool, methods: Sequence[str], opts: dict, num_tokens:
 
     total = 0
     for m in methods:
-        total += opts["n_masks"] if m in ("spes", "encoder_spes") else num_tokens
+        total += opts["n_masks"] if METHODS[m].family == "perturbation" else num_tokens
     return tqdm(total=total, desc="saliency", unit="pass", leave=False)
 
 
@@ -290,7 +364,7 @@ def _gradient(
     import time
 
     start = time.perf_counter()
-    encoder_space = method.startswith("encoder_")
+    encoder_space = METHODS[method].space == "encoder"
     name = method.removeprefix("encoder_")
     assert name in GRADIENT_METHODS
     with torch.enable_grad():
