@@ -275,3 +275,38 @@ def test_bad_precision_and_batch_size_options_are_refused(opts, match):
     m = tiny_whisper()
     with pytest.raises(xl.XAttnError, match=match):
         xl.explain(m, whisper_batch(m), targets=[[50257, 5, 50256]] * 2, methods=("encoder_spes",), **opts)
+
+
+def test_option_defaults_live_in_one_place():
+    """OPTIONS, the SPES functions' signatures and the gradient engines take their defaults from the
+    typed option families; a family's object is built from the flat options explain() takes."""
+    import inspect
+    from dataclasses import fields
+
+    from xattn_lightning.saliency import OPTIONS
+    from xattn_lightning.saliency.gradients import batched_attribute, captum_attribute
+    from xattn_lightning.saliency.options import (
+        EncoderSpesOptions,
+        GradientOptions,
+        SpesOptions,
+        options_for,
+    )
+    from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+
+    for cls in (SpesOptions, EncoderSpesOptions, GradientOptions):
+        for f in fields(cls):
+            assert OPTIONS[f.name] == f.default, f.name
+    rename = {"encoder_batch_size": "batch_size"}
+    for fn, cls in (
+        (spes_input, SpesOptions),
+        (spes_encoder, EncoderSpesOptions),
+        (batched_attribute, GradientOptions),
+        (captum_attribute, GradientOptions),
+    ):
+        params = inspect.signature(fn).parameters
+        for f in fields(cls):
+            name = rename.get(f.name, f.name) if fn is spes_encoder else f.name
+            if name in params:
+                assert params[name].default == f.default, (fn.__name__, name)
+    o = options_for(EncoderSpesOptions, {"n_masks": 64, "p_h": 0.5, "n_steps": 3})
+    assert (o.n_masks, o.p_h, o.encoder_batch_size) == (64, 0.5, 32)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -20,7 +19,15 @@ from xattn_lightning.saliency.gradients import (
     captum_attribute,
     token_logprob_fn,
 )
-from xattn_lightning.saliency.perturbation import SAMPLINGS, spes_encoder, spes_input
+from xattn_lightning.saliency.options import (
+    SAMPLINGS,
+    EncoderSpesOptions,
+    SpesOptions,
+    as_kwargs,
+    default_options,
+    options_for,
+)
+from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
 
 MethodName = Literal[
     "spes",
@@ -114,25 +121,9 @@ def perturbation_methods(methods: Sequence[str]) -> list[str]:
     return [m for m in methods if METHODS[m].family == "perturbation"]
 
 
-#: option name -> default; the same names are accepted by explain(), the monitor and the CLI
-OPTIONS: dict[str, Any] = {
-    "n_masks": 500,
-    "p": 0.5,
-    "p_h": 0.7,
-    "batch_size": 8,
-    "encoder_batch_size": 32,
-    "seed": 0,
-    "scales": (2000, 2500, 3000),
-    "frame_rate": 100.0,
-    "compactness": 0.1,
-    "sigma": 0.0,
-    "sampling": "plain",
-    "n_steps": 16,
-    "internal_batch_size": None,
-    "max_seconds": None,
-    "gradient_engine": "batched",
-    "autocast": None,
-}
+#: option name -> default; the same names are accepted by explain(), the monitor and the CLI (the
+#: defaults live in the typed option families of :mod:`xattn_lightning.saliency.options`)
+OPTIONS: dict[str, Any] = default_options()
 
 #: batch sizes that ``batch_size="auto"`` / ``encoder_batch_size="auto"`` use off CUDA
 CPU_BATCH_SIZES: dict[str, int] = {"spes": 8, "encoder_spes": 32}
@@ -308,7 +299,7 @@ def _spes(
         n_frames,
         lp_ref,
         positions,
-        **{**_kwargs(spes_input, opts), "batch_size": bs},
+        **{**as_kwargs(options_for(SpesOptions, opts), "autocast"), "batch_size": bs},
         progress=bar.update if bar else None,
     )
 
@@ -327,14 +318,9 @@ def _encoder_spes(
         t_enc,
         lp_ref,
         positions,
-        **{**_kwargs(spes_encoder, opts), "batch_size": bs},
+        **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
         progress=bar.update if bar else None,
     )
-
-
-def _kwargs(fn: Any, opts: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in opts.items() if k in params and k != "progress"}
 
 
 def _progress_bar(enabled: bool, methods: Sequence[str], opts: dict, num_tokens: int):

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from xattn_lightning.saliency.options import GradientOptions
+
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
 
 
@@ -31,8 +33,8 @@ def captum_attribute(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     num_tokens: int,
-    n_steps: int = 16,
-    internal_batch_size: int | None = None,
+    n_steps: int = GradientOptions.n_steps,
+    internal_batch_size: int | None = GradientOptions.internal_batch_size,
     progress: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Attribute ``fn(x [1, ...]) -> [1, I]`` (log-prob per token) to ``x`` once per token with Captum.
@@ -86,8 +88,8 @@ def batched_attribute(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     num_tokens: int,
-    n_steps: int = 16,
-    internal_batch_size: int | None = None,
+    n_steps: int = GradientOptions.n_steps,
+    internal_batch_size: int | None = GradientOptions.internal_batch_size,
     progress: Callable[[int], None] | None = None,
     vjp: str = "vmap",
 ) -> Tensor:

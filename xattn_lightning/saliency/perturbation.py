@@ -15,15 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xattn_lightning.errors import XAttnError
+from xattn_lightning.saliency.options import SAMPLINGS, EncoderSpesOptions, SpesOptions
 
 #: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)
-DEFAULT_SEGMENTS = (2000, 2500, 3000)
+DEFAULT_SEGMENTS = SpesOptions.scales
 REFERENCE_FRAMES = 500
 #: segment counts grow with duration up to this many frames (7.5 s), then stay fixed
 MAX_SCALED_FRAMES = 750
 
 
-def segment_counts(num_frames: int, scales: Sequence[int] = DEFAULT_SEGMENTS, frame_rate: float = 100.0) -> list[int]:
+def segment_counts(
+    num_frames: int, scales: Sequence[int] = DEFAULT_SEGMENTS, frame_rate: float = SpesOptions.frame_rate
+) -> list[int]:
     """SLIC segment count per scale for an utterance of ``num_frames``, scaled with duration
     up to 7.5 s (paper §6.2). ``frame_rate`` is input frames per second (100 for a 10-ms hop).
 
@@ -67,12 +70,6 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor) -> Tensor:
     lp = logits[:, positions].float().log_softmax(-1)
     ref = logp_ref[positions].expand_as(lp)
     return F.kl_div(lp, ref, reduction="none", log_target=True).sum(-1).clamp(min=0.0)
-
-
-#: mask designs: ``plain`` (independent draws), ``antithetic`` (each mask and its complement;
-#: p = 0.5 only), ``balanced`` (each unit occluded in exactly round(p·N) masks, at random positions:
-#: a Latin-hypercube design per unit), ``sobol`` (scrambled Sobol points thresholded at p)
-SAMPLINGS = ("plain", "antithetic", "balanced", "sobol")
 
 
 def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator, sampling: str = "plain") -> Tensor:
@@ -144,16 +141,16 @@ def spes_input(
     num_frames: int,
     logp_ref: Tensor,
     positions: Tensor,
-    n_masks: int = 500,
-    p: float = 0.5,
-    scales: Sequence[int] = DEFAULT_SEGMENTS,
-    batch_size: int = 8,
-    seed: int = 0,
-    frame_rate: float = 100.0,
-    compactness: float = 0.1,
-    sigma: float = 0.0,
-    sampling: str = "plain",
-    max_seconds: float | None = None,
+    n_masks: int = SpesOptions.n_masks,
+    p: float = SpesOptions.p,
+    scales: Sequence[int] = SpesOptions.scales,
+    batch_size: int = SpesOptions.batch_size,
+    seed: int = SpesOptions.seed,
+    frame_rate: float = SpesOptions.frame_rate,
+    compactness: float = SpesOptions.compactness,
+    sigma: float = SpesOptions.sigma,
+    sampling: str = SpesOptions.sampling,
+    max_seconds: float | None = SpesOptions.max_seconds,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, dict]:
     """SPES input saliency ``[I, T, F]`` over the valid ``features[:num_frames]``.
@@ -211,12 +208,12 @@ def spes_encoder(
     num_encoder_frames: int,
     logp_ref: Tensor,
     positions: Tensor,
-    n_masks: int = 500,
-    p_h: float = 0.7,
-    batch_size: int = 32,
-    seed: int = 0,
-    sampling: str = "plain",
-    max_seconds: float | None = None,
+    n_masks: int = EncoderSpesOptions.n_masks,
+    p_h: float = EncoderSpesOptions.p_h,
+    batch_size: int = EncoderSpesOptions.encoder_batch_size,
+    seed: int = EncoderSpesOptions.seed,
+    sampling: str = EncoderSpesOptions.sampling,
+    max_seconds: float | None = EncoderSpesOptions.max_seconds,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, dict]:
     """Encoder-output saliency ``[I, T']`` (paper §1.4): zero whole valid encoder frames with

@@ -1,0 +1,93 @@
+"""Typed options of the saliency method families, with their defaults in one place.
+
+``xl.explain``, the monitor and the CLI take these names as keyword options; the functions of
+:mod:`xattn_lightning.saliency.perturbation` and :mod:`~xattn_lightning.saliency.gradients` take
+their defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, TypeVar, get_args
+
+#: mask designs: ``plain`` (independent draws), ``antithetic`` (each mask and its complement;
+#: p = 0.5 only), ``balanced`` (each unit occluded in exactly round(p·N) masks, at random positions:
+#: a Latin-hypercube design per unit), ``sobol`` (scrambled Sobol points thresholded at p)
+Sampling = Literal["plain", "antithetic", "balanced", "sobol"]
+SAMPLINGS: tuple[str, ...] = get_args(Sampling)
+Autocast = Literal["bf16", "fp16"]
+BatchSize = int | Literal["auto"]
+
+
+@dataclass(frozen=True)
+class PerturbationOptions:
+    """Options every perturbation (mask) method takes."""
+
+    n_masks: int = 500
+    seed: int = 0
+    sampling: Sampling = "plain"
+    max_seconds: float | None = None
+    autocast: Autocast | None = None
+
+
+@dataclass(frozen=True)
+class SpesOptions(PerturbationOptions):
+    """Input-space SPES: SLIC segments of the spectrogram at several ``scales`` (segments per
+    ``frame_rate`` seconds... see :func:`~xattn_lightning.saliency.perturbation.segment_counts`)."""
+
+    p: float = 0.5
+    batch_size: BatchSize = 8
+    scales: tuple[int, ...] = (2000, 2500, 3000)
+    frame_rate: float = 100.0
+    compactness: float = 0.1
+    sigma: float = 0.0
+
+
+@dataclass(frozen=True)
+class EncoderSpesOptions(PerturbationOptions):
+    """Encoder-output SPES: whole encoder frames occluded with probability ``p_h``."""
+
+    p_h: float = 0.7
+    encoder_batch_size: BatchSize = 32
+
+
+@dataclass(frozen=True)
+class GradientOptions:
+    """Gradient methods (Captum Saliency, InputXGradient, IntegratedGradients)."""
+
+    n_steps: int = 16
+    internal_batch_size: int | None = None
+    gradient_engine: Literal["batched", "captum"] = "batched"
+
+
+FAMILIES: tuple[type, ...] = (SpesOptions, EncoderSpesOptions, GradientOptions)
+
+T = TypeVar("T")
+
+
+def default_options() -> dict[str, Any]:
+    """Every option name with its default (the union of the families).
+
+    >>> default_options()["p_h"], default_options()["n_steps"]
+    (0.7, 16)
+    """
+    out: dict[str, Any] = {}
+    for cls in FAMILIES:
+        for f in fields(cls):
+            out.setdefault(f.name, f.default)
+    return out
+
+
+def options_for(cls: type[T], options: dict[str, Any]) -> T:
+    """The ``cls`` options object from a flat dict of keyword options (other names ignored).
+
+    >>> options_for(EncoderSpesOptions, {"n_masks": 64, "n_steps": 4}).n_masks
+    64
+    """
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in names})
+
+
+def as_kwargs(options: Any, *drop: str) -> dict[str, Any]:
+    """The options object as keyword arguments, without the names in ``drop``."""
+    return {k: v for k, v in asdict(options).items() if k not in drop}
