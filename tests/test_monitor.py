@@ -411,3 +411,18 @@ def test_export_without_timed_probes_or_config_warns(tmp_path):
     with pytest.warns(UserWarning, match="export_alignment_heads"):
         _fit(tmp_path, mon, max_epochs=1)
     assert mon.alignment_heads is None
+
+
+def test_timed_probes_without_token_strings_warn_and_log_the_rest(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
+        num_probes=2,
+        methods=("encoder_spes",),
+        n_masks=8,
+        targets="labels",
+        probes=_timed_probes(2),
+    )
+    with pytest.warns(UserWarning, match="word timestamps of the probes could not be made"):
+        _fit(tmp_path, mon, max_epochs=1)
+    assert mon.history and "xattn/encoder_spes/pearson" in mon.history[-1]
+    assert "xattn/timestamps/mae_ms" not in mon.history[-1]
