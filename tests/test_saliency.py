@@ -308,5 +308,10 @@ def test_option_defaults_live_in_one_place():
             name = rename.get(f.name, f.name) if fn is spes_encoder else f.name
             if name in params:
                 assert params[name].default == f.default, (fn.__name__, name)
+    from typing import get_args
+
+    from xattn_lightning.saliency import METHODS, MethodName
+
+    assert set(get_args(MethodName)) == set(METHODS) == set(ALL)  # the Literal names match the registry
     o = options_for(EncoderSpesOptions, {"n_masks": 64, "p_h": 0.5, "n_steps": 3})
     assert (o.n_masks, o.p_h, o.encoder_batch_size) == (64, 0.5, 32)
