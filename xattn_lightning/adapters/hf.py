@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,20 @@ def _cache_keyword(model: nn.Module) -> str:
 
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_shared(cache: Any, layer: int, keys: Tensor, values: Tensor) -> None:
+    """Put ``keys``/``values`` (expanded views shared by all masks) into ``cache`` for ``layer``
+    without copying them: ``DynamicCache.update`` concatenates onto an empty tensor, which would
+    materialise the expanded batch (measured: 4x slower masks on CPU)."""
+    cache.update(keys[:1], values[:1], layer)
+    layers = getattr(cache, "layers", None)
+    if layers is not None and hasattr(layers[layer], "keys"):  # transformers >= 4.56
+        layers[layer].keys, layers[layer].values = keys, values
+    elif hasattr(cache, "key_cache"):  # older transformers
+        cache.key_cache[layer], cache.value_cache[layer] = keys, values
+    else:  # pragma: no cover - an unknown cache layout: copy, as update does
+        cache.update(keys[1:], values[1:], layer)
 
 
 def _tokenizer_special_ids(tokenizer: object | None) -> set[int]:
@@ -192,7 +207,7 @@ class _HFSeq2SeqAdapter(Adapter):
             bias = occlusion_bias(keep, num_frames).to(encoder_out.dtype)
             cross = DynamicCache()
             for i, (k, v) in enumerate(projected):
-                cross.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+                _cache_shared(cross, i, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
             cache = EncoderDecoderCache(DynamicCache(), cross)
             for i in range(len(layers)):
                 cache.is_updated[i] = True  # use the cached cross keys/values, do not project again
