@@ -28,8 +28,8 @@ from xattn_lightning.loading import features_batch, load_hf_model
 METHOD = "encoder_spes"
 
 
-def reading(model, batch, target, n: int, seed: int) -> dict:
-    (e,) = xl.explain(model, batch, targets=[target], methods=(METHOD,), n_masks=n, seed=seed)
+def reading(model, batch, target, n: int, seed: int, sampling: str = "plain") -> dict:
+    (e,) = xl.explain(model, batch, targets=[target], methods=(METHOD,), n_masks=n, seed=seed, sampling=sampling)
     return {
         "n": n,
         "seed": seed,
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ref-n", type=int, default=2000)
     ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--sampling", default="plain", help="mask design of the small-N readings (the reference is plain)")
     ap.add_argument("--out", default="docs/reliability_floor")
     args = ap.parse_args(argv)
     model, proc = load_hf_model(args.model)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         u = {"id": row.id, "kind": kind, "tokens": int(e.token_ids.numel()), "ref": ref}
         for n in ns:
             for seed in range(args.seeds):
-                r = reading(model, batch, target, n, seed)
+                r = reading(model, batch, target, n, seed, args.sampling)
                 r["id"], r["kind"] = row.id, kind
                 r["abs_diff"] = abs(r["corrected"] - ref["corrected"])
                 r["abs_diff_raw"] = abs(r["raw"] - ref["corrected"])
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = choose_floor(readings, args.tolerance)
     lines = [
         f"# Corrected ρ(CA, SM_H) at small N against N = {args.ref_n} ({len(utts)} utterances, "
-        f"{args.seeds} seeds, Whisper {Path(args.model).name})",
+        f"{args.seeds} seeds, Whisper {Path(args.model).name}, sampling {args.sampling})",
         "",
         "| N | mean reliability | mean abs(corrected − ref) | mean abs(raw − ref) | mean seed spread of corrected "
         "| max seed spread |",

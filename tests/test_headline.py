@@ -125,3 +125,20 @@ def test_monitor_warns_once_how_many_masks_reach_the_floor(tmp_path):
     assert len(msgs) == 1 and "n_masks=" in msgs[0]  # once, not at every reading
     assert all("xattn/encoder_spes/pearson_corrected" not in x for x in mon.history)
     assert "xattn/encoder_spes/pearson_ci_low" in h and "xattn/encoder_spes/pearson_ci_high" in h
+
+
+def test_summary_is_typed_and_keeps_the_dict_reading():
+    from xattn_lightning.summary import Summary, summarize
+
+    row = {
+        "encoder_spes/pearson": 0.4,
+        "encoder_spes/spearman": 0.3,
+        "encoder_spes/layers": [0.1, 0.2],
+        "encoder_spes/grid": [[0.1, 0.5], [0.2, 0.3]],
+        "encoder_spes/coverage": 0.5,
+    }
+    s = summarize([row, dict(row)], ("encoder_spes",), ("pearson", "spearman"))
+    assert isinstance(s, Summary)
+    assert s.scalars["encoder_spes/pearson"] == pytest.approx(0.4) == s["scalars"]["encoder_spes/pearson"]
+    assert s.head_ranking["encoder_spes"][0][:2] == (0, 1)
+    assert s.get("below_floor") == s.below_floor

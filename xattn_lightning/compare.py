@@ -329,11 +329,11 @@ def compare_checkpoints(
         summary = summarize(scores, methods, metrics)
         res = CheckpointResult(
             name=name,
-            scalars=summary["scalars"],
+            scalars=summary.scalars,
             wer=_wer(scores),
             rows=scores,
-            head_ranking=summary["head_ranking"],
-            grids=summary["grids"],
+            head_ranking=summary.head_ranking,
+            grids=summary.grids,
             seconds=time.perf_counter() - start,
             explanations=[e for _, _, e in outputs[:keep_explanations]],
             failures=[(pid, msg) for _, pid, msg in failures],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +56,33 @@ def probe_scores(
     return out
 
 
+@dataclass
+class Summary:
+    """One reading over a probe set, shared by the monitor and ``compare``.
+
+    Attributes:
+        scalars: metric name (``"encoder_spes/pearson"``, ``"timestamps/mae_ms"`` ...) → value.
+        head_ranking: method → every ``(layer, head, ρ)``, best first.
+        grids: method → the probe-averaged layer × head ρ grid.
+        below_floor: method → (reliability, masks that would reach the floor) where the corrected
+            headline was left out.
+
+    ``summary["scalars"]`` (the former dict form) still works.
+    """
+
+    scalars: dict[str, float]
+    head_ranking: dict[str, list[tuple[int, int, float]]]
+    grids: dict[str, list[list[float]]]
+    below_floor: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access, for code written against the former dict form."""
+        return getattr(self, key, default)
+
+
 #: row key of a probe's word-boundary errors (s), when its batch carries word timings
 TIMING_ERRORS = "timestamps/errors"
 
@@ -64,14 +92,13 @@ def summarize(
     methods: Sequence[str],
     metrics: Sequence[str] = ("pearson", "spearman"),
     reliability_floor: float = RELIABILITY_FLOOR,
-) -> dict:
+) -> Summary:
     """Corpus scalars (means over probes; undefined ρ left out) and the head ranking per method.
 
     ``pearson_corrected`` (the headline) is reported only where the maps' mean split-half reliability
     reaches ``reliability_floor``; 95 % bootstrap intervals come with the raw and corrected ρ.
 
-    Returns ``{"scalars": {name: float}, "head_ranking": {method: [(layer, head, rho), ...]},
-    "grids": {method: [[...]]}, "below_floor": {method: (reliability, masks that would reach the floor)}}``.
+    Returns a :class:`Summary` (scalars, head ranking, grids, and the methods below the floor).
     """
     if not rows:
         raise XAttnError("No probe utterance could be explained; nothing to summarize.")
@@ -110,7 +137,7 @@ def summarize(
         t = timing_summary([x for errs in timed for x in errs])
         scalars.update({f"timestamps/{k}": float(v) for k, v in t.items() if k != "boundaries"})
         scalars["timestamps/boundaries"] = float(t["boundaries"])
-    return {"scalars": scalars, "head_ranking": ranking, "grids": grids, "below_floor": below_floor}
+    return Summary(scalars, ranking, grids, below_floor)
 
 
 def _intervals(scalars: dict, below_floor: dict, m: str, rows: Sequence[dict], floor: float) -> None:

@@ -27,7 +27,7 @@ from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.saliency import perturbation_methods, validate_methods
-from xattn_lightning.summary import TIMING_ERRORS, probe_scores, summarize
+from xattn_lightning.summary import TIMING_ERRORS, Summary, probe_scores, summarize
 from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
 
 #: row key of a probe's (Alignment, true words) until its word timestamps are scored
@@ -524,7 +524,7 @@ class XAttnSaliencyMonitor(Callback):
         return False
 
     # ------------------------------------------------------------------ one run, in named steps
-    def run(self, trainer: Trainer, pl_module: LightningModule, log_step: int | None = None) -> dict[str, Any] | None:
+    def run(self, trainer: Trainer, pl_module: LightningModule, log_step: int | None = None) -> Summary | None:
         """Explain the probes now and log at ``log_step`` (default: the trainer's global step);
         returns the summary (``None`` when skipped)."""
         start = self.clock()
@@ -714,7 +714,7 @@ class XAttnSaliencyMonitor(Callback):
 
     def _publish(
         self, trainer: Trainer, rows: list, errors: list, exps: list, seconds: float, log_step: int | None
-    ) -> dict[str, Any] | None:
+    ) -> Summary | None:
         """Step 5: summarise, keep the history and log (scalars everywhere, media on rank 0)."""
         try:
             self._time_words(rows)
@@ -722,7 +722,7 @@ class XAttnSaliencyMonitor(Callback):
         except Exception as err:
             self._report(err, "summarizing")
             return None
-        for m, (rel, needed) in summary.get("below_floor", {}).items():
+        for m, (rel, needed) in summary.below_floor.items():
             more = f"; about {needed} masks (n_masks={needed}) would reach it" if needed > 0 else "; raise n_masks"
             level = f"{rel:.2f}" if rel == rel else "undefined: the two half maps do not agree, the maps are noise"
             self._warn_once(
@@ -731,11 +731,11 @@ class XAttnSaliencyMonitor(Callback):
                 f"below the floor {self.reliability_floor}: the correction would mostly amplify noise{more}. The raw "
                 f"xattn/{m}/pearson and its interval are logged.",
             )
-        scalars = {PREFIX + k: v for k, v in summary["scalars"].items() if not math.isnan(v)}
+        scalars = {PREFIX + k: v for k, v in summary.scalars.items() if not math.isnan(v)}
         scalars[PREFIX + "seconds"] = seconds
         scalars[PREFIX + "num_probes"] = float(len(rows))
         scalars[PREFIX + "num_failed"] = float(len(errors))
-        self.head_ranking = summary["head_ranking"]
+        self.head_ranking = summary.head_ranking
         self.last_explanations = [e for _, e in exps]
         if not self.history:
             self.first_explanations = list(self.last_explanations)
@@ -792,7 +792,7 @@ class XAttnSaliencyMonitor(Callback):
             except Exception as err:
                 self._report(err, f"logging scalars to {type(logger).__name__}")
 
-    def _log_media(self, trainer: Trainer, rows: list, exps: list, summary: dict, step: int) -> None:
+    def _log_media(self, trainer: Trainer, rows: list, exps: list, summary: Summary, step: int) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -810,7 +810,7 @@ class XAttnSaliencyMonitor(Callback):
                 )
                 images[pid] = figure_to_array(fig)
             grids = {
-                m: figure_to_array(grid_figure(g, f"ρ(CA, {m}) per layer × head")) for m, g in summary["grids"].items()
+                m: figure_to_array(grid_figure(g, f"ρ(CA, {m}) per layer × head")) for m, g in summary.grids.items()
             }
             scores = [f"{m}/{k}" for m in self.methods for k in self.metrics]
             columns = ["id", "text", "hypothesis", *scores, "image"]
