@@ -398,7 +398,9 @@ def test_nan_metric_is_never_logged(tmp_path):
     import xattn_lightning.callbacks.monitor as mm
 
     orig = mm.summarize
-    mm.summarize = lambda *a, **k: {**orig(*a, **k), "scalars": {"encoder_spes/pearson": float("nan")}}
+    import dataclasses
+
+    mm.summarize = lambda *a, **k: dataclasses.replace(orig(*a, **k), scalars={"encoder_spes/pearson": float("nan")})
     try:
         mon.run(trainer, model)
     finally:
