@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import Explanation
@@ -87,6 +88,11 @@ class Summary:
 TIMING_ERRORS = "timestamps/errors"
 
 
+def mean_grid(rows: Sequence[dict], method: str) -> Tensor:
+    """The probe-averaged layer × head ρ grid of ``method`` (undefined cells left out of the mean)."""
+    return torch.nanmean(torch.tensor([r[f"{method}/grid"] for r in rows], dtype=torch.float64), 0)
+
+
 def summarize(
     rows: Sequence[dict],
     methods: Sequence[str],
@@ -113,7 +119,7 @@ def summarize(
         layer_mean = torch.nanmean(layers, 0)
         for li, v in enumerate(layer_mean.tolist()):
             scalars[f"{m}/pearson_layer{li}"] = v
-        grid = torch.nanmean(torch.tensor([r[f"{m}/grid"] for r in rows], dtype=torch.float64), 0)
+        grid = mean_grid(rows, m)
         grids[m] = grid.tolist()
         order = sorted(
             ((li, hi, float(grid[li, hi])) for li in range(grid.shape[0]) for hi in range(grid.shape[1])),

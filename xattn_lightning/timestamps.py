@@ -9,6 +9,7 @@ chosen heads (the method of openai-whisper's ``timing.py`` and transformers'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -267,16 +268,19 @@ def head_agreement(
     return torch.stack(grids).nanmean(0)
 
 
+def _mean_error(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]], heads: Any) -> float:
+    """Mean boundary error (s) of the DTW timestamps from ``heads`` (``nan`` when no unit matched)."""
+    e = [x for a, ref in zip(alignments, words) for x in boundary_errors(alignment_words(a, heads), ref)]
+    return sum(e) / len(e) if e else float("nan")
+
+
 def head_errors(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]]) -> Tensor:
     """Mean boundary error (s) of DTW timestamps from each single head, ``[L, H]`` (lower is better)."""
     num_layers, num_heads = alignments[0].cross_attention.shape[:2]
-    err = torch.full((num_layers, num_heads), float("nan"), dtype=torch.float64)
-    for li in range(num_layers):
-        for h in range(num_heads):
-            e = [x for a, ref in zip(alignments, words) for x in boundary_errors(alignment_words(a, [[li, h]]), ref)]
-            if e:
-                err[li, h] = sum(e) / len(e)
-    return err
+    return torch.tensor(
+        [[_mean_error(alignments, words, [[li, h]]) for h in range(num_heads)] for li in range(num_layers)],
+        dtype=torch.float64,
+    )
 
 
 def alignment_heads(
@@ -360,8 +364,8 @@ def select_heads_supervised(
         raise XAttnError(f"Got {len(words)} word lists for {len(alignments)} utterances.")
 
     def error(heads: list[list[int]]) -> float:
-        e = [x for a, ref in zip(alignments, words) for x in boundary_errors(alignment_words(a, heads), ref)]
-        return sum(e) / len(e) if e else float("inf")
+        e = _mean_error(alignments, words, heads)
+        return float("inf") if math.isnan(e) else e
 
     single = head_errors(alignments, words)
     num_heads = single.shape[1]

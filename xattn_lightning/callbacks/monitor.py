@@ -27,7 +27,7 @@ from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.saliency import perturbation_methods, validate_methods
-from xattn_lightning.summary import TIMING_ERRORS, Summary, probe_scores, summarize
+from xattn_lightning.summary import TIMING_ERRORS, Summary, mean_grid, probe_scores, summarize
 from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
 
 #: row key of a probe's (Alignment, true words) until its word timestamps are scored
@@ -756,8 +756,7 @@ class XAttnSaliencyMonitor(Callback):
         if not timed:
             return
         method = "encoder_spes" if "encoder_spes" in self.methods else self.methods[0]
-        grid = torch.nanmean(torch.tensor([r[f"{method}/grid"] for r in rows], dtype=torch.float64), 0)
-        self.alignment_heads = select_heads_by_agreement(grid)
+        self.alignment_heads = select_heads_by_agreement(mean_grid(rows, method))
         for r in timed:
             alignment, words = r.pop(_ALIGNMENT)
             try:

@@ -70,48 +70,6 @@ class MethodSpec(NamedTuple):
     compute: Callable[[str, _Inputs], tuple[Tensor, dict]]
 
 
-def _run_spes(m: str, x: _Inputs) -> tuple[Tensor, dict]:
-    return _spes(x.adapter, x.feats, x.n_frames, x.dec_in, x.positions, x.logp_ref, x.opts, x.bar)
-
-
-def _run_encoder_spes(m: str, x: _Inputs) -> tuple[Tensor, dict]:
-    return _encoder_spes(x.adapter, x.enc, x.t_enc, x.dec_in, x.positions, x.logp_ref, x.opts, x.bar)
-
-
-def _run_gradient(m: str, x: _Inputs) -> tuple[Tensor, dict]:
-    return _gradient(
-        x.adapter, m, x.feats, x.n_frames, x.enc, x.t_enc, x.dec_in, x.predicted, x.positions, x.opts, x.bar
-    )
-
-
-#: the registry: method name -> :class:`MethodSpec`; ``compute_saliency`` dispatches through it
-METHODS: dict[str, MethodSpec] = {
-    "spes": MethodSpec(
-        "input",
-        "SPES: multi-scale SLIC segments of the spectrogram zeroed at random, KL scorer (SM_X)",
-        "perturbation",
-        _run_spes,
-    ),
-    "encoder_spes": MethodSpec(
-        "encoder", "whole encoder-output frames zeroed at random, KL scorer (SM_H)", "perturbation", _run_encoder_spes
-    ),
-    "saliency": MethodSpec("input", "Captum Saliency |d log p / d X|", "gradient", _run_gradient),
-    "input_x_gradient": MethodSpec("input", "Captum InputXGradient |X * d log p / d X|", "gradient", _run_gradient),
-    "integrated_gradients": MethodSpec(
-        "input", "Captum IntegratedGradients from an all-zero spectrogram, |attribution|", "gradient", _run_gradient
-    ),
-    "encoder_saliency": MethodSpec(
-        "encoder", "Captum Saliency on the encoder output, L2 over hidden size", "gradient", _run_gradient
-    ),
-    "encoder_input_x_gradient": MethodSpec(
-        "encoder", "Captum InputXGradient on the encoder output, L2 over hidden size", "gradient", _run_gradient
-    ),
-    "encoder_integrated_gradients": MethodSpec(
-        "encoder", "Captum IntegratedGradients on the encoder output, L2 over hidden size", "gradient", _run_gradient
-    ),
-}
-
-
 def perturbation_methods(methods: Sequence[str]) -> list[str]:
     """The perturbation (mask-based) methods among ``methods``.
 
@@ -274,50 +232,41 @@ def _prepared(
 
 
 @torch.no_grad()
-def _spes(
-    adapter: Adapter,
-    feats: Tensor,
-    n_frames: int,
-    dec_in: Tensor,
-    positions: Tensor,
-    logp_ref: Tensor,
-    opts: dict,
-    bar: Any,
-) -> tuple[Tensor, dict]:
-    x_in = feats.to(adapter.device, adapter.dtype)
+def _spes(method: str, x: _Inputs) -> tuple[Tensor, dict]:
+    adapter, dec_in, opts, bar = x.adapter, x.dec_in, x.opts, x.bar
+    x_in = x.feats.to(adapter.device, adapter.dtype)
     run, lp_ref, bs = _prepared(
         "spes",
-        lambda x: adapter.forward(x, dec_in, output_attentions=False).logits,
+        lambda f: adapter.forward(f, dec_in, output_attentions=False).logits,
         lambda b: x_in.unsqueeze(0).expand(b, -1, -1),
-        logp_ref,
+        x.logp_ref,
         torch.device(adapter.device),
         opts,
     )
     return spes_input(
         run,
         x_in,
-        n_frames,
+        x.n_frames,
         lp_ref,
-        positions,
+        x.positions,
         **{**as_kwargs(options_for(SpesOptions, opts), "autocast"), "batch_size": bs},
         progress=bar.update if bar else None,
     )
 
 
 @torch.no_grad()
-def _encoder_spes(
-    adapter: Adapter, enc: Tensor, t_enc: int, dec_in: Tensor, positions: Tensor, logp_ref: Tensor, opts: dict, bar: Any
-) -> tuple[Tensor, dict]:
+def _encoder_spes(method: str, x: _Inputs) -> tuple[Tensor, dict]:
+    adapter, opts, bar = x.adapter, x.opts, x.bar
     device = torch.device(adapter.device)
-    ones = torch.ones(1, t_enc, dtype=torch.bool, device=device)
+    ones = torch.ones(1, x.t_enc, dtype=torch.bool, device=device)
     run, lp_ref, bs = _prepared(
-        "encoder_spes", adapter.masked_decoder(enc, dec_in), lambda b: ones.expand(b, -1), logp_ref, device, opts
+        "encoder_spes", adapter.masked_decoder(x.enc, x.dec_in), lambda b: ones.expand(b, -1), x.logp_ref, device, opts
     )
     return spes_encoder(
         run,
-        t_enc,
+        x.t_enc,
         lp_ref,
-        positions,
+        x.positions,
         **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
         progress=bar.update if bar else None,
     )
@@ -334,19 +283,9 @@ def _progress_bar(enabled: bool, methods: Sequence[str], opts: dict, num_tokens:
     return tqdm(total=total, desc="saliency", unit="pass", leave=False)
 
 
-def _gradient(
-    adapter: Adapter,
-    method: str,
-    feats: Tensor,
-    n_frames: int,
-    enc: Tensor,
-    t_enc: int,
-    dec_in: Tensor,
-    predicted: Tensor,
-    positions: Tensor,
-    opts: dict,
-    bar: Any,
-) -> tuple[Tensor, dict]:
+def _gradient(method: str, x: _Inputs) -> tuple[Tensor, dict]:
+    adapter, feats, n_frames, enc, t_enc = x.adapter, x.feats, x.n_frames, x.enc, x.t_enc
+    dec_in, predicted, positions, opts, bar = x.dec_in, x.predicted, x.positions, x.opts, x.bar
     import time
 
     start = time.perf_counter()
@@ -390,3 +329,31 @@ def _gradient(
     attr = attr.float()
     sm = attr.norm(dim=-1) if encoder_space else attr.abs()
     return sm.cpu(), {"seconds": time.perf_counter() - start}
+
+
+#: the registry: method name -> :class:`MethodSpec`; ``compute_saliency`` dispatches through it
+METHODS: dict[str, MethodSpec] = {
+    "spes": MethodSpec(
+        "input",
+        "SPES: multi-scale SLIC segments of the spectrogram zeroed at random, KL scorer (SM_X)",
+        "perturbation",
+        _spes,
+    ),
+    "encoder_spes": MethodSpec(
+        "encoder", "whole encoder-output frames zeroed at random, KL scorer (SM_H)", "perturbation", _encoder_spes
+    ),
+    "saliency": MethodSpec("input", "Captum Saliency |d log p / d X|", "gradient", _gradient),
+    "input_x_gradient": MethodSpec("input", "Captum InputXGradient |X * d log p / d X|", "gradient", _gradient),
+    "integrated_gradients": MethodSpec(
+        "input", "Captum IntegratedGradients from an all-zero spectrogram, |attribution|", "gradient", _gradient
+    ),
+    "encoder_saliency": MethodSpec(
+        "encoder", "Captum Saliency on the encoder output, L2 over hidden size", "gradient", _gradient
+    ),
+    "encoder_input_x_gradient": MethodSpec(
+        "encoder", "Captum InputXGradient on the encoder output, L2 over hidden size", "gradient", _gradient
+    ),
+    "encoder_integrated_gradients": MethodSpec(
+        "encoder", "Captum IntegratedGradients on the encoder output, L2 over hidden size", "gradient", _gradient
+    ),
+}
