@@ -152,7 +152,34 @@ def test_hook_adapter_decode_matches_forward():
         dec = a.decode(full.encoder_out, ids, output_attentions=True)
     assert torch.allclose(full.logits, dec.logits, atol=1e-6)
     assert torch.allclose(full.cross_attention, dec.cross_attention, atol=1e-6)
-    assert "forward" not in model.encoder.__dict__
+    # the model is left as it was: same encoder module, no instance attribute shadowing forward
+    assert "forward" not in model.encoder.__dict__ and model.get_submodule("encoder") is a.encoder
+    # a user's own decoder-only function gives the same as the encoder swap
+    own = xl.HookAdapter(
+        model,
+        encoder="encoder",
+        cross_attention="decoder.layers.*.multihead_attn",
+        frames_per_step=4,
+        decode=lambda m, h, y: m.decoder_forward(h, y),
+    )
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        mine = own.decode(full.encoder_out, ids, output_attentions=True)
+    assert not calls  # the encoder did not run
+    assert torch.allclose(full.logits, mine.logits, atol=1e-6)
+    assert torch.allclose(full.cross_attention, mine.cross_attention, atol=1e-6)
+
+
+def test_hook_adapter_feature_size_from_first_batch():
+    model = TinyS2T(vocab_size=12)
+    a = xl.HookAdapter(model, encoder="encoder", cross_attention="decoder.layers.*.multihead_attn")
+    with pytest.raises(xl.XAttnError, match="needs the feature size"):
+        a.decode(torch.randn(1, 5, model.pos.shape[1]), torch.tensor([1, 4]))
+    a.utterances({"input_features": torch.randn(1, 20, 8)})
+    assert a.info.num_mel_bins == 8
+    with pytest.raises(xl.XAttnError, match="Expected 8 feature bins but got 9 .the size of the first batch"):
+        a.utterances({"input_features": torch.randn(1, 20, 9)})
 
 
 def test_whisper_decode_matches_forward():

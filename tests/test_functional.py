@@ -235,3 +235,31 @@ def test_batched_agreement_grid_equals_the_per_head_loop():
         )
         torch.testing.assert_close(grid, loop, rtol=0, atol=1e-9, equal_nan=True)
         assert math.isnan(float(grid[1, 2]))
+
+
+def _pool_by_loop(sm, s, num_frames, mode):
+    """Reference pooling, one window at a time."""
+    out = torch.zeros(sm.shape[0], num_frames)
+    for j in range(num_frames):
+        win = sm[:, j * s : (j + 1) * s]
+        if win.shape[1] == 0:
+            continue  # a window past the input carries no saliency
+        if mode == "max2d":
+            out[:, j] = win.flatten(1).amax(1)
+        elif mode == "avg2d":
+            out[:, j] = win.flatten(1).mean(1)
+        else:
+            out[:, j] = win.amax(-1).mean(1)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["max2d", "avg2d", "max_mean"])
+def test_pooling_equals_window_by_window_reference(mode):
+    g = torch.Generator().manual_seed(0)
+    for t in (1, 3, 8, 9, 33):
+        for s in (1, 2, 4):
+            for num_frames in (None, 1, 5, 20):
+                sm = torch.randn(3, t, 5, generator=g)
+                n = num_frames or -(-t // s)
+                expected = _pool_by_loop(sm, s, n, mode)
+                torch.testing.assert_close(pool_saliency(sm, s, num_frames, mode), expected, atol=1e-6, rtol=0)

@@ -350,6 +350,11 @@ def compare_checkpoints(
 
 
 # ---------------------------------------------------------------------------- writing
+def _pearson_of(row: dict[str, Any], methods: Sequence[str]) -> dict[str, float]:
+    """The ρ per method already in a probe's row (for figure titles)."""
+    return {m: row[f"{m}/pearson"] for m in methods if f"{m}/pearson" in row}
+
+
 def write_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
     """Write ``comparison.csv``, ``comparison.json``, ``layers_<method>.png`` (per-layer ρ of each checkpoint)
     and ``heatmaps_<probe>.png`` (the same utterance through every checkpoint, side by side)."""
@@ -379,9 +384,10 @@ def write_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
     n_shared = min(len(r.explanations) for r in comp.results)
     for i in range(n_shared):
         exps = {r.name: r.explanations[i] for r in comp.results}
+        scores = {r.name: _pearson_of(r.rows[i], comp.methods) for r in comp.results}
         pid = comp.probe_ids[i]
         files[f"heatmaps_{pid}"] = save_figure(
-            comparison_heatmaps(exps, comp.methods, title=pid), out / f"heatmaps_{pid}.png"
+            comparison_heatmaps(exps, comp.methods, title=pid, scores=scores), out / f"heatmaps_{pid}.png"
         )
     return files
 

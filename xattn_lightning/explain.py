@@ -6,7 +6,6 @@ Stands without Lightning: the callback, the CLI and the demo call it.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,6 +326,5 @@ def corpus_agreement(explanations: Sequence[Explanation], method: str, **kwargs:
     >>> corpus_agreement([], "spes")
     nan
     """
-    vals = [e.agreement(method, **kwargs) for e in explanations]
-    vals = [v for v in vals if not math.isnan(v)]
-    return float(sum(vals) / len(vals)) if vals else float("nan")
+    vals = torch.tensor([e.agreement(method, **kwargs) for e in explanations], dtype=torch.float64)
+    return float(vals.nanmean())

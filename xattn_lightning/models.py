@@ -50,7 +50,10 @@ class TinyS2T(nn.Module):
 
     def forward(self, features: Tensor, decoder_ids: Tensor) -> Tensor:
         """Teacher-forced logits."""
-        memory = self.encoder_forward(features)
+        return self.decoder_forward(self.encoder_forward(features), decoder_ids)
+
+    def decoder_forward(self, memory: Tensor, decoder_ids: Tensor) -> Tensor:
+        """Teacher-forced logits over a given encoder output ``memory`` ``[B, T', D]``."""
         s = decoder_ids.shape[1]
         y = self.embed(decoder_ids) * math.sqrt(self.embed.embedding_dim) + self.pos[:s]
         causal = nn.Transformer.generate_square_subsequent_mask(s, device=y.device, dtype=y.dtype)

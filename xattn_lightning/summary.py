@@ -24,8 +24,8 @@ from xattn_lightning.functional.alignment import timing_summary
 
 
 def _mean(values: Sequence[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    return float(sum(vals) / len(vals)) if vals else float("nan")
+    """Mean leaving out NaN (``nan`` when nothing is left)."""
+    return float(torch.tensor(list(values), dtype=torch.float64).nanmean())
 
 
 def probe_scores(

@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,31 @@ from xattn_lightning.adapters.base import (
 from xattn_lightning.errors import XAttnError
 
 ForwardFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+DecodeFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+class _Precomputed(nn.Module):
+    """Stands in for the encoder while the decoder runs over a given encoder output."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        return self.output
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, name: str, module: nn.Module) -> Iterator[None]:
+    """Replace the submodule ``name`` of ``model`` by ``module`` for the duration of the block."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    original = getattr(parent, child)
+    setattr(parent, child, module)
+    try:
+        yield
+    finally:
+        setattr(parent, child, original)
 
 
 def _default_weights(module: nn.Module, output: object) -> Tensor | None:
@@ -48,13 +74,18 @@ class HookAdapter(Adapter):
         special_ids: other ids never explained (language/task tags...).
         frames_per_step: input frames per encoder frame; inferred from the encoder's output length
             when omitted.
-        num_mel_bins: feature size F (checked on input when given).
+        num_mel_bins: feature size F (checked on input when given; otherwise taken from the first
+            batch, and later batches must match it).
         max_target_positions: longest decoder sequence the model accepts.
         tokenizer: optional; an object with ``convert_ids_to_tokens``/``decode`` or a callable id -> str.
         input_key: batch key of the features ``[B, T, F]``; ``"lengths"`` or ``"attention_mask"``
             give valid lengths.
         weights_fn: ``weights_fn(module, output) -> Tensor[B, H, S, T']`` for attention modules
             that are not ``nn.MultiheadAttention``.
+        decode: ``decode(model, encoder_out [B, T', D], decoder_ids [B, S]) -> logits [B, S, V]``:
+            runs the decoder alone over a given encoder output (encoder-output saliency). Without
+            it, ``forward`` runs with the ``encoder`` submodule swapped, for that call only, for a
+            module that returns the given output (restored in a ``finally`` block).
 
     Hooks live only for one call and are removed in ``finally`` blocks, also when the forward raises.
 
@@ -84,12 +115,15 @@ class HookAdapter(Adapter):
         batch_first: bool = True,
         weights_fn: Callable[[nn.Module, object], Tensor | None] | None = None,
         num_heads: int | None = None,
+        decode: DecodeFn | None = None,
     ) -> None:
         super().__init__(model, tokenizer)
         names = dict(model.named_modules())
-        if encoder not in names:
+        if not encoder or encoder not in names:
             raise XAttnError(f"The model has no module named {encoder!r}; pass the encoder's dotted name.")
         self.encoder = names[encoder]
+        self._encoder_name = encoder
+        self._decode_fn = decode
         patterns = [cross_attention] if isinstance(cross_attention, str) else list(cross_attention)
         mods: list[nn.Module] = []
         for pat in patterns:
@@ -109,6 +143,7 @@ class HookAdapter(Adapter):
         heads = num_heads or getattr(mods[0], "num_heads", None)
         if heads is None:
             raise XAttnError("Cannot read the number of heads from the attention modules; pass num_heads=.")
+        self._bins_given = bool(num_mel_bins)
         self._info = AdapterInfo(
             num_layers=len(mods),
             num_heads=int(heads),
@@ -148,10 +183,8 @@ class HookAdapter(Adapter):
         x = torch.as_tensor(batch[self.input_key])
         if x.dim() != 3:
             raise XAttnError(f"Expected {self.input_key!r} of shape [B, T, F] but got {tuple(x.shape)}.")
-        if self.info.num_mel_bins and x.shape[2] != self.info.num_mel_bins:
-            raise XAttnError(f"Expected {self.info.num_mel_bins} feature bins but got {x.shape[2]}.")
+        self._check_bins(x)
         check_features(x, f"{self.input_key!r}")
-        self._seen_bins = int(x.shape[2])
         if "lengths" in batch:
             lengths = [int(v) for v in torch.as_tensor(batch["lengths"])]
         elif "attention_mask" in batch:
@@ -165,17 +198,22 @@ class HookAdapter(Adapter):
             out.append(Utterance(features=x[b, :n].contiguous(), num_frames=n, index=b))
         return out
 
+    def _check_bins(self, x: Tensor) -> None:
+        """Features must have the model's feature size; when it was not given, the first batch sets it."""
+        if not self.info.num_mel_bins:
+            self._info = replace(self._info, num_mel_bins=int(x.shape[-1]))
+        elif x.shape[-1] != self.info.num_mel_bins:
+            raise XAttnError(
+                f"Expected {self.info.num_mel_bins} feature bins but got {x.shape[-1]}"
+                + ("." if self._bins_given else " (the size of the first batch this adapter saw).")
+            )
+
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager
-    def _hooks(self, capture: bool, encoder_override: Tensor | None = None) -> Iterator[dict]:
+    def _hooks(self, capture: bool) -> Iterator[dict]:
         store: dict = {"attn": [None] * len(self.cross_modules), "enc": None}
         handles = []
-        orig_forward = None
         try:
-            if encoder_override is not None:
-                orig_forward = self.encoder.__dict__.get("forward")
-                enc = encoder_override if self._batch_first else encoder_override.transpose(0, 1)
-                self.encoder.forward = lambda *a, **k: enc  # decoder-only: skip the encoder
             handles.append(self.encoder.register_forward_hook(lambda m, a, o: store.__setitem__("enc", o)))
             if capture:
                 for i, mod in enumerate(self.cross_modules):
@@ -197,11 +235,6 @@ class HookAdapter(Adapter):
         finally:
             for h in handles:
                 h.remove()
-            if encoder_override is not None:
-                if orig_forward is None:
-                    del self.encoder.forward
-                else:
-                    self.encoder.forward = orig_forward
 
     def _enc_out(self, o: object) -> Tensor:
         if isinstance(o, (tuple, list)):
@@ -226,21 +259,23 @@ class HookAdapter(Adapter):
             ca = ca.unsqueeze(2)
         return ca
 
-    def _run(self, features: Tensor, ids: Tensor, capture: bool, enc: Tensor | None = None) -> ForwardOutput:
-        with self._hooks(capture, encoder_override=enc) as store:
-            logits = self._forward_fn(self.model, features, ids)
+    def _run(self, call: Callable[[], object], capture: bool, encoder_out: Tensor | None = None) -> ForwardOutput:
+        """Run ``call`` under the hooks; ``encoder_out`` when the encoder output is given, not computed."""
+        with self._hooks(capture) as store:
+            logits = call()
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         ca = self._collect(store) if capture else None
-        return ForwardOutput(logits=logits, cross_attention=ca, encoder_out=self._enc_out(store["enc"]))
+        enc = self._enc_out(store["enc"]) if encoder_out is None else encoder_out
+        return ForwardOutput(logits=logits, cross_attention=ca, encoder_out=enc)
 
     def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
         x = features.to(self.device, self.dtype)
-        self._seen_bins = int(x.shape[-1])
+        self._check_bins(x)
         ids = decoder_ids.to(self.device)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0).expand(x.shape[0], -1)
-        return self._run(x, ids, output_attentions)
+        return self._run(lambda: self._forward_fn(self.model, x, ids), output_attentions)
 
     def encode(self, features: Tensor) -> Tensor:
         x = features.to(self.device, self.dtype)
@@ -259,7 +294,12 @@ class HookAdapter(Adapter):
         b = encoder_out.shape[0]
         if ids.dim() == 1:
             ids = ids.unsqueeze(0).expand(b, -1)
-        # the encoder is skipped; the features only carry batch size, feature size, device and dtype
-        bins = self.info.num_mel_bins or getattr(self, "_seen_bins", 1)
-        dummy = torch.zeros(b, 1, bins, device=encoder_out.device, dtype=encoder_out.dtype)
-        return self._run(dummy, ids, output_attentions, enc=encoder_out)
+        if self._decode_fn is not None:
+            return self._run(lambda: self._decode_fn(self.model, encoder_out, ids), output_attentions, encoder_out)
+        # the encoder is swapped out; the features only carry batch size, feature size, device and dtype
+        if not self.info.num_mel_bins:
+            raise XAttnError("HookAdapter.decode needs the feature size: pass num_mel_bins= or explain a batch first.")
+        dummy = torch.zeros(b, 1, self.info.num_mel_bins, device=encoder_out.device, dtype=encoder_out.dtype)
+        enc = encoder_out if self._batch_first else encoder_out.transpose(0, 1)
+        with _swapped(self.model, self._encoder_name, _Precomputed(enc)):
+            return self._run(lambda: self._forward_fn(self.model, dummy, ids), output_attentions, encoder_out)

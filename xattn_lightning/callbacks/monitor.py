@@ -803,9 +803,17 @@ class XAttnSaliencyMonitor(Callback):
             from xattn_lightning.viz import figure_to_array, grid_figure, heatmap_figure
 
             images = {}
+            row_of = {r["id"]: r for r in rows}
             for pid, e in exps[: self.max_figures]:
+                row = row_of.get(pid, {})
                 fig = heatmap_figure(
-                    e, self.methods, title=f"{pid} @ step {trainer.global_step}", frame_rate=self.frame_rate
+                    e,
+                    self.methods,
+                    title=f"{pid} @ step {trainer.global_step}",
+                    frame_rate=self.frame_rate,
+                    scores={m: row[f"{m}/pearson"] for m in self.methods if f"{m}/pearson" in row},
+                    layers=self.layers,
+                    heads=self.heads,
                 )
                 images[pid] = figure_to_array(fig)
             grids = {

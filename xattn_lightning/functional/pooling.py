@@ -44,23 +44,16 @@ def pool_saliency(sm: Tensor, frames_per_step: int, num_frames: int | None = Non
         num_frames = math.ceil(t / s)
     if num_frames < 1:
         raise XAttnError(f"Expected num_frames >= 1 but got {num_frames}.")
-    need = num_frames * s
-    x = sm.float()
-    if need > t:
-        pad_val = float("-inf") if mode != "avg2d" else float("nan")
-        x = F.pad(x, (0, 0, 0, need - t), value=pad_val)
-    else:
-        x = x[:, :need]
+    x = sm.float()[:, : num_frames * s]  # frames past the last window are left out
+    # ceil_mode: a last, partial window pools only the frames it has (the mean divides by those)
     if mode == "max2d":
-        out = x.reshape(i, num_frames, s * x.shape[-1]).amax(-1)
+        out = F.max_pool2d(x.unsqueeze(1), (s, x.shape[-1]), ceil_mode=True).flatten(1)
     elif mode == "avg2d":
-        out = x.reshape(i, num_frames, -1).nanmean(-1)
+        out = F.avg_pool2d(x.unsqueeze(1), (s, x.shape[-1]), ceil_mode=True).flatten(1)
     else:
-        per_frame = x.amax(-1).reshape(i, num_frames, s)
-        valid = torch.isfinite(per_frame)
-        out = torch.where(valid, per_frame, torch.zeros_like(per_frame)).sum(-1) / valid.sum(-1).clamp(min=1)
+        out = F.avg_pool1d(x.amax(-1).unsqueeze(1), s, ceil_mode=True).flatten(1)
     # windows entirely past the input (T' larger than the input allows) carry no saliency
-    return torch.nan_to_num(out, nan=0.0, neginf=0.0)
+    return F.pad(out, (0, num_frames - out.shape[1]))
 
 
 def broadcast_to_input(ca: Tensor, frames_per_step: int, num_input_frames: int, num_bins: int) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from xattn_lightning.explain import Explanation
 from xattn_lightning.functional import framewise_zscore, tokenwise_zscore
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
@@ -27,9 +28,16 @@ def heatmap_figure(
     title: str = "",
     frame_rate: float = 100.0,
     normalize: bool = True,
+    scores: Mapping[str, float] | None = None,
+    layers: LayerSpec = None,
+    heads: HeadSpec = None,
 ) -> Figure:
-    """Spectrogram on top, then cross-attention (all layers and heads averaged) and each method's
-    saliency at encoder resolution; token labels on the y axis, seconds on the x axis, ρ in titles.
+    """Spectrogram on top, then cross-attention (averaged over ``layers`` × ``heads``, default all)
+    and each method's saliency at encoder resolution; token labels on the y axis, seconds on the x
+    axis, ρ in titles.
+
+    ``scores`` (method → ρ) are the numbers already computed for this utterance (the monitor's and
+    ``compare``'s); a method missing from it is scored here with :meth:`Explanation.agreement`.
 
     >>> import torch
     >>> from xattn_lightning.explain import Explanation
@@ -50,7 +58,8 @@ def heatmap_figure(
     axes[0].set_ylabel("mel bin")
     axes[0].set_title(title or "input spectrogram", fontsize=9)
     labels = e.tokens or [str(int(t)) for t in e.token_ids]
-    maps = [("cross-attention (mean of layers × heads)", e.attention(), None)]
+    which = "layers × heads" if layers is None and heads is None else "selected heads"
+    maps = [(f"cross-attention (mean of {which})", e.attention(layers, heads), None)]
     maps += [(m, e.pooled(m), m) for m in methods]
     for ax, (name, mat, method) in zip(axes[1:], maps):
         shown = mat
@@ -60,7 +69,7 @@ def heatmap_figure(
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.set_ylim(len(labels) - 0.5, -0.5)
-        rho = "" if method is None else f"  ρ={e.agreement(method):+.3f}"
+        rho = "" if method is None else f"  ρ={_score(e, method, scores, layers, heads):+.3f}"
         ax.set_title(f"{name}{rho}", fontsize=9)
     axes[-1].set_xlabel("seconds")
     fig.tight_layout()
@@ -100,11 +109,25 @@ def layers_figure(series: dict[str, Sequence[float]], title: str = "ρ per layer
     return fig
 
 
+def _score(
+    e: Explanation, method: str, scores: Mapping[str, float] | None, layers: LayerSpec = None, heads: HeadSpec = None
+) -> float:
+    if scores is not None and method in scores:
+        return float(scores[method])
+    return e.agreement(method, layers=layers, heads=heads)
+
+
 def comparison_heatmaps(
-    exps: dict[str, Explanation], methods: Sequence[str], title: str = "", frame_rate: float = 100.0
+    exps: dict[str, Explanation],
+    methods: Sequence[str],
+    title: str = "",
+    frame_rate: float = 100.0,
+    scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Figure:
     """The same utterance through several checkpoints: one column per checkpoint, rows =
-    cross-attention and each method's saliency (normalised as in the agreement)."""
+    cross-attention and each method's saliency (normalised as in the agreement).
+
+    ``scores``: checkpoint name → method → ρ already computed (missing ones are computed here)."""
     names = list(exps)
     rows = 1 + len(methods)
     n_tok = max(len(e.token_ids) for e in exps.values())
@@ -116,7 +139,8 @@ def comparison_heatmaps(
         ext = (0, seconds, len(e.token_ids) - 0.5, -0.5)
         labels = e.tokens or [str(int(t)) for t in e.token_ids]
         panels = [("cross-attention", framewise_zscore(e.attention()))]
-        panels += [(f"{m}  ρ={e.agreement(m):+.3f}", tokenwise_zscore(e.pooled(m))) for m in methods]
+        own = (scores or {}).get(name)
+        panels += [(f"{m}  ρ={_score(e, m, own):+.3f}", tokenwise_zscore(e.pooled(m))) for m in methods]
         for r, (label, mat) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(mat.numpy(), aspect="auto", extent=ext, cmap="viridis", interpolation="nearest")
