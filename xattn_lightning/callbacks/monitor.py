@@ -104,6 +104,48 @@ def _broadcast_int(value: int) -> int:
     return int(box[0])
 
 
+def _check_arguments(
+    every_n_epochs: int | None,
+    every_n_steps: int | None,
+    num_probes: int,
+    targets: str,
+    on_error: str,
+    metrics: Sequence[str],
+    methods: Sequence[str],
+    method_options: dict[str, Any],
+    probes: Any,
+    max_overhead: float | None,
+    layers: Any,
+) -> int | None:
+    """Fail on a bad monitor argument at construction, not at the first reading; returns
+    ``every_n_epochs`` (1 when neither schedule is given)."""
+    if every_n_epochs is not None and every_n_steps is not None:
+        raise XAttnError("Pass exactly one of every_n_epochs and every_n_steps, not both.")
+    if every_n_epochs is None and every_n_steps is None:
+        every_n_epochs = 1
+    for name, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise XAttnError(f"Expected {name} to be a positive int but got {v!r}.")
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise XAttnError(f"Expected num_probes to be a positive int but got {num_probes!r}.")
+    check_choice("targets mode", targets, ("generate", "labels"))
+    check_choice("on_error mode", on_error, ("warn", "raise"))
+    for m in metrics:
+        check_choice("metric", m, ("pearson", "spearman", "kendall"))
+    validate_methods(methods, method_options)
+    if not methods:
+        raise XAttnError("Expected at least one saliency method; see xl.list_methods().")
+    if probes is not None and isinstance(probes, (str, bytes, Mapping)):
+        raise XAttnError(
+            f"Expected probes= to be a DataLoader, a Dataset or a list of batches but got a "
+            f"{type(probes).__name__}; wrap a single batch in a list: probes=[batch]."
+        )
+    if max_overhead is not None and not max_overhead > 0:
+        raise XAttnError(f"Expected max_overhead > 0 (a fraction of training time) or None, got {max_overhead!r}.")
+    resolve_layers(layers, 2**16)  # a malformed spec fails now
+    return every_n_epochs
+
+
 def _log_step(trainer: Trainer, epoch_end: bool = False) -> int:
     """The step Lightning's own logger connector gives metrics logged at this point (so ``xattn/``
     scalars land at the step of the validation metrics they belong to)."""
@@ -208,30 +250,19 @@ class XAttnSaliencyMonitor(Callback):
         **method_options: Any,
     ) -> None:
         super().__init__()
-        if every_n_epochs is not None and every_n_steps is not None:
-            raise XAttnError("Pass exactly one of every_n_epochs and every_n_steps, not both.")
-        if every_n_epochs is None and every_n_steps is None:
-            every_n_epochs = 1
-        for name, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise XAttnError(f"Expected {name} to be a positive int but got {v!r}.")
-        if not isinstance(num_probes, int) or num_probes < 1:
-            raise XAttnError(f"Expected num_probes to be a positive int but got {num_probes!r}.")
-        check_choice("targets mode", targets, ("generate", "labels"))
-        check_choice("on_error mode", on_error, ("warn", "raise"))
-        for m in metrics:
-            check_choice("metric", m, ("pearson", "spearman", "kendall"))
-        validate_methods(methods, method_options)
-        if not methods:
-            raise XAttnError("Expected at least one saliency method; see xl.list_methods().")
-        if probes is not None and isinstance(probes, (str, bytes, Mapping)):
-            raise XAttnError(
-                f"Expected probes= to be a DataLoader, a Dataset or a list of batches but got a "
-                f"{type(probes).__name__}; wrap a single batch in a list: probes=[batch]."
-            )
-        if max_overhead is not None and not max_overhead > 0:
-            raise XAttnError(f"Expected max_overhead > 0 (a fraction of training time) or None, got {max_overhead!r}.")
-        resolve_layers(layers, 2**16)  # fail on a malformed spec now, not at the first run
+        every_n_epochs = _check_arguments(
+            every_n_epochs,
+            every_n_steps,
+            num_probes,
+            targets,
+            on_error,
+            metrics,
+            methods,
+            method_options,
+            probes,
+            max_overhead,
+            layers,
+        )
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.num_probes = num_probes
