@@ -37,19 +37,28 @@ from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.saliency.perturbation import draw_keep_masks, kl_per_token
 
 ESTIMATORS = ("paper", "diff", "ridge", "smooth", "paper_smooth")
+#: binomial smoothing kernels in time, by width
+KERNELS = {3: (1, 2, 1), 5: (1, 4, 6, 4, 1), 7: (1, 6, 15, 20, 15, 6, 1)}
 DESIGNS = ("plain", "balanced", "sobol")
 
 
 def estimate(keep: torch.Tensor, kl: torch.Tensor, kind: str, lam: float = 1.0, smooth: float = 4.0) -> torch.Tensor:
-    """Per-token frame relevance ``[I, T']`` from keep masks ``[N, T']`` and KL ``[N, I]``."""
+    """Per-token frame relevance ``[I, T']`` from keep masks ``[N, T']`` and KL ``[N, I]``.
+
+    ``kind``: ``paper``, ``diff``, ``ridge``, ``smooth`` (or ``smooth:<weight>``), ``paper_smooth``
+    (or ``paper_smooth:<width>``, a binomial kernel of width 3, 5 or 7)."""
+    kind, _, arg = kind.partition(":")
     occ, kl = (~keep).double(), kl.double()
     if kind == "paper":
         return (kl.T @ occ) / occ.sum(0).clamp(min=1)
     if kind == "paper_smooth":
         m = ((kl.T @ occ) / occ.sum(0).clamp(min=1)).unsqueeze(1)
-        kernel = torch.tensor([[[0.25, 0.5, 0.25]]], dtype=m.dtype, device=m.device)
-        padded = torch.nn.functional.pad(m, (1, 1), mode="replicate")
-        return torch.nn.functional.conv1d(padded, kernel).squeeze(1)
+        taps = torch.tensor(KERNELS[int(arg or 3)], dtype=m.dtype, device=m.device)
+        half = len(taps) // 2
+        padded = torch.nn.functional.pad(m, (half, half), mode="replicate")
+        return torch.nn.functional.conv1d(padded, (taps / taps.sum()).view(1, 1, -1)).squeeze(1)
+    if arg:
+        smooth = float(arg)
     if kind == "diff":
         kept = 1 - occ
         return (kl.T @ occ) / occ.sum(0).clamp(min=1) - (kl.T @ kept) / kept.sum(0).clamp(min=1)
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--smooth", type=float, default=4.0, help="weight of the smoothness prior (estimator smooth)")
     ap.add_argument("--designs", default=",".join(DESIGNS))
+    ap.add_argument("--estimators", default=",".join(ESTIMATORS), help="e.g. paper,smooth:16,paper_smooth:5")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     spread: dict = {}
     ceilings: list[float] = []
     designs = [d for d in args.designs.split(",") if d]
+    estimators = [k for k in args.estimators.split(",") if k]
     for row in read_manifest(args.manifest)[: args.utterances]:
         batch = features_batch(proc, [row])
         (e,) = xl.explain(model, batch, targets="generate", tokenizer=proc)
@@ -124,28 +135,28 @@ def main(argv: list[str] | None = None) -> int:
             ceilings.append(reference_ceiling(keep, ref_kl))
             for design in designs:
                 for n in ns:
-                    rhos: dict = {k: [] for k in ESTIMATORS}
+                    rhos: dict = {k: [] for k in estimators}
                     for seed in (0, 1):
                         keep = draw_keep_masks(n, t, args.p_h, torch.Generator().manual_seed(seed), design)
                         keep = keep.to(ad.device)
                         kl = _kls(run, keep, logp, pos, args.batch)
-                        for k in ESTIMATORS:
+                        for k in estimators:
                             m = estimate(keep, kl, k, smooth=args.smooth).float().cpu()
                             sim.setdefault((design, n, k), []).append(map_similarity(m, ref))
                             rhos[k].append(agreement(ca, m))
-                    for k in ESTIMATORS:
+                    for k in estimators:
                         spread.setdefault((design, n, k), []).append(abs(rhos[k][0] - rhos[k][1]))
         print(f"  {row.id} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
     ceiling = statistics.fmean(ceilings)
     print(f"per-token ρ to a {args.ref_n}-mask plain map | mean |Δρ(CA, SM_H)| between two seeds")
     print(f"ceiling set by the reference's own noise (√ reliability): {ceiling:.3f}")
-    print("design    N     " + "  ".join(f"{k:>13s}" for k in ESTIMATORS))
+    print("design    N     " + "  ".join(f"{k:>13s}" for k in estimators))
     for design in designs:
         for n in ns:
             r = {"design": design, "n": n}
             cells = []
-            for k in ESTIMATORS:
+            for k in estimators:
                 r[f"{k}_per_token_rho"] = statistics.fmean(sim[(design, n, k)])
                 r[f"{k}_seed_spread"] = statistics.fmean(spread[(design, n, k)])
                 cells.append(f"{r[f'{k}_per_token_rho']:.3f} | {r[f'{k}_seed_spread']:.3f}")

@@ -517,7 +517,9 @@ def test_resume_continues_wandb_steps_without_duplicates(tmp_path, monkeypatch):
     steps_before = [h["step"] for h in mon.history]
     assert [h["step"] for h in mon2.history][:2] == steps_before  # history continues
     (f2,) = glob.glob(str(tmp_path / "w2/wandb/offline-run-*/run-*.wandb"))
-    logged = [r["trainer/global_step"] for r in history(f2) if "xattn/encoder_spes/pearson" in r]
+    rows = history(f2)
+    logged = [r["trainer/global_step"] for r in rows if "xattn/encoder_spes/pearson" in r]
+    assert logged, f"no xattn rows among the {len(rows)} history rows of {f2}: {[sorted(r)[:4] for r in rows]}"
     assert logged == sorted(set(logged)) and min(logged) > max(steps_before)  # only new steps, in order
 
 
