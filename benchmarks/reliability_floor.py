@@ -28,8 +28,10 @@ from xattn_lightning.loading import features_batch, load_hf_model
 METHOD = "encoder_spes"
 
 
-def reading(model, batch, target, n: int, seed: int, sampling: str = "plain") -> dict:
-    (e,) = xl.explain(model, batch, targets=[target], methods=(METHOD,), n_masks=n, seed=seed, sampling=sampling)
+def reading(model, batch, target, n: int, seed: int, sampling: str = "plain", smoothing: int = 0) -> dict:
+    (e,) = xl.explain(
+        model, batch, targets=[target], methods=(METHOD,), n_masks=n, seed=seed, sampling=sampling, smoothing=smoothing
+    )
     return {
         "n": n,
         "seed": seed,
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-n", type=int, default=2000)
     ap.add_argument("--tolerance", type=float, default=0.05)
     ap.add_argument("--sampling", default="plain", help="mask design of the small-N readings (the reference is plain)")
+    ap.add_argument(
+        "--smoothing", type=int, default=0, help="encoder_spes smoothing= of every reading, the reference's too"
+    )
     ap.add_argument("--out", default="docs/reliability_floor")
     args = ap.parse_args(argv)
     model, proc = load_hf_model(args.model)
@@ -79,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         batch = features_batch(proc, [row])
         (e,) = xl.explain(model, batch, targets="generate", tokenizer=proc)
         target = e.decoder_ids.tolist()
-        ref = reading(model, batch, target, args.ref_n, seed=1000)
+        ref = reading(model, batch, target, args.ref_n, seed=1000, smoothing=args.smoothing)
         u = {"id": row.id, "kind": kind, "tokens": int(e.token_ids.numel()), "ref": ref}
         for n in ns:
             for seed in range(args.seeds):
-                r = reading(model, batch, target, n, seed, args.sampling)
+                r = reading(model, batch, target, n, seed, args.sampling, args.smoothing)
                 r["id"], r["kind"] = row.id, kind
                 r["abs_diff"] = abs(r["corrected"] - ref["corrected"])
                 r["abs_diff_raw"] = abs(r["raw"] - ref["corrected"])
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = choose_floor(readings, args.tolerance)
     lines = [
         f"# Corrected ρ(CA, SM_H) at small N against N = {args.ref_n} ({len(utts)} utterances, "
-        f"{args.seeds} seeds, Whisper {Path(args.model).name}, sampling {args.sampling})",
+        f"{args.seeds} seeds, Whisper {Path(args.model).name}, sampling {args.sampling}, "
+        f"smoothing {args.smoothing})",
         "",
         "| N | mean reliability | mean abs(corrected − ref) | mean abs(raw − ref) | mean seed spread of corrected "
         "| max seed spread |",

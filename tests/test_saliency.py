@@ -315,3 +315,35 @@ def test_option_defaults_live_in_one_place():
     assert set(get_args(MethodName)) == set(METHODS) == set(ALL)  # the Literal names match the registry
     o = options_for(EncoderSpesOptions, {"n_masks": 64, "p_h": 0.5, "n_steps": 3})
     assert (o.n_masks, o.p_h, o.encoder_batch_size) == (64, 0.5, 32)
+
+
+def _smooth_by_loop(x, width):
+    """Reference: a binomial kernel applied frame by frame, the edges repeating the end frames."""
+    taps = [math.comb(width - 1, k) for k in range(width)]
+    taps = [t / sum(taps) for t in taps]
+    half, n = width // 2, x.shape[-1]
+    out = torch.zeros_like(x)
+    for j in range(n):
+        for k, w in enumerate(taps):
+            out[..., j] += w * x[..., min(max(j + k - half, 0), n - 1)]
+    return out
+
+
+def test_smoothing_filters_the_encoder_map_and_its_halves_in_time():
+    from xattn_lightning.functional import smooth_frames
+
+    x = torch.randn(2, 3, 11)
+    for width in (3, 5, 7):
+        torch.testing.assert_close(smooth_frames(x, width), _smooth_by_loop(x, width), atol=1e-6, rtol=0)
+    assert torch.equal(smooth_frames(x, 0), x)
+    plain = _speaking_explain(n_masks=16)
+    smooth = _speaking_explain(n_masks=16, smoothing=5)
+    torch.testing.assert_close(smooth.saliency["encoder_spes"], smooth_frames(plain.saliency["encoder_spes"], 5))
+    torch.testing.assert_close(
+        smooth.info["encoder_spes"]["halves"], smooth_frames(plain.info["encoder_spes"]["halves"], 5)
+    )
+    assert smooth.info["encoder_spes"]["smoothing"] == 5
+    torch.testing.assert_close(smooth.saliency["spes"], plain.saliency["spes"])  # input SPES is not filtered
+    m = tiny_whisper()
+    with pytest.raises(xl.XAttnError, match="odd kernel width"):
+        xl.explain(m, whisper_batch(m), targets=[[50257, 5, 50256]] * 2, methods=("encoder_spes",), smoothing=4)

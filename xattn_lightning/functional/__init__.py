@@ -20,7 +20,7 @@ from xattn_lightning.functional.agreement import (
     split_half_reliability,
     topk_overlap,
 )
-from xattn_lightning.functional.pooling import pool_saliency
+from xattn_lightning.functional.pooling import pool_saliency, smooth_frames
 
 __all__ = [
     "RELIABILITY_FLOOR",
@@ -36,6 +36,7 @@ __all__ = [
     "masks_for_reliability",
     "per_token_correlation",
     "pool_saliency",
+    "smooth_frames",
     "resolve_layers",
     "split_half_reliability",
     "tokenwise_zscore",

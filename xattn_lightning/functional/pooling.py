@@ -70,3 +70,26 @@ def broadcast_to_input(ca: Tensor, frames_per_step: int, num_input_frames: int, 
     if rep.shape[1] < num_input_frames:
         rep = F.pad(rep, (0, num_input_frames - rep.shape[1]))
     return rep.unsqueeze(-1).expand(-1, -1, num_bins)
+
+
+def smooth_frames(x: Tensor, width: int) -> Tensor:
+    """Filter maps ``[..., T']`` along their last (time) axis with a binomial kernel of odd
+    ``width`` (3: [1, 2, 1] / 4, 5: [1, 4, 6, 4, 1] / 16, ...); the edges repeat the end frames.
+    ``width`` 0 or 1 returns ``x`` unchanged.
+
+    Encoder-output saliency maps from few masks are noisy frame by frame while relevance changes
+    smoothly over 20-ms encoder frames; filtering trades a little temporal detail for much less
+    noise (``benchmarks/estimators.py``).
+
+    >>> smooth_frames(torch.tensor([[0.0, 4.0, 0.0]]), 3).tolist()
+    [[1.0, 2.0, 1.0]]
+    """
+    if not isinstance(width, int) or isinstance(width, bool) or width < 0 or (width > 1 and width % 2 == 0):
+        raise XAttnError(f"Expected smoothing to be 0 (off) or an odd kernel width such as 3 or 5, got {width!r}.")
+    if width <= 1:
+        return x
+    taps = torch.tensor([math.comb(width - 1, k) for k in range(width)], dtype=x.dtype, device=x.device)
+    flat = x.reshape(-1, 1, x.shape[-1])
+    half = width // 2
+    padded = F.pad(flat, (half, half), mode="replicate")
+    return F.conv1d(padded, (taps / taps.sum()).view(1, 1, -1)).reshape(x.shape)

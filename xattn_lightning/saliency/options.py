@@ -45,10 +45,13 @@ class SpesOptions(PerturbationOptions):
 
 @dataclass(frozen=True)
 class EncoderSpesOptions(PerturbationOptions):
-    """Encoder-output SPES: whole encoder frames occluded with probability ``p_h``."""
+    """Encoder-output SPES: whole encoder frames occluded with probability ``p_h``; ``smoothing``
+    (an odd width, 0 = off, the paper's estimator) filters the map in time
+    (:func:`~xattn_lightning.functional.smooth_frames`)."""
 
     p_h: float = 0.7
     encoder_batch_size: BatchSize = 32
+    smoothing: int = 0
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xattn_lightning.errors import XAttnError
+from xattn_lightning.functional.pooling import smooth_frames
 from xattn_lightning.saliency.options import SAMPLINGS, EncoderSpesOptions, SpesOptions
 
 #: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)
@@ -215,10 +216,13 @@ def spes_encoder(
     sampling: str = EncoderSpesOptions.sampling,
     max_seconds: float | None = EncoderSpesOptions.max_seconds,
     progress: Callable[[int], None] | None = None,
+    smoothing: int = EncoderSpesOptions.smoothing,
 ) -> tuple[Tensor, dict]:
     """Encoder-output saliency ``[I, T']`` (paper §1.4): zero whole valid encoder frames with
     probability ``p_h``; ``run(keep [B, T'_valid]) -> logits [B, S, V]`` re-runs only the decoder
-    with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``)."""
+    with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``). ``smoothing``
+    filters the map and its two halves in time (:func:`smooth_frames`; 0: the paper's estimator)."""
+    smooth_frames(torch.zeros(1, 1), smoothing)  # a bad width fails before any mask runs
     if n_masks < 1:
         raise XAttnError(f"Expected n_masks >= 1 but got {n_masks}.")
     if not 0.0 < p_h < 1.0:
@@ -239,10 +243,11 @@ def spes_encoder(
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             stopped = True
             break
-    return acc.result().cpu(), {
-        "halves": acc.halves().cpu(),
+    return smooth_frames(acc.result(), smoothing).cpu(), {
+        "halves": smooth_frames(acc.halves(), smoothing).cpu(),
         "n_masks": acc.n,
         "batch_size": batch_size,
         "seconds": time.perf_counter() - start,
         "budget_hit": stopped,
+        "smoothing": smoothing,
     }
