@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from xattn_lightning.errors import XAttnError
+from xattn_lightning.saliency.options import READING_DEFAULTS
 
 
 def _png(fig) -> str:
@@ -225,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--manifest", required=True, help="TSV: id<TAB>audio<TAB>text (audio relative to the manifest)")
     c.add_argument("--num-probes", type=int, default=8, help="first N utterances of the manifest")
     c.add_argument("--methods", default="encoder_spes", help="comma-separated saliency methods")
-    c.add_argument("--n-masks", type=int, default=256)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--n-masks", type=int, default=READING_DEFAULTS["n_masks"])
+    c.add_argument("--seed", type=int, default=READING_DEFAULTS["seed"])
     c.add_argument("--targets", default="generate", choices=("generate", "labels"))
     c.add_argument("--module", help="package.module:Class of the LightningModule, for .ckpt files")
     c.add_argument("--names", help="comma-separated display names, one per checkpoint")

@@ -27,14 +27,15 @@ from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.saliency import perturbation_methods, validate_methods
+from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import TIMING_ERRORS, Summary, mean_grid, probe_scores, summarize
 from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
 
 #: row key of a probe's (Alignment, true words) until its word timestamps are scored
 _ALIGNMENT = "_alignment"
 
-#: cheap defaults for a training-time monitor (see README "Costs")
-MONITOR_DEFAULTS = {"n_masks": 256, "seed": 0}
+#: cheap defaults for a training-time monitor (see README "Costs"); they live in saliency.options
+MONITOR_DEFAULTS = READING_DEFAULTS
 PREFIX = "xattn/"
 
 

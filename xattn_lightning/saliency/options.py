@@ -65,6 +65,10 @@ class GradientOptions:
 
 FAMILIES: tuple[type, ...] = (SpesOptions, EncoderSpesOptions, GradientOptions)
 
+#: what a monitor reading and ``xattn-lightning compare`` use where ``explain`` defaults differ:
+#: fewer masks, so that a reading is cheap enough to repeat during training
+READING_DEFAULTS: dict[str, Any] = {"n_masks": 256, "seed": 0}
+
 T = TypeVar("T")
 
 
