@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -135,20 +136,19 @@ class _HFSeq2SeqAdapter(Adapter):
 
     def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
         x = self._to_model(features.to(self.device, self.dtype))
+        return self._call(decoder_ids, x.shape[0], output_attentions, input_features=x)
+
+    def _call(self, decoder_ids: Tensor, batch: int, output_attentions: bool, **inputs: Any) -> ForwardOutput:
+        """One teacher-forced pass over ``inputs`` (features or encoder outputs); eager attention
+        only while the weights are captured."""
         ids = decoder_ids.to(self.device)
         if ids.dim() == 1:
-            ids = ids.unsqueeze(0).expand(x.shape[0], -1)
+            ids = ids.unsqueeze(0).expand(batch, -1)
         with self._eager() if output_attentions else contextlib.nullcontext():
             out = self.model(
-                input_features=x,
-                decoder_input_ids=ids,
-                output_attentions=output_attentions,
-                use_cache=False,
-                return_dict=True,
+                **inputs, decoder_input_ids=ids, output_attentions=output_attentions, use_cache=False, return_dict=True
             )
-        ca = None
-        if output_attentions:
-            ca = self._stack_cross(out.cross_attentions)
+        ca = self._stack_cross(out.cross_attentions) if output_attentions else None
         return ForwardOutput(logits=out.logits, cross_attention=ca, encoder_out=out.encoder_last_hidden_state)
 
     def _stack_cross(self, cross: tuple[Tensor, ...] | None) -> Tensor:
@@ -166,19 +166,11 @@ class _HFSeq2SeqAdapter(Adapter):
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         from transformers.modeling_outputs import BaseModelOutput
 
-        ids = decoder_ids.to(self.device)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0).expand(encoder_out.shape[0], -1)
-        with self._eager() if output_attentions else contextlib.nullcontext():
-            out = self.model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out),
-                decoder_input_ids=ids,
-                output_attentions=output_attentions,
-                use_cache=False,
-                return_dict=True,
-            )
-        ca = self._stack_cross(out.cross_attentions) if output_attentions else None
-        return ForwardOutput(logits=out.logits, cross_attention=ca, encoder_out=encoder_out)
+        hidden = BaseModelOutput(last_hidden_state=encoder_out)
+        return replace(
+            self._call(decoder_ids, encoder_out.shape[0], output_attentions, encoder_outputs=hidden),
+            encoder_out=encoder_out,
+        )
 
     def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
         """Frame occlusion without re-projecting the encoder output. Each decoder layer's
