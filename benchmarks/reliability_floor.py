@@ -50,6 +50,8 @@ def choose_floor(readings: list[dict], tolerance: float) -> float:
     floor = math.nan
     for cut in reversed(cuts):
         above = [r["abs_diff"] for r in ok if r["reliability"] >= cut]
+        if not above:  # the cut rounded up past the most reliable reading
+            continue
         if statistics.fmean(above) <= tolerance:
             floor = cut
         else:
