@@ -46,7 +46,7 @@ def choose_floor(readings: list[dict], tolerance: float) -> float:
     """Lowest reliability r such that readings with reliability >= r have mean |corrected - ref| <= tolerance
     (and so does every higher cut)."""
     ok = [r for r in readings if not math.isnan(r["reliability"]) and not math.isnan(r["abs_diff"])]
-    cuts = sorted({round(r["reliability"], 2) for r in ok})
+    cuts = sorted({math.floor(r["reliability"] * 100) / 100 for r in ok})  # each cut keeps its own reading
     floor = math.nan
     for cut in reversed(cuts):
         above = [r["abs_diff"] for r in ok if r["reliability"] >= cut]

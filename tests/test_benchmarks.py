@@ -72,3 +72,12 @@ def test_whisper_report_script_smoke(tmp_path, whisper_path, espeak_manifest):
     assert len(u["spes"]["grid"]) == 4 and len(u["spes"]["grid"][0]) == 6
     assert set(rep["deletion"]["deletion"]) == {"attention", "spes:pooled", "spes", "encoder_spes"}
     assert "| layer | ρ(CA, SM_X) | ρ(CA, SM_H) |" in (tmp_path / "report.md").read_text()
+
+
+def test_reliability_floor_choice_counts_every_reading():
+    from benchmarks.reliability_floor import choose_floor
+
+    near = [{"reliability": 0.876, "abs_diff": 0.01}, {"reliability": 0.5, "abs_diff": 0.03}]
+    assert choose_floor(near, 0.05) == 0.5  # the most reliable reading's cut (0.87) no longer rounds past it
+    far = near + [{"reliability": 0.2, "abs_diff": 0.4}]
+    assert choose_floor(far, 0.05) == 0.5  # the cut below, 0.2, brings the mean over the tolerance
