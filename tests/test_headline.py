@@ -60,6 +60,13 @@ def test_kv_shortcut_equals_zeroing_frames(name, model, batch):
             for run in (adapter.masked_decoder(enc, seq[:-1]), Adapter.masked_decoder(adapter, enc, seq[:-1]))
         ]
     assert (maps[0] - maps[1]).abs().max() <= 1e-5
+    # only the explained positions projected onto the vocabulary: the same logits at those positions
+    with torch.no_grad():
+        only = adapter.masked_decoder(enc, seq[:-1], positions=positions)(keep)
+        zeroed = Adapter.masked_decoder(adapter, enc, seq[:-1], positions=positions)(keep)
+    assert only.shape == (5, positions.numel(), fast.shape[-1])
+    torch.testing.assert_close(only, fast[:, positions], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zeroed, slow[:, positions], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,model,batch", _models(), ids=lambda x: x if isinstance(x, str) else "")

@@ -144,19 +144,24 @@ class Adapter(ABC):
         """Decoder-only pass over a given encoder output ``[B, T', D]``."""
         raise NotImplementedError(f"{type(self).__name__} does not support decoder-only passes.")
 
-    def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
+    def masked_decoder(
+        self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
+    ) -> Callable[[Tensor], Tensor]:
         """``run(keep [B, t]) -> logits [B, S, V]``: decoder-only passes over ``encoder_out [1, T', D]``
         with the first ``t`` encoder frames zeroed where ``keep`` is False (frame occlusion).
+        With ``positions``, only those decoder positions' logits: ``[B, P, V]``.
 
         The default zeroes the frames and calls :meth:`decode`; adapters that can, project the
-        cross-attention keys and values once and mask their rows instead (same result, cheaper).
+        cross-attention keys and values once and mask their rows instead, and project only the
+        asked positions onto the vocabulary (same result, cheaper).
         """
 
         def run(keep: Tensor) -> Tensor:
             b, t = keep.shape
             h = encoder_out.expand(b, -1, -1).clone()
             h[:, :t] = h[:, :t] * keep.unsqueeze(-1).to(h.dtype)
-            return self.decode(h, decoder_ids).logits
+            logits = self.decode(h, decoder_ids).logits
+            return logits if positions is None else logits[:, positions]
 
         return run
 

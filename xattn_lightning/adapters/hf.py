@@ -172,7 +172,9 @@ class _HFSeq2SeqAdapter(Adapter):
             encoder_out=encoder_out,
         )
 
-    def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
+    def masked_decoder(
+        self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
+    ) -> Callable[[Tensor], Tensor]:
         """Frame occlusion without re-projecting the encoder output. Each decoder layer's
         cross-attention keys and values are projected once, with one more row: the projection of a
         zero frame. A mask becomes an additive attention bias (:func:`occlusion_bias`): occluded frames
@@ -193,6 +195,7 @@ class _HFSeq2SeqAdapter(Adapter):
             projected.append(tuple(x.view(1, -1, heads, head_dim).transpose(1, 2) for x in (k, v)))
         cache_kw = _cache_keyword(self.model)
         num_frames = encoder_out.shape[1]
+        head = self.model.get_output_embeddings()
 
         def run(keep: Tensor) -> Tensor:
             b = keep.shape[0]
@@ -208,6 +211,8 @@ class _HFSeq2SeqAdapter(Adapter):
                 return args, {**kwargs, "attention_mask": bias}
 
             handles = [layer.encoder_attn.register_forward_pre_hook(with_bias, with_kwargs=True) for layer in layers]
+            if positions is not None and head is not None:  # only the explained positions reach the vocabulary
+                handles.append(head.register_forward_pre_hook(lambda m, a: (a[0][:, positions], *a[1:])))
             ids = decoder_ids.to(self.device)
             ids = ids.unsqueeze(0).expand(b, -1) if ids.dim() == 1 else ids
             try:
@@ -221,6 +226,8 @@ class _HFSeq2SeqAdapter(Adapter):
             finally:
                 for h in handles:
                     h.remove()
+            if positions is not None and head is None:
+                return out.logits[:, positions]
             return out.logits
 
         return run

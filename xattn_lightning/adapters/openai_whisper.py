@@ -188,7 +188,9 @@ class OpenAIWhisperAdapter(Adapter):
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         return self._decode(encoder_out, self._ids(decoder_ids, encoder_out.shape[0]), output_attentions)
 
-    def masked_decoder(self, encoder_out: Tensor, decoder_ids: Tensor) -> Callable[[Tensor], Tensor]:
+    def masked_decoder(
+        self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
+    ) -> Callable[[Tensor], Tensor]:
         """Frame occlusion with each block's cross-attention keys and values projected once, plus the
         projection of a zero frame; a mask becomes an additive attention bias (``occlusion_bias``).
         Equals zeroing the frames and decoding, up to float rounding."""
@@ -217,7 +219,7 @@ class OpenAIWhisperAdapter(Adapter):
                 o = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), attn_mask=bias)
                 x = x + ca.out(o.transpose(1, 2).flatten(2))
                 x = x + block.mlp(block.mlp_ln(x))
-            x = dec.ln(x)
+            x = dec.ln(x if positions is None else x[:, positions])
             return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
 
         return run

@@ -261,14 +261,17 @@ def _encoder_spes(method: str, x: _Inputs) -> tuple[Tensor, dict]:
     adapter, opts, bar = x.adapter, x.opts, x.bar
     device = torch.device(adapter.device)
     ones = torch.ones(1, x.t_enc, dtype=torch.bool, device=device)
+    # the masked passes project only the explained positions onto the vocabulary: logits [B, P, V]
+    explained = x.positions.to(device)
+    masked = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
     run, lp_ref, bs = _prepared(
-        "encoder_spes", adapter.masked_decoder(x.enc, x.dec_in), lambda b: ones.expand(b, -1), x.logp_ref, device, opts
+        "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, opts
     )
     return spes_encoder(
         run,
         x.t_enc,
         lp_ref,
-        x.positions,
+        torch.arange(explained.numel(), device=device),
         **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
         progress=bar.update if bar else None,
     )
