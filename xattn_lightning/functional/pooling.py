@@ -72,6 +72,15 @@ def broadcast_to_input(ca: Tensor, frames_per_step: int, num_input_frames: int, 
     return rep.unsqueeze(-1).expand(-1, -1, num_bins)
 
 
+def check_smoothing(width: object) -> None:
+    """Raise unless ``width`` is a valid ``smoothing`` option: 0 or 1 (off), or an odd kernel width.
+
+    >>> check_smoothing(5)
+    """
+    if not isinstance(width, int) or isinstance(width, bool) or width < 0 or (width > 1 and width % 2 == 0):
+        raise XAttnError(f"Expected smoothing to be 0 (off) or an odd kernel width such as 3 or 5, got {width!r}.")
+
+
 def smooth_frames(x: Tensor, width: int) -> Tensor:
     """Filter maps ``[..., T']`` along their last (time) axis with a binomial kernel of odd
     ``width`` (3: [1, 2, 1] / 4, 5: [1, 4, 6, 4, 1] / 16, ...); the edges repeat the end frames.
@@ -84,8 +93,7 @@ def smooth_frames(x: Tensor, width: int) -> Tensor:
     >>> smooth_frames(torch.tensor([[0.0, 4.0, 0.0]]), 3).tolist()
     [[1.0, 2.0, 1.0]]
     """
-    if not isinstance(width, int) or isinstance(width, bool) or width < 0 or (width > 1 and width % 2 == 0):
-        raise XAttnError(f"Expected smoothing to be 0 (off) or an odd kernel width such as 3 or 5, got {width!r}.")
+    check_smoothing(width)
     if width <= 1:
         return x
     taps = torch.tensor([math.comb(width - 1, k) for k in range(width)], dtype=x.dtype, device=x.device)

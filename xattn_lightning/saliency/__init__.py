@@ -13,7 +13,7 @@ from torch import Tensor
 
 from xattn_lightning.adapters import Adapter, ForwardOutput, Utterance
 from xattn_lightning.errors import UnknownNameError, XAttnError
-from xattn_lightning.functional.pooling import smooth_frames
+from xattn_lightning.functional.pooling import check_smoothing
 from xattn_lightning.saliency.gradients import (
     GRADIENT_METHODS,
     batched_attribute,
@@ -128,7 +128,7 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
         raise UnknownNameError("gradient_engine", options["gradient_engine"], ("batched", "captum"))
     if options.get("autocast") is not None and options["autocast"] not in AUTOCAST_DTYPES:
         raise UnknownNameError("autocast", options["autocast"], AUTOCAST_DTYPES)
-    smooth_frames(torch.zeros(1, 1), options.get("smoothing", 0))  # 0 or an odd width
+    check_smoothing(options.get("smoothing", 0))
     for k in ("batch_size", "encoder_batch_size"):
         v = options.get(k, 1)
         if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

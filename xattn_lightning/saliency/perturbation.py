@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xattn_lightning.errors import XAttnError
-from xattn_lightning.functional.pooling import smooth_frames
+from xattn_lightning.functional.pooling import check_smoothing, smooth_frames
 from xattn_lightning.saliency.options import SAMPLINGS, EncoderSpesOptions, SpesOptions
 
 #: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)
@@ -222,7 +222,7 @@ def spes_encoder(
     probability ``p_h``; ``run(keep [B, T'_valid]) -> logits [B, S, V]`` re-runs only the decoder
     with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``). ``smoothing``
     filters the map and its two halves in time (:func:`smooth_frames`; 0: the paper's estimator)."""
-    smooth_frames(torch.zeros(1, 1), smoothing)  # a bad width fails before any mask runs
+    check_smoothing(smoothing)  # a bad width fails before any mask runs
     if n_masks < 1:
         raise XAttnError(f"Expected n_masks >= 1 but got {n_masks}.")
     if not 0.0 < p_h < 1.0:
