@@ -7,7 +7,9 @@ Sections (``--only`` picks some): ``spes`` (masks/s of SPES against a plain one-
 and against the limit: the same number of batched teacher-forced passes with no masking or
 scoring; peak memory), ``encoder`` (encoder-output saliency per mask vs input SPES per mask),
 ``kv`` (encoder-output saliency per mask: cross-attention keys/values projected once and masked
-vs zeroing frames and re-running the decoder; the maps' max difference), ``costs`` (a SPES mask
+vs zeroing frames and re-running the decoder; the maps' max difference), ``kl`` (the KL of each mask's
+predictions: one pass over the logits vs ``log_softmax`` + ``F.kl_div``, per mask, at several mask
+batch sizes, beside the masked decoder pass itself; the largest difference), ``costs`` (a SPES mask
 and a whole ``explain`` at N = 64 against plain forwards of the model as loaded; the fixed cost of
 a probe against one greedy decode), ``gradients`` (all tokens' gradient maps, batched vs Captum once per token, and their max
 difference), ``convergence`` (per-token ρ of SPES maps at N masks vs a reference N with another
@@ -34,7 +36,7 @@ import xattn_lightning as xl
 from xattn_lightning.functional import map_similarity
 from xattn_lightning.saliency.perturbation import kl_per_token, slic_segments, spes_input
 
-SECTIONS = ("spes", "encoder", "kv", "costs", "gradients", "convergence", "monitor")
+SECTIONS = ("spes", "encoder", "kv", "kl", "costs", "gradients", "convergence", "monitor")
 
 
 def _tiny_setup():
@@ -183,6 +185,60 @@ def bench_kv(model, batch, targets, n_masks: int) -> dict:
     res["max_abs_diff"] = float((maps["kv"] - maps["zero"]).abs().max())
     res["max_abs_value"] = float(maps["zero"].abs().max())
     return res
+
+
+def _kl_by_log_softmax(logp_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The previous formula, kept as the reference: ``log_softmax`` then ``F.kl_div``."""
+    lp = logits.to(logp_ref.dtype).log_softmax(-1)
+    return torch.nn.functional.kl_div(lp, logp_ref.expand_as(lp), reduction="none", log_target=True).sum(-1)
+
+
+def bench_kl(model, batch, targets, sizes: list[int], n_masks: int) -> dict:
+    """Seconds per mask of the masked decoder pass and of the two KL formulas on its logits (real
+    masks, the explained positions only), and their largest difference."""
+    from xattn_lightning.saliency.perturbation import draw_keep_masks
+
+    adapter = xl.adapter_for(model)
+    rows = []
+    with torch.inference_mode(False), torch.no_grad():
+        (u,) = adapter.utterances(batch)
+        seq = adapter.normalize_target(torch.as_tensor(targets[0]))
+        dec_in = seq[:-1]
+        positions = (~adapter.special_mask(seq[1:])).nonzero().view(-1)
+        ref = adapter.forward(u.features.unsqueeze(0), dec_in, output_attentions=False)
+        logp = ref.logits[0, positions].float().log_softmax(-1)
+        run = adapter.masked_decoder(ref.encoder_out, dec_in, positions=positions)
+        t_enc = adapter.encoder_length(u.num_frames)
+        keep = draw_keep_masks(n_masks, t_enc, 0.5, torch.Generator().manual_seed(0))
+        for bs in sizes:
+            t = {"run": 0.0, "fused": 0.0, "log_softmax": 0.0}
+            err = {"fused": 0.0, "log_softmax": 0.0}
+            for i in range(0, n_masks, bs):
+                t0 = time.perf_counter()
+                z = run(keep[i : i + bs])
+                t1 = time.perf_counter()
+                a = kl_per_token(logp, z)
+                t2 = time.perf_counter()
+                b = _kl_by_log_softmax(logp, z)
+                t3 = time.perf_counter()
+                t["run"] += t1 - t0
+                t["fused"] += t2 - t1
+                t["log_softmax"] += t3 - t2
+                exact = _kl_by_log_softmax(logp.double(), z.double())
+                err["fused"] = max(err["fused"], float((a - exact).abs().max()))
+                err["log_softmax"] = max(err["log_softmax"], float((b - exact).abs().max()))
+            rows.append(
+                {
+                    "batch_size": bs,
+                    "tokens": int(positions.numel()),
+                    **{f"{k}_ms_per_mask": 1000 * v / n_masks for k, v in t.items()},
+                    "kl_speedup": t["log_softmax"] / t["fused"],
+                    "mask_speedup": (t["run"] + t["log_softmax"]) / (t["run"] + t["fused"]),
+                    "fused_max_err_vs_float64": err["fused"],
+                    "log_softmax_max_err_vs_float64": err["log_softmax"],
+                }
+            )
+    return {"n_masks": n_masks, "rows": rows}
 
 
 def bench_costs(model, batch, targets) -> dict:
@@ -404,6 +460,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['zero_s_per_mask']:.4f} s -> {r['speedup']:.2f}x; max |diff| {r['max_abs_diff']:.1e} "
             f"(max |value| {r['max_abs_value']:.1e})"
         )
+    if "kl" in only:
+        r = report["kl"] = bench_kl(model, batch, targets, [8, 32, 64], 8 * args.n_masks)
+        for row in r["rows"]:
+            print(
+                f"KL, batch {row['batch_size']}, {row['tokens']} tokens: decoder pass {row['run_ms_per_mask']:.2f} ms/mask, "
+                f"KL one pass {row['fused_ms_per_mask']:.2f} vs log_softmax+kl_div {row['log_softmax_ms_per_mask']:.2f} "
+                f"-> {row['kl_speedup']:.1f}x (a whole mask {row['mask_speedup']:.2f}x); "
+                f"max error against float64: one pass {row['fused_max_err_vs_float64']:.1e}, "
+                f"log_softmax {row['log_softmax_max_err_vs_float64']:.1e}"
+            )
     if "costs" in only:
         r = report["costs"] = bench_costs(model, batch, targets)
         print(
