@@ -343,8 +343,11 @@ def bench_convergence(model, batch, targets, ns: list[int], ref_n: int, methods:
     return out
 
 
-def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_masks: int) -> dict:
-    """Fine-tune time with and without the default monitor (examples/finetune_whisper.py, shortened)."""
+def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_masks: int, pairs: int = 2) -> dict:
+    """Fine-tune time with and without the default monitor (examples/finetune_whisper.py, shortened),
+    ``pairs`` interleaved pairs of runs. ``overhead`` compares the fastest run of each kind,
+    ``overhead_median`` is the median of the pairs' ratios and ``reading_share`` the monitor's own
+    seconds over the fastest run without it (what a reading costs when nothing else moves)."""
     import importlib.util
 
     if not model_path or not manifest:
@@ -357,7 +360,10 @@ def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_ma
     import lightning.pytorch as pl
 
     res = {}
-    for label, monitor in (("without", False), ("with", True), ("without_2", False), ("with_2", True)):
+    labels = [
+        (f"{kind}{'' if k == 0 else f'_{k + 1}'}", kind == "with") for k in range(pairs) for kind in ("without", "with")
+    ]
+    for label, monitor in labels:
         args = [
             "--model",
             model_path,
@@ -403,9 +409,11 @@ def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_ma
         if monitor:
             res[f"{label}_agreement"] = out["history"][-1].get("xattn/encoder_spes/pearson")
             res[f"{label}_monitor_s"] = out["history"][-1].get("xattn/seconds")
-    base = min(res["without"], res["without_2"])
-    withm = min(res["with"], res["with_2"])
-    res["overhead"] = withm / base - 1.0
+    without = [res[label] for label, monitor in labels if not monitor]
+    with_ = [res[label] for label, monitor in labels if monitor]
+    res["overhead"] = min(with_) / min(without) - 1.0
+    res["overhead_median"] = statistics.median(w / wo - 1.0 for w, wo in zip(with_, without))
+    res["reading_share"] = statistics.fmean(res[f"{label}_monitor_s"] for label, m in labels if m) / min(without)
     return res
 
 
@@ -423,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convergence-methods", default="encoder_spes")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--monitor-steps", type=int, default=6)
+    ap.add_argument("--monitor-pairs", type=int, default=2, help="interleaved runs without/with the monitor")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -509,11 +518,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"antithetic {v['masks_for_rho_0.9_antithetic']}"
             )
     if "monitor" in only:
-        r = report["monitor"] = bench_monitor(args.model, args.manifest, args.monitor_steps, 256)
+        r = report["monitor"] = bench_monitor(args.model, args.manifest, args.monitor_steps, 256, args.monitor_pairs)
         if "skipped" not in r:
             print(
-                f"fine-tune epoch: without monitor {min(r['without'], r['without_2']):.1f} s, with "
-                f"{min(r['with'], r['with_2']):.1f} s -> overhead {100 * r['overhead']:.1f} %"
+                f"fine-tune: overhead {100 * r['overhead']:.1f} % (fastest runs), {100 * r['overhead_median']:.1f} % "
+                f"(median of {args.monitor_pairs} pairs); readings {100 * r['reading_share']:.1f} % of the fastest run "
+                f"without the monitor. Runs: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in r.items() if isinstance(v, float) and k.startswith("with"))
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

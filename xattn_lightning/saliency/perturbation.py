@@ -62,10 +62,11 @@ def slic_segments(x: Tensor, n_segments: int, compactness: float = 0.1, sigma: f
     return torch.from_numpy(inv.reshape(labels.shape).astype(np.int64))
 
 
-#: On CPU the logits are reduced a few rows at a time, at most this many elements (2 MiB in float32):
-#: a fresh tensor of a whole mask batch's logits (tens of MiB) is served by ``mmap`` and costs more in
-#: page faults than the arithmetic on it, while a small one stays in cache.
-KL_CHUNK_ELEMENTS = 2**19
+#: The logits are reduced a few mask rows at a time, at most this many elements per chunk. On CPU
+#: (2 MiB in float32) a small chunk stays in cache, while a fresh tensor of a whole mask batch's logits
+#: (tens of MiB) is served by ``mmap`` and costs more in page faults than the arithmetic on it; on an
+#: accelerator (1 GiB) the chunk only bounds the temporaries of a large automatic batch.
+KL_CHUNK_ELEMENTS = {"cpu": 2**19, "cuda": 2**28}
 
 
 def _all_rows(positions: Tensor, n: int) -> bool:
@@ -94,7 +95,8 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = No
     p = ref.exp()
     neg_entropy = torch.where(p > 0, p * ref, 0.0).sum(-1)  # p = 0 adds nothing, even where log p = -inf
     mass = p.sum(-1)
-    rows = logits.shape[0] if logits.is_cuda else max(1, KL_CHUNK_ELEMENTS // max(1, logits[0].numel()))
+    limit = KL_CHUNK_ELEMENTS.get(logits.device.type, KL_CHUNK_ELEMENTS["cuda"])
+    rows = max(1, limit // max(1, logits[0].numel()))
     parts = []
     for z in logits.split(rows):
         z = z.float()
