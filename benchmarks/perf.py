@@ -343,11 +343,21 @@ def bench_convergence(model, batch, targets, ns: list[int], ref_n: int, methods:
     return out
 
 
-def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_masks: int, pairs: int = 2) -> dict:
+def bench_monitor(
+    model_path: str | None,
+    manifest: str | None,
+    steps: int,
+    n_masks: int,
+    pairs: int = 2,
+    freeze_encoder: bool = False,
+    epochs: int = 1,
+) -> dict:
     """Fine-tune time with and without the default monitor (examples/finetune_whisper.py, shortened),
     ``pairs`` interleaved pairs of runs. ``overhead`` compares the fastest run of each kind,
     ``overhead_median`` is the median of the pairs' ratios and ``reading_share`` the monitor's own
-    seconds over the fastest run without it (what a reading costs when nothing else moves)."""
+    seconds over the fastest run without it (what a reading costs when nothing else moves).
+    ``freeze_encoder`` fine-tunes the decoder only (from the second reading on, the monitor takes the
+    probes' encoder outputs from its cache); ``readings_s`` lists every reading's seconds."""
     import importlib.util
 
     if not model_path or not manifest:
@@ -370,7 +380,7 @@ def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_ma
             "--manifest",
             manifest,
             "--epochs",
-            "1",
+            str(epochs),
             "--limit-train-batches",
             str(steps),
             "--limit-val-batches",
@@ -387,6 +397,8 @@ def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_ma
         ]
         if not monitor:
             args += ["--methods", "encoder_spes"]
+        if freeze_encoder:
+            args += ["--freeze-encoder"]
         t = time.perf_counter()
         if monitor:
             out = ft.main(args)
@@ -409,6 +421,7 @@ def bench_monitor(model_path: str | None, manifest: str | None, steps: int, n_ma
         if monitor:
             res[f"{label}_agreement"] = out["history"][-1].get("xattn/encoder_spes/pearson")
             res[f"{label}_monitor_s"] = out["history"][-1].get("xattn/seconds")
+            res[f"{label}_readings_s"] = [h.get("xattn/seconds") for h in out["history"]]
     without = [res[label] for label, monitor in labels if not monitor]
     with_ = [res[label] for label, monitor in labels if monitor]
     res["overhead"] = min(with_) / min(without) - 1.0
@@ -432,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--monitor-steps", type=int, default=6)
     ap.add_argument("--monitor-pairs", type=int, default=2, help="interleaved runs without/with the monitor")
+    ap.add_argument("--monitor-epochs", type=int, default=1)
+    ap.add_argument("--monitor-freeze-encoder", action="store_true", help="fine-tune the decoder only")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -518,13 +533,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"antithetic {v['masks_for_rho_0.9_antithetic']}"
             )
     if "monitor" in only:
-        r = report["monitor"] = bench_monitor(args.model, args.manifest, args.monitor_steps, 256, args.monitor_pairs)
+        r = report["monitor"] = bench_monitor(
+            args.model,
+            args.manifest,
+            args.monitor_steps,
+            256,
+            args.monitor_pairs,
+            args.monitor_freeze_encoder,
+            args.monitor_epochs,
+        )
         if "skipped" not in r:
             print(
                 f"fine-tune: overhead {100 * r['overhead']:.1f} % (fastest runs), {100 * r['overhead_median']:.1f} % "
                 f"(median of {args.monitor_pairs} pairs); readings {100 * r['reading_share']:.1f} % of the fastest run "
                 f"without the monitor. Runs: "
                 + ", ".join(f"{k} {v:.1f} s" for k, v in r.items() if isinstance(v, float) and k.startswith("with"))
+                + "; readings "
+                + ", ".join(
+                    f"{k[:-11]}: {[round(x, 2) for x in v]} s" for k, v in r.items() if k.endswith("_readings_s")
+                )
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, Utterance, adapter_for
 from xattn_lightning.adapters.base import check_target_length
+from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.functional import (
     aggregate_attention,
@@ -223,6 +224,7 @@ def explain(
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     progress: bool = False,
+    encoder_cache: EncoderCache | None = None,
     **method_options: Any,
 ) -> list[Explanation]:
     """Explain every utterance of ``batch``: cross-attention, and the saliency ``methods``.
@@ -237,6 +239,8 @@ def explain(
         num_beams: beam size of ``targets="generate"`` (1: greedy).
         max_new_tokens: length limit of the generated hypothesis.
         progress: show a progress bar over the saliency passes.
+        encoder_cache: an :class:`~xattn_lightning.encoder_cache.EncoderCache` to reuse encoder outputs
+            across calls while the encoder's weights do not change (e.g. a frozen encoder).
         **method_options: ``n_masks``, ``seed``, ``p``, ``p_h``, ``batch_size``, ``n_steps``, ... shared by
             every method that takes them. ``max_seconds`` caps each perturbation method per utterance:
             masks stop at the budget (whole batches) and ``e.info[method]["n_masks"]`` says how many ran.
@@ -259,27 +263,34 @@ def explain(
         utts = adapter.utterances(batch)
         seqs = _targets_for(adapter, batch, utts, targets)
         for u, seq in zip(utts, seqs):
-            exp, ref = _explain_one(adapter, u, seq, num_beams, max_new_tokens)
+            exp, ref = _explain_one(adapter, u, seq, num_beams, max_new_tokens, encoder_cache)
             if methods:
                 compute_saliency(adapter, u, exp, methods, progress=progress, reference=ref, **method_options)
             results.append(exp)
     return results
 
 
-def _encode_once(adapter: Adapter, u: Utterance) -> Tensor | None:
+def _encode_once(adapter: Adapter, u: Utterance, cache: EncoderCache | None = None) -> Tensor | None:
     """The utterance's encoder output, computed once and shared by decoding, attention capture and
-    the saliency reference (``None`` for adapters without separate encoder and decoder passes)."""
+    the saliency reference, or taken from ``cache`` (``None`` for adapters without separate encoder
+    and decoder passes)."""
+    features = u.features.unsqueeze(0)
     try:
-        return adapter.encode(u.features.unsqueeze(0))
+        return adapter.encode(features) if cache is None else cache.encode(adapter, features)
     except NotImplementedError:
         return None
 
 
 @torch.no_grad()
 def _explain_one(
-    adapter: Adapter, u: Utterance, seq: Tensor | None, num_beams: int = 1, max_new_tokens: int | None = None
+    adapter: Adapter,
+    u: Utterance,
+    seq: Tensor | None,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    encoder_cache: EncoderCache | None = None,
 ) -> tuple[Explanation, Any]:
-    enc = _encode_once(adapter, u)
+    enc = _encode_once(adapter, u, encoder_cache)
     if seq is None:
         seq = adapter.generate(u, num_beams=num_beams, max_new_tokens=max_new_tokens, encoder_out=enc)
     check_target_length(adapter, seq)

@@ -140,6 +140,12 @@ class Adapter(ABC):
         """Encoder output ``[B, T', D]`` for ``features [B, T, F]``."""
         raise NotImplementedError(f"{type(self).__name__} does not support encoder-only passes.")
 
+    def encoder_module(self) -> nn.Module | None:
+        """A module whose weights decide :meth:`encode`'s output (all of them: front-end included);
+        ``None`` when the adapter has no separate encoder, which turns off caching encoder outputs
+        (:class:`~xattn_lightning.encoder_cache.EncoderCache`)."""
+        return None
+
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         """Decoder-only pass over a given encoder output ``[B, T', D]``."""
         raise NotImplementedError(f"{type(self).__name__} does not support decoder-only passes.")

@@ -163,6 +163,9 @@ class _HFSeq2SeqAdapter(Adapter):
         x = self._to_model(features.to(self.device, self.dtype))
         return self.model.get_encoder()(x, return_dict=True).last_hidden_state
 
+    def encoder_module(self) -> nn.Module:
+        return self.model.get_encoder()
+
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         from transformers.modeling_outputs import BaseModelOutput
 

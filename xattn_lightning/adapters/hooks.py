@@ -289,6 +289,11 @@ class HookAdapter(Adapter):
                     raise XAttnError(f"Running the model to read its encoder output failed: {err}") from err
         return self._enc_out(store["enc"])
 
+    def encoder_module(self) -> nn.Module:
+        # the hooked encoder submodule may be fed by other weights (a front-end outside it): only the
+        # whole model's weights decide its output for certain
+        return self.model
+
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         ids = decoder_ids.to(self.device)
         b = encoder_out.shape[0]

@@ -185,6 +185,9 @@ class OpenAIWhisperAdapter(Adapter):
     def encode(self, features: Tensor) -> Tensor:
         return self.model.encoder(self._mel(features))
 
+    def encoder_module(self) -> nn.Module:
+        return self.model.encoder
+
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         return self._decode(encoder_out, self._ids(decoder_ids, encoder_out.shape[0]), output_attentions)
 

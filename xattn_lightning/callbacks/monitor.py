@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, adapter_for, find_tokenizer
 from xattn_lightning.batches import standard_batch
+from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
 from xattn_lightning.functional import RELIABILITY_FLOOR
@@ -213,6 +214,10 @@ class XAttnSaliencyMonitor(Callback):
             :func:`xattn_lightning.loading.features_batch` makes from a manifest with a ``words``
             column), each reading logs ``xattn/timestamps/mae_ms``, ``within_50ms`` and ``within_100ms``.
         on_error: ``"warn"`` (default: warn once, skip this run, keep training) or ``"raise"``.
+        cache_encoder: reuse each probe's encoder output while the encoder's weights stay the same
+            (a frozen encoder): the reading skips the encoder pass, the readings are unchanged
+            (:class:`~xattn_lightning.encoder_cache.EncoderCache` checks the weights' version counters
+            and checksums at every reading). ``monitor.encoder_cache`` counts hits and misses.
         **method_options: same names as :func:`xattn_lightning.explain` (``n_masks``, ``seed``, ``p``,
             ``p_h``, ``batch_size``, ``frame_rate``, ``scales`` ...). ``frame_rate`` (input frames per second)
             also sets the seconds axis of the figures. ``max_seconds`` here is a time budget for one
@@ -248,6 +253,7 @@ class XAttnSaliencyMonitor(Callback):
         reliability_floor: float = RELIABILITY_FLOOR,
         export_alignment_heads: bool = False,
         on_error: str = "warn",
+        cache_encoder: bool = True,
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -286,6 +292,8 @@ class XAttnSaliencyMonitor(Callback):
         #: heads chosen for word timestamps at the last reading that had timed probes
         self.alignment_heads: list[list[int]] | None = None
         self.on_error = on_error
+        #: encoder outputs of the probes, reused while the encoder does not change (None: off)
+        self.encoder_cache: EncoderCache | None = EncoderCache() if cache_encoder else None
         self.method_options = {**MONITOR_DEFAULTS, **method_options}
         # state kept across resumes
         self.probe_ids: list[str] = []
@@ -671,7 +679,14 @@ class XAttnSaliencyMonitor(Callback):
         options = {**self.method_options, "n_masks": calib}
         options.pop("max_seconds", None)
         t0 = self.clock()
-        (e,) = explain(adapter, probe["batch"], targets=self.targets, methods=tuple(methods), **options)
+        (e,) = explain(
+            adapter,
+            probe["batch"],
+            targets=self.targets,
+            methods=tuple(methods),
+            encoder_cache=self.encoder_cache,
+            **options,
+        )
         total = self.clock() - t0
         mask_seconds = sum(float(e.info[m].get("seconds", 0.0)) for m in methods)
         fixed = max(total - mask_seconds, 0.0)
@@ -696,6 +711,7 @@ class XAttnSaliencyMonitor(Callback):
                     methods=self.methods,
                     num_beams=self.num_beams,
                     max_new_tokens=self.max_new_tokens,
+                    encoder_cache=self.encoder_cache,
                     **options,
                 )
                 row = probe_scores(e, self.methods, self.metrics, self.layers, self.heads)
