@@ -394,6 +394,8 @@ def bench_monitor(
             "--out",
             f"/tmp/xl_bench_monitor_{label}",
             "--no-wandb",
+            "--max-overhead",
+            "none",  # every reading runs: skipped readings are no saving
         ]
         if not monitor:
             args += ["--methods", "encoder_spes"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import TinyWhisperModule, tiny_whisper, whisper_batch
 from test_headline import _models, _targets
+from test_monitor import _trainer
 
 import xattn_lightning as xl
 
@@ -111,17 +112,7 @@ def test_monitor_reuses_encoder_outputs_while_the_encoder_is_frozen(tmp_path, mo
         monitor = xl.XAttnSaliencyMonitor(
             probes=probes, n_masks=8, log_figures=False, max_overhead=None, cache_encoder=cache_encoder
         )
-        trainer = pl.Trainer(
-            max_epochs=2,
-            callbacks=[monitor],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            default_root_dir=tmp_path,
-            accelerator="cpu",
-            devices=1,
-        )
+        trainer = _trainer(tmp_path, [monitor], max_epochs=2)
         trainer.fit(module, DataLoader(data, batch_size=2))
         return monitor
 
