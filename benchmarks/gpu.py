@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoder-masks", type=int, default=1024)
     ap.add_argument("--spes-masks", type=int, default=256)
     ap.add_argument("--monitor-steps", type=int, default=8)
+    ap.add_argument("--monitor-masks", type=int, default=256, help="n_masks of the monitor section")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if not args.model or not args.manifest:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.perf import bench_monitor
 
         del model
-        report["monitor"] = bench_monitor(args.model, args.manifest, args.monitor_steps, 256)
+        report["monitor"] = bench_monitor(args.model, args.manifest, args.monitor_steps, args.monitor_masks)
         print(f"monitor {report['monitor']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
