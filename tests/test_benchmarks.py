@@ -14,7 +14,7 @@ def test_perf_benchmarks_on_tiny_model(tmp_path, monkeypatch):
         perf.main(
             [
                 "--only",
-                "spes,encoder,gradients,convergence",
+                "spes,encoder,kv,kl,gradients,convergence",
                 "--n-masks",
                 "16",
                 "--convergence-ns",
@@ -34,6 +34,10 @@ def test_perf_benchmarks_on_tiny_model(tmp_path, monkeypatch):
     for v in rep["gradients"].values():
         assert v["max_rel_diff"] < 1e-4  # batched maps are Captum's maps
     assert [r["n"] for r in rep["convergence"]["encoder_spes"]["rows"]] == [16, 32]
+    assert rep["kv"]["max_abs_diff"] <= 1e-5  # the K/V shortcut's maps are the zeroed frames' maps
+    assert [r["batch_size"] for r in rep["kl"]["rows"]] == [8, 32, 64]
+    for r in rep["kl"]["rows"]:  # both KL formulas agree with float64
+        assert r["fused_max_err_vs_float64"] < 5e-6 and r["log_softmax_max_err_vs_float64"] < 5e-6
     with pytest.raises(SystemExit):
         perf.main(["--only", "nope"])
 
