@@ -9,7 +9,8 @@ scoring; peak memory), ``encoder`` (encoder-output saliency per mask vs input SP
 ``kv`` (encoder-output saliency per mask: cross-attention keys/values projected once and masked
 vs zeroing frames and re-running the decoder; the maps' max difference), ``kl`` (the KL of each mask's
 predictions: one pass over the logits vs ``log_softmax`` + ``F.kl_div``, per mask, at several mask
-batch sizes, beside the masked decoder pass itself; the largest difference), ``costs`` (a SPES mask
+batch sizes, beside the masked decoder pass itself; the largest difference), ``fixed`` (a probe's fixed cost against one greedy decode, without and with
+the encoder output from an ``EncoderCache``), ``costs`` (a SPES mask
 and a whole ``explain`` at N = 64 against plain forwards of the model as loaded; the fixed cost of
 a probe against one greedy decode), ``gradients`` (all tokens' gradient maps, batched vs Captum once per token, and their max
 difference), ``convergence`` (per-token ρ of SPES maps at N masks vs a reference N with another
@@ -36,7 +37,7 @@ import xattn_lightning as xl
 from xattn_lightning.functional import map_similarity
 from xattn_lightning.saliency.perturbation import kl_per_token, slic_segments, spes_input
 
-SECTIONS = ("spes", "encoder", "kv", "kl", "costs", "gradients", "convergence", "monitor")
+SECTIONS = ("spes", "encoder", "kv", "kl", "costs", "fixed", "gradients", "convergence", "monitor")
 
 
 def _tiny_setup():
@@ -284,6 +285,32 @@ def bench_costs(model, batch, targets) -> dict:
     return res
 
 
+def bench_fixed(model, batch, reps: int = 3) -> dict:
+    """A probe's fixed cost (``explain`` without saliency) against one greedy decode, and the same
+    with the encoder output taken from an :class:`~xattn_lightning.EncoderCache` (a frozen
+    encoder from the second reading on); best of ``reps``, interleaved."""
+    adapter = xl.adapter_for(model)
+    (u,) = adapter.utterances(batch)
+    cache = xl.EncoderCache()
+    xl.explain(model, batch, targets="generate", encoder_cache=cache)  # warm-up, fills the cache
+    fns = {
+        "greedy_decode_s": lambda: adapter.generate(u),
+        "fixed_cost_s": lambda: xl.explain(model, batch, targets="generate"),
+        "fixed_cost_cached_s": lambda: xl.explain(model, batch, targets="generate", encoder_cache=cache),
+    }
+    res = dict.fromkeys(fns, math.inf)
+    with torch.no_grad():
+        for _ in range(reps):
+            for key, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                res[key] = min(res[key], time.perf_counter() - t)
+    res["fixed_over_greedy"] = res["fixed_cost_s"] / res["greedy_decode_s"]
+    res["fixed_cached_over_greedy"] = res["fixed_cost_cached_s"] / res["greedy_decode_s"]
+    res["cache_hits"] = cache.hits
+    return res
+
+
 def bench_gradients(model, batch, targets, n_steps: int) -> dict:
     out = {}
     for m in ("saliency", "integrated_gradients", "encoder_saliency"):
@@ -503,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
             f"({r['spes_mask_over_plain']:.2f}x); explain SPES N=64 {r['explain_spes64_s']:.2f} s "
             f"({r['explain64_over_64_plain']:.2f}x 64 plain); fixed cost {r['fixed_cost_s']:.2f} s vs greedy decode "
             f"{r['greedy_decode_s']:.2f} s ({r['fixed_over_greedy']:.2f}x)"
+        )
+    if "fixed" in only:
+        r = report["fixed"] = bench_fixed(model, batch)
+        print(
+            f"fixed cost of a probe {r['fixed_cost_s']:.3f} s ({r['fixed_over_greedy']:.2f}x a greedy decode of "
+            f"{r['greedy_decode_s']:.3f} s); with the encoder output cached {r['fixed_cost_cached_s']:.3f} s "
+            f"({r['fixed_cached_over_greedy']:.2f}x)"
         )
     if "gradients" in only:
         r = report["gradients"] = bench_gradients(model, batch, targets, args.n_steps)
