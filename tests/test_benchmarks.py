@@ -85,3 +85,14 @@ def test_reliability_floor_choice_counts_every_reading():
     assert choose_floor(near, 0.05) == 0.5  # the most reliable reading's cut (0.87) no longer rounds past it
     far = near + [{"reliability": 0.2, "abs_diff": 0.4}]
     assert choose_floor(far, 0.05) == 0.5  # the cut below, 0.2, brings the mean over the tolerance
+
+
+@pytest.mark.integration
+def test_perf_fixed_cost_with_cached_encoder_on_real_whisper(tmp_path, whisper_path, espeak_manifest):
+    from benchmarks import perf
+
+    args = ["--model", whisper_path, "--manifest", espeak_manifest, "--only", "fixed", "--out", str(tmp_path)]
+    assert perf.main(args) == 0
+    r = json.loads((tmp_path / "perf.json").read_text())["fixed"]
+    assert r["cache_hits"] == 3  # every timed call after the warm-up took the encoder output from the cache
+    assert {"fixed_over_greedy", "fixed_cached_over_greedy"} <= r.keys()  # ratios only: no timing assertions
