@@ -31,7 +31,7 @@ from xattn_lightning.errors import XAttnError, first_line
 from xattn_lightning.explain import Explanation, explain
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.saliency import validate_methods
-from xattn_lightning.summary import probe_scores, summarize
+from xattn_lightning.summary import pearson_scores, probe_scores, summarize
 from xattn_lightning.text import wer
 
 
@@ -350,11 +350,6 @@ def compare_checkpoints(
 
 
 # ---------------------------------------------------------------------------- writing
-def _pearson_of(row: dict[str, Any], methods: Sequence[str]) -> dict[str, float]:
-    """The ρ per method already in a probe's row (for figure titles)."""
-    return {m: row[f"{m}/pearson"] for m in methods if f"{m}/pearson" in row}
-
-
 def write_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
     """Write ``comparison.csv``, ``comparison.json``, ``layers_<method>.png`` (per-layer ρ of each checkpoint)
     and ``heatmaps_<probe>.png`` (the same utterance through every checkpoint, side by side)."""
@@ -384,7 +379,7 @@ def write_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
     n_shared = min(len(r.explanations) for r in comp.results)
     for i in range(n_shared):
         exps = {r.name: r.explanations[i] for r in comp.results}
-        scores = {r.name: _pearson_of(r.rows[i], comp.methods) for r in comp.results}
+        scores = {r.name: pearson_scores(r.rows[i], comp.methods) for r in comp.results}
         pid = comp.probe_ids[i]
         files[f"heatmaps_{pid}"] = save_figure(
             comparison_heatmaps(exps, comp.methods, title=pid, scores=scores), out / f"heatmaps_{pid}.png"

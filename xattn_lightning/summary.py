@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,15 @@ from xattn_lightning.functional.alignment import timing_summary
 def _mean(values: Sequence[float]) -> float:
     """Mean leaving out NaN (``nan`` when nothing is left)."""
     return float(torch.tensor(list(values), dtype=torch.float64).nanmean())
+
+
+def pearson_scores(row: Mapping[str, Any], methods: Sequence[str]) -> dict[str, float]:
+    """The ρ per method already in a probe's row (figure titles show the logged numbers).
+
+    >>> pearson_scores({"spes/pearson": 0.3}, ["spes", "encoder_spes"])
+    {'spes': 0.3}
+    """
+    return {m: row[f"{m}/pearson"] for m in methods if f"{m}/pearson" in row}
 
 
 def probe_scores(

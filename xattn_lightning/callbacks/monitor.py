@@ -29,7 +29,7 @@ from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_la
 from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
-from xattn_lightning.summary import TIMING_ERRORS, Summary, mean_grid, probe_scores, summarize
+from xattn_lightning.summary import TIMING_ERRORS, Summary, mean_grid, pearson_scores, probe_scores, summarize
 from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
 
 #: row key of a probe's (Alignment, true words) until its word timestamps are scored
@@ -859,7 +859,7 @@ class XAttnSaliencyMonitor(Callback):
                     self.methods,
                     title=f"{pid} @ step {trainer.global_step}",
                     frame_rate=self.frame_rate,
-                    scores={m: row[f"{m}/pearson"] for m in self.methods if f"{m}/pearson" in row},
+                    scores=pearson_scores(row, self.methods),
                     layers=self.layers,
                     heads=self.heads,
                 )

@@ -271,7 +271,7 @@ def _encoder_spes(method: str, x: _Inputs) -> tuple[Tensor, dict]:
         run,
         x.t_enc,
         lp_ref,
-        torch.arange(explained.numel(), device=device),
+        None,  # run and lp_ref hold the explained positions only
         **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
         progress=bar.update if bar else None,
     )

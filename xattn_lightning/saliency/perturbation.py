@@ -69,11 +69,6 @@ def slic_segments(x: Tensor, n_segments: int, compactness: float = 0.1, sigma: f
 KL_CHUNK_ELEMENTS = {"cpu": 2**19, "cuda": 2**28}
 
 
-def _all_rows(positions: Tensor, n: int) -> bool:
-    """``positions`` is ``0 … n-1`` in order (indexing with it would only copy)."""
-    return positions.numel() == n and bool((positions == torch.arange(n, device=positions.device)).all())
-
-
 def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = None) -> Tensor:
     """KL(P_ref ‖ P_pert) at the explained decoder ``positions``: ``[B, I]``.
 
@@ -90,7 +85,7 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = No
     tensor([[0.0000],
             [1.1504]])
     """
-    if positions is not None and not _all_rows(positions, logits.shape[1]):
+    if positions is not None:
         logits, logp_ref = logits[:, positions], logp_ref[positions]
     ref = logp_ref.float()
     p = ref.exp()
@@ -241,7 +236,7 @@ def spes_encoder(
     run: Callable[[Tensor], Tensor],
     num_encoder_frames: int,
     logp_ref: Tensor,
-    positions: Tensor,
+    positions: Tensor | None,
     n_masks: int = EncoderSpesOptions.n_masks,
     p_h: float = EncoderSpesOptions.p_h,
     batch_size: int = EncoderSpesOptions.encoder_batch_size,
@@ -253,7 +248,9 @@ def spes_encoder(
 ) -> tuple[Tensor, dict]:
     """Encoder-output saliency ``[I, T']`` (paper §1.4): zero whole valid encoder frames with
     probability ``p_h``; ``run(keep [B, T'_valid]) -> logits [B, S, V]`` re-runs only the decoder
-    with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``). ``smoothing``
+    with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``); ``positions``
+    are the explained rows of ``logp_ref`` and the logits (``None``: every row, when ``run``
+    returns only the explained positions). ``smoothing``
     filters the map and its two halves in time (:func:`smooth_frames`; 0: the paper's estimator)."""
     check_smoothing(smoothing)  # a bad width fails before any mask runs
     if n_masks < 1:
@@ -264,7 +261,7 @@ def spes_encoder(
     t_valid = num_encoder_frames
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     keep_all = draw_keep_masks(n_masks, t_valid, p_h, gen, sampling).to(device)
-    acc = _Accumulator(int(positions.numel()), t_valid, device)
+    acc = _Accumulator(logp_ref.shape[0] if positions is None else int(positions.numel()), t_valid, device)
     start = time.perf_counter()
     stopped = False
     for i0 in range(0, n_masks, batch_size):
