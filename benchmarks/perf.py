@@ -9,7 +9,9 @@ scoring; peak memory), ``encoder`` (encoder-output saliency per mask vs input SP
 ``kv`` (encoder-output saliency per mask: cross-attention keys/values projected once and masked
 vs zeroing frames and re-running the decoder; the maps' max difference), ``kl`` (the KL of each mask's
 predictions: one pass over the logits vs ``log_softmax`` + ``F.kl_div``, per mask, at several mask
-batch sizes, beside the masked decoder pass itself; the largest difference), ``fixed`` (a probe's fixed cost against one greedy decode, without and with
+batch sizes, beside the masked decoder pass itself; the largest difference), ``batch`` (encoder-output
+saliency per mask with ``encoder_batch_size="auto"`` against the former fixed 32, interleaved, and the
+maps' largest difference), ``fixed`` (a probe's fixed cost against one greedy decode, without and with
 the encoder output from an ``EncoderCache``), ``costs`` (a SPES mask
 and a whole ``explain`` at N = 64 against plain forwards of the model as loaded; the fixed cost of
 a probe against one greedy decode), ``gradients`` (all tokens' gradient maps, batched vs Captum once per token, and their max
@@ -37,7 +39,7 @@ import xattn_lightning as xl
 from xattn_lightning.functional import map_similarity
 from xattn_lightning.saliency.perturbation import kl_per_token, slic_segments, spes_input
 
-SECTIONS = ("spes", "encoder", "kv", "kl", "costs", "fixed", "gradients", "convergence", "monitor")
+SECTIONS = ("spes", "encoder", "kv", "kl", "batch", "costs", "fixed", "gradients", "convergence", "monitor")
 
 
 def _tiny_setup():
@@ -240,6 +242,35 @@ def bench_kl(model, batch, targets, sizes: list[int], n_masks: int) -> dict:
                 }
             )
     return {"n_masks": n_masks, "rows": rows}
+
+
+def bench_batch(model, batch, targets, n_masks: int, reps: int = 3) -> dict:
+    """Seconds per encoder-saliency mask (whole ``encoder_spes`` computations, the masks' own seconds)
+    with ``encoder_batch_size="auto"`` (off CUDA: sized by explained tokens) against a fixed 32,
+    ``reps`` interleaved repetitions (best and median), and the maps' largest difference."""
+    t: dict = {"auto": [], "32": []}
+    maps: dict = {}
+    chosen = None
+    for _ in range(reps):
+        for key, bs in (("32", 32), ("auto", "auto")):
+            (e,) = xl.explain(
+                model, batch, targets=targets, methods=("encoder_spes",), n_masks=n_masks, encoder_batch_size=bs
+            )
+            info = e.info["encoder_spes"]
+            t[key].append(info["seconds"] / n_masks)
+            maps[key] = e.saliency["encoder_spes"]
+            if key == "auto":
+                chosen = info["batch_size"]
+    return {
+        "n_masks": n_masks,
+        "tokens": int(maps["auto"].shape[0]),
+        "auto_batch_size": chosen,
+        **{f"{k}_ms_per_mask_best": 1000 * min(v) for k, v in t.items()},
+        **{f"{k}_ms_per_mask_median": 1000 * statistics.median(v) for k, v in t.items()},
+        "speedup_best": min(t["32"]) / min(t["auto"]),
+        "speedup_median": statistics.median(t["32"]) / statistics.median(t["auto"]),
+        "max_abs_diff": float((maps["auto"] - maps["32"]).abs().max()),
+    }
 
 
 def bench_costs(model, batch, targets) -> dict:
@@ -523,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"max error against float64: one pass {row['fused_max_err_vs_float64']:.1e}, "
                 f"log_softmax {row['log_softmax_max_err_vs_float64']:.1e}"
             )
+    if "batch" in only:
+        r = report["batch"] = bench_batch(model, batch, targets, 8 * args.n_masks)
+        print(
+            f"encoder saliency, {r['tokens']} tokens, N={r['n_masks']}: auto (batch {r['auto_batch_size']}) "
+            f"{r['auto_ms_per_mask_best']:.2f} ms/mask vs batch 32 {r['32_ms_per_mask_best']:.2f} (best of 3) -> "
+            f"{r['speedup_best']:.2f}x (median {r['speedup_median']:.2f}x); max |diff| {r['max_abs_diff']:.1e}"
+        )
     if "costs" in only:
         r = report["costs"] = bench_costs(model, batch, targets)
         print(

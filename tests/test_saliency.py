@@ -250,7 +250,7 @@ def _speaking_explain(**opts):
 def test_auto_batch_sizes_off_cuda_take_the_cpu_defaults_and_give_the_same_maps():
     auto = _speaking_explain(n_masks=12, batch_size="auto", encoder_batch_size="auto")
     assert auto.info["spes"]["batch_size"] == 8
-    assert auto.info["encoder_spes"]["batch_size"] == 12  # the CPU default 32, capped at n_masks
+    assert auto.info["encoder_spes"]["batch_size"] == 12  # 1,024 rows of a few tokens, capped at n_masks
     fixed = _speaking_explain(n_masks=12, batch_size=8, encoder_batch_size=12)
     for m in ("spes", "encoder_spes"):
         torch.testing.assert_close(auto.saliency[m], fixed.saliency[m], rtol=1e-5, atol=1e-7)
@@ -314,7 +314,7 @@ def test_option_defaults_live_in_one_place():
 
     assert set(get_args(MethodName)) == set(METHODS) == set(ALL)  # the Literal names match the registry
     o = options_for(EncoderSpesOptions, {"n_masks": 64, "p_h": 0.5, "n_steps": 3})
-    assert (o.n_masks, o.p_h, o.encoder_batch_size) == (64, 0.5, 32)
+    assert (o.n_masks, o.p_h, o.encoder_batch_size) == (64, 0.5, "auto")
 
 
 def _smooth_by_loop(x, width):
@@ -347,3 +347,31 @@ def test_smoothing_filters_the_encoder_map_and_its_halves_in_time():
     m = tiny_whisper()
     with pytest.raises(xl.XAttnError, match="odd kernel width"):
         xl.explain(m, whisper_batch(m), targets=[[50257, 5, 50256]] * 2, methods=("encoder_spes",), smoothing=4)
+
+
+def test_encoder_auto_batch_off_cuda_is_sized_by_explained_tokens_and_changes_no_map():
+    from xattn_lightning.saliency.perturbation import CPU_ROWS_PER_BATCH, spes_encoder
+
+    torch.manual_seed(0)
+    t, vocab = 9, 11
+    weight = torch.randn(t, vocab)
+
+    def maps(tokens: int, batch_size):
+        logp = torch.randn(tokens, vocab, generator=torch.Generator().manual_seed(tokens)).log_softmax(-1)
+        seen = []
+
+        def run(keep):  # logits that depend on which frames are kept: [B, tokens, V]
+            seen.append(keep.shape[0])
+            return (keep.float() @ weight).unsqueeze(1).expand(-1, tokens, -1) + torch.arange(tokens).view(1, -1, 1)
+
+        sm, info = spes_encoder(run, t, logp, None, n_masks=40, batch_size=batch_size, seed=3)
+        return sm, info, seen
+
+    short, info_s, seen_s = maps(4, "auto")
+    assert info_s["batch_size"] == 40 and seen_s == [40]  # few tokens: every mask in one batch
+    rows = CPU_ROWS_PER_BATCH // 7 + 1  # 7 masks' rows overflow the budget: 6 per batch
+    long, info_l, seen_l = maps(rows, "auto")
+    assert info_l["batch_size"] == 6 and max(seen_l) * rows <= CPU_ROWS_PER_BATCH
+    for tokens, auto in ((4, short), (rows, long)):
+        fixed, _, _ = maps(tokens, 1)
+        torch.testing.assert_close(auto, fixed, rtol=1e-5, atol=1e-7)

@@ -28,7 +28,7 @@ from xattn_lightning.saliency.options import (
     default_options,
     options_for,
 )
-from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+from xattn_lightning.saliency.perturbation import rows_batch_size, spes_encoder, spes_input
 
 MethodName = Literal[
     "spes",
@@ -84,8 +84,9 @@ def perturbation_methods(methods: Sequence[str]) -> list[str]:
 #: defaults live in the typed option families of :mod:`xattn_lightning.saliency.options`)
 OPTIONS: dict[str, Any] = default_options()
 
-#: batch sizes that ``batch_size="auto"`` / ``encoder_batch_size="auto"`` use off CUDA
-CPU_BATCH_SIZES: dict[str, int] = {"spes": 8, "encoder_spes": 32}
+#: the batch size that ``batch_size="auto"`` uses off CUDA (``encoder_batch_size="auto"`` off CUDA:
+#: :func:`~xattn_lightning.saliency.perturbation.rows_batch_size`)
+CPU_BATCH_SIZES: dict[str, int] = {"spes": 8}
 #: the share of free GPU memory that ``"auto"`` batch sizes may fill, and their upper bound
 AUTO_MEMORY_SHARE = 0.6
 AUTO_MAX_BATCH = 1024
@@ -229,7 +230,8 @@ def _prepared(
     lp_ref = cast_run(unmasked(1))[0].log_softmax(-1) if opts["autocast"] else logp_ref
     bs = opts["encoder_batch_size" if method == "encoder_spes" else "batch_size"]
     if bs == "auto":
-        bs = auto_batch_size(lambda b: cast_run(unmasked(b)), opts["n_masks"], device, CPU_BATCH_SIZES[method])
+        cpu = rows_batch_size(lp_ref.shape[0], opts["n_masks"]) if method == "encoder_spes" else CPU_BATCH_SIZES[method]
+        bs = auto_batch_size(lambda b: cast_run(unmasked(b)), opts["n_masks"], device, cpu)
     return cast_run, lp_ref, bs
 
 

@@ -47,10 +47,12 @@ class SpesOptions(PerturbationOptions):
 class EncoderSpesOptions(PerturbationOptions):
     """Encoder-output SPES: whole encoder frames occluded with probability ``p_h``; ``smoothing``
     (an odd width, 0 = off, the paper's estimator) filters the map in time
-    (:func:`~xattn_lightning.functional.smooth_frames`)."""
+    (:func:`~xattn_lightning.functional.smooth_frames`). ``encoder_batch_size="auto"`` takes as many
+    masks per batch as fit :data:`~xattn_lightning.saliency.perturbation.CPU_ROWS_PER_BATCH` explained
+    tokens off CUDA, and as many as fit the free memory on CUDA."""
 
     p_h: float = 0.7
-    encoder_batch_size: BatchSize = 32
+    encoder_batch_size: BatchSize = "auto"
     smoothing: int = 0
 
 

@@ -101,6 +101,25 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = No
     return (torch.cat(parts) + neg_entropy).clamp(min=0.0)
 
 
+#: Off CUDA, ``encoder_batch_size="auto"`` takes as many masks per batch as fit this many explained
+#: token rows (masks × explained tokens), at most :data:`CPU_MAX_MASKS_PER_BATCH`. A batch's logits are
+#: ``rows × vocabulary`` floats (about 210 MB for Whisper's 51,864 words), whatever the utterance's
+#: length; a fixed 32 masks held 32 × tokens rows (about 3 GB at 448 tokens) and was 3–13 % slower per
+#: mask on 6–12-token utterances on a 2-core CPU (``benchmarks/perf.py --only batch``).
+CPU_ROWS_PER_BATCH = 1024
+CPU_MAX_MASKS_PER_BATCH = 128
+
+
+def rows_batch_size(rows_per_mask: int, n_masks: int) -> int:
+    """Masks per batch off CUDA: :data:`CPU_ROWS_PER_BATCH` rows of explained tokens, between 1 and
+    :data:`CPU_MAX_MASKS_PER_BATCH` masks (and at most ``n_masks``).
+
+    >>> rows_batch_size(6, 256), rows_batch_size(12, 256), rows_batch_size(100, 256), rows_batch_size(6, 20)
+    (128, 85, 10, 20)
+    """
+    return max(1, min(n_masks, CPU_MAX_MASKS_PER_BATCH, CPU_ROWS_PER_BATCH // max(1, rows_per_mask)))
+
+
 def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator, sampling: str = "plain") -> Tensor:
     """``[n, num_units]`` bool, True = kept; each unit occluded with probability ``p``.
 
@@ -239,7 +258,7 @@ def spes_encoder(
     positions: Tensor | None,
     n_masks: int = EncoderSpesOptions.n_masks,
     p_h: float = EncoderSpesOptions.p_h,
-    batch_size: int = EncoderSpesOptions.encoder_batch_size,
+    batch_size: int | str = EncoderSpesOptions.encoder_batch_size,
     seed: int = EncoderSpesOptions.seed,
     sampling: str = EncoderSpesOptions.sampling,
     max_seconds: float | None = EncoderSpesOptions.max_seconds,
@@ -250,7 +269,8 @@ def spes_encoder(
     probability ``p_h``; ``run(keep [B, T'_valid]) -> logits [B, S, V]`` re-runs only the decoder
     with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``); ``positions``
     are the explained rows of ``logp_ref`` and the logits (``None``: every row, when ``run``
-    returns only the explained positions). ``smoothing``
+    returns only the explained positions). ``batch_size="auto"``: :func:`rows_batch_size` masks per
+    batch. ``smoothing``
     filters the map and its two halves in time (:func:`smooth_frames`; 0: the paper's estimator)."""
     check_smoothing(smoothing)  # a bad width fails before any mask runs
     if n_masks < 1:
@@ -259,9 +279,12 @@ def spes_encoder(
         raise XAttnError(f"Expected the encoder occlusion probability p_h in (0, 1) but got {p_h}.")
     device = logp_ref.device
     t_valid = num_encoder_frames
+    rows = logp_ref.shape[0] if positions is None else int(positions.numel())
+    if batch_size == "auto":
+        batch_size = rows_batch_size(rows, n_masks)
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     keep_all = draw_keep_masks(n_masks, t_valid, p_h, gen, sampling).to(device)
-    acc = _Accumulator(logp_ref.shape[0] if positions is None else int(positions.numel()), t_valid, device)
+    acc = _Accumulator(rows, t_valid, device)
     start = time.perf_counter()
     stopped = False
     for i0 in range(0, n_masks, batch_size):
