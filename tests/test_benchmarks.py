@@ -14,7 +14,7 @@ def test_perf_benchmarks_on_tiny_model(tmp_path, monkeypatch):
         perf.main(
             [
                 "--only",
-                "spes,encoder,kv,kl,gradients,convergence",
+                "spes,encoder,kv,kl,batch,gradients,convergence",
                 "--n-masks",
                 "16",
                 "--convergence-ns",
@@ -36,6 +36,7 @@ def test_perf_benchmarks_on_tiny_model(tmp_path, monkeypatch):
     assert [r["n"] for r in rep["convergence"]["encoder_spes"]["rows"]] == [16, 32]
     assert rep["kv"]["max_abs_diff"] <= 1e-5  # the K/V shortcut's maps are the zeroed frames' maps
     assert [r["batch_size"] for r in rep["kl"]["rows"]] == [8, 32, 64]
+    assert rep["batch"]["auto_batch_size"] >= 1 and rep["batch"]["max_abs_diff"] <= 1e-5  # same maps
     for r in rep["kl"]["rows"]:  # both KL formulas agree with float64
         assert r["fused_max_err_vs_float64"] < 5e-6 and r["log_softmax_max_err_vs_float64"] < 5e-6
     with pytest.raises(SystemExit):
@@ -96,3 +97,35 @@ def test_perf_fixed_cost_with_cached_encoder_on_real_whisper(tmp_path, whisper_p
     r = json.loads((tmp_path / "perf.json").read_text())["fixed"]
     assert r["cache_hits"] == 3  # every timed call after the warm-up took the encoder output from the cache
     assert {"fixed_over_greedy", "fixed_cached_over_greedy"} <= r.keys()  # ratios only: no timing assertions
+
+
+def test_control_variate_estimators_are_unbiased_and_use_a_good_surrogate():
+    """Where KL is a function of the surrogate, the control variate gives the map from few masks;
+    where the surrogate is useless, it stays on the paper's estimate (no bias)."""
+    import torch
+
+    from benchmarks.estimators import estimate
+    from xattn_lightning.saliency.perturbation import draw_keep_masks
+
+    t, p_h = 12, 0.7
+    w = torch.rand(2, t, generator=torch.Generator().manual_seed(0)) ** 3
+
+    def kl_of(keep):  # [N, 2]: large when the frames that matter to each token are occluded
+        s = keep.double() @ (w / w.sum(-1, keepdim=True)).double().T / (1 - p_h)
+        return torch.exp(-2.0 * s)
+
+    big = draw_keep_masks(200_000, t, p_h, torch.Generator().manual_seed(1))
+    truth = estimate(big, kl_of(big), "paper")
+    keep = draw_keep_masks(128, t, p_h, torch.Generator().manual_seed(2))
+    kl = kl_of(keep)
+    paper_err = (estimate(keep, kl, "paper") - truth).abs().max()
+    cv_err = (estimate(keep, kl, "cv_attention", attention=w, p_h=p_h) - truth).abs().max()
+    assert cv_err < paper_err / 3
+    useless = torch.rand(2, t, generator=torch.Generator().manual_seed(3))
+    errs = []
+    for seed in range(20):  # averaged over seeds, a useless surrogate's estimate centres on the truth
+        keep = draw_keep_masks(128, t, p_h, torch.Generator().manual_seed(100 + seed))
+        errs.append(estimate(keep, kl_of(keep), "cv_attention", attention=useless, p_h=p_h) - truth)
+    assert torch.stack(errs).mean(0).abs().max() < 0.01
+    idx = estimate(keep, kl_of(keep), "cv_index", p_h=p_h)
+    assert idx.shape == truth.shape and torch.isfinite(idx).all()
