@@ -11,7 +11,8 @@ vs zeroing frames and re-running the decoder; the maps' max difference), ``kl`` 
 predictions: one pass over the logits vs ``log_softmax`` + ``F.kl_div``, per mask, at several mask
 batch sizes, beside the masked decoder pass itself; the largest difference), ``batch`` (encoder-output
 saliency per mask with ``encoder_batch_size="auto"`` against the former fixed 32, interleaved, and the
-maps' largest difference), ``fixed`` (a probe's fixed cost against one greedy decode, without and with
+maps' largest difference), ``flops`` (the arithmetic of a reading's parts, counted with
+``torch.utils.flop_counter``, against the rate this machine's matrix products reach), ``fixed`` (a probe's fixed cost against one greedy decode, without and with
 the encoder output from an ``EncoderCache``), ``costs`` (a SPES mask
 and a whole ``explain`` at N = 64 against plain forwards of the model as loaded; the fixed cost of
 a probe against one greedy decode), ``gradients`` (all tokens' gradient maps, batched vs Captum once per token, and their max
@@ -39,7 +40,7 @@ import xattn_lightning as xl
 from xattn_lightning.functional import map_similarity
 from xattn_lightning.saliency.perturbation import kl_per_token, slic_segments, spes_input
 
-SECTIONS = ("spes", "encoder", "kv", "kl", "batch", "costs", "fixed", "gradients", "convergence", "monitor")
+SECTIONS = ("spes", "encoder", "kv", "kl", "batch", "flops", "costs", "fixed", "gradients", "convergence", "monitor")
 
 
 def _tiny_setup():
@@ -270,6 +271,72 @@ def bench_batch(model, batch, targets, n_masks: int, reps: int = 3) -> dict:
         "speedup_best": min(t["32"]) / min(t["auto"]),
         "speedup_median": statistics.median(t["32"]) / statistics.median(t["auto"]),
         "max_abs_diff": float((maps["auto"] - maps["32"]).abs().max()),
+    }
+
+
+def bench_flops(model, batch, targets, n_masks: int = 256, probes: int = 4) -> dict:
+    """GFLOP of one probe's parts (encoder, greedy decode, the attention pass, the masked decoder's
+    setup and one encoder-saliency mask, of which the vocabulary projection), counted with
+    ``FlopCounterMode``; the rate (GFLOP/s) of a mask batch and of the vocabulary projection alone on
+    this machine; and the least time a default reading (``probes`` such probes, ``n_masks`` masks)
+    needs at the mask batch's rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xattn_lightning.saliency.perturbation import draw_keep_masks, rows_batch_size
+
+    adapter = xl.adapter_for(model)
+
+    def count(fn):
+        with FlopCounterMode(display=False) as fc:
+            out = fn()
+        return fc.get_total_flops() / 1e9, out
+
+    with torch.inference_mode(False), torch.no_grad():
+        (u,) = adapter.utterances(batch)
+        seq = adapter.normalize_target(torch.as_tensor(targets[0]))
+        dec_in = seq[:-1]
+        positions = (~adapter.special_mask(seq[1:])).nonzero().view(-1)
+        enc_g, enc = count(lambda: adapter.encode(u.features.unsqueeze(0)))
+        gen_g, _ = count(lambda: adapter.generate(u, encoder_out=enc))
+        dec_g, _ = count(lambda: adapter.decode(enc, dec_in, output_attentions=True))
+        setup_g, run = count(lambda: adapter.masked_decoder(enc, dec_in, positions=positions))
+        t_enc = adapter.encoder_length(u.num_frames)
+        bs = rows_batch_size(int(positions.numel()), n_masks)
+        keep = draw_keep_masks(bs, t_enc, 0.7, torch.Generator().manual_seed(0))
+        mask_g, logits = count(lambda: run(keep))
+        mask_g /= bs
+        hidden = model.get_decoder().config.d_model if hasattr(model, "get_decoder") else None
+        vocab = logits.shape[-1]
+        vocab_g = 2 * int(positions.numel()) * (hidden or 0) * vocab / 1e9
+        run(keep)  # warm
+        t = time.perf_counter()
+        reps = 3
+        for _ in range(reps):
+            run(keep)
+        mask_s = (time.perf_counter() - t) / (reps * bs)
+        w = torch.randn(vocab, hidden or 1)
+        h = torch.randn(bs * int(positions.numel()), hidden or 1)
+        h @ w.T
+        t = time.perf_counter()
+        for _ in range(reps):
+            h @ w.T
+        proj_rate = 2 * h.shape[0] * w.shape[1] * vocab * reps / (time.perf_counter() - t) / 1e9
+    fixed = enc_g + gen_g + dec_g + setup_g
+    reading = probes * (fixed + n_masks * mask_g)
+    return {
+        "tokens": int(positions.numel()),
+        "encoder_gflop": enc_g,
+        "greedy_decode_gflop": gen_g,
+        "attention_pass_gflop": dec_g,
+        "masked_decoder_setup_gflop": setup_g,
+        "mask_gflop": mask_g,
+        "mask_vocabulary_share": vocab_g / mask_g if hidden else None,
+        "mask_batch": bs,
+        "mask_gflop_per_s": mask_g / mask_s,
+        "vocabulary_projection_gflop_per_s": proj_rate,
+        "reading_gflop": reading,
+        "reading_masks_share": probes * n_masks * mask_g / reading,
+        "reading_least_s_at_mask_rate": reading / (mask_g / mask_s),
     }
 
 
@@ -560,6 +627,16 @@ def main(argv: list[str] | None = None) -> int:
             f"encoder saliency, {r['tokens']} tokens, N={r['n_masks']}: auto (batch {r['auto_batch_size']}) "
             f"{r['auto_ms_per_mask_best']:.2f} ms/mask vs batch 32 {r['32_ms_per_mask_best']:.2f} (best of 3) -> "
             f"{r['speedup_best']:.2f}x (median {r['speedup_median']:.2f}x); max |diff| {r['max_abs_diff']:.1e}"
+        )
+    if "flops" in only:
+        r = report["flops"] = bench_flops(model, batch, targets)
+        print(
+            f"GFLOP, {r['tokens']} tokens: encoder {r['encoder_gflop']:.1f}, greedy decode {r['greedy_decode_gflop']:.1f}, "
+            f"attention pass {r['attention_pass_gflop']:.1f}, masked-decoder setup {r['masked_decoder_setup_gflop']:.1f}, "
+            f"a mask {r['mask_gflop']:.3f} (vocabulary {100 * (r['mask_vocabulary_share'] or 0):.0f} %); masks run at "
+            f"{r['mask_gflop_per_s']:.0f} GFLOP/s (vocabulary projection alone {r['vocabulary_projection_gflop_per_s']:.0f}); "
+            f"a 4-probe reading of such probes: {r['reading_gflop']:.0f} GFLOP ({100 * r['reading_masks_share']:.0f} % masks), "
+            f"at least {r['reading_least_s_at_mask_rate']:.1f} s at the masks' rate"
         )
     if "costs" in only:
         r = report["costs"] = bench_costs(model, batch, targets)

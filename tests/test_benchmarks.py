@@ -14,7 +14,7 @@ def test_perf_benchmarks_on_tiny_model(tmp_path, monkeypatch):
         perf.main(
             [
                 "--only",
-                "spes,encoder,kv,kl,batch,gradients,convergence",
+                "spes,encoder,kv,kl,batch,flops,gradients,convergence",
                 "--n-masks",
                 "16",
                 "--convergence-ns",
@@ -37,6 +37,9 @@ def test_perf_benchmarks_on_tiny_model(tmp_path, monkeypatch):
     assert rep["kv"]["max_abs_diff"] <= 1e-5  # the K/V shortcut's maps are the zeroed frames' maps
     assert [r["batch_size"] for r in rep["kl"]["rows"]] == [8, 32, 64]
     assert rep["batch"]["auto_batch_size"] >= 1 and rep["batch"]["max_abs_diff"] <= 1e-5  # same maps
+    f = rep["flops"]
+    assert 0 < f["mask_vocabulary_share"] < 1 and f["mask_gflop"] > 0 and f["encoder_gflop"] > 0
+    assert f["reading_gflop"] > 4 * 256 * f["mask_gflop"]  # the masks plus the probes' fixed passes
     for r in rep["kl"]["rows"]:  # both KL formulas agree with float64
         assert r["fused_max_err_vs_float64"] < 5e-6 and r["log_softmax_max_err_vs_float64"] < 5e-6
     with pytest.raises(SystemExit):
