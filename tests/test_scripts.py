@@ -257,3 +257,30 @@ def test_library_api_stands_without_lightning():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+class Compiled(TrainOnly):
+    """``self.model = torch.compile(model)``, as many training scripts do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.compile(self.model, backend="eager")  # "eager": no C++ toolchain in the test
+
+
+def test_a_torch_compiled_model_is_explained_through_its_eager_module(tmp_path):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    module = Compiled()
+    assert isinstance(module.model, OptimizedModule)
+    adapter = xl.adapter_for(module)
+    assert type(adapter).__name__ == "WhisperAdapter" and adapter.model is module.model._orig_mod
+    assert xl.adapter_for(module.model).model is module.model._orig_mod  # the compiled model itself
+    probes = [next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))]
+    readings = []
+    for m in (Compiled(), TrainOnly()):
+        mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, probes=probes, targets="labels", n_masks=16)
+        _, warned = fit(tmp_path, m, mon, max_epochs=1)
+        assert not [w for w in warned if "nothing will be logged" in w or "failed" in w], warned
+        assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
+        readings.append({k: v for k, v in mon.history[0].items() if k.startswith("xattn/") and k != "xattn/seconds"})
+    assert readings[0] == readings[1]  # the same reading as the model not compiled

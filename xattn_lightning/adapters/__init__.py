@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance, unwrap_tokenizer
+from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance, uncompiled, unwrap_tokenizer
 from xattn_lightning.adapters.hf import Speech2TextAdapter, WhisperAdapter
 from xattn_lightning.adapters.hooks import HookAdapter
 from xattn_lightning.adapters.openai_whisper import OpenAIWhisperAdapter
@@ -22,6 +22,7 @@ __all__ = [
     "adapter_for",
     "find_tokenizer",
     "is_tokenizer",
+    "uncompiled",
 ]
 
 
@@ -89,7 +90,8 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
     Knows Hugging Face ``WhisperForConditionalGeneration`` and ``Speech2TextForConditionalGeneration``
     and openai-whisper's ``whisper.model.Whisper``, given directly or as an attribute of a wrapper
     (:data:`INNER_MODEL_ATTRS`, e.g. a LightningModule's ``.model``), or an adapter at
-    ``.xattn_adapter``.
+    ``.xattn_adapter``; a ``torch.compile``-d model (at either place) is explained through the eager
+    module it wraps (:func:`uncompiled`).
 
     >>> adapter_for(nn.Linear(2, 2))
     Traceback (most recent call last):
@@ -100,6 +102,7 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
         if tokenizer is not None and model.tokenizer is None:
             model.tokenizer = tokenizer
         return model
+    model = uncompiled(model)
     name = type(model).__name__
     found = _direct_adapter(model, tokenizer)
     if found is not None:
@@ -108,7 +111,7 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
     if isinstance(inner, Adapter):
         return adapter_for(inner, tokenizer)
     for attr in INNER_MODEL_ATTRS:  # a wrapper (LightningModule) around a supported model
-        inner = getattr(model, attr, None)
+        inner = uncompiled(getattr(model, attr, None))
         if isinstance(inner, Adapter):
             return adapter_for(inner, tokenizer)
         if isinstance(inner, nn.Module) and inner is not model:

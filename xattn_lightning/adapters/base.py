@@ -33,6 +33,24 @@ def unwrap_tokenizer(obj: Any) -> Any:
     return getattr(obj, "tokenizer", obj)
 
 
+def uncompiled(model: object) -> object:
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``, which shares
+    its parameters), or ``model`` itself. Explanations run the eager module: its hooks and
+    attention switches would only make the compiled one recompile.
+
+    >>> m = nn.Linear(2, 2)
+    >>> uncompiled(m) is m
+    True
+    """
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return model
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 @dataclass
 class Utterance:
     """One utterance taken out of a batch.
@@ -95,7 +113,7 @@ class Adapter(ABC):
     input_key: str = "input_features"
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None) -> None:
-        self.model = model
+        self.model = uncompiled(model)  # a torch.compile wrapper: explain through the eager module
         self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ facts

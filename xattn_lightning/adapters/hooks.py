@@ -118,6 +118,7 @@ class HookAdapter(Adapter):
         decode: DecodeFn | None = None,
     ) -> None:
         super().__init__(model, tokenizer)
+        model = self.model  # unwrapped from torch.compile
         names = dict(model.named_modules())
         if not encoder or encoder not in names:
             raise XAttnError(f"The model has no module named {encoder!r}; pass the encoder's dotted name.")

@@ -19,6 +19,7 @@ from xattn_lightning.adapters.base import (
     ForwardOutput,
     Utterance,
     occlusion_bias,
+    uncompiled,
 )
 from xattn_lightning.adapters.hf import conv_output_length, whisper_window_utterances
 from xattn_lightning.errors import XAttnError
@@ -93,6 +94,7 @@ class OpenAIWhisperAdapter(Adapter):
     def __init__(
         self, model: nn.Module, tokenizer: object | None = None, language: str | None = None, task: str = "transcribe"
     ) -> None:
+        model = uncompiled(model)
         if not is_openai_whisper(model):
             raise XAttnError(f"Expected a whisper.model.Whisper but got {type(model).__name__}.")
         super().__init__(model, tokenizer if tokenizer is not None else default_tokenizer(model, language, task))
