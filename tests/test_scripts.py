@@ -284,3 +284,53 @@ def test_a_torch_compiled_model_is_explained_through_its_eager_module(tmp_path):
         assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
         readings.append({k: v for k, v in mon.history[0].items() if k.startswith("xattn/") and k != "xattn/seconds"})
     assert readings[0] == readings[1]  # the same reading as the model not compiled
+
+
+def _lora(model, seed: int = 0):
+    peft = pytest.importorskip("peft", reason="peft is in the dev extras")
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): make it change the model
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return pm
+
+
+class LoRA(TrainOnly):
+    """``self.model = get_peft_model(whisper, LoraConfig(...))``: parameter-efficient fine-tuning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _lora(self.model)
+
+
+def test_a_peft_lora_model_is_explained_with_its_adapters_in_the_path(tmp_path):
+    from helpers import whisper_batch
+
+    module = LoRA()
+    adapter = xl.adapter_for(module)  # LightningModule -> PeftModel -> LoRA-injected Whisper
+    assert adapter.model is module.model.get_base_model()
+    assert any("lora_A" in n for n, _ in adapter.model.named_modules())
+    batch = whisper_batch(adapter.model, lengths=(60,))
+    opts = dict(methods=("encoder_spes",), n_masks=16, targets="generate", max_new_tokens=5)
+    (with_lora,) = xl.explain(module, batch, **opts)
+    merged = module.model.merge_and_unload()  # the same function without the LoRA modules
+    (plain,) = xl.explain(merged, batch, **opts)
+    assert torch.equal(with_lora.token_ids, plain.token_ids)
+    torch.testing.assert_close(with_lora.cross_attention, plain.cross_attention, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(with_lora.saliency["encoder_spes"], plain.saliency["encoder_spes"], atol=1e-5, rtol=1e-4)
+    (base,) = xl.explain(speaking_tiny_whisper(), batch, **opts)  # without LoRA the explanation differs
+    assert not torch.allclose(base.cross_attention, plain.cross_attention, atol=1e-3)
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
+        num_probes=2,
+        targets="labels",
+        n_masks=16,
+        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
+    )
+    _, warned = fit(tmp_path, LoRA(), mon, max_epochs=1)
+    assert not [w for w in warned if "nothing will be logged" in w or "failed" in w], warned
+    assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0

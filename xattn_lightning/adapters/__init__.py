@@ -84,12 +84,42 @@ def _direct_adapter(model: nn.Module, tokenizer: object | None) -> Adapter | Non
     return None
 
 
+#: how many wrappers deep :func:`adapter_for` looks (a LightningModule's ``.model`` that is a PEFT
+#: ``PeftModel`` whose ``.model`` is the LoRA-injected Whisper: 2)
+INNER_MODEL_DEPTH = 3
+
+
+def _inner_adapter(model: nn.Module, tokenizer: object | None, depth: int) -> Adapter | None:
+    """An adapter for a supported model found through :data:`INNER_MODEL_ATTRS`, breadth first,
+    at most ``depth`` wrappers deep (the model itself is not tried)."""
+    level, seen = [model], {id(model)}
+    for _ in range(depth):
+        found_next = []
+        for owner in level:
+            for attr in INNER_MODEL_ATTRS:
+                try:
+                    inner = uncompiled(getattr(owner, attr, None))
+                except Exception:  # a property that fails is no model
+                    continue
+                if isinstance(inner, Adapter):
+                    return adapter_for(inner, tokenizer)
+                if isinstance(inner, nn.Module) and id(inner) not in seen:
+                    seen.add(id(inner))
+                    adapter = _direct_adapter(inner, tokenizer)
+                    if adapter is not None:
+                        return adapter
+                    found_next.append(inner)
+        level = found_next
+    return None
+
+
 def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> Adapter:
     """Pick the adapter for ``model`` (an adapter is returned as it is).
 
     Knows Hugging Face ``WhisperForConditionalGeneration`` and ``Speech2TextForConditionalGeneration``
     and openai-whisper's ``whisper.model.Whisper``, given directly or as an attribute of a wrapper
-    (:data:`INNER_MODEL_ATTRS`, e.g. a LightningModule's ``.model``), or an adapter at
+    (:data:`INNER_MODEL_ATTRS`, e.g. a LightningModule's ``.model``, up to :data:`INNER_MODEL_DEPTH`
+    wrappers deep: a PEFT/LoRA ``PeftModel`` there is looked through), or an adapter at
     ``.xattn_adapter``; a ``torch.compile``-d model (at either place) is explained through the eager
     module it wraps (:func:`uncompiled`).
 
@@ -110,14 +140,9 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
     inner = getattr(model, "xattn_adapter", None)
     if isinstance(inner, Adapter):
         return adapter_for(inner, tokenizer)
-    for attr in INNER_MODEL_ATTRS:  # a wrapper (LightningModule) around a supported model
-        inner = uncompiled(getattr(model, attr, None))
-        if isinstance(inner, Adapter):
-            return adapter_for(inner, tokenizer)
-        if isinstance(inner, nn.Module) and inner is not model:
-            found = _direct_adapter(inner, tokenizer)
-            if found is not None:
-                return found
+    found = _inner_adapter(model, tokenizer, INNER_MODEL_DEPTH)
+    if found is not None:
+        return found
     has_cross = isinstance(model, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     hint = (
         " It has nn.MultiheadAttention modules; name the cross-attention ones"
