@@ -334,3 +334,11 @@ def test_a_peft_lora_model_is_explained_with_its_adapters_in_the_path(tmp_path):
     _, warned = fit(tmp_path, LoRA(), mon, max_epochs=1)
     assert not [w for w in warned if "nothing will be logged" in w or "failed" in w], warned
     assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
+
+
+def test_fast_dev_run_says_that_it_takes_no_readings(tmp_path):
+    mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, targets="labels", n_masks=8)
+    val = DataLoader(tuple_data(4), batch_size=2)
+    _, warned = fit(tmp_path, WithValidation(), mon, val=val, fast_dev_run=True)
+    assert mon.history == []
+    assert [w for w in warned if "fast_dev_run" in w and "limit_train_batches" in w]

@@ -372,6 +372,12 @@ class XAttnSaliencyMonitor(Callback):
     # ------------------------------------------------------------------ fit start: say now what cannot work
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._adapter_cache = None
+        if getattr(trainer, "fast_dev_run", False):
+            self._warn_once(
+                "fast-dev-run",
+                "no readings under fast_dev_run (Lightning suppresses logging there). To try the monitor quickly, "
+                "run a short fit instead: Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2).",
+            )
         if self.probes_source is None and not _validation_planned(trainer, pl_module):
             self._warn_once(
                 "no-probes",
