@@ -146,15 +146,16 @@ def test_without_validation_or_probes_it_warns_at_fit_start_naming_the_fix(tmp_p
 
 
 def test_no_model_no_probe_and_no_tokenizer_are_each_warned_once(tmp_path):
-    class Custom(TrainOnly):
+    class Custom(TrainOnly):  # a custom encoder-decoder no adapter knows
         def __init__(self):
             super().__init__()
             self.net = torch.nn.Linear(2, 2)
-            self.whisper_like = self.model
+            self.seq2seq = torch.nn.Transformer(16, 2, 1, 1, 16, batch_first=True)
             del self.model
 
         def training_step(self, batch, batch_idx):
-            return self.whisper_like(input_features=batch[0], labels=batch[1]).loss
+            x = batch[0].transpose(1, 2)[:, :10]
+            return self.seq2seq(x, x).pow(2).mean()
 
     mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, probes=tuple_data(2), targets="labels", n_masks=8)
     _, warned = fit(tmp_path, Custom(), mon)
@@ -342,3 +343,57 @@ def test_fast_dev_run_says_that_it_takes_no_readings(tmp_path):
     _, warned = fit(tmp_path, WithValidation(), mon, val=val, fast_dev_run=True)
     assert mon.history == []
     assert [w for w in warned if "fast_dev_run" in w and "limit_train_batches" in w]
+
+
+class Backbone(TrainOnly):
+    """The model under a name of the script's own choosing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = self.model
+        del self.model
+
+    def training_step(self, batch, batch_idx):
+        features, labels = batch
+        return self.backbone(input_features=features, labels=labels).loss
+
+
+class Distillation(Backbone):
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = speaking_tiny_whisper(seed=1)
+
+
+def test_a_model_under_any_name_is_found_and_two_models_are_an_error_naming_them(tmp_path):
+    module = Backbone()
+    assert xl.adapter_for(module).model is module.backbone
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
+        num_probes=2,
+        targets="labels",
+        n_masks=8,
+        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
+    )
+    _, warned = fit(tmp_path, Backbone(), mon, max_epochs=1)
+    assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
+    with pytest.raises(xl.errors.UnsupportedModelError, match=r"2 supported models: \.backbone .*\.teacher .*model_fn"):
+        xl.adapter_for(Distillation())
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
+        num_probes=2,
+        targets="labels",
+        n_masks=8,
+        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
+    )
+    _, warned = fit(tmp_path, Distillation(), mon, max_epochs=1)
+    assert mon.history == [] and [w for w in warned if "nothing will be logged" in w and "teacher" in w]
+    mon = xl.XAttnSaliencyMonitor(
+        max_overhead=None,
+        num_probes=2,
+        targets="labels",
+        n_masks=8,
+        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
+        model_fn=lambda m: m.backbone,
+    )
+    _, warned = fit(tmp_path, Distillation(), mon, max_epochs=1)
+    assert len(mon.history) == 1  # the named one

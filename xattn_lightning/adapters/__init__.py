@@ -113,6 +113,17 @@ def _inner_adapter(model: nn.Module, tokenizer: object | None, depth: int) -> Ad
     return None
 
 
+def _supported_submodules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules of ``model`` that an adapter knows, with their dotted names."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if not name or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if _direct_adapter(sub, None) is not None:
+            found.append((name, sub))
+    return found
+
+
 def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> Adapter:
     """Pick the adapter for ``model`` (an adapter is returned as it is).
 
@@ -120,7 +131,8 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
     and openai-whisper's ``whisper.model.Whisper``, given directly or as an attribute of a wrapper
     (:data:`INNER_MODEL_ATTRS`, e.g. a LightningModule's ``.model``, up to :data:`INNER_MODEL_DEPTH`
     wrappers deep: a PEFT/LoRA ``PeftModel`` there is looked through), or an adapter at
-    ``.xattn_adapter``; a ``torch.compile``-d model (at either place) is explained through the eager
+    ``.xattn_adapter``, or else the one supported submodule under any name (several: an error that
+    names them); a ``torch.compile``-d model (at either place) is explained through the eager
     module it wraps (:func:`uncompiled`).
 
     >>> adapter_for(nn.Linear(2, 2))
@@ -143,6 +155,15 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
     found = _inner_adapter(model, tokenizer, INNER_MODEL_DEPTH)
     if found is not None:
         return found
+    subs = _supported_submodules(model) if isinstance(model, nn.Module) else []
+    if len(subs) == 1:  # under another name (self.backbone = WhisperForConditionalGeneration...)
+        return _direct_adapter(subs[0][1], tokenizer)  # type: ignore[return-value]
+    if len(subs) > 1:
+        names = ", ".join(f".{n} ({type(m).__name__})" for n, m in subs)
+        raise UnsupportedModelError(
+            f"{name} holds {len(subs)} supported models: {names}; which one to explain is not clear. Pass "
+            f"model_fn=lambda module: module.{subs[0][0]} to the monitor (or that model to xl.explain)."
+        )
     has_cross = isinstance(model, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     hint = (
         " It has nn.MultiheadAttention modules; name the cross-attention ones"
