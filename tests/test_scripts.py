@@ -260,6 +260,12 @@ def test_library_api_stands_without_lightning():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def _probe_monitor(**kw) -> xl.XAttnSaliencyMonitor:
+    """A monitor with two probes of its own, explaining their labels."""
+    probes = [next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))]
+    return xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, targets="labels", probes=probes, **kw)
+
+
 class Compiled(TrainOnly):
     """``self.model = torch.compile(model)``, as many training scripts do."""
 
@@ -276,10 +282,9 @@ def test_a_torch_compiled_model_is_explained_through_its_eager_module(tmp_path):
     adapter = xl.adapter_for(module)
     assert type(adapter).__name__ == "WhisperAdapter" and adapter.model is module.model._orig_mod
     assert xl.adapter_for(module.model).model is module.model._orig_mod  # the compiled model itself
-    probes = [next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))]
     readings = []
     for m in (Compiled(), TrainOnly()):
-        mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, probes=probes, targets="labels", n_masks=16)
+        mon = _probe_monitor(n_masks=16)
         _, warned = fit(tmp_path, m, mon, max_epochs=1)
         assert not [w for w in warned if "nothing will be logged" in w or "failed" in w], warned
         assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
@@ -325,13 +330,7 @@ def test_a_peft_lora_model_is_explained_with_its_adapters_in_the_path(tmp_path):
     torch.testing.assert_close(with_lora.saliency["encoder_spes"], plain.saliency["encoder_spes"], atol=1e-5, rtol=1e-4)
     (base,) = xl.explain(speaking_tiny_whisper(), batch, **opts)  # without LoRA the explanation differs
     assert not torch.allclose(base.cross_attention, plain.cross_attention, atol=1e-3)
-    mon = xl.XAttnSaliencyMonitor(
-        max_overhead=None,
-        num_probes=2,
-        targets="labels",
-        n_masks=16,
-        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
-    )
+    mon = _probe_monitor(n_masks=16)
     _, warned = fit(tmp_path, LoRA(), mon, max_epochs=1)
     assert not [w for w in warned if "nothing will be logged" in w or "failed" in w], warned
     assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
@@ -367,33 +366,14 @@ class Distillation(Backbone):
 def test_a_model_under_any_name_is_found_and_two_models_are_an_error_naming_them(tmp_path):
     module = Backbone()
     assert xl.adapter_for(module).model is module.backbone
-    mon = xl.XAttnSaliencyMonitor(
-        max_overhead=None,
-        num_probes=2,
-        targets="labels",
-        n_masks=8,
-        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
-    )
+    mon = _probe_monitor(n_masks=8)
     _, warned = fit(tmp_path, Backbone(), mon, max_epochs=1)
     assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
     with pytest.raises(xl.errors.UnsupportedModelError, match=r"2 supported models: \.backbone .*\.teacher .*model_fn"):
         xl.adapter_for(Distillation())
-    mon = xl.XAttnSaliencyMonitor(
-        max_overhead=None,
-        num_probes=2,
-        targets="labels",
-        n_masks=8,
-        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
-    )
+    mon = _probe_monitor(n_masks=8)
     _, warned = fit(tmp_path, Distillation(), mon, max_epochs=1)
     assert mon.history == [] and [w for w in warned if "nothing will be logged" in w and "teacher" in w]
-    mon = xl.XAttnSaliencyMonitor(
-        max_overhead=None,
-        num_probes=2,
-        targets="labels",
-        n_masks=8,
-        probes=[next(iter(DataLoader(tuple_data(2, seed=1), batch_size=2)))],
-        model_fn=lambda m: m.backbone,
-    )
+    mon = _probe_monitor(n_masks=8, model_fn=lambda m: m.backbone)
     _, warned = fit(tmp_path, Distillation(), mon, max_epochs=1)
     assert len(mon.history) == 1  # the named one
