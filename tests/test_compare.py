@@ -271,3 +271,55 @@ def test_cli_compare_real_whisper_before_and_after_finetune(
     assert (out / "layers_encoder_spes.png").stat().st_size > 0
     assert len(list(out.glob("heatmaps_*.png"))) == 2
     assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.integration
+def test_a_peft_adapter_directory_loads_merged_onto_its_base_and_compares(
+    tmp_path, whisper_path, espeak_manifest, monkeypatch
+):
+    import sys
+
+    peft = pytest.importorskip("peft", reason="peft is in the dev extras")
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from xattn_lightning.loading import features_batch, load_hf_model
+
+    base = WhisperForConditionalGeneration.from_pretrained(whisper_path).eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    pm.eval()
+    lora = tmp_path / "lora"
+    pm.save_pretrained(lora)  # adapter weights only, and the base's path in adapter_config.json
+    assert (lora / "adapter_config.json").is_file() and not (lora / "config.json").exists()
+    model, proc = load_hf_model(str(lora))
+    assert type(model).__name__ == "WhisperForConditionalGeneration"
+    assert not any("lora" in n for n, _ in model.named_modules())  # merged into an ordinary model
+    batch = features_batch(WhisperProcessor.from_pretrained(whisper_path), read_manifest(espeak_manifest)[:1])
+    ids = torch.tensor([[50257, 50362, 440]])
+    with torch.no_grad():
+        want = pm(input_features=batch["input_features"], decoder_input_ids=ids).logits
+        got = model(input_features=batch["input_features"], decoder_input_ids=ids).logits
+        plain = (
+            WhisperForConditionalGeneration.from_pretrained(whisper_path)
+            .eval()(input_features=batch["input_features"], decoder_input_ids=ids)
+            .logits
+        )
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    assert (plain - want).abs().max() > 1e-2  # the adapter changes the model
+    out = tmp_path / "cmp"
+    rc = main(["compare", whisper_path, str(lora), "--manifest", espeak_manifest, "--num-probes", "1",
+               "--n-masks", "16", "--names", "base,lora", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    with (out / "comparison.csv").open() as fh:
+        assert [r["checkpoint"] for r in csv.DictReader(fh)] == ["base", "lora"]
+    (tmp_path / "nobase").mkdir()
+    (tmp_path / "nobase" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(XAttnError, match="base_model"):
+        load_hf_model(str(tmp_path / "nobase"))
+    monkeypatch.setitem(sys.modules, "peft", None)  # peft not installed
+    with pytest.raises(XAttnError, match="install peft"):
+        load_hf_model(str(lora))

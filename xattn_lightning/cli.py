@@ -165,6 +165,7 @@ def compare(args: argparse.Namespace) -> int:
         methods=methods,
         targets=args.targets,
         module=args.module,
+        base_model=args.base_model,
         names=names,
         batch_size=args.batch_size,
         trainer_kwargs=trainer_kwargs,
@@ -221,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--no-wandb", action="store_true")
     c = sub.add_parser("compare", help="the same probe utterances through several checkpoints, side by side")
     c.add_argument(
-        "checkpoints", nargs="+", metavar="MODEL_OR_CKPT", help="HF directories/ids or Lightning .ckpt files"
+        "checkpoints",
+        nargs="+",
+        metavar="MODEL_OR_CKPT",
+        help="HF directories/ids, PEFT adapter directories or Lightning .ckpt files",
     )
     c.add_argument("--manifest", required=True, help="TSV: id<TAB>audio<TAB>text (audio relative to the manifest)")
     c.add_argument("--num-probes", type=int, default=8, help="first N utterances of the manifest")
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=READING_DEFAULTS["seed"])
     c.add_argument("--targets", default="generate", choices=("generate", "labels"))
     c.add_argument("--module", help="package.module:Class of the LightningModule, for .ckpt files")
+    c.add_argument("--base-model", help="base model of PEFT adapter directories (default: the one each names)")
     c.add_argument("--names", help="comma-separated display names, one per checkpoint")
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--out", default="xattn_runs/compare")

@@ -117,8 +117,11 @@ def _fmt(v: float) -> str:
 
 
 # ---------------------------------------------------------------------------- loading
-def load_checkpoint(spec: str, module: str | None = None, processor: str | None = None) -> tuple[Any, Any, str]:
-    """Load ``spec`` (HF directory / hub id, or a Lightning ``.ckpt`` with ``module="pkg.mod:Class"``).
+def load_checkpoint(
+    spec: str, module: str | None = None, processor: str | None = None, base_model: str | None = None
+) -> tuple[Any, Any, str]:
+    """Load ``spec`` (HF directory / hub id, a PEFT adapter directory onto ``base_model`` or the base
+    its config names, or a Lightning ``.ckpt`` with ``module="pkg.mod:Class"``).
 
     Returns ``(model, processor, name)``; the model is whatever :func:`xattn_lightning.adapter_for`
     accepts (for a LightningModule: its ``xattn_adapter`` or the HF model it wraps).
@@ -143,7 +146,7 @@ def load_checkpoint(spec: str, module: str | None = None, processor: str | None 
             raise XAttnError(f"{module} has no .processor to turn audio into features; pass --processor HF_DIR_OR_ID.")
         _check_s2t(model, spec)
         return model, proc, path.stem
-    model, proc = load_hf_model(spec)
+    model, proc = load_hf_model(spec, base_model=base_model)
     if processor is not None:
         proc = load_hf_model_processor(processor)
     return model, proc, path.name if path.exists() else spec
@@ -257,6 +260,7 @@ def compare_checkpoints(
     keep_explanations: int = 2,
     progress: bool = True,
     on_checkpoint: Callable[[CheckpointResult], None] | None = None,
+    base_model: str | None = None,
     **method_options: Any,
 ) -> Comparison:
     """Explain the same probe ``rows`` with every checkpoint and put the results side by side.
@@ -278,6 +282,7 @@ def compare_checkpoints(
         trainer_kwargs: ``lightning.Trainer`` arguments (``devices``, ``num_nodes``, ``strategy``,
             ``accelerator``) for spreading the probes over processes.
         keep_explanations: explanations kept per checkpoint (for the side-by-side heatmaps).
+        base_model: the base model of PEFT adapter directories (default: the one each names).
 
     Example:
         >>> compare_checkpoints([], [])
@@ -307,7 +312,7 @@ def compare_checkpoints(
     for n, ckpt in enumerate(checkpoints):
         start = time.perf_counter()
         if isinstance(ckpt, (str, Path)):
-            model, proc, name = load_checkpoint(str(ckpt), module, None)
+            model, proc, name = load_checkpoint(str(ckpt), module, None, base_model)
             if processor is not None:
                 proc = processor
         else:

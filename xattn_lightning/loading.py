@@ -5,6 +5,7 @@ Used by the CLI, the examples and the benchmarks; ``xl.explain`` itself never lo
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,16 +16,25 @@ from xattn_lightning.audio import ManifestRow, load_audio
 from xattn_lightning.errors import UnsupportedModelError, XAttnError, first_line
 
 
-def load_hf_model(name_or_path: str, device: str = "cpu") -> tuple[Any, Any]:
+def load_hf_model(name_or_path: str, device: str = "cpu", base_model: str | None = None) -> tuple[Any, Any]:
     """Load a Hugging Face Whisper or Speech2Text checkpoint and its processor.
 
-    ``name_or_path`` is a hub id (``openai/whisper-tiny.en``) or a local directory. Raises
-    :class:`~xattn_lightning.errors.XAttnError` with one clear line when it is missing or not a
-    speech-to-text encoder-decoder.
+    ``name_or_path`` is a hub id (``openai/whisper-tiny.en``) or a local directory. A PEFT adapter
+    directory (``adapter_config.json``, as ``peft_model.save_pretrained`` writes it: LoRA weights
+    only) is loaded onto its base model (``base_model``, or the one its config names) and merged
+    into it. Raises :class:`~xattn_lightning.errors.XAttnError` with one clear line when it is
+    missing or not a speech-to-text encoder-decoder.
+
+    >>> load_hf_model("/no/such/dir")
+    Traceback (most recent call last):
+    ...
+    xattn_lightning.errors.XAttnError: Model directory '/no/such/dir' does not exist.
     """
     import transformers
 
     local = Path(name_or_path)
+    if local.is_dir() and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        return _load_peft_adapter(local, device, base_model)
     if local.exists() and not local.is_dir():
         raise XAttnError(
             f"{name_or_path!r} is a file, not a Hugging Face model directory; "
@@ -51,6 +61,33 @@ def load_hf_model(name_or_path: str, device: str = "cpu") -> tuple[Any, Any]:
         processor = proc_cls.from_pretrained(name_or_path)
     except Exception as err:
         raise XAttnError(f"Cannot load {name_or_path!r}: {first_line(err)}") from err
+    return model, processor
+
+
+def _load_peft_adapter(path: Path, device: str, base_model: str | None) -> tuple[Any, Any]:
+    """A PEFT adapter directory, loaded onto its base model and merged (explanations then run on an
+    ordinary model, with the same maps as through the LoRA layers)."""
+    try:
+        import peft
+    except ImportError as err:
+        raise XAttnError(
+            f"{str(path)!r} is a PEFT adapter directory (adapter_config.json); install peft to load it "
+            "(pip install peft), or pass a merged model directory."
+        ) from err
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise XAttnError(f"Cannot read {str(path / 'adapter_config.json')!r}: {first_line(err)}") from err
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise XAttnError(f"{str(path)!r} does not name its base model; pass base_model= (--base-model).")
+    model, processor = load_hf_model(base, device)
+    try:
+        model = peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload().to(device).eval()
+    except Exception as err:
+        raise XAttnError(f"Cannot apply the adapter {str(path)!r} to {base!r}: {first_line(err)}") from err
+    if (path / "preprocessor_config.json").is_file():  # the processor saved beside the adapter, if any
+        processor = type(processor).from_pretrained(str(path))
     return model, processor
 
 
