@@ -161,3 +161,27 @@ def test_real_tiny_en_cross_attention_equals_hugging_face(real_whisper, espeak_m
         torch.testing.assert_close(b.cross_attention, a.cross_attention, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(b.saliency["encoder_spes"], a.saliency["encoder_spes"], atol=1e-4, rtol=1e-3)
     assert MultiHeadAttention.use_sdpa is True
+
+
+def test_a_lora_wrapped_openai_whisper_explains_like_the_merged_model():
+    peft = pytest.importorskip("peft", reason="peft is in the dev extras")
+    pm = peft.get_peft_model(random_whisper(), peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    pm.eval()
+
+    class Lit(torch.nn.Module):  # a LightningModule's .model holding the PeftModel
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = pm
+
+    assert type(xl.adapter_for(Lit())).__name__ == "OpenAIWhisperAdapter"
+    opts = dict(methods=("encoder_spes",), n_masks=16, max_new_tokens=4)
+    (lora,) = xl.explain(Lit(), mel_batch(lengths=(80,)), **opts)
+    (merged,) = xl.explain(pm.merge_and_unload(), mel_batch(lengths=(80,)), **opts)
+    assert torch.equal(lora.token_ids, merged.token_ids)
+    torch.testing.assert_close(lora.cross_attention, merged.cross_attention, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lora.saliency["encoder_spes"], merged.saliency["encoder_spes"], atol=1e-5, rtol=1e-4)
