@@ -369,6 +369,7 @@ def test_a_model_under_any_name_is_found_and_two_models_are_an_error_naming_them
     mon = _probe_monitor(n_masks=8)
     _, warned = fit(tmp_path, Backbone(), mon, max_epochs=1)
     assert len(mon.history) == 1 and mon.history[0]["xattn/num_failed"] == 0.0
+    assert [w for w in warned if "explaining .backbone (WhisperForConditionalGeneration)" in w and "model_fn" in w]
     with pytest.raises(xl.errors.UnsupportedModelError, match=r"2 supported models: \.backbone .*\.teacher .*model_fn"):
         xl.adapter_for(Distillation())
     mon = _probe_monitor(n_masks=8)

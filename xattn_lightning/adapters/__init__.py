@@ -157,7 +157,10 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
         return found
     subs = _supported_submodules(model) if isinstance(model, nn.Module) else []
     if len(subs) == 1:  # under another name (self.backbone = WhisperForConditionalGeneration...)
-        return _direct_adapter(subs[0][1], tokenizer)  # type: ignore[return-value]
+        adapter = _direct_adapter(subs[0][1], tokenizer)
+        assert adapter is not None
+        adapter.found_at = subs[0][0]
+        return adapter
     if len(subs) > 1:
         names = ", ".join(f".{n} ({type(m).__name__})" for n, m in subs)
         raise UnsupportedModelError(

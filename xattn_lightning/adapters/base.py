@@ -111,6 +111,9 @@ class Adapter(ABC):
 
     #: key of the input features in the model's own batch dict
     input_key: str = "input_features"
+    #: where :func:`~xattn_lightning.adapters.adapter_for` found the model when it searched all
+    #: submodules (a dotted name), else ``None``
+    found_at: str | None = None
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None) -> None:
         self.model = uncompiled(model)  # a torch.compile wrapper: explain through the eager module

@@ -395,6 +395,13 @@ class XAttnSaliencyMonitor(Callback):
                 err,
             )
             return
+        if adapter.found_at is not None and self.model_fn is None:
+            self._warn_once(
+                "found-at",
+                f"explaining .{adapter.found_at} ({type(adapter.model).__name__}), the only supported model found on "
+                f"{type(pl_module).__name__}. If it is not the model being trained (a distillation teacher, say), pass "
+                "model_fn=lambda module: <the model or an xl.HookAdapter>.",
+            )
         if adapter.tokenizer is None:
             self._warn_once(
                 "no-tokenizer",
