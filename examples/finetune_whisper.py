@@ -11,6 +11,8 @@ fine-tuned model in Hugging Face format (for ``xattn-lightning compare``). ``--t
 (a manifest with a ``words`` column of true word timings) makes those utterances the monitor's
 probes, so each reading also logs word-timestamp accuracy (``xattn/timestamps/mae_ms``);
 ``--export-alignment-heads`` writes the heads the monitor chose into the saved generation config.
+``--lora R`` fine-tunes LoRA adapters of rank R (peft) instead of all weights; ``--save`` then writes
+the adapter directory, which ``xattn-lightning compare BASE DIR`` loads onto its base model.
 """
 
 from __future__ import annotations
@@ -64,13 +66,20 @@ class WhisperCollator:
 class WhisperFineTuner(pl.LightningModule):
     """Seq2seq cross-entropy fine-tuning of a Hugging Face Whisper model (``self.model``)."""
 
-    def __init__(self, model: str = "openai/whisper-tiny.en", lr: float = 1e-5, freeze_encoder: bool = False) -> None:
+    def __init__(
+        self, model: str = "openai/whisper-tiny.en", lr: float = 1e-5, freeze_encoder: bool = False, lora: int = 0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model, self.processor = load_hf_model(model)
         self.model.train()
         if freeze_encoder:
             self.model.model.encoder.requires_grad_(False)
+        if lora:  # parameter-efficient: LoRA adapters on the attention queries and values only
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
+            self.model = get_peft_model(self.model, config)
 
     def _loss(self, batch) -> torch.Tensor:
         out = self.model(
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--freeze-encoder", action="store_true")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: fine-tune all weights; needs peft)")
     ap.add_argument("--limit-train-batches", type=float, default=1.0)
     ap.add_argument("--limit-val-batches", type=float, default=1.0)
     ap.add_argument("--num-probes", type=int, default=4)
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)
-    module = WhisperFineTuner(args.model, lr=args.lr, freeze_encoder=args.freeze_encoder)
+    module = WhisperFineTuner(args.model, lr=args.lr, freeze_encoder=args.freeze_encoder, lora=args.lora)
     collate = WhisperCollator(module.processor, module.model.config.decoder_start_token_id)
     train = DataLoader(ManifestDataset(args.manifest), batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     val = DataLoader(

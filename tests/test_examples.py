@@ -1,6 +1,7 @@
 """The examples, run in a shortened mode: custom model on generated audio (always), Whisper tiny.en
 fine-tuned on the espeak speech (integration: needs XL_WHISPER_PATH and XL_ESPEAK_MANIFEST)."""
 
+import csv
 import glob
 import importlib.util
 import math
@@ -135,3 +136,30 @@ def test_finetune_whisper_example_shortened(tmp_path, monkeypatch, whisper_path,
     w0 = before.model.decoder.layers[0].fc1.weight
     w1 = after.model.decoder.layers[0].fc1.weight
     assert not torch.equal(w0, w1)
+
+
+@pytest.mark.integration
+def test_finetune_whisper_example_with_lora_then_compare(tmp_path, whisper_path, espeak_manifest, capsys):
+    """LoRA fine-tuning with the monitor on, the adapter saved, then compared with its base model."""
+    pytest.importorskip("peft", reason="peft is in the dev extras")
+    from xattn_lightning.cli import main as cli
+
+    ex = _load("finetune_whisper")
+    save = tmp_path / "lora"
+    res = ex.main(
+        ["--model", whisper_path, "--manifest", espeak_manifest, "--epochs", "1", "--limit-train-batches", "2",
+         "--limit-val-batches", "1", "--batch-size", "2", "--num-probes", "1", "--n-masks", "16", "--lr", "1e-3",
+         "--lora", "4", "--out", str(tmp_path / "run"), "--save", str(save), "--no-wandb", "--max-overhead", "none"]
+    )  # fmt: skip
+    assert type(res["trainer"].lightning_module.model).__name__.startswith("PeftModel")
+    (h,) = res["history"]
+    assert h["xattn/num_failed"] == 0.0 and -1.0 <= h["xattn/encoder_spes/pearson"] <= 1.0
+    assert (save / "adapter_config.json").is_file() and not (save / "config.json").exists()
+    out = tmp_path / "cmp"
+    rc = cli(["compare", whisper_path, str(save), "--manifest", espeak_manifest, "--num-probes", "1",
+              "--n-masks", "16", "--names", "base,lora", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    with (out / "comparison.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["checkpoint"] for r in rows] == ["base", "lora"]
+    assert all(-1.0 <= float(r["encoder_spes/pearson"]) <= 1.0 for r in rows)
