@@ -155,6 +155,23 @@ def tiny_extractor():
     return WhisperFeatureExtractor(feature_size=16, chunk_length=2, sampling_rate=16000)  # the tiny model's 2-s window
 
 
+def lora_model(model, target_modules=("q_proj", "v_proj"), scale: float = 0.5, seed: int = 0):
+    """``model`` wrapped by peft's ``get_peft_model`` (rank 4) with non-zero LoRA ``B`` weights, so
+    that the adapters change the model (LoRA starts as the identity). Skips without peft."""
+    import pytest
+
+    peft = pytest.importorskip("peft", reason="peft is in the dev extras")
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), lora_dropout=0.0)
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return pm
+
+
 try:
     import lightning.pytorch as _pl
 

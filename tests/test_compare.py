@@ -279,19 +279,13 @@ def test_a_peft_adapter_directory_loads_merged_onto_its_base_and_compares(
 ):
     import sys
 
-    peft = pytest.importorskip("peft", reason="peft is in the dev extras")
+    from helpers import lora_model
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     from xattn_lightning.loading import features_batch, load_hf_model
 
     base = WhisperForConditionalGeneration.from_pretrained(whisper_path).eval()
-    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    pm.eval()
+    pm = lora_model(base, scale=0.02).eval()
     lora = tmp_path / "lora"
     pm.save_pretrained(lora)  # adapter weights only, and the base's path in adapter_config.json
     assert (lora / "adapter_config.json").is_file() and not (lora / "config.json").exists()

@@ -164,14 +164,9 @@ def test_real_tiny_en_cross_attention_equals_hugging_face(real_whisper, espeak_m
 
 
 def test_a_lora_wrapped_openai_whisper_explains_like_the_merged_model():
-    peft = pytest.importorskip("peft", reason="peft is in the dev extras")
-    pm = peft.get_peft_model(random_whisper(), peft.LoraConfig(r=4, target_modules=["query", "value"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    pm.eval()
+    from helpers import lora_model
+
+    pm = lora_model(random_whisper(), target_modules=("query", "value")).eval()
 
     class Lit(torch.nn.Module):  # a LightningModule's .model holding the PeftModel
         def __init__(self) -> None:

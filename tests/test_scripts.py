@@ -8,7 +8,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import speaking_tiny_whisper
+from helpers import lora_model, speaking_tiny_whisper
 from lightning.pytorch.loggers import CSVLogger
 from test_monitor import _read_csv
 from torch.utils.data import DataLoader, TensorDataset
@@ -292,25 +292,12 @@ def test_a_torch_compiled_model_is_explained_through_its_eager_module(tmp_path):
     assert readings[0] == readings[1]  # the same reading as the model not compiled
 
 
-def _lora(model, seed: int = 0):
-    peft = pytest.importorskip("peft", reason="peft is in the dev extras")
-    pm = peft.get_peft_model(
-        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # LoRA starts as the identity (B = 0): make it change the model
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return pm
-
-
 class LoRA(TrainOnly):
     """``self.model = get_peft_model(whisper, LoraConfig(...))``: parameter-efficient fine-tuning."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.model = _lora(self.model)
+        self.model = lora_model(self.model)
 
 
 def test_a_peft_lora_model_is_explained_with_its_adapters_in_the_path(tmp_path):
