@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="skip readings while the monitor uses more than this share of training time ('none': never)",
     )
+    ap.add_argument("--no-monitor", action="store_true", help="the same fine-tune without the monitor (to compare)")
     ap.add_argument("--out", default="runs/finetune_openai_whisper")
     ap.add_argument("--accelerator", default="auto")
     return ap
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         limit_train_batches=args.limit_train_batches,
-        callbacks=[monitor],  # <-- xattn_lightning
+        callbacks=[] if args.no_monitor else [monitor],  # <-- xattn_lightning
         logger=pl.loggers.CSVLogger(out, name="csv"),
         accelerator=args.accelerator,
         default_root_dir=out,

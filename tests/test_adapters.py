@@ -269,3 +269,27 @@ def test_all_silent_utterance_still_works():
     batch["input_features"][:, :, :30] = -0.5  # Whisper log-mel of silence is a constant floor
     (e,) = xl.explain(model, batch, targets=[[51, 52, 5, 6, 50]])
     assert e.num_frames == 30 and torch.isfinite(e.cross_attention).all()
+
+
+def test_a_model_unpickled_in_a_fresh_process_still_gives_its_cross_attention(tmp_path):
+    """transformers 5 registers what a model class can record when a model is constructed; a model that
+    arrives pickled (ddp_spawn's workers, torch.load of a whole model) was never constructed there and
+    returned no attention weights. Explained in a new process, it gives the attention of the original."""
+    import subprocess
+    import sys
+
+    from helpers import speaking_tiny_whisper, whisper_batch
+
+    model = speaking_tiny_whisper()
+    batch = whisper_batch(model, lengths=(60,))
+    torch.save({"model": model, "batch": batch}, tmp_path / "whole.pt")
+    (here,) = xl.explain(model, batch, methods=(), targets=[[51, 7, 9, 50]])
+    code = (
+        "import sys, torch, xattn_lightning as xl\n"
+        f"d = torch.load({str(tmp_path / 'whole.pt')!r}, weights_only=False)\n"
+        "(e,) = xl.explain(d['model'], d['batch'], methods=(), targets=[[51, 7, 9, 50]])\n"
+        f"torch.save(e.cross_attention, {str(tmp_path / 'ca.pt')!r})\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "ca.pt"), here.cross_attention)

@@ -16,10 +16,18 @@ from wandb_reader import history
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+def _load(name: str, lightning: str = "lightning.pytorch"):
+    """The example as a module; ``lightning="pytorch_lightning"``: as the same script written with
+    ``import pytorch_lightning as pl`` (the other Lightning package) instead of ``lightning.pytorch``."""
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}_{lightning.replace('.', '_')}", path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    source = path.read_text()
+    if lightning != "lightning.pytorch":
+        line = "import lightning.pytorch as pl\n"
+        assert line in source, f"{path.name} does not import {line.strip()!r}"
+        source = source.replace(line, f"import {lightning} as pl\n")
+    exec(compile(source, str(path), "exec"), mod.__dict__)
     return mod
 
 

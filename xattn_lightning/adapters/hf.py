@@ -63,6 +63,26 @@ def _tokenizer_special_ids(tokenizer: object | None) -> set[int]:
     return {int(i) for i in ids}
 
 
+def register_output_capture(model: nn.Module) -> None:
+    """Make sure transformers can return ``model``'s attention weights in this process.
+
+    transformers 5 records attention weights through hooks whose specification it keeps in a
+    process-wide registry, filled when a model is *constructed*. A model that reaches a process
+    unpickled (the workers of ``ddp_spawn``, a model loaded with ``torch.load``) was never constructed
+    there, so ``output_attentions=True`` returns no weights at all. This puts each model class's
+    specification back (the registry is private: nothing happens where it does not exist, as before
+    transformers 5).
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers 4: attention weights come back without a registry
+        return
+    for module in model.modules():
+        spec = getattr(module, "_can_record_outputs", None)
+        if spec and not _CAN_RECORD_REGISTRY.get(module):
+            _CAN_RECORD_REGISTRY[module] = spec
+
+
 class _HFSeq2SeqAdapter(Adapter):
     """Shared code for HF encoder-decoder speech models (eager attention, encoder_outputs reuse)."""
 
@@ -106,6 +126,7 @@ class _HFSeq2SeqAdapter(Adapter):
     @contextlib.contextmanager
     def _eager(self) -> Iterator[None]:
         """Eager attention (the only kernel that returns weights) for the call, restored afterwards."""
+        register_output_capture(self.model)
         prev = getattr(self.model.config, "_attn_implementation", None)
         switched = prev is not None and prev != "eager"
         try:

@@ -7,18 +7,21 @@ numbers across ranks (``_gather``), summarise and log (``_publish``).
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import ModuleType
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
+from typing_extensions import override
 
+from xattn_lightning._lightning import NAMESPACES, is_logger_class, is_overridden, namespace_of
 from xattn_lightning.adapters import Adapter, adapter_for, find_tokenizer
 from xattn_lightning.batches import standard_batch
 from xattn_lightning.encoder_cache import EncoderCache
@@ -317,6 +320,8 @@ class XAttnSaliencyMonitor(Callback):
         self.last_explanations: list = []
         self.first_explanations: list = []
         self._warned: set[str] = set()
+        #: the Lightning package of the trainer (set at setup): a name, so that the monitor pickles (ddp_spawn)
+        self._namespace = NAMESPACES[0]
 
     @property
     def frame_rate(self) -> float:
@@ -326,11 +331,21 @@ class XAttnSaliencyMonitor(Callback):
         return float(self.method_options.get("frame_rate", OPTIONS["frame_rate"]))
 
     @property
+    def _lightning(self) -> ModuleType:
+        return importlib.import_module(self._namespace)
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(methods=self.methods, targets=self.targets)
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
+        with self._guard("state_dict"):
+            return self._state_dict()
+        return {}  # the checkpoint is saved without the monitor's state; a resume starts it afresh
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "probe_ids": list(self.probe_ids),
             "probe_positions": list(self.probe_positions),
@@ -340,13 +355,29 @@ class XAttnSaliencyMonitor(Callback):
             "alignment_heads": self.alignment_heads,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.probe_ids = list(state_dict.get("probe_ids", []))
-        self.probe_positions = list(state_dict.get("probe_positions", []))
-        self._last_step = int(state_dict.get("last_step", -1))
-        self.history = list(state_dict.get("history", []))
-        self.n_masks_frozen = state_dict.get("n_masks_frozen")
-        self.alignment_heads = state_dict.get("alignment_heads")
+        with self._guard("load_state_dict"):
+            self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """All or nothing: a state that does not parse leaves the monitor as it was (a fresh start)."""
+        restored = (
+            list(state_dict.get("probe_ids", [])),
+            list(state_dict.get("probe_positions", [])),
+            int(state_dict.get("last_step", -1)),
+            [dict(h) for h in state_dict.get("history", [])],
+            state_dict.get("n_masks_frozen"),
+            state_dict.get("alignment_heads"),
+        )
+        (
+            self.probe_ids,
+            self.probe_positions,
+            self._last_step,
+            self.history,
+            self.n_masks_frozen,
+            self.alignment_heads,
+        ) = restored
 
     # ------------------------------------------------------------------ warnings
     def _warn_once(self, key: str, message: str, err: BaseException | None = None) -> None:
@@ -356,7 +387,10 @@ class XAttnSaliencyMonitor(Callback):
             raise XAttnError(message)
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(f"XAttnSaliencyMonitor: {message}")
+            self._lightning.utilities.rank_zero_warn(f"XAttnSaliencyMonitor: {message}")
+
+    def _info(self, message: str) -> None:
+        self._lightning.utilities.rank_zero_info(f"XAttnSaliencyMonitor: {message}")
 
     def _report(self, err: BaseException, where: str, key: str | None = None) -> None:
         if self.on_error == "raise":
@@ -364,13 +398,41 @@ class XAttnSaliencyMonitor(Callback):
         key = key or f"{where}:{type(err).__name__}:{err}"
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(
+            self._lightning.utilities.rank_zero_warn(
                 f"XAttnSaliencyMonitor: {where} failed and was skipped ({type(err).__name__}: {err}). "
                 "Training continues; pass on_error='raise' to debug."
             )
 
-    # ------------------------------------------------------------------ fit start: say now what cannot work
+    @contextmanager
+    def _guard(self, hook: str) -> Iterator[None]:
+        """The body of the Lightning hook ``hook``: whatever goes wrong inside is warned once per hook and
+        cause, and training goes on (``on_error="raise"``: it is raised)."""
+        try:
+            yield
+        except Exception as err:
+            self._report(err, f"its {hook} hook", key=f"hook:{hook}:{type(err).__name__}")
+
+    # ------------------------------------------------------------------ setup and fit start: say now what cannot work
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._namespace = namespace_of(trainer).__name__  # rank-zero messages go through the trainer's package
+        with self._guard("setup"):
+            self._setup(trainer, pl_module, stage)
+
+    def _setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if namespace_of(pl_module) is not self._lightning:
+            self._warn_once(
+                "namespaces",
+                f"the Trainer comes from {self._lightning.__name__} but {type(pl_module).__name__} from "
+                f"{namespace_of(pl_module).__name__}; import both from one package ({' or '.join(NAMESPACES)}).",
+            )
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._guard("on_fit_start"):
+            self._on_fit_start(trainer, pl_module)
+
+    def _on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._adapter_cache = None
         if getattr(trainer, "fast_dev_run", False):
             self._warn_once(
@@ -409,12 +471,22 @@ class XAttnSaliencyMonitor(Callback):
                 "beside the model): tables and heatmaps will show token ids. Pass tokenizer=... for text.",
             )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._guard("on_train_start"):
+            self._on_train_start(trainer, pl_module)
+
+    def _on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train_start = self.clock()
         self._monitor_seconds = 0.0
         self._runs_this_fit = 0
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._guard("on_fit_end"):
+            self._on_fit_end(trainer, pl_module)
+
+    def _on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from xattn_lightning.loggers import offline_sync_hint
 
         if self.export_alignment_heads:
@@ -425,7 +497,7 @@ class XAttnSaliencyMonitor(Callback):
             except Exception:  # never fail the end of training over a hint
                 hint = None
             if hint:
-                rank_zero_info(f"XAttnSaliencyMonitor: the W&B run was logged offline; upload it with: {hint}")
+                self._info(f"the W&B run was logged offline; upload it with: {hint}")
 
     def _export_alignment_heads(self, pl_module: LightningModule) -> None:
         if not self.alignment_heads:
@@ -441,14 +513,20 @@ class XAttnSaliencyMonitor(Callback):
             )
             return
         cfg.alignment_heads = [list(h) for h in self.alignment_heads]
-        rank_zero_info(f"XAttnSaliencyMonitor: wrote alignment_heads={cfg.alignment_heads} into the generation config.")
+        self._info(f"wrote alignment_heads={cfg.alignment_heads} into the generation config.")
 
     # ------------------------------------------------------------------ probe collection from validation
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._guard("on_validation_epoch_start"):
+            self._on_validation_epoch_start(trainer, pl_module)
+
+    def _on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen = 0
         if self.probes_source is None and not self._probes_final:
             self._stride, self._offset = _sharded_stream(trainer) if trainer.world_size > 1 else (1, 0)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -458,12 +536,18 @@ class XAttnSaliencyMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        with self._guard("on_validation_batch_end"):
+            self._on_validation_batch_end(trainer, pl_module, batch, dataloader_idx)
+
+    def _on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, dataloader_idx: int
+    ) -> None:
         if self.probes_source is not None or self._probes_final or dataloader_idx != 0 or not self._wants_more():
             return
         try:
             items = _split_batch(self._to_model_batch(batch, pl_module))
-        except Exception as err:  # never break validation over probe collection
-            self._report(err, "taking probe utterances from the validation batches")
+        except Exception as err:  # one warning for every batch of that shape, not one per batch
+            self._report(err, "taking probe utterances from the validation batches", key="probe-batches")
             return
         self._take(items)
 
@@ -511,7 +595,12 @@ class XAttnSaliencyMonitor(Callback):
             return step >= self.every_n_steps
         return step - self._last_step >= self.every_n_steps
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._guard("on_validation_epoch_end"):
+            self._on_validation_epoch_end(trainer, pl_module)
+
+    def _on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         self._validated_epoch = trainer.current_epoch
@@ -520,15 +609,25 @@ class XAttnSaliencyMonitor(Callback):
         if self._due(trainer):
             self._scheduled_run(trainer, pl_module, _log_step(trainer))
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        with self._guard("on_train_batch_end"):
+            self._on_train_batch_end(trainer, pl_module)
+
+    def _on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_steps is None or self.probes_source is None:
             return
         if self._due(trainer) and trainer.global_step % self.every_n_steps == 0:
             self._scheduled_run(trainer, pl_module, _log_step(trainer))
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._guard("on_train_epoch_end"):
+            self._on_train_epoch_end(trainer, pl_module)
+
+    def _on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_epochs is None or self._validated_epoch == trainer.current_epoch or not self._due(trainer):
             return
         if self.probes_source is None:
@@ -548,7 +647,7 @@ class XAttnSaliencyMonitor(Callback):
                 self._adapter(pl_module)
             except Exception:
                 return
-        if not self._within_budget(trainer):
+        if not self._within_budget(trainer, log_step):
             return
         start = self.clock()
         try:
@@ -557,7 +656,7 @@ class XAttnSaliencyMonitor(Callback):
             self._runs_this_fit += 1
             self._monitor_seconds += self.clock() - start
 
-    def _within_budget(self, trainer: Trainer) -> bool:
+    def _within_budget(self, trainer: Trainer, log_step: int) -> bool:
         """``max_overhead``: skip a due reading while the monitor has used more than its share of the
         training time (the first reading of a fit always runs). Decides how often, never how."""
         if self.max_overhead is None or self._train_start is None or self._runs_this_fit == 0:
@@ -569,7 +668,7 @@ class XAttnSaliencyMonitor(Callback):
         self.skipped_steps.append(trainer.global_step)
         self._warn_once(
             "overhead",
-            f"skipping the reading at step {trainer.global_step} (and later ones while over budget): the monitor "
+            f"skipping the reading at step {log_step} (and later ones while over budget): the monitor "
             f"has used {self._monitor_seconds:.0f} s against {training:.0f} s of training, more than "
             f"max_overhead={self.max_overhead}. Readings are thinned, never made noisier; for more of them lower "
             "num_probes or n_masks, or raise max_overhead (None: never skip).",
@@ -675,8 +774,8 @@ class XAttnSaliencyMonitor(Callback):
         perturbation = perturbation_methods(self.methods)
         if budget is not None and perturbation and self.n_masks_frozen is None:
             self.n_masks_frozen = self._calibrate(adapter, probes[0], perturbation, float(budget), len(probes))
-            rank_zero_info(
-                f"XAttnSaliencyMonitor: {self.n_masks_frozen} masks per method fit max_seconds={budget}; "
+            self._info(
+                f"{self.n_masks_frozen} masks per method fit max_seconds={budget}; "
                 "fixed for the rest of the run."
             )
         if self.n_masks_frozen is not None:
@@ -806,7 +905,7 @@ class XAttnSaliencyMonitor(Callback):
         if trainer.is_global_zero:
             self._log_media(trainer, rows, exps, summary, step)
             best = {m: f"layer {r[0][0]} head {r[0][1]} (rho={r[0][2]:.3f})" for m, r in self.head_ranking.items() if r}
-            rank_zero_info(f"XAttnSaliencyMonitor step {trainer.global_step}: best head {best}")
+            self._info(f"reading at step {step}: best head {best}")
         return summary
 
     def _time_words(self, rows: list[dict[str, Any]]) -> None:
@@ -853,9 +952,7 @@ class XAttnSaliencyMonitor(Callback):
                 self._report(err, f"logging scalars to {type(logger).__name__}")
 
     def _log_media(self, trainer: Trainer, rows: list, exps: list, summary: Summary, step: int) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        wandb_loggers = [lg for lg in trainer.loggers if is_logger_class(lg, "WandbLogger")]
         if not wandb_loggers or not self.log_figures:
             return
         try:
@@ -870,7 +967,7 @@ class XAttnSaliencyMonitor(Callback):
                 fig = heatmap_figure(
                     e,
                     self.methods,
-                    title=f"{pid} @ step {trainer.global_step}",
+                    title=f"{pid} @ step {step}",
                     frame_rate=self.frame_rate,
                     scores=pearson_scores(row, self.methods),
                     layers=self.layers,

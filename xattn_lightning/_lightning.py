@@ -1,0 +1,57 @@
+"""The Lightning distribution a trainer comes from: ``lightning.pytorch`` or ``pytorch_lightning``.
+
+The two distributions are the same code under two names and are often installed side by side, but
+their classes are distinct: ``lightning.pytorch``'s ``is_overridden`` rejects a
+``pytorch_lightning.LightningModule`` ("Expected a parent"), its ``WandbLogger`` is not the class a
+``pytorch_lightning`` script built, and each keeps its own rank-zero state. The monitor asks this
+module for the utilities of the trainer it runs in. It never imports ``pytorch_lightning`` itself:
+a class from it can only reach the monitor once the user's script has imported it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
+
+#: the import names of the two distributions, the default first
+NAMESPACES: tuple[str, ...] = ("lightning.pytorch", "pytorch_lightning")
+_ROOTS = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
+
+def namespace_of(obj: object) -> ModuleType:
+    """The Lightning package (``lightning.pytorch`` or ``pytorch_lightning``) whose classes ``obj``'s
+    class derives from; ``lightning.pytorch`` when neither.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> namespace_of(Trainer(logger=False, enable_progress_bar=False)).__name__
+        'lightning.pytorch'
+    """
+    for cls in type(obj).__mro__:
+        name = _ROOTS.get(cls.__module__.partition(".")[0])
+        if name is not None and (cls.__module__ + ".").startswith(name + "."):
+            return importlib.import_module(name)
+    return importlib.import_module(NAMESPACES[0])
+
+
+def is_overridden(method: str, pl_module: Any) -> bool:
+    """Whether ``pl_module``'s class overrides the ``LightningModule`` hook ``method``, asked of the
+    Lightning package the module comes from."""
+    return bool(namespace_of(pl_module).utilities.model_helpers.is_overridden(method, pl_module))
+
+
+def loaded_namespaces() -> list[ModuleType]:
+    """The Lightning packages this process has imported (never imports one)."""
+    return [sys.modules[name] for name in NAMESPACES if name in sys.modules]
+
+
+def is_logger_class(logger: object, name: str) -> bool:
+    """Whether ``logger`` is an instance of the logger class ``name`` (e.g. ``"WandbLogger"``) of
+    either Lightning package that is loaded."""
+    for ns in loaded_namespaces():
+        cls = getattr(importlib.import_module(ns.__name__ + ".loggers"), name, None)
+        if cls is not None and isinstance(logger, cls):
+            return True
+    return False
