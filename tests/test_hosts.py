@@ -419,3 +419,34 @@ def test_an_ambiguous_batch_is_warned_once_with_the_batch_fn_line(tmp_path):
     told = [m for m in said if "batch_fn=lambda b:" in m]
     assert len(told) == 1, said
     assert "tuple of 3 items" in told[0] and "ambiguous" in told[0]
+
+
+# ---------------------------------------------------------------- one step everywhere
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_console_and_heatmap_titles_show_the_step_the_scalars_were_logged_at(tmp_path, ns, monkeypatch, caplog):
+    import logging
+
+    import xattn_lightning.viz as viz
+
+    pl = _import(ns)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    titles: list[str] = []
+    real = viz.heatmap_figure
+
+    def spy(*args, **kwargs):
+        titles.append(kwargs["title"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(viz, "heatmap_figure", spy)
+    loggers = [pl.loggers.CSVLogger(tmp_path / "csv"), pl.loggers.WandbLogger(save_dir=str(tmp_path), offline=True)]
+    with caplog.at_level(logging.INFO):
+        _fit(pl, tmp_path, MODULES[ns]["WithValidation"](), [_monitor(max_figures=1)], _loader(), _loader(2, 1),
+             logger=loggers)  # fmt: skip
+    import wandb
+
+    wandb.finish()
+    steps = [int(r["step"]) for r in _readings(tmp_path / "csv")]
+    assert steps == [3, 7]  # the global step is 4 and 8 there
+    assert titles == [f"val0 @ step {s}" for s in steps]
+    said = [r.getMessage() for r in caplog.records if "best head" in r.getMessage()]
+    assert [m.split("reading at step ")[1].split(":")[0] for m in said] == ["3", "7"], said

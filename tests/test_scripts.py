@@ -189,7 +189,7 @@ def test_standard_batch_shapes():
     assert set(standard_batch(x)) == {"input_features"}
     for bad, match in (
         ((x, y, y), "tuple of 3 items"),
-        ((y, x), "only \\(features, labels\\)"),
+        ((y, x), "understood without help are \\(features, labels\\)"),
         ({"wave": torch.randn(2, 100, 3, 3)}, "batch_fn="),
         ("text", "batch_fn="),
     ):

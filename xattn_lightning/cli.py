@@ -42,7 +42,7 @@ def write_report(monitor, out: Path, title: str = "xattn_lightning demo") -> Pat
             f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{v}</td>"
             for v in (
                 h["epoch"] + 1,
-                h["step"],
+                h.get("log_step", h["step"]),  # the step its scalars were logged at
                 *(
                     h.get(k, float("nan"))
                     for k in ("xattn/spes/pearson", "xattn/encoder_spes/pearson", "xattn/context_mixing_gap")
