@@ -230,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--manifest", required=True, help="TSV: id<TAB>audio<TAB>text (audio relative to the manifest)")
     c.add_argument("--num-probes", type=int, default=8, help="first N utterances of the manifest")
     c.add_argument("--methods", default="encoder_spes", help="comma-separated saliency methods")
-    c.add_argument("--n-masks", type=int, default=READING_DEFAULTS["n_masks"])
+    c.add_argument(
+        "--n-masks",
+        type=lambda v: v if v == "auto" else int(v),
+        default=READING_DEFAULTS["n_masks"],
+        help="masks per saliency map, or 'auto' (default): chosen once for all checkpoints so that every one gets "
+        "a corrected headline",
+    )
     c.add_argument("--seed", type=int, default=READING_DEFAULTS["seed"])
     c.add_argument("--targets", default="generate", choices=("generate", "labels"))
     c.add_argument("--module", help="package.module:Class of the LightningModule, for .ckpt files")

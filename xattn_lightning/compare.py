@@ -9,6 +9,7 @@ agreement per method, layer and head, the WER of each checkpoint on the probes, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -21,7 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,9 +30,18 @@ from xattn_lightning.adapters import Adapter, adapter_for, is_tokenizer, unwrap_
 from xattn_lightning.audio import ManifestRow
 from xattn_lightning.errors import XAttnError, first_line
 from xattn_lightning.explain import Explanation, explain
+from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER, RELIABILITY_FLOOR, choose_n_masks
 from xattn_lightning.loading import features_batch, load_hf_model
-from xattn_lightning.saliency import validate_methods
-from xattn_lightning.summary import pearson_scores, probe_scores, summarize
+from xattn_lightning.saliency import perturbation_methods, validate_methods
+from xattn_lightning.saliency.options import READING_DEFAULTS
+from xattn_lightning.summary import (
+    MAX_RELIABILITY_GAP,
+    Difference,
+    paired_differences,
+    pearson_scores,
+    probe_scores,
+    summarize,
+)
 from xattn_lightning.text import wer
 
 
@@ -58,6 +68,37 @@ class Comparison:
     metrics: tuple[str, ...]
     probe_ids: list[str]
     results: list[CheckpointResult]
+    #: the masks per map every checkpoint was read with (``None`` without perturbation methods)
+    n_masks: int | None = None
+    #: with ``n_masks="auto"``: checkpoint -> method -> split-half reliability at the first rung
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    reliability_floor: float = RELIABILITY_FLOOR
+
+    def differences(self, base: int = 0) -> dict[str, dict[str, Difference]]:
+        """Each other checkpoint against ``results[base]``: ``"<method>/pearson_corrected"`` and
+        ``"<method>/pearson"`` as :class:`~xattn_lightning.summary.Difference` (paired over the probes and
+        masks both explained, with a 95 % interval, or not comparable with the reason)."""
+        ref = self.results[base]
+        out: dict[str, dict[str, Difference]] = {}
+        for r in self.results:
+            if r is ref:
+                continue
+            out[r.name] = {
+                d.key: d
+                for m in perturbation_methods(self.methods)
+                for d in paired_differences(ref.rows, r.rows, m, self.reliability_floor).values()
+            }
+        return out
+
+    def _comparable(self, key: str) -> str:
+        """Why the per-checkpoint numbers under ``key`` must not be read side by side ("" when they can)."""
+        m, _, what = key.rpartition("/")
+        if m not in perturbation_methods(self.methods) or what not in ("pearson", "pearson_corrected"):
+            return ""
+        rels = [r.scalars.get(f"{m}/reliability", math.nan) for r in self.results]
+        if what == "pearson" and len(rels) > 1 and not max(rels) - min(rels) <= MAX_RELIABILITY_GAP:
+            return f"maps of unequal reliability ({', '.join(f'{x:.2f}' for x in rels)}): read pearson_corrected"
+        return ""
 
     def columns(self) -> list[str]:
         """Scalar columns present for every checkpoint, in a stable order."""
@@ -73,14 +114,36 @@ class Comparison:
         lines = [f"{'':<{kw}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
         lines.append("-" * len(lines[0]))
         for k in keys:
+            why = self._comparable(k)
+            if why:  # not printed beside each other: the numbers would mislead
+                lines.append(f"{k:<{kw}}  not comparable: {why}")
+                continue
             vals = [r.wer if k == "wer" else r.scalars[k] for r in self.results]
             lines.append(f"{k:<{kw}}  " + "  ".join(f"{_fmt(v):>{w}}" for v, w in zip(vals, widths)))
+        if self.n_masks is not None:
+            lines.append(f"{'masks per map':<{kw}}  {self.n_masks}" + (" (n_masks='auto')" if self.calibration else ""))
+        for m in perturbation_methods(self.methods):  # the headline, or why a checkpoint has none
+            key = f"{m}/pearson_corrected"
+            if key in keys:
+                continue
+            vals = [
+                _fmt(r.scalars[key]) if key in r.scalars else f"<floor ({r.scalars.get(f'{m}/reliability', math.nan):.2f})"
+                for r in self.results
+            ]
+            lines.append(f"{key:<{kw}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, widths)))
         for m in self.methods:
             heads = []
             for r in self.results:
                 rk = r.head_ranking.get(m) or []
                 heads.append(f"L{rk[0][0]}H{rk[0][1]}" if rk else "-")
             lines.append(f"{m + '/best_head':<{kw}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
+        diffs = self.differences() if len(self.results) > 1 else {}
+        if diffs:
+            lines.append("")
+            lines.append(f"change from {self.results[0].name} (paired over the probes, 95 % interval):")
+            for name, by_key in diffs.items():
+                for key in sorted(by_key, key=lambda k: (k.rpartition("/")[0], not k.endswith("corrected"))):
+                    lines.append(f"  {name}: {key}  {by_key[key]}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +152,12 @@ class Comparison:
             "methods": list(self.methods),
             "metrics": list(self.metrics),
             "probe_ids": self.probe_ids,
+            "n_masks": self.n_masks,
+            "calibration": self.calibration,
+            "differences": {
+                name: {k: dataclasses.asdict(d) for k, d in by_key.items()}
+                for name, by_key in (self.differences() if len(self.results) > 1 else {}).items()
+            },
             "checkpoints": [
                 {
                     "name": r.name,
@@ -304,54 +373,104 @@ def compare_checkpoints(
             "compare collects results in the processes that compute them; use strategy='ddp' "
             "(Lightning re-launches the command per rank), not a spawn strategy."
         )
-    kwargs = {"targets": targets, "methods": tuple(methods), **method_options}
     tkw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False}
     tkw.update(trainer_kwargs or {})
-    results: list[CheckpointResult] = []
-    probe_ids = [r.id for r in rows]
-    for n, ckpt in enumerate(checkpoints):
-        start = time.perf_counter()
-        if isinstance(ckpt, (str, Path)):
-            model, proc, name = load_checkpoint(str(ckpt), module, None, base_model)
-            if processor is not None:
-                proc = processor
-        else:
-            if processor is None:
-                raise XAttnError("A loaded model needs processor=... to turn audio into features.")
-            model, proc, name = ckpt, processor, type(ckpt).__name__
-        if names is not None:
-            name = names[n]
-        lit = _ExplainerModule(model, proc, kwargs, metrics)
-        trainer = pl.Trainer(inference_mode=False, enable_progress_bar=progress, enable_model_summary=False, **tkw)
-        loader = DataLoader(_Rows(rows), batch_size=batch_size, collate_fn=_collate)
-        trainer.predict(lit, loader, return_predictions=False)
-        outputs = _gather(lit.outputs)
-        failures = _gather(lit.failures)
-        if not outputs:
-            reasons = "; ".join(f"{pid}: {msg}" for _, pid, msg in failures[:2])
-            raise XAttnError(f"{name}: no probe utterance could be explained ({reasons}).")
-        scores = [s for _, s, _ in outputs]
-        summary = summarize(scores, methods, metrics)
-        res = CheckpointResult(
-            name=name,
-            scalars=summary.scalars,
-            wer=_wer(scores),
-            rows=scores,
-            head_ranking=summary.head_ranking,
-            grids=summary.grids,
-            seconds=time.perf_counter() - start,
-            explanations=[e for _, _, e in outputs[:keep_explanations]],
-            failures=[(pid, msg) for _, pid, msg in failures],
-        )
-        if failures:
-            rank_zero_warn(
-                f"{name}: {len(failures)} probe(s) could not be explained, e.g. {failures[0][1]}: {failures[0][2]}"
+    options = {"n_masks": READING_DEFAULTS["n_masks"], **method_options}
+    perturbation = perturbation_methods(methods)
+    if not perturbation:
+        options.pop("n_masks")
+
+    def run_all(n_masks: int | None, report: bool) -> list[CheckpointResult]:
+        kwargs = {"targets": targets, "methods": tuple(methods), **options}
+        if n_masks is not None:
+            kwargs["n_masks"] = n_masks
+        out = []
+        for n, ckpt in enumerate(checkpoints):
+            res = _explain_checkpoint(
+                ckpt, rows, kwargs, metrics, module, processor, base_model, batch_size, tkw, progress, keep_explanations
             )
-        results.append(res)
-        if on_checkpoint is not None:
-            on_checkpoint(res)
-        del lit, model
-    return Comparison(tuple(methods), tuple(metrics), probe_ids, results)
+            if names is not None:
+                res.name = names[n]
+            if report and on_checkpoint is not None:
+                on_checkpoint(res)
+            out.append(res)
+        return out
+
+    calibration: dict[str, dict[str, float]] = {}
+    if options.get("n_masks") == "auto":  # every checkpoint at the first rung, then all at the count the least
+        first = MASK_LADDER[0]  # reliable one needs: the same masks for every checkpoint, a headline for each
+        results = run_all(first, report=False)
+        calibration = {
+            r.name: {m: r.scalars.get(f"{m}/reliability", math.nan) for m in perturbation} for r in results
+        }
+        n_masks = max(choose_n_masks(first, rel) for by_method in calibration.values() for rel in by_method.values())
+        rank_zero_info(
+            f"n_masks='auto': split-half reliability at {first} masks "
+            + "; ".join(f"{name}: " + ", ".join(f"{rel:.2f}" for rel in by_m.values()) for name, by_m in calibration.items())
+            + f" -> {n_masks} masks for every checkpoint (predicted to reach {AUTO_RELIABILITY_TARGET})."
+        )
+        if n_masks != first:
+            results = run_all(n_masks, report=True)
+        elif on_checkpoint is not None:
+            for res in results:
+                on_checkpoint(res)
+    else:
+        results = run_all(None, report=True)
+        n_masks = options.get("n_masks")
+    return Comparison(
+        tuple(methods), tuple(metrics), [r.id for r in rows], results, n_masks=n_masks, calibration=calibration
+    )
+
+
+def _explain_checkpoint(
+    ckpt: str | nn.Module | Adapter,
+    rows: Sequence[ManifestRow],
+    kwargs: dict[str, Any],
+    metrics: Sequence[str],
+    module: str | None,
+    processor: Any,
+    base_model: str | None,
+    batch_size: int,
+    tkw: dict[str, Any],
+    progress: bool,
+    keep_explanations: int,
+) -> CheckpointResult:
+    """One checkpoint through the probes (a Lightning ``predict``, spread over ``tkw``'s devices)."""
+    start = time.perf_counter()
+    if isinstance(ckpt, (str, Path)):
+        model, proc, name = load_checkpoint(str(ckpt), module, None, base_model)
+        if processor is not None:
+            proc = processor
+    else:
+        if processor is None:
+            raise XAttnError("A loaded model needs processor=... to turn audio into features.")
+        model, proc, name = ckpt, processor, type(ckpt).__name__
+    lit = _ExplainerModule(model, proc, kwargs, metrics)
+    trainer = pl.Trainer(inference_mode=False, enable_progress_bar=progress, enable_model_summary=False, **tkw)
+    loader = DataLoader(_Rows(rows), batch_size=batch_size, collate_fn=_collate)
+    trainer.predict(lit, loader, return_predictions=False)
+    outputs = _gather(lit.outputs)
+    failures = _gather(lit.failures)
+    if not outputs:
+        reasons = "; ".join(f"{pid}: {msg}" for _, pid, msg in failures[:2])
+        raise XAttnError(f"{name}: no probe utterance could be explained ({reasons}).")
+    scores = [s for _, s, _ in outputs]
+    summary = summarize(scores, kwargs["methods"], metrics)
+    if failures:
+        rank_zero_warn(
+            f"{name}: {len(failures)} probe(s) could not be explained, e.g. {failures[0][1]}: {failures[0][2]}"
+        )
+    return CheckpointResult(
+        name=name,
+        scalars=summary.scalars,
+        wer=_wer(scores),
+        rows=scores,
+        head_ranking=summary.head_ranking,
+        grids=summary.grids,
+        seconds=time.perf_counter() - start,
+        explanations=[e for _, _, e in outputs[:keep_explanations]],
+        failures=[(pid, msg) for _, pid, msg in failures],
+    )
 
 
 # ---------------------------------------------------------------------------- writing

@@ -256,6 +256,11 @@ def explain(
     from xattn_lightning.saliency import compute_saliency, validate_methods
 
     validate_methods(methods, method_options)
+    if method_options.get("n_masks") == "auto":
+        raise XAttnError(
+            "n_masks='auto' is chosen from a first reading by the monitor and by compare; xl.explain needs a "
+            "number, e.g. n_masks=512 (xl.functional.choose_n_masks gives it from a reliability measured at fewer)."
+        )
     methods = tuple(methods)
     adapter = adapter_for(model, tokenizer)
     results: list[Explanation] = []

@@ -177,3 +177,90 @@ def _intervals(scalars: dict, below_floor: dict, m: str, rows: Sequence[dict], f
     corrected = torch.tensor([r[f"{m}/pearson_corrected"] for r in rows], dtype=torch.float64)
     lo, hi = bootstrap_mean_ci(corrected, None if noise is None else noise / rels.clamp(min=1e-6).sqrt())
     scalars[f"{m}/pearson_corrected_ci_low"], scalars[f"{m}/pearson_corrected_ci_high"] = lo, hi
+
+
+#: raw ρ of two readings whose maps' mean reliabilities differ by more than this are not compared
+#: (the noisier maps attenuate their ρ more); the corrected ρ is compared instead
+MAX_RELIABILITY_GAP = 0.1
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``b − a`` of one number between two readings of the same probes, with a 95 % interval.
+
+    The interval is a paired bootstrap over the probes both readings explained, each probe's
+    difference moved by its own mask noise (both maps' noise, taken as independent: conservative
+    when the two readings drew the same masks). Where the difference must not be read
+    (``comparable`` is false), ``reason`` says why and ``value`` is NaN.
+    """
+
+    key: str
+    value: float
+    ci_low: float
+    ci_high: float
+    probes: int
+    comparable: bool = True
+    reason: str = ""
+
+    def __str__(self) -> str:
+        if not self.comparable:
+            return f"not comparable: {self.reason}"
+        return f"{self.value:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
+
+
+def _column(rows: Sequence[Mapping[str, Any]], key: str) -> Tensor:
+    return torch.tensor([float(r.get(key, math.nan)) for r in rows], dtype=torch.float64)
+
+
+def paired_differences(
+    rows_a: Sequence[Mapping[str, Any]],
+    rows_b: Sequence[Mapping[str, Any]],
+    method: str,
+    reliability_floor: float = RELIABILITY_FLOOR,
+    max_reliability_gap: float = MAX_RELIABILITY_GAP,
+) -> dict[str, Difference]:
+    """How ``method``'s agreement changed from reading ``a`` to reading ``b`` of the same probes
+    (rows paired by ``id``): ``pearson_corrected`` (comparable where both readings' maps reach the
+    floor) and the raw ``pearson`` (comparable only where the maps are about as reliable).
+
+    >>> a = [{"id": i, "spes/pearson": 0.3, "spes/reliability": 0.8, "spes/pearson_corrected": 0.3 / 0.8**0.5,
+    ...       "spes/mask_noise": 0.01} for i in "xyz"]
+    >>> b = [dict(r, **{"spes/pearson": 0.4, "spes/pearson_corrected": 0.4 / 0.8**0.5}) for r in a]
+    >>> d = paired_differences(a, b, "spes")
+    >>> round(d["pearson"].value, 3), d["pearson"].ci_low < 0.1 < d["pearson"].ci_high
+    (0.1, True)
+    >>> paired_differences(a, [dict(r, **{"spes/reliability": 0.4}) for r in b], "spes")["pearson"].reason
+    'the maps are not equally reliable (0.80 vs 0.40): compare pearson_corrected'
+    """
+    by_id = {r["id"]: r for r in rows_b}
+    pairs = [(r, by_id[r["id"]]) for r in rows_a if r.get("id") in by_id]
+    ra, rb = [a for a, _ in pairs], [b for _, b in pairs]
+    rel_key = f"{method}/reliability"
+    rel_a, rel_b = _mean([float(r.get(rel_key, 1.0)) for r in ra]), _mean([float(r.get(rel_key, 1.0)) for r in rb])
+    out: dict[str, Difference] = {}
+    for key in ("pearson", "pearson_corrected"):
+        full = f"{method}/{key}"
+        reason = ""
+        if not pairs:
+            reason = "no probe explained in both readings"
+        elif key == "pearson_corrected" and not min(rel_a, rel_b) >= reliability_floor:
+            reason = f"a reading's maps are below the reliability floor {reliability_floor} ({rel_a:.2f} vs {rel_b:.2f})"
+        elif key == "pearson" and not abs(rel_a - rel_b) <= max_reliability_gap:
+            reason = f"the maps are not equally reliable ({rel_a:.2f} vs {rel_b:.2f}): compare pearson_corrected"
+        elif not all(full in r for r in ra + rb):
+            reason = f"{full} is missing from a reading"
+        if reason:
+            out[key] = Difference(full, math.nan, math.nan, math.nan, len(pairs), False, reason)
+            continue
+        diff = _column(rb, full) - _column(ra, full)
+        noise_key = f"{method}/mask_noise"
+        noise = None
+        if all(noise_key in r for r in ra + rb):
+            na, nb = _column(ra, noise_key), _column(rb, noise_key)
+            if key == "pearson_corrected":  # the correction scales the noise as it scales ρ
+                na = na / _column(ra, rel_key).clamp(min=1e-6).sqrt()
+                nb = nb / _column(rb, rel_key).clamp(min=1e-6).sqrt()
+            noise = (na**2 + nb**2).sqrt()
+        lo, hi = bootstrap_mean_ci(diff, noise)
+        out[key] = Difference(full, _mean(diff.tolist()), lo, hi, int((~diff.isnan()).sum()))
+    return out

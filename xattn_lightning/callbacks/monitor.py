@@ -27,14 +27,24 @@ from xattn_lightning.batches import standard_batch
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
-from xattn_lightning.functional import RELIABILITY_FLOOR
+from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER, RELIABILITY_FLOOR, choose_n_masks
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
-from xattn_lightning.summary import TIMING_ERRORS, Summary, mean_grid, pearson_scores, probe_scores, summarize
+from xattn_lightning.summary import (
+    TIMING_ERRORS,
+    Summary,
+    mean_grid,
+    paired_differences,
+    pearson_scores,
+    probe_scores,
+    summarize,
+)
 from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
 
+#: the per-probe numbers of the first reading kept for ``{method}/pearson_corrected_delta``
+_BASELINE_KEYS = ("pearson", "pearson_corrected", "reliability", "mask_noise")
 #: row key of a probe's (Alignment, true words) until its word timestamps are scored
 _ALIGNMENT = "_alignment"
 
@@ -92,6 +102,11 @@ def _validation_planned(trainer: Trainer, pl_module: LightningModule) -> bool:
         return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
     except AttributeError:  # pragma: no cover - depends on the Lightning version
         return True
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _world_size() -> int:
@@ -303,6 +318,8 @@ class XAttnSaliencyMonitor(Callback):
         self.probe_positions: list[int] = []
         self._last_step = -1
         self.history: list[dict[str, Any]] = []
+        #: the first reading's per-probe numbers, which ``{method}/pearson_corrected_delta`` is measured from
+        self.baseline: list[dict[str, Any]] = []
         # per fit
         self._probe_items: list[dict[str, Any]] = []  # {"pos": global position, "batch": one utterance}
         self._probes_final = False
@@ -353,6 +370,7 @@ class XAttnSaliencyMonitor(Callback):
             "history": [dict(h) for h in self.history],
             "n_masks_frozen": self.n_masks_frozen,
             "alignment_heads": self.alignment_heads,
+            "baseline": [dict(r) for r in self.baseline],
         }
 
     @override
@@ -369,6 +387,7 @@ class XAttnSaliencyMonitor(Callback):
             [dict(h) for h in state_dict.get("history", [])],
             state_dict.get("n_masks_frozen"),
             state_dict.get("alignment_heads"),
+            [dict(r) for r in state_dict.get("baseline", [])],
         )
         (
             self.probe_ids,
@@ -377,6 +396,7 @@ class XAttnSaliencyMonitor(Callback):
             self.history,
             self.n_masks_frozen,
             self.alignment_heads,
+            self.baseline,
         ) = restored
 
     # ------------------------------------------------------------------ warnings
@@ -684,6 +704,9 @@ class XAttnSaliencyMonitor(Callback):
         rows: list[dict[str, Any]] = []
         errors: list[tuple[str, str]] = []  # (probe id or "", cause)
         exps: list[tuple[str, Any]] = []
+        adapter: Adapter | None = None
+        mine: list[dict[str, Any]] = []
+        options: dict[str, Any] = {}
         with isolate_rng():
             try:
                 probes = self._probes(trainer, pl_module)
@@ -696,10 +719,48 @@ class XAttnSaliencyMonitor(Callback):
                     raise
                 errors.append(("", f"{type(err).__name__}: {err}"))
         rows, errors, exps = self._gather(trainer, rows, errors, exps)
+        if self._auto_masks_pending() and rows:  # n_masks="auto": the first reading chooses the count
+            n = self._choose_masks(rows, int(options.get("n_masks", MASK_LADDER[0])))
+            if n != options.get("n_masks"):  # every rank has the same rows, so the same n: all re-run
+                rows, exps, errors = [], [], []
+                with isolate_rng():
+                    try:
+                        if adapter is not None:
+                            rows, exps, errors = self._explain(adapter, mine, {**options, "n_masks": n})
+                    except Exception as err:
+                        if self.on_error == "raise":
+                            raise
+                        errors.append(("", f"{type(err).__name__}: {err}"))
+                rows, errors, exps = self._gather(trainer, rows, errors, exps)
         self._warn_errors(errors)
         if not rows:
             return None
         return self._publish(trainer, rows, errors, exps, self.clock() - start, log_step)
+
+    def _auto_masks_pending(self) -> bool:
+        return (
+            self.method_options.get("n_masks") == "auto"
+            and self.n_masks_frozen is None
+            and bool(perturbation_methods(self.methods))
+        )
+
+    def _choose_masks(self, rows: list[dict[str, Any]], measured_at: int) -> int:
+        """``n_masks="auto"``: the smallest rung of :data:`~xattn_lightning.functional.MASK_LADDER` predicted to
+        bring every perturbation method's maps to :data:`~xattn_lightning.functional.AUTO_RELIABILITY_TARGET`,
+        from this first reading's reliabilities; frozen for the run (kept in checkpoints)."""
+        reliabilities = {
+            m: _nanmean([float(r.get(f"{m}/reliability", math.nan)) for r in rows])
+            for m in perturbation_methods(self.methods)
+        }
+        n = max(choose_n_masks(measured_at, rel) for rel in reliabilities.values())
+        self.n_masks_frozen = n
+        measured = ", ".join(f"{m} {rel:.2f}" for m, rel in reliabilities.items())
+        self._info(
+            f"n_masks='auto': the maps' split-half reliability at {measured_at} masks was {measured}; {n} masks are "
+            f"predicted to reach {AUTO_RELIABILITY_TARGET}. Fixed at {n} for the rest of the run (and kept in "
+            "checkpoints), so that readings stay comparable."
+        )
+        return n
 
     def _probes(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
         """Step 1: the fixed probe set, the same on every rank."""
@@ -780,6 +841,10 @@ class XAttnSaliencyMonitor(Callback):
             )
         if self.n_masks_frozen is not None:
             options["n_masks"] = self.n_masks_frozen
+        elif options.get("n_masks") == "auto":
+            options["n_masks"] = MASK_LADDER[0]  # the first reading measures the reliability there
+        if not perturbation:
+            options.pop("n_masks", None)
         return options
 
     def _calibrate(
@@ -805,7 +870,9 @@ class XAttnSaliencyMonitor(Callback):
         per_mask = mask_seconds / calib
         per_rank = math.ceil(num_probes / _world_size())
         n = int((budget / per_rank - fixed) / max(per_mask, 1e-9))
-        n = max(calib, min(int(self.method_options.get("n_masks", 256)), n // calib * calib))
+        upper = self.method_options.get("n_masks", READING_DEFAULTS["n_masks"])
+        upper = max(MASK_LADDER) if upper == "auto" else int(upper)
+        n = max(calib, min(upper, n // calib * calib))
         return _broadcast_int(n)
 
     def _explain(
@@ -892,6 +959,7 @@ class XAttnSaliencyMonitor(Callback):
                 f"xattn/{m}/pearson and its interval are logged.",
             )
         scalars = {PREFIX + k: v for k, v in summary.scalars.items() if not math.isnan(v)}
+        scalars.update({PREFIX + k: v for k, v in self._change_since_first(rows).items() if not math.isnan(v)})
         scalars[PREFIX + "seconds"] = seconds
         scalars[PREFIX + "num_probes"] = float(len(rows))
         scalars[PREFIX + "num_failed"] = float(len(errors))
@@ -907,6 +975,25 @@ class XAttnSaliencyMonitor(Callback):
             best = {m: f"layer {r[0][0]} head {r[0][1]} (rho={r[0][2]:.3f})" for m, r in self.head_ranking.items() if r}
             self._info(f"reading at step {step}: best head {best}")
         return summary
+
+    def _change_since_first(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """``{method}/pearson_corrected_delta`` and its interval: the change of the headline since the first
+        reading of the run, paired over the same probes (:func:`~xattn_lightning.summary.paired_differences`);
+        left out while either reading is below the reliability floor. The first reading is the baseline."""
+        keys = [f"{m}/{k}" for m in perturbation_methods(self.methods) for k in _BASELINE_KEYS]
+        if not self.baseline:
+            self.baseline = [{"id": r["id"], **{k: r[k] for k in keys if k in r}} for r in rows]
+            return {}
+        out: dict[str, float] = {}
+        for m in perturbation_methods(self.methods):
+            d = paired_differences(self.baseline, rows, m, self.reliability_floor)["pearson_corrected"]
+            if d.comparable:
+                key = f"{m}/pearson_corrected_delta"
+                out.update({key: d.value, f"{key}_ci_low": d.ci_low, f"{key}_ci_high": d.ci_high})
+            elif f"delta:{m}" not in self._warned:  # the floor warning says what to do; this says what is missing
+                self._warned.add(f"delta:{m}")
+                self._info(f"{m}/pearson_corrected_delta is not logged while {d.reason}.")
+        return out
 
     def _time_words(self, rows: list[dict[str, Any]]) -> None:
         """Word timestamps of the probes that carry true word timings, from the heads that agree

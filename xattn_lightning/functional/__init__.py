@@ -7,10 +7,13 @@ from xattn_lightning.functional.aggregate import (
     tokenwise_zscore,
 )
 from xattn_lightning.functional.agreement import (
+    AUTO_RELIABILITY_TARGET,
+    MASK_LADDER,
     RELIABILITY_FLOOR,
     agreement,
     agreement_grid,
     bootstrap_mean_ci,
+    choose_n_masks,
     correlation,
     deletion_auc,
     disattenuate,
@@ -23,11 +26,14 @@ from xattn_lightning.functional.agreement import (
 from xattn_lightning.functional.pooling import pool_saliency, smooth_frames
 
 __all__ = [
+    "AUTO_RELIABILITY_TARGET",
+    "MASK_LADDER",
     "RELIABILITY_FLOOR",
     "aggregate_attention",
     "agreement",
     "agreement_grid",
     "bootstrap_mean_ci",
+    "choose_n_masks",
     "correlation",
     "deletion_auc",
     "disattenuate",

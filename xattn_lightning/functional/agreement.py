@@ -213,6 +213,35 @@ def masks_for_reliability(n_masks: int, reliability: float, target: float = RELI
     return int(math.ceil(n_masks * k - 1e-9))
 
 
+#: the mask counts ``n_masks="auto"`` chooses from (each twice the last: a rung costs at most twice the
+#: masks the target needs)
+MASK_LADDER: tuple[int, ...] = (256, 512, 1024, 2048)
+#: the split-half reliability ``n_masks="auto"`` aims at: well above :data:`RELIABILITY_FLOOR`, so that
+#: every checkpoint and reading gets a corrected headline (validated in ``docs/comparison.md``)
+AUTO_RELIABILITY_TARGET = 0.5
+
+
+def choose_n_masks(
+    n_masks: int,
+    reliability: float,
+    target: float = AUTO_RELIABILITY_TARGET,
+    ladder: Sequence[int] = MASK_LADDER,
+) -> int:
+    """The smallest rung of ``ladder`` at which maps measured at ``reliability`` with ``n_masks`` masks
+    are predicted (:func:`masks_for_reliability`) to reach ``target``; the top rung when none is, or
+    when the reliability is undefined (the maps were noise).
+
+    >>> choose_n_masks(256, 0.34), choose_n_masks(256, 0.24), choose_n_masks(256, 0.6), choose_n_masks(256, 0.05)
+    (512, 1024, 256, 2048)
+    """
+    if not ladder:
+        raise XAttnError("Expected a non-empty ladder of mask counts.")
+    needed = masks_for_reliability(n_masks, reliability, target)
+    if needed < 0:
+        return max(ladder)
+    return min((n for n in ladder if n >= needed), default=max(ladder))
+
+
 def bootstrap_mean_ci(
     values: Tensor, noise_sd: Tensor | None = None, level: float = 0.95, n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, float]:

@@ -130,6 +130,9 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
     if options.get("autocast") is not None and options["autocast"] not in AUTOCAST_DTYPES:
         raise UnknownNameError("autocast", options["autocast"], AUTOCAST_DTYPES)
     check_smoothing(options.get("smoothing", 0))
+    n = options.get("n_masks", 1)
+    if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise XAttnError(f"Expected n_masks to be a positive int or 'auto' but got {n!r}.")
     for k in ("batch_size", "encoder_batch_size"):
         v = options.get(k, 1)
         if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
