@@ -400,10 +400,7 @@ def compare_checkpoints(
     if options.get("n_masks") == "auto":  # every checkpoint at the first rung, then all at the count the least
         first = MASK_LADDER[0]  # reliable one needs: the same masks for every checkpoint, a headline for each
         results = run_all(first, report=False)
-        calibration = {
-            r.name: {m: r.scalars.get(f"{m}/reliability", math.nan) for m in perturbation} for r in results
-        }
-        n_masks = max(choose_n_masks(first, rel) for by_method in calibration.values() for rel in by_method.values())
+        n_masks, calibration = comparison_masks(results, methods, first)
         rank_zero_info(
             f"n_masks='auto': split-half reliability at {first} masks "
             + "; ".join(f"{name}: " + ", ".join(f"{rel:.2f}" for rel in by_m.values()) for name, by_m in calibration.items())
@@ -420,6 +417,25 @@ def compare_checkpoints(
     return Comparison(
         tuple(methods), tuple(metrics), [r.id for r in rows], results, n_masks=n_masks, calibration=calibration
     )
+
+
+def comparison_masks(
+    results: Sequence[CheckpointResult], methods: Sequence[str], measured_at: int = MASK_LADDER[0]
+) -> tuple[int, dict[str, dict[str, float]]]:
+    """``n_masks="auto"`` for a comparison: from every checkpoint's reading at ``measured_at`` masks, the
+    smallest rung that brings each checkpoint's and method's maps to the target reliability
+    (:func:`~xattn_lightning.functional.choose_n_masks`, the largest over checkpoints), and the measured
+    reliabilities (checkpoint -> method -> reliability).
+
+    >>> r = CheckpointResult("a", {"encoder_spes/reliability": 0.24}, 0.0, [], {}, {}, 0.0)
+    >>> comparison_masks([r], ["encoder_spes"])
+    (1024, {'a': {'encoder_spes': 0.24}})
+    """
+    measured = {
+        r.name: {m: r.scalars.get(f"{m}/reliability", math.nan) for m in perturbation_methods(methods)} for r in results
+    }
+    n = max(choose_n_masks(measured_at, rel) for by_method in measured.values() for rel in by_method.values())
+    return n, measured
 
 
 def _explain_checkpoint(
