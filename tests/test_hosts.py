@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import glob
 import importlib
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -141,7 +142,7 @@ def _batches(batches: list) -> DataLoader:
 
 # ---------------------------------------------------------------- the runs, in both packages
 @pytest.mark.parametrize("ns", NAMESPACES)
-def test_hf_whisper_without_validation_reads_through_probes_and_logs_to_wandb(tmp_path, ns, monkeypatch):
+def test_hf_whisper_without_validation_reads_through_probes_and_logs_to_wandb(tmp_path, ns, monkeypatch, caplog):
     """An HF-Whisper module with no validation loop (``probes=``), the monitor the one added line:
     scalars in the CSV logger and heatmaps in the W&B logger of that package; weights unchanged."""
     pl = _import(ns)
@@ -152,7 +153,9 @@ def test_hf_whisper_without_validation_reads_through_probes_and_logs_to_wandb(tm
     mon = _monitor(probes=_loader(2, seed=1))
     loggers = [pl.loggers.CSVLogger(tmp_path / "csv"), pl.loggers.WandbLogger(save_dir=str(tmp_path), offline=True)]
     with_m = TrainOnly()
-    _, said = _fit(pl, tmp_path / "a", with_m, [mon], _loader(shuffle=True), logger=loggers)
+    with caplog.at_level(logging.INFO):
+        _, said = _fit(pl, tmp_path / "a", with_m, [mon], _loader(shuffle=True), logger=loggers)
+    assert any("wandb sync" in r.getMessage() for r in caplog.records)  # how to upload the offline run
     import wandb
 
     wandb.finish()
@@ -424,8 +427,6 @@ def test_an_ambiguous_batch_is_warned_once_with_the_batch_fn_line(tmp_path):
 # ---------------------------------------------------------------- one step everywhere
 @pytest.mark.parametrize("ns", NAMESPACES)
 def test_console_and_heatmap_titles_show_the_step_the_scalars_were_logged_at(tmp_path, ns, monkeypatch, caplog):
-    import logging
-
     import xattn_lightning.viz as viz
 
     pl = _import(ns)

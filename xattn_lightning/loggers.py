@@ -38,10 +38,11 @@ def wandb_logger(project: str = "xattn-lightning", save_dir: str | os.PathLike =
 
 def offline_sync_hint(logger: Any) -> str | None:
     """``"wandb sync <run dir>"`` for a ``WandbLogger`` whose run has started offline, else ``None``
-    (the run is W&B's current one: asking the logger would start a run that never logged)."""
-    from lightning.pytorch.loggers import WandbLogger
+    (the run is W&B's current one: asking the logger would start a run that never logged). Either
+    Lightning package's ``WandbLogger`` counts."""
+    from xattn_lightning._lightning import is_logger_class
 
-    if not isinstance(logger, WandbLogger):
+    if not is_logger_class(logger, "WandbLogger"):
         return None
     import wandb
 
