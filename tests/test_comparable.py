@@ -14,7 +14,7 @@ from test_scripts import FakeTokenizer, TrainOnly, fit, tuple_data
 from torch.utils.data import DataLoader
 
 import xattn_lightning as xl
-import xattn_lightning.callbacks.monitor as monitor_module
+import xattn_lightning.reading as reading_module
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.compare import CheckpointResult, Comparison, compare_checkpoints, write_comparison
 from xattn_lightning.functional import MASK_LADDER, choose_n_masks
@@ -36,7 +36,7 @@ def _spy_explain(monkeypatch, module) -> list[tuple[int, float]]:
 
 
 def test_auto_masks_measure_once_choose_the_rung_and_freeze_it(tmp_path, monkeypatch):
-    calls = _spy_explain(monkeypatch, monitor_module)
+    calls = _spy_explain(monkeypatch, reading_module)
     probes = DataLoader(tuple_data(2, seed=1), batch_size=2)
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, probes=probes, targets="labels", tokenizer=FakeTokenizer()
@@ -56,7 +56,7 @@ def test_auto_masks_measure_once_choose_the_rung_and_freeze_it(tmp_path, monkeyp
 def test_auto_masks_in_the_checkpoint_survive_a_resume_without_measuring_again(tmp_path, monkeypatch):
     mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, probes=tuple_data(2), targets="labels")
     mon.load_state_dict({"n_masks_frozen": 512, "baseline": [{"id": "probe0", "encoder_spes/pearson": 0.1}]})
-    calls = _spy_explain(monkeypatch, monitor_module)
+    calls = _spy_explain(monkeypatch, reading_module)
     fit(tmp_path, TrainOnly(), mon, max_epochs=1)
     assert [masks for masks, _ in calls] == [512, 512] and mon.n_masks_frozen == 512
 
@@ -140,9 +140,7 @@ def test_a_paired_difference_has_its_own_interval_and_the_right_sign():
 
 
 def test_compare_auto_reads_every_checkpoint_with_the_count_the_least_reliable_needs(tmp_path, monkeypatch):
-    import xattn_lightning.compare as compare_module
-
-    calls = _spy_explain(monkeypatch, compare_module)
+    calls = _spy_explain(monkeypatch, reading_module)
     rows = read_manifest(_manifest(tmp_path, n=2))
     comp = compare_checkpoints(
         [speaking_tiny_whisper(0), speaking_tiny_whisper(1)], rows, processor=tiny_extractor(),

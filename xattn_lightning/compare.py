@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from xattn_lightning.adapters import Adapter, adapter_for, is_tokenizer, unwrap_tokenizer
 from xattn_lightning.audio import ManifestRow
 from xattn_lightning.errors import XAttnError, first_line
-from xattn_lightning.explain import Explanation, explain
+from xattn_lightning.explain import Explanation
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER, RELIABILITY_FLOOR, choose_n_masks
 from xattn_lightning.loading import features_batch, load_hf_model
+from xattn_lightning.reading import Probe, ReadingConfig, read
 from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import (
@@ -39,7 +40,6 @@ from xattn_lightning.summary import (
     Difference,
     paired_differences,
     pearson_scores,
-    probe_scores,
     summarize,
 )
 from xattn_lightning.text import wer
@@ -174,11 +174,11 @@ class Comparison:
         }
 
 
-def _wer(scores: list[dict]) -> float:
+def _wer(outputs: list[tuple[int, dict, Explanation]]) -> float:
     """WER of the hypotheses on the probes (``nan`` without a tokenizer to turn ids into text)."""
-    if any(s["hypothesis"] is None for s in scores):
+    if any(e.text is None for _, _, e in outputs):
         return math.nan
-    return wer([s["text"] for s in scores], [s["hypothesis"] for s in scores])
+    return wer([s["text"] for _, s, _ in outputs], [e.text for _, _, e in outputs])
 
 
 def _fmt(v: float) -> str:
@@ -269,30 +269,27 @@ class _Rows(Dataset):
 class _ExplainerModule(pl.LightningModule):
     """``predict_step`` explains a batch of manifest rows (collected in ``outputs``)."""
 
-    def __init__(self, model: Any, processor: Any, explain_kwargs: dict[str, Any], metrics: Sequence[str]) -> None:
+    def __init__(self, model: Any, processor: Any, config: ReadingConfig) -> None:
         super().__init__()
         self.inner = model if isinstance(model, nn.Module) else None
         self.tokenizer = _tokenizer_of(processor)
         self.adapter = adapter_for(model, self.tokenizer)
         self.processor = processor
-        self.explain_kwargs = explain_kwargs
-        self.metrics = tuple(metrics)
+        self.config = config
         self.outputs: list[tuple[int, dict, Explanation]] = []
         self.failures: list[tuple[int, str, str]] = []
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         idx, rows = batch
-        for i, r in zip(idx, rows):  # one utterance at a time: a bad one costs only itself
+        probes = []
+        for i, r in zip(idx, rows):
             feats = features_batch(self.processor, [r])
             feats = {k: v.to(self.adapter.device) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
-            try:
-                (e,) = explain(self.adapter, feats, **self.explain_kwargs)
-                score = probe_scores(e, self.explain_kwargs["methods"], self.metrics)
-            except XAttnError as err:
-                self.failures.append((int(i), r.id, str(err)))
-                continue
-            score.update(id=r.id, text=r.text, hypothesis=e.text)
-            self.outputs.append((int(i), score, e))
+            probes.append(Probe(position=int(i), id=r.id, batch=feats, text=r.text))
+        reading = read(self.adapter, probes, self.config, catch=(XAttnError,))  # a bad probe costs only itself
+        position = {p.id: p.position for p in probes}
+        self.outputs += [(res.probe.position, res.scores, res.explanation) for res in reading.results]
+        self.failures += [(position[pid], pid, cause.removeprefix("XAttnError: ")) for pid, cause in reading.failures]
 
 
 def _tokenizer_of(processor: Any) -> Any:
@@ -381,13 +378,13 @@ def compare_checkpoints(
         options.pop("n_masks")
 
     def run_all(n_masks: int | None, report: bool) -> list[CheckpointResult]:
-        kwargs = {"targets": targets, "methods": tuple(methods), **options}
+        config = ReadingConfig(tuple(methods), tuple(metrics), targets=targets, options=dict(options))
         if n_masks is not None:
-            kwargs["n_masks"] = n_masks
+            config = config.with_options(n_masks=n_masks)
         out = []
         for n, ckpt in enumerate(checkpoints):
             res = _explain_checkpoint(
-                ckpt, rows, kwargs, metrics, module, processor, base_model, batch_size, tkw, progress, keep_explanations
+                ckpt, rows, config, module, processor, base_model, batch_size, tkw, progress, keep_explanations
             )
             if names is not None:
                 res.name = names[n]
@@ -441,8 +438,7 @@ def comparison_masks(
 def _explain_checkpoint(
     ckpt: str | nn.Module | Adapter,
     rows: Sequence[ManifestRow],
-    kwargs: dict[str, Any],
-    metrics: Sequence[str],
+    config: ReadingConfig,
     module: str | None,
     processor: Any,
     base_model: str | None,
@@ -461,7 +457,7 @@ def _explain_checkpoint(
         if processor is None:
             raise XAttnError("A loaded model needs processor=... to turn audio into features.")
         model, proc, name = ckpt, processor, type(ckpt).__name__
-    lit = _ExplainerModule(model, proc, kwargs, metrics)
+    lit = _ExplainerModule(model, proc, config)
     trainer = pl.Trainer(inference_mode=False, enable_progress_bar=progress, enable_model_summary=False, **tkw)
     loader = DataLoader(_Rows(rows), batch_size=batch_size, collate_fn=_collate)
     trainer.predict(lit, loader, return_predictions=False)
@@ -471,7 +467,7 @@ def _explain_checkpoint(
         reasons = "; ".join(f"{pid}: {msg}" for _, pid, msg in failures[:2])
         raise XAttnError(f"{name}: no probe utterance could be explained ({reasons}).")
     scores = [s for _, s, _ in outputs]
-    summary = summarize(scores, kwargs["methods"], metrics)
+    summary = summarize(scores, config.methods, config.metrics)
     if failures:
         rank_zero_warn(
             f"{name}: {len(failures)} probe(s) could not be explained, e.g. {failures[0][1]}: {failures[0][2]}"
@@ -479,7 +475,7 @@ def _explain_checkpoint(
     return CheckpointResult(
         name=name,
         scalars=summary.scalars,
-        wer=_wer(scores),
+        wer=_wer(outputs),
         rows=scores,
         head_ranking=summary.head_ranking,
         grids=summary.grids,

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -30,6 +31,7 @@ from xattn_lightning.explain import explain
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER, RELIABILITY_FLOOR, choose_n_masks
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.functional.alignment import boundary_errors
+from xattn_lightning.reading import Probe, ReadingConfig, read
 from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import (
@@ -38,19 +40,34 @@ from xattn_lightning.summary import (
     mean_grid,
     paired_differences,
     pearson_scores,
-    probe_scores,
     summarize,
 )
-from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words, select_heads_by_agreement
+from xattn_lightning.timestamps import (
+    FUSION_WEIGHT,
+    Alignment,
+    alignment_from,
+    alignment_words,
+    select_heads_by_agreement,
+)
 
 #: the per-probe numbers of the first reading kept for ``{method}/pearson_corrected_delta``
 _BASELINE_KEYS = ("pearson", "pearson_corrected", "reliability", "mask_noise")
-#: row key of a probe's (Alignment, true words) until its word timestamps are scored
-_ALIGNMENT = "_alignment"
 
 #: cheap defaults for a training-time monitor (see README "Costs"); they live in saliency.options
 MONITOR_DEFAULTS = READING_DEFAULTS
 PREFIX = "xattn/"
+
+
+@dataclass
+class _Share:
+    """A rank's part of a reading (gathered: all of it): the probes' rows, ``(probe id, cause)`` of those
+    that failed, ``(probe id, explanation)`` to draw, and ``(probe id, attention to time, true words)`` of
+    the probes with true word timings."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    explanations: list[tuple[str, Any]] = field(default_factory=list)
+    timed: list[tuple[str, Alignment, tuple]] = field(default_factory=list)
 
 
 def _split_batch(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -321,7 +338,7 @@ class XAttnSaliencyMonitor(Callback):
         #: the first reading's per-probe numbers, which ``{method}/pearson_corrected_delta`` is measured from
         self.baseline: list[dict[str, Any]] = []
         # per fit
-        self._probe_items: list[dict[str, Any]] = []  # {"pos": global position, "batch": one utterance}
+        self._probe_items: list[Probe] = []
         self._probes_final = False
         self._seen = 0
         self._stride, self._offset = 1, 0
@@ -579,7 +596,7 @@ class XAttnSaliencyMonitor(Callback):
     def _take(self, items: list[dict[str, Any]]) -> None:
         """Keep utterances by their global position in the probe stream (stable across epochs,
         resumes and world sizes)."""
-        have = {p["pos"] for p in self._probe_items}
+        have = {p.position for p in self._probe_items}
         for item in items:
             pos = self._seen * self._stride + self._offset
             self._seen += 1
@@ -587,8 +604,9 @@ class XAttnSaliencyMonitor(Callback):
                 continue
             if not self._wants_more():
                 break
-            self._probe_items.append({"pos": pos, "batch": item})
-        self._probe_items.sort(key=lambda p: p["pos"])
+            default_id = f"probe{pos}" if self.probes_source is not None else f"val{pos}"
+            self._probe_items.append(Probe.from_batch(pos, item, default_id))
+        self._probe_items.sort(key=lambda p: p.position)
 
     def _input_key(self, pl_module: LightningModule) -> str:
         try:
@@ -701,41 +719,39 @@ class XAttnSaliencyMonitor(Callback):
         returns the summary (``None`` when skipped)."""
         start = self.clock()
         self._last_step = trainer.global_step
-        rows: list[dict[str, Any]] = []
-        errors: list[tuple[str, str]] = []  # (probe id or "", cause)
-        exps: list[tuple[str, Any]] = []
         adapter: Adapter | None = None
-        mine: list[dict[str, Any]] = []
+        mine: list[Probe] = []
         options: dict[str, Any] = {}
+        share = _Share()
         with isolate_rng():
             try:
                 probes = self._probes(trainer, pl_module)
                 adapter = self._adapter(pl_module)
                 mine = probes[trainer.global_rank :: trainer.world_size]
                 options = self._options(adapter, probes)
-                rows, exps, errors = self._explain(adapter, mine, options)
+                share = self._explain(adapter, mine, options)
             except Exception as err:
                 if self.on_error == "raise":
                     raise
-                errors.append(("", f"{type(err).__name__}: {err}"))
-        rows, errors, exps = self._gather(trainer, rows, errors, exps)
-        if self._auto_masks_pending() and rows:  # n_masks="auto": the first reading chooses the count
-            n = self._choose_masks(rows, int(options.get("n_masks", MASK_LADDER[0])))
+                share.errors.append(("", f"{type(err).__name__}: {err}"))  # (probe id or "", cause)
+        share = self._gather(trainer, share)
+        if self._auto_masks_pending() and share.rows:  # n_masks="auto": the first reading chooses the count
+            n = self._choose_masks(share.rows, int(options.get("n_masks", MASK_LADDER[0])))
             if n != options.get("n_masks"):  # every rank has the same rows, so the same n: all re-run
-                rows, exps, errors = [], [], []
+                share = _Share()
                 with isolate_rng():
                     try:
                         if adapter is not None:
-                            rows, exps, errors = self._explain(adapter, mine, {**options, "n_masks": n})
+                            share = self._explain(adapter, mine, {**options, "n_masks": n})
                     except Exception as err:
                         if self.on_error == "raise":
                             raise
-                        errors.append(("", f"{type(err).__name__}: {err}"))
-                rows, errors, exps = self._gather(trainer, rows, errors, exps)
-        self._warn_errors(errors)
-        if not rows:
+                        share.errors.append(("", f"{type(err).__name__}: {err}"))
+                share = self._gather(trainer, share)
+        self._warn_errors(share.errors)
+        if not share.rows:
             return None
-        return self._publish(trainer, rows, errors, exps, self.clock() - start, log_step)
+        return self._publish(trainer, share, self.clock() - start, log_step)
 
     def _auto_masks_pending(self) -> bool:
         return (
@@ -762,7 +778,7 @@ class XAttnSaliencyMonitor(Callback):
         )
         return n
 
-    def _probes(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
+    def _probes(self, trainer: Trainer, pl_module: LightningModule) -> list[Probe]:
         """Step 1: the fixed probe set, the same on every rank."""
         if not self._probes_final:
             if self.probes_source is not None:
@@ -782,8 +798,8 @@ class XAttnSaliencyMonitor(Callback):
                     "using those.",
                 )
             if not self.probe_positions:
-                self.probe_positions = [p["pos"] for p in self._probe_items]
-                self.probe_ids = [self._probe_id(p) for p in self._probe_items]
+                self.probe_positions = [p.position for p in self._probe_items]
+                self.probe_ids = [p.id for p in self._probe_items]
             self._probes_final = True
         return self._probe_items
 
@@ -807,13 +823,13 @@ class XAttnSaliencyMonitor(Callback):
             return
         gathered: list = [None] * trainer.world_size
         torch.distributed.all_gather_object(gathered, self._probe_items)
-        by_pos: dict[int, dict[str, Any]] = {}
+        by_pos: dict[int, Probe] = {}
         for items in gathered:
             for p in items or []:
-                by_pos.setdefault(p["pos"], p)
+                by_pos.setdefault(p.position, p)
         ordered = [by_pos[k] for k in sorted(by_pos)]
         if self.probe_positions:
-            ordered = [p for p in ordered if p["pos"] in self.probe_positions]
+            ordered = [p for p in ordered if p.position in self.probe_positions]
         self._probe_items = ordered[: len(self.probe_positions) or self.num_probes]
 
     def _adapter(self, pl_module: LightningModule) -> Adapter:
@@ -848,7 +864,7 @@ class XAttnSaliencyMonitor(Callback):
         return options
 
     def _calibrate(
-        self, adapter: Adapter, probe: dict[str, Any], methods: list[str], budget: float, num_probes: int
+        self, adapter: Adapter, probe: Probe, methods: list[str], budget: float, num_probes: int
     ) -> int:
         """Masks per method that fit ``budget`` seconds for the whole reading, from one probe's timing
         (whole batches of 8, between 8 and ``n_masks``); rank 0's count on every rank."""
@@ -858,7 +874,7 @@ class XAttnSaliencyMonitor(Callback):
         t0 = self.clock()
         (e,) = explain(
             adapter,
-            probe["batch"],
+            probe.batch,
             targets=self.targets,
             methods=tuple(methods),
             encoder_cache=self.encoder_cache,
@@ -875,60 +891,43 @@ class XAttnSaliencyMonitor(Callback):
         n = max(calib, min(upper, n // calib * calib))
         return _broadcast_int(n)
 
-    def _explain(
-        self, adapter: Adapter, probes: list[dict[str, Any]], options: dict[str, Any]
-    ) -> tuple[list, list, list]:
-        """Step 3: explain and score this rank's probes; one bad probe does not cost the others."""
-        rows, exps, errors = [], [], []
-        for p in probes:
-            pid = self._probe_id(p)
-            try:
-                (e,) = explain(
-                    adapter,
-                    p["batch"],
-                    targets=self.targets,
-                    methods=self.methods,
-                    num_beams=self.num_beams,
-                    max_new_tokens=self.max_new_tokens,
-                    encoder_cache=self.encoder_cache,
-                    **options,
-                )
-                row = probe_scores(e, self.methods, self.metrics, self.layers, self.heads)
-                row["id"] = pid
-                row["text"] = self._ref_text(p, adapter)
-                row["hypothesis"] = e.text or " ".join(e.tokens or map(str, e.token_ids.tolist()))
-                words = p["batch"].get("words")
-                if isinstance(words, list) and len(words) == 1 and words[0]:
-                    row[_ALIGNMENT] = (
-                        alignment_from(e, frame_rate=self.frame_rate),
-                        [(str(w), float(a), float(b)) for w, a, b in words[0]],
-                    )
-                rows.append(row)
-                exps.append((pid, e))
-            except Exception as err:
-                if self.on_error == "raise":
-                    raise
-                errors.append((pid, f"{type(err).__name__}: {err}"))
-        return rows, exps, errors
+    def _explain(self, adapter: Adapter, probes: list[Probe], options: dict[str, Any]) -> _Share:
+        """Step 3: explain and score this rank's probes (:func:`xattn_lightning.reading.read`); one bad probe
+        does not cost the others."""
+        config = ReadingConfig(
+            self.methods, self.metrics, self.layers, self.heads, self.targets, self.num_beams, self.max_new_tokens,
+            options,
+        )  # fmt: skip
+        catch: tuple[type[BaseException], ...] = () if self.on_error == "raise" else (Exception,)
+        reading = read(adapter, probes, config, self.encoder_cache, catch=catch)
+        share = _Share(rows=reading.rows, errors=reading.failures)
+        for r in reading.results:
+            share.explanations.append((r.probe.id, r.explanation))
+            if r.probe.words:
+                share.timed.append((r.probe.id, alignment_from(r.explanation, frame_rate=self.frame_rate), r.probe.words))
+        return share
 
-    def _gather(self, trainer: Trainer, rows: list, errors: list, exps: list) -> tuple[list, list, list]:
-        """Step 4: every rank gets all rows and errors, and the explanations rank 0 will draw.
+    def _gather(self, trainer: Trainer, share: _Share) -> _Share:
+        """Step 4: every rank gets all rows, errors and timed probes, and the explanations rank 0 will draw.
 
         All ranks take part (no collective inside rank-zero-only code)."""
         if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return rows, errors, exps
+            return share
         draw = set(self.probe_ids[: self.max_figures]) if self.log_figures else set()
+        mine = _Share(share.rows, share.errors, [x for x in share.explanations if x[0] in draw], share.timed)
         gathered: list = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, (rows, errors, [x for x in exps if x[0] in draw]))
-        all_rows, all_err, all_exps = [], [], []
-        for r, er, ex in gathered:
-            all_rows += r
-            all_err += er
-            all_exps += ex
+        torch.distributed.all_gather_object(gathered, mine)
         order = {pid: i for i, pid in enumerate(self.probe_ids)}
-        all_rows.sort(key=lambda r: order.get(r["id"], 0))
-        all_exps.sort(key=lambda x: order.get(x[0], 0))
-        return all_rows, all_err, all_exps
+        out = _Share()
+        for part in gathered:
+            out.rows += part.rows
+            out.errors += part.errors
+            out.explanations += part.explanations
+            out.timed += part.timed
+        out.rows.sort(key=lambda r: order.get(r["id"], 0))
+        out.explanations.sort(key=lambda x: order.get(x[0], 0))
+        out.timed.sort(key=lambda x: order.get(x[0], 0))
+        return out
 
     def _warn_errors(self, errors: list[tuple[str, str]]) -> None:
         by_cause: dict[str, list[str]] = {}
@@ -939,12 +938,11 @@ class XAttnSaliencyMonitor(Callback):
             where = f"explaining probes {', '.join(named)}" if named else "explaining probes"
             self._report(RuntimeError(cause), where, key=cause)
 
-    def _publish(
-        self, trainer: Trainer, rows: list, errors: list, exps: list, seconds: float, log_step: int | None
-    ) -> Summary | None:
+    def _publish(self, trainer: Trainer, share: _Share, seconds: float, log_step: int | None) -> Summary | None:
         """Step 5: summarise, keep the history and log (scalars everywhere, media on rank 0)."""
+        rows, errors, exps = share.rows, share.errors, share.explanations
         try:
-            self._time_words(rows)
+            self._time_words(rows, share.timed)
             summary = summarize(rows, self.methods, self.metrics, self.reliability_floor)
         except Exception as err:
             self._report(err, "summarizing")
@@ -995,17 +993,17 @@ class XAttnSaliencyMonitor(Callback):
                 self._info(f"{m}/pearson_corrected_delta is not logged while {d.reason}.")
         return out
 
-    def _time_words(self, rows: list[dict[str, Any]]) -> None:
+    def _time_words(self, rows: list[dict[str, Any]], timed: list[tuple[str, Alignment, tuple]]) -> None:
         """Word timestamps of the probes that carry true word timings, from the heads that agree
         most with saliency at this reading (label-free; :func:`xattn_lightning.alignment_heads`),
         with the probe's saliency map fused in as :func:`xattn_lightning.word_timestamps` does."""
-        timed = [r for r in rows if _ALIGNMENT in r]
         if not timed:
             return
         method = "encoder_spes" if "encoder_spes" in self.methods else self.methods[0]
         self.alignment_heads = select_heads_by_agreement(mean_grid(rows, method))
-        for r in timed:
-            alignment, words = r.pop(_ALIGNMENT)
+        row_of = {r["id"]: r for r in rows}
+        for pid, alignment, words in timed:
+            r = row_of[pid]
             try:
                 fusion = FUSION_WEIGHT if alignment.saliency is not None else 0.0
                 predicted = alignment_words(alignment, self.alignment_heads, fusion=fusion)
@@ -1014,23 +1012,6 @@ class XAttnSaliencyMonitor(Callback):
                 self._warn_once("timestamps", f"word timestamps of the probes could not be made: {err}")
 
     # ------------------------------------------------------------------ helpers
-    def _probe_id(self, p: dict[str, Any]) -> str:
-        for key in ("id", "ids", "utt_id"):
-            v = p["batch"].get(key)
-            if isinstance(v, list) and v:
-                return str(v[0])
-        return f"probe{p['pos']}" if self.probes_source is not None else f"val{p['pos']}"
-
-    def _ref_text(self, p: dict[str, Any], adapter: Adapter) -> str:
-        for key in ("text", "sentence", "transcript", "transcription"):
-            v = p["batch"].get(key)
-            if isinstance(v, list) and v and isinstance(v[0], str):
-                return v[0]
-        labels = p["batch"].get("labels")
-        if isinstance(labels, Tensor):
-            return adapter.decode_text(adapter.normalize_target(labels[0])[1:]) or ""
-        return ""
-
     def _log_scalars(self, trainer: Trainer, scalars: dict[str, float], step: int) -> None:
         for logger in trainer.loggers:
             try:

@@ -1,0 +1,168 @@
+"""One reading of probe utterances, without Lightning: explain each probe and score it.
+
+The monitor (this process's share of its probes) and ``compare`` (one checkpoint on the probes)
+both call :func:`read`; gathering across processes, summarising and logging are theirs.
+
+A :class:`Probe` is built once, where its batch is taken: its id, reference text and true word
+timings are read from the batch then, and travel with it.
+
+Example:
+    >>> import torch, xattn_lightning as xl
+    >>> from xattn_lightning.models import TinyS2T
+    >>> adapter = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> probe = Probe.from_batch(0, {"input_features": torch.randn(1, 16, 8), "text": ["hi"]}, "probe0")
+    >>> reading = read(adapter, [probe], ReadingConfig(methods=("encoder_spes",), targets=[[1, 5, 6, 2]],
+    ...                                                options={"n_masks": 8}))
+    >>> reading.results[0].scores["id"], reading.results[0].scores["text"], reading.failures
+    ('probe0', 'hi', [])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from xattn_lightning.adapters import Adapter
+from xattn_lightning.encoder_cache import EncoderCache
+from xattn_lightning.explain import Explanation, explain
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.summary import probe_scores
+
+#: batch keys that hold an utterance id, a reference transcript, and true word timings
+ID_KEYS: tuple[str, ...] = ("id", "ids", "utt_id")
+TEXT_KEYS: tuple[str, ...] = ("text", "sentence", "transcript", "transcription")
+WORDS_KEY = "words"
+
+Word = tuple[str, float, float]
+
+
+def _first(batch: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    for key in keys:
+        v = batch.get(key)
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            return v[0]
+    return None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe utterance.
+
+    Attributes:
+        position: its place in the probe stream (stable across epochs, resumes and world sizes).
+        id: its id (the batch's ``id``/``ids``/``utt_id``, else a name from its position).
+        batch: the model's batch of this one utterance (tensors with a batch dimension of 1).
+        text: the reference transcript, when the batch carries one.
+        words: true word timings ``(word, start_s, end_s)``, when the batch carries them (``words``).
+    """
+
+    position: int
+    id: str
+    batch: dict[str, Any]
+    text: str | None = None
+    words: tuple[Word, ...] | None = None
+
+    @classmethod
+    def from_batch(cls, position: int, batch: dict[str, Any], default_id: str) -> Probe:
+        """The probe of a one-utterance ``batch``, its id, text and word timings read from it."""
+        pid = _first(batch, ID_KEYS)
+        text = _first(batch, TEXT_KEYS)
+        words = _first(batch, (WORDS_KEY,))
+        return cls(
+            position=position,
+            id=str(pid) if pid is not None else default_id,
+            batch=batch,
+            text=text if isinstance(text, str) else None,
+            words=tuple((str(w), float(a), float(b)) for w, a, b in words) if words else None,
+        )
+
+    def reference_text(self, adapter: Adapter) -> str:
+        """The transcript: the batch's text, else its labels decoded, else ``""``."""
+        if self.text is not None:
+            return self.text
+        labels = self.batch.get("labels")
+        if isinstance(labels, Tensor):
+            return adapter.decode_text(adapter.normalize_target(labels[0])[1:]) or ""
+        return ""
+
+
+@dataclass(frozen=True)
+class ReadingConfig:
+    """What a reading computes: the saliency ``methods`` and their ``options`` (as in
+    :func:`xattn_lightning.explain`; ``n_masks`` a number), the correlation ``metrics``, the
+    attention aggregation behind the headline (``layers`` × ``heads``), and the decoding."""
+
+    methods: tuple[str, ...] = ("encoder_spes",)
+    metrics: tuple[str, ...] = ("pearson", "spearman")
+    layers: LayerSpec = None
+    heads: HeadSpec = None
+    targets: Any = "generate"
+    num_beams: int = 1
+    max_new_tokens: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_options(self, **options: Any) -> ReadingConfig:
+        """The same config with some saliency options replaced."""
+        return ReadingConfig(
+            self.methods, self.metrics, self.layers, self.heads, self.targets, self.num_beams,
+            self.max_new_tokens, {**self.options, **options},
+        )  # fmt: skip
+
+
+@dataclass
+class ProbeResult:
+    """One probe explained and scored: ``scores`` is its row (:func:`~xattn_lightning.summary.probe_scores`
+    with ``id``, ``text`` and ``hypothesis``)."""
+
+    probe: Probe
+    scores: dict[str, Any]
+    explanation: Explanation
+
+
+@dataclass
+class Reading:
+    """The probes of one reading that were explained, and ``(probe id, cause)`` of those that failed."""
+
+    results: list[ProbeResult]
+    failures: list[tuple[str, str]]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The scored rows, in probe order."""
+        return [r.scores for r in self.results]
+
+
+def read(
+    adapter: Adapter,
+    probes: Sequence[Probe],
+    config: ReadingConfig,
+    encoder_cache: EncoderCache | None = None,
+    catch: tuple[type[BaseException], ...] = (Exception,),
+) -> Reading:
+    """Explain and score ``probes`` one at a time, so that a bad probe costs only itself: what it
+    raises (of the ``catch`` types) is recorded in :attr:`Reading.failures`; anything else is raised."""
+    results: list[ProbeResult] = []
+    failures: list[tuple[str, str]] = []
+    for p in probes:
+        try:
+            (e,) = explain(
+                adapter,
+                p.batch,
+                targets=config.targets,
+                methods=config.methods,
+                num_beams=config.num_beams,
+                max_new_tokens=config.max_new_tokens,
+                encoder_cache=encoder_cache,
+                **config.options,
+            )
+            scores = probe_scores(e, config.methods, config.metrics, config.layers, config.heads)
+            scores["id"] = p.id
+            scores["text"] = p.reference_text(adapter)
+            scores["hypothesis"] = e.text or " ".join(e.tokens or map(str, e.token_ids.tolist()))
+            results.append(ProbeResult(p, scores, e))
+        except catch as err:
+            failures.append((p.id, f"{type(err).__name__}: {err}"))
+    return Reading(results, failures)
