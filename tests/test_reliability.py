@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import xattn_lightning as xl
 from xattn_lightning.demo import DemoModule, loaders
-from xattn_lightning.models import TinyS2T
+from xattn_lightning.testing import TinyS2T
 
 
 # ---------------------------------------------------------------------------- fixtures

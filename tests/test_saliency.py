@@ -170,7 +170,7 @@ def test_batched_gradients_equal_captum_per_token(which):
         model = tiny_whisper()
         batch, targets = whisper_batch(model, (50,)), [[51, 52, 5, 6, 7, 8, 50]]
     else:
-        from xattn_lightning.models import TinyS2T
+        from xattn_lightning.testing import TinyS2T
 
         model = TinyS2T.adapter(TinyS2T(vocab_size=12))
         batch, targets = {"input_features": torch.randn(1, 32, 8)}, [[1, 5, 6, 7, 8, 2]]

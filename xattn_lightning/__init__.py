@@ -26,7 +26,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from xattn_lightning import loggers
     from xattn_lightning.callbacks import XAttnSaliencyMonitor
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("xattn_lightning")
+except PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 #: names that import Lightning: loaded on first use, so the library API stands without it
 _LAZY = {"XAttnSaliencyMonitor": "xattn_lightning.callbacks", "loggers": "xattn_lightning.loggers"}

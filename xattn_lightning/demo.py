@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from xattn_lightning.models import TinyS2T
+from xattn_lightning.testing import TinyS2T
 
 START, EOS, PAD = 1, 2, 0
 

@@ -75,7 +75,7 @@ class EncoderCache:
     for its probes. ``hits`` and ``misses`` count the lookups.
 
     >>> import xattn_lightning as xl
-    >>> from xattn_lightning.models import TinyS2T
+    >>> from xattn_lightning.testing import TinyS2T
     >>> adapter = TinyS2T.adapter(TinyS2T(vocab_size=12).eval())
     >>> cache, batch = EncoderCache(), {"input_features": torch.randn(1, 16, 8)}
     >>> for _ in range(3):

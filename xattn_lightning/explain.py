@@ -247,7 +247,7 @@ def explain(
 
     Example:
         >>> import xattn_lightning as xl
-        >>> from xattn_lightning.models import TinyS2T
+        >>> from xattn_lightning.testing import TinyS2T
         >>> exps = xl.explain(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
         ...                   targets=[[1, 5, 6, 2]])
         >>> exps[0].cross_attention.shape

@@ -162,7 +162,7 @@ def faithfulness_curves(
 
     Example:
         >>> import xattn_lightning as xl
-        >>> from xattn_lightning.models import TinyS2T
+        >>> from xattn_lightning.testing import TinyS2T
         >>> m = TinyS2T(vocab_size=12)
         >>> b = {"input_features": torch.randn(1, 16, 8)}
         >>> exps = xl.explain(TinyS2T.adapter(m), b, targets=[[1, 5, 6, 2]])

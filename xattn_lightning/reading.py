@@ -8,7 +8,7 @@ timings are read from the batch then, and travel with it.
 
 Example:
     >>> import torch, xattn_lightning as xl
-    >>> from xattn_lightning.models import TinyS2T
+    >>> from xattn_lightning.testing import TinyS2T
     >>> adapter = TinyS2T.adapter(TinyS2T(vocab_size=12))
     >>> probe = Probe.from_batch(0, {"input_features": torch.randn(1, 16, 8), "text": ["hi"]}, "probe0")
     >>> reading = read(adapter, [probe], ReadingConfig(methods=("encoder_spes",), targets=[[1, 5, 6, 2]],

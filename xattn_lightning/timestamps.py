@@ -94,7 +94,7 @@ def align(
     model's input frames per encoder frame at 100 input frames per second; 0.02 s for Whisper).
 
     Example:
-        >>> from xattn_lightning.models import TinyS2T
+        >>> from xattn_lightning.testing import TinyS2T
         >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
         ...           targets=[[1, 5, 6, 2]])
         >>> a[0].cross_attention.shape, a[0].num_prompt
@@ -117,7 +117,7 @@ def alignment_token_times(
     ``fusion`` > 0 adds that weight of the alignment's saliency map (``a.saliency``, z-scored and
     smoothed as the attention) to the DTW matrix (``"openai"`` method only).
 
-    >>> from xattn_lightning.models import TinyS2T
+    >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
     ...           targets=[[1, 5, 6, 2]])[0]
     >>> alignment_token_times(a, method="transformers").shape

@@ -90,7 +90,7 @@ class HookAdapter(Adapter):
     Hooks live only for one call and are removed in ``finally`` blocks, also when the forward raises.
 
     Example:
-        >>> from xattn_lightning.models import TinyS2T
+        >>> from xattn_lightning.testing import TinyS2T
         >>> model = TinyS2T(vocab_size=12)
         >>> a = HookAdapter(model, encoder="encoder", cross_attention="decoder.layers.*.multihead_attn",
         ...                 decoder_start_id=1, eos_id=2)
