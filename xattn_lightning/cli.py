@@ -132,7 +132,7 @@ def run_demo(args: argparse.Namespace):
     )
     trainer.fit(DemoModule(), train, val)
     report = write_report(monitor, out)
-    hints = []
+    hints: list[str] = []
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             hint = offline_sync_hint(lg)

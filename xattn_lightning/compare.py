@@ -126,11 +126,11 @@ class Comparison:
             key = f"{m}/pearson_corrected"
             if key in keys:
                 continue
-            vals = [
+            shown = [
                 _fmt(r.scalars[key]) if key in r.scalars else f"<floor ({r.scalars.get(f'{m}/reliability', math.nan):.2f})"
                 for r in self.results
             ]
-            lines.append(f"{key:<{kw}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, widths)))
+            lines.append(f"{key:<{kw}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(shown, widths)))
         for m in self.methods:
             heads = []
             for r in self.results:
@@ -178,7 +178,7 @@ def _wer(outputs: list[tuple[int, dict, Explanation]]) -> float:
     """WER of the hypotheses on the probes (``nan`` without a tokenizer to turn ids into text)."""
     if any(e.text is None for _, _, e in outputs):
         return math.nan
-    return wer([s["text"] for _, s, _ in outputs], [e.text for _, _, e in outputs])
+    return wer([s["text"] for _, s, _ in outputs], [e.text or "" for _, _, e in outputs])
 
 
 def _fmt(v: float) -> str:
@@ -201,7 +201,7 @@ def load_checkpoint(
             raise XAttnError(f"Checkpoint {spec!r} does not exist.")
         if module is None:
             raise XAttnError(f"{spec!r} is a Lightning checkpoint; pass --module package.module:Class to load it.")
-        cls = _import_class(module)
+        cls: Any = _import_class(module)
         try:
             lit = cls.load_from_checkpoint(str(path), map_location="cpu")
         except Exception as err:
@@ -394,6 +394,7 @@ def compare_checkpoints(
         return out
 
     calibration: dict[str, dict[str, float]] = {}
+    n_masks: int | None
     if options.get("n_masks") == "auto":  # every checkpoint at the first rung, then all at the count the least
         first = MASK_LADDER[0]  # reliable one needs: the same masks for every checkpoint, a headline for each
         results = run_all(first, report=False)

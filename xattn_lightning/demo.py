@@ -86,7 +86,7 @@ class DemoModule(pl.LightningModule):
         self.log("val_loss", self._loss(batch), prog_bar=True, batch_size=batch["labels"].shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
 
 
 def loaders(

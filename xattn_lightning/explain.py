@@ -311,6 +311,8 @@ def _explain_one(
     else:
         out = adapter.forward(u.features.unsqueeze(0), seq[:-1], output_attentions=True)
     fps = adapter.frames_per_step(u)
+    if out.cross_attention is None:  # every adapter returns it when asked (output_attentions=True)
+        raise XAttnError(f"{type(adapter).__name__} returned no cross-attention although it was asked for.")
     t_enc = min(adapter.encoder_length(u.num_frames), out.cross_attention.shape[-1])
     ca = out.cross_attention[0, :, :, :, :t_enc].float()
     logp = out.logits[0].float().log_softmax(-1)

@@ -47,6 +47,8 @@ def load_hf_model(name_or_path: str, device: str = "cpu", base_model: str | None
     except Exception as err:  # hub unreachable, no config.json, ...
         hint = " (offline: set HF_HUB_OFFLINE=0 or pass a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise XAttnError(f"Cannot load a model config from {name_or_path!r}{hint}: {first_line(err)}") from err
+    model_cls: Any
+    proc_cls: Any
     if config.model_type == "whisper":
         model_cls, proc_cls = transformers.WhisperForConditionalGeneration, transformers.WhisperProcessor
     elif config.model_type == "speech_to_text":

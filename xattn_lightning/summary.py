@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from xattn_lightning.functional import (
     topk_overlap,
 )
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.functional.agreement import Metric
 from xattn_lightning.functional.alignment import timing_summary
 
 
@@ -49,7 +50,7 @@ def probe_scores(
     out: dict[str, Any] = {"num_tokens": int(e.token_ids.numel()), "num_frames": e.num_frames}
     for m in methods:
         for metric in metrics:
-            out[f"{m}/{metric}"] = e.agreement(m, layers=layers, heads=heads, metric=metric)
+            out[f"{m}/{metric}"] = e.agreement(m, layers=layers, heads=heads, metric=cast(Metric, metric))
         out[f"{m}/layers"] = e.layer_agreement(m).tolist()
         out[f"{m}/grid"] = e.agreement_grid(m).tolist()
         out[f"{m}/coverage"] = topk_overlap(e.attention(layers, heads), e.pooled(m))

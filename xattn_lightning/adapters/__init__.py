@@ -74,7 +74,7 @@ def _direct_adapter(model: nn.Module, tokenizer: object | None) -> Adapter | Non
     try:
         from transformers import Speech2TextForConditionalGeneration, WhisperForConditionalGeneration
     except ImportError:  # pragma: no cover - transformers is a dependency
-        WhisperForConditionalGeneration = Speech2TextForConditionalGeneration = ()  # type: ignore[assignment]
+        WhisperForConditionalGeneration = Speech2TextForConditionalGeneration = ()  # type: ignore[assignment,misc]
     if isinstance(model, WhisperForConditionalGeneration):
         return WhisperAdapter(model, tokenizer)
     if isinstance(model, Speech2TextForConditionalGeneration):
@@ -144,18 +144,18 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
         if tokenizer is not None and model.tokenizer is None:
             model.tokenizer = tokenizer
         return model
-    model = uncompiled(model)
-    name = type(model).__name__
-    found = _direct_adapter(model, tokenizer)
+    module: nn.Module = uncompiled(model)
+    name = type(module).__name__
+    found = _direct_adapter(module, tokenizer)
     if found is not None:
         return found
-    inner = getattr(model, "xattn_adapter", None)
+    inner = getattr(module, "xattn_adapter", None)
     if isinstance(inner, Adapter):
         return adapter_for(inner, tokenizer)
-    found = _inner_adapter(model, tokenizer, INNER_MODEL_DEPTH)
+    found = _inner_adapter(module, tokenizer, INNER_MODEL_DEPTH)
     if found is not None:
         return found
-    subs = _supported_submodules(model) if isinstance(model, nn.Module) else []
+    subs = _supported_submodules(module) if isinstance(module, nn.Module) else []
     if len(subs) == 1:  # under another name (self.backbone = WhisperForConditionalGeneration...)
         adapter = _direct_adapter(subs[0][1], tokenizer)
         assert adapter is not None
@@ -165,9 +165,9 @@ def adapter_for(model: nn.Module | Adapter, tokenizer: object | None = None) -> 
         names = ", ".join(f".{n} ({type(m).__name__})" for n, m in subs)
         raise UnsupportedModelError(
             f"{name} holds {len(subs)} supported models: {names}; which one to explain is not clear. Pass "
-            f"model_fn=lambda module: module.{subs[0][0]} to the monitor (or that model to xl.explain)."
+            f"model_fn=lambda module: module.{subs[0][0]} to the monitor (or that module to xl.explain)."
         )
-    has_cross = isinstance(model, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    has_cross = isinstance(module, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
     hint = (
         " It has nn.MultiheadAttention modules; name the cross-attention ones"
         if has_cross

@@ -33,7 +33,7 @@ def unwrap_tokenizer(obj: Any) -> Any:
     return getattr(obj, "tokenizer", obj)
 
 
-def uncompiled(model: object) -> object:
+def uncompiled(model: Any) -> Any:
     """The module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``, which shares
     its parameters), or ``model`` itself. Explanations run the eager module: its hooks and
     attention switches would only make the compiled one recompile.
@@ -116,8 +116,10 @@ class Adapter(ABC):
     found_at: str | None = None
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None) -> None:
-        self.model = uncompiled(model)  # a torch.compile wrapper: explain through the eager module
-        self.tokenizer = tokenizer
+        #: the model explained (typed ``Any``: each adapter reads its own family's attributes)
+        self.model: Any = uncompiled(model)  # a torch.compile wrapper: explain through the eager module
+        #: the tokenizer or processor (each family's own interface)
+        self.tokenizer: Any = tokenizer
 
     # ------------------------------------------------------------------ facts
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +30,10 @@ def conv_output_length(n: int, convs: list[nn.Conv1d]) -> int:
     1500
     """
     for c in convs:
-        k, s, p, d = c.kernel_size[0], c.stride[0], c.padding[0], c.dilation[0]
+        if c.padding == "same":  # the length is kept (PyTorch allows "same" with stride 1 only)
+            continue
+        k, s, d = c.kernel_size[0], c.stride[0], c.dilation[0]
+        p = 0 if isinstance(c.padding, str) else c.padding[0]  # "valid": no padding
         n = (n + 2 * p - d * (k - 1) - 1) // s + 1
     return max(int(n), 0)
 
@@ -79,8 +82,8 @@ def register_output_capture(model: nn.Module) -> None:
         return
     for module in model.modules():
         spec = getattr(module, "_can_record_outputs", None)
-        if spec and not _CAN_RECORD_REGISTRY.get(module):
-            _CAN_RECORD_REGISTRY[module] = spec
+        if spec and not _CAN_RECORD_REGISTRY.get(module):  # type: ignore[arg-type]  # a PreTrainedModel: it has the spec
+            _CAN_RECORD_REGISTRY[module] = spec  # type: ignore[index]
 
 
 class _HFSeq2SeqAdapter(Adapter):
@@ -286,7 +289,7 @@ class _HFSeq2SeqAdapter(Adapter):
             seq = seq.sequences
         return self.normalize_target(seq[0].cpu())
 
-    def normalize_target(self, ids: Tensor) -> Tensor:
+    def normalize_target(self, ids: Tensor | Sequence[int]) -> Tensor:
         return self.with_prompt(super().normalize_target(ids))
 
 

@@ -268,6 +268,8 @@ class HookAdapter(Adapter):
             logits = logits[0]
         ca = self._collect(store) if capture else None
         enc = self._enc_out(store["enc"]) if encoder_out is None else encoder_out
+        if not isinstance(logits, Tensor):
+            raise XAttnError(f"{type(self.model).__name__} returned {type(logits).__name__}, not logits (a Tensor).")
         return ForwardOutput(logits=logits, cross_attention=ca, encoder_out=enc)
 
     def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
@@ -300,8 +302,9 @@ class HookAdapter(Adapter):
         b = encoder_out.shape[0]
         if ids.dim() == 1:
             ids = ids.unsqueeze(0).expand(b, -1)
-        if self._decode_fn is not None:
-            return self._run(lambda: self._decode_fn(self.model, encoder_out, ids), output_attentions, encoder_out)
+        decode_fn = self._decode_fn
+        if decode_fn is not None:
+            return self._run(lambda: decode_fn(self.model, encoder_out, ids), output_attentions, encoder_out)
         # the encoder is swapped out; the features only carry batch size, feature size, device and dtype
         if not self.info.num_mel_bins:
             raise XAttnError("HookAdapter.decode needs the feature size: pass num_mel_bins= or explain a batch first.")

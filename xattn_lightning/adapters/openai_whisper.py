@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,19 +95,20 @@ class OpenAIWhisperAdapter(Adapter):
     def __init__(
         self, model: nn.Module, tokenizer: object | None = None, language: str | None = None, task: str = "transcribe"
     ) -> None:
-        model = uncompiled(model)
-        if not is_openai_whisper(model):
-            raise XAttnError(f"Expected a whisper.model.Whisper but got {type(model).__name__}.")
-        super().__init__(model, tokenizer if tokenizer is not None else default_tokenizer(model, language, task))
+        whisper_model: Any = uncompiled(model)  # a whisper.model.Whisper: attributes torch does not type
+        if not is_openai_whisper(whisper_model):
+            raise XAttnError(f"Expected a whisper.model.Whisper but got {type(whisper_model).__name__}.")
+        tokenizer = tokenizer if tokenizer is not None else default_tokenizer(whisper_model, language, task)
+        super().__init__(whisper_model, tokenizer)
         tok = self.tokenizer
-        dims = model.dims
+        dims = whisper_model.dims
         for name in ("eot", "sot", "sot_sequence_including_notimestamps"):
             if not hasattr(tok, name):
                 raise XAttnError(
                     f"The tokenizer {type(tok).__name__} has no {name!r}; pass openai-whisper's own "
                     "(whisper.tokenizer.get_tokenizer(...)) or leave tokenizer= out."
                 )
-        self._convs = [model.encoder.conv1, model.encoder.conv2]
+        self._convs = [whisper_model.encoder.conv1, whisper_model.encoder.conv2]
         eot = int(tok.eot)
         self._prompt = [int(i) for i in tok.sot_sequence_including_notimestamps]
         self._space = [int(i) for i in tok.encode(" ")] if hasattr(tok, "encode") else []
@@ -135,7 +137,7 @@ class OpenAIWhisperAdapter(Adapter):
     def prompt_ids(self) -> list[int]:
         return list(self._prompt)
 
-    def normalize_target(self, ids: Tensor) -> Tensor:
+    def normalize_target(self, ids: Tensor | Sequence[int]) -> Tensor:
         return self.with_prompt(super().normalize_target(ids))
 
     # ------------------------------------------------------------------ batch I/O
@@ -172,12 +174,12 @@ class OpenAIWhisperAdapter(Adapter):
         finally:
             for h in handles:
                 h.remove()
-        if any(q is None for q in qks):
+        if any(q is None for q in qks):  # (a list of Tensor | None: mypy cannot see the check below it)
             raise XAttnError(
                 "A cross-attention block of the openai-whisper model returned no weights; this version of the "
                 "package may not expose them (MultiHeadAttention.use_sdpa)."
             )
-        ca = torch.stack([q.float().softmax(-1) for q in qks], dim=1)  # [B, L, H, S, T']
+        ca = torch.stack([q.float().softmax(-1) for q in qks if q is not None], dim=1)  # [B, L, H, S, T']
         return ForwardOutput(logits=logits, cross_attention=ca, encoder_out=enc)
 
     def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
@@ -285,7 +287,7 @@ def openai_whisper_from_hf(hf_model: nn.Module) -> nn.Module:
     """
     import whisper.model as wm
 
-    cfg = hf_model.config
+    cfg: Any = hf_model.config
     dims = wm.ModelDimensions(
         n_mels=cfg.num_mel_bins,
         n_audio_ctx=cfg.max_source_positions,

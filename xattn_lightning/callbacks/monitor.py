@@ -628,10 +628,10 @@ class XAttnSaliencyMonitor(Callback):
             return False
         if self.every_n_epochs is not None:
             return (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        step = trainer.global_step
+        step, every = trainer.global_step, int(self.every_n_steps or 1)
         if self._last_step < 0:
-            return step >= self.every_n_steps
-        return step - self._last_step >= self.every_n_steps
+            return step >= every
+        return step - self._last_step >= every
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -844,7 +844,7 @@ class XAttnSaliencyMonitor(Callback):
         self._adapter_cache = (id(pl_module), adapter)
         return adapter
 
-    def _options(self, adapter: Adapter, probes: list[dict[str, Any]]) -> dict[str, Any]:
+    def _options(self, adapter: Adapter, probes: list[Probe]) -> dict[str, Any]:
         """The explain options of every reading: the user's, with the mask count fixed for the run."""
         options = {k: v for k, v in self.method_options.items() if k != "max_seconds"}
         budget = self.method_options.get("max_seconds")
@@ -1020,7 +1020,7 @@ class XAttnSaliencyMonitor(Callback):
                 self._report(err, f"logging scalars to {type(logger).__name__}")
 
     def _log_media(self, trainer: Trainer, rows: list, exps: list, summary: Summary, step: int) -> None:
-        wandb_loggers = [lg for lg in trainer.loggers if is_logger_class(lg, "WandbLogger")]
+        wandb_loggers: list[Any] = [lg for lg in trainer.loggers if is_logger_class(lg, "WandbLogger")]
         if not wandb_loggers or not self.log_figures:
             return
         try:

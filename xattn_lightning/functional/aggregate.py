@@ -115,9 +115,9 @@ def aggregate_attention(
             (hi,) = _resolve_heads(int(p[1]), num_heads)
             sel.append(ca[li, hi])
         return torch.stack(sel).mean(0)
-    li = resolve_layers(layers, num_layers)
-    hi = _resolve_heads(heads, num_heads)
-    return ca[li][:, hi].mean(dim=(0, 1))
+    layer_ids = resolve_layers(layers, num_layers)
+    head_ids = _resolve_heads(heads, num_heads)
+    return ca[layer_ids][:, head_ids].mean(dim=(0, 1))
 
 
 def _zscore(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:

@@ -47,7 +47,8 @@ def correlation(x: Tensor, y: Tensor, metric: Metric = "pearson") -> float:
     elif metric == "spearman":
         r = spearman_corrcoef(a, b)
     else:
-        r = kendall_rank_corrcoef(a, b, variant="b")
+        tau = kendall_rank_corrcoef(a, b, variant="b")
+        r = tau[0] if isinstance(tau, tuple) else tau  # a (tau, p-value) pair only with t_test=True
     return float(r.clamp(-1.0, 1.0))
 
 

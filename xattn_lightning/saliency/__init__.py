@@ -49,7 +49,7 @@ class _Inputs:
     adapter: Adapter
     feats: Tensor
     n_frames: int
-    enc: Tensor
+    enc: Tensor | None  # the encoder output, where the adapter gives it
     t_enc: int
     dec_in: Tensor
     predicted: Tensor
@@ -268,6 +268,8 @@ def _encoder_spes(method: str, x: _Inputs) -> tuple[Tensor, dict]:
     ones = torch.ones(1, x.t_enc, dtype=torch.bool, device=device)
     # the masked passes project only the explained positions onto the vocabulary: logits [B, P, V]
     explained = x.positions.to(device)
+    if x.enc is None:
+        raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
     masked = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
     run, lp_ref, bs = _prepared(
         "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, opts
@@ -303,34 +305,38 @@ def _gradient(method: str, x: _Inputs) -> tuple[Tensor, dict]:
     name = method.removeprefix("encoder_")
     assert name in GRADIENT_METHODS
     with torch.enable_grad():
+        logits_fn: Callable[[Tensor], Tensor]
         if encoder_space:
+            if enc is None:
+                raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
             base = enc.detach().clone()
 
-            def logits_fn(h_valid: Tensor) -> Tensor:
+            def encoder_logits(h_valid: Tensor) -> Tensor:
                 rest = base[:, t_enc:].expand(h_valid.shape[0], -1, -1)
                 return adapter.decode(torch.cat([h_valid, rest], 1), dec_in).logits
 
-            x = base[:, :t_enc].clone().requires_grad_()
+            logits_fn, point = encoder_logits, base[:, :t_enc].clone().requires_grad_()
         else:
             full = feats.to(adapter.device, adapter.dtype).unsqueeze(0)
 
-            def logits_fn(x_valid: Tensor) -> Tensor:
+            def input_logits(x_valid: Tensor) -> Tensor:
                 rest = full[:, n_frames:].expand(x_valid.shape[0], -1, -1)
                 return adapter.forward(torch.cat([x_valid, rest], 1), dec_in, output_attentions=False).logits
 
-            x = full[:, :n_frames].clone().requires_grad_()
+            logits_fn, point = input_logits, full[:, :n_frames].clone().requires_grad_()
         fn = token_logprob_fn(logits_fn, predicted, positions)
+        engine: Callable[..., Tensor]
         if opts["gradient_engine"] == "batched":
             # vmap'd VJPs pay off on GPUs and for decoder-only graphs; on CPU a backward per token
             # through the encoder is faster (benchmarks/perf.py)
-            vjp = "vmap" if encoder_space or x.device.type == "cuda" else "loop"
+            vjp = "vmap" if encoder_space or point.device.type == "cuda" else "loop"
             engine = functools.partial(batched_attribute, vjp=vjp)
         else:
             engine = captum_attribute
         attr = engine(
             name,
             fn,
-            x,
+            point,
             int(positions.numel()),
             n_steps=opts["n_steps"],
             internal_batch_size=opts["internal_batch_size"],

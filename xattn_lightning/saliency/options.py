@@ -89,13 +89,13 @@ def default_options() -> dict[str, Any]:
     return out
 
 
-def options_for(cls: type[T], options: dict[str, Any]) -> T:
+def options_for(cls: type[T], options: dict[str, Any]) -> T:  # cls: one of the FAMILIES dataclasses
     """The ``cls`` options object from a flat dict of keyword options (other names ignored).
 
     >>> options_for(EncoderSpesOptions, {"n_masks": 64, "n_steps": 4}).n_masks
     64
     """
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in options.items() if k in names})
 
 

@@ -192,7 +192,7 @@ def spes_input(
     n_masks: int = SpesOptions.n_masks,
     p: float = SpesOptions.p,
     scales: Sequence[int] = SpesOptions.scales,
-    batch_size: int = SpesOptions.batch_size,
+    batch_size: int = 8,  # the driver resolves SpesOptions.batch_size ("auto" included) to a number
     seed: int = SpesOptions.seed,
     frame_rate: float = SpesOptions.frame_rate,
     compactness: float = SpesOptions.compactness,
@@ -280,15 +280,14 @@ def spes_encoder(
     device = logp_ref.device
     t_valid = num_encoder_frames
     rows = logp_ref.shape[0] if positions is None else int(positions.numel())
-    if batch_size == "auto":
-        batch_size = rows_batch_size(rows, n_masks)
+    per_batch = rows_batch_size(rows, n_masks) if batch_size == "auto" else int(batch_size)
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     keep_all = draw_keep_masks(n_masks, t_valid, p_h, gen, sampling).to(device)
     acc = _Accumulator(rows, t_valid, device)
     start = time.perf_counter()
     stopped = False
-    for i0 in range(0, n_masks, batch_size):
-        keep = keep_all[i0 : i0 + batch_size]
+    for i0 in range(0, n_masks, per_batch):
+        keep = keep_all[i0 : i0 + per_batch]
         kl = kl_per_token(logp_ref, run(keep), positions)
         acc.add(kl, ~keep)
         if progress is not None:
@@ -299,7 +298,7 @@ def spes_encoder(
     return smooth_frames(acc.result(), smoothing).cpu(), {
         "halves": smooth_frames(acc.halves(), smoothing).cpu(),
         "n_masks": acc.n,
-        "batch_size": batch_size,
+        "batch_size": per_batch,
         "seconds": time.perf_counter() - start,
         "budget_hit": stopped,
         "smoothing": smoothing,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from xattn_lightning.explain import Explanation
 from xattn_lightning.functional import framewise_zscore, tokenwise_zscore
@@ -59,7 +61,7 @@ def heatmap_figure(
     axes[0].set_title(title or "input spectrogram", fontsize=9)
     labels = e.tokens or [str(int(t)) for t in e.token_ids]
     which = "layers × heads" if layers is None and heads is None else "selected heads"
-    maps = [(f"cross-attention (mean of {which})", e.attention(layers, heads), None)]
+    maps: list[tuple[str, Tensor, str | None]] = [(f"cross-attention (mean of {which})", e.attention(layers, heads), None)]
     maps += [(m, e.pooled(m), m) for m in methods]
     for ax, (name, mat, method) in zip(axes[1:], maps):
         shown = mat
@@ -94,7 +96,7 @@ def grid_figure(grid: Sequence[Sequence[float]], title: str = "ρ per layer × h
     return fig
 
 
-def layers_figure(series: dict[str, Sequence[float]], title: str = "ρ per layer") -> Figure:
+def layers_figure(series: Mapping[str, Sequence[float]], title: str = "ρ per layer") -> Figure:
     """One line per checkpoint: ρ of each layer's head-mean attention."""
     fig = Figure(figsize=(6, 3.2), dpi=90)
     ax = fig.subplots()
@@ -165,7 +167,7 @@ def figure_to_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def save_figure(fig: Figure, path) -> object:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write ``fig`` as PNG to ``path`` and release it; returns the path."""
     with open(path, "wb") as fh:
         fh.write(figure_to_png(fig))
