@@ -382,3 +382,29 @@ def timing_scores(predicted: Sequence[Sequence[Word]], reference: Sequence[Seque
     transcript got right (see :func:`xattn_lightning.functional.alignment.boundary_errors`)."""
     errors = [x for p, r in zip(predicted, reference) for x in boundary_errors(p, r)]
     return timing_summary(errors)
+
+
+def score_probes(
+    rows: Sequence[dict[str, Any]], timed: Sequence[tuple[str, Alignment, Sequence]], methods: Sequence[str]
+) -> tuple[list[list[int]], list[tuple[str, str]]]:
+    """Word-timestamp errors of the probes that carry true word timings, with the heads that agree most
+    with saliency in this reading (label-free, as :func:`alignment_heads`) and each probe's saliency map
+    fused in as :func:`word_timestamps` does. ``timed`` holds ``(probe id, attention to time, true words)``;
+    each probe's row gets its boundary errors under :data:`~xattn_lightning.summary.TIMING_ERRORS`.
+
+    Returns the heads and ``(probe id, cause)`` of the probes that could not be timed.
+    """
+    from xattn_lightning.summary import TIMING_ERRORS, mean_grid
+
+    method = "encoder_spes" if "encoder_spes" in methods else methods[0]
+    heads = select_heads_by_agreement(mean_grid(rows, method))
+    row_of = {r["id"]: r for r in rows}
+    failures: list[tuple[str, str]] = []
+    for pid, alignment, words in timed:
+        try:
+            fusion = FUSION_WEIGHT if alignment.saliency is not None else 0.0
+            predicted = alignment_words(alignment, heads, fusion=fusion)
+            row_of[pid][TIMING_ERRORS] = boundary_errors(predicted, list(words))
+        except XAttnError as err:
+            failures.append((pid, str(err)))
+    return heads, failures

@@ -30,25 +30,15 @@ from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER, RELIABILITY_FLOOR, choose_n_masks
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
-from xattn_lightning.functional.alignment import boundary_errors
 from xattn_lightning.reading import Probe, ReadingConfig, read
 from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import (
-    TIMING_ERRORS,
     Summary,
-    mean_grid,
     paired_differences,
-    pearson_scores,
     summarize,
 )
-from xattn_lightning.timestamps import (
-    FUSION_WEIGHT,
-    Alignment,
-    alignment_from,
-    alignment_words,
-    select_heads_by_agreement,
-)
+from xattn_lightning.timestamps import Alignment, alignment_from, score_probes
 
 #: the per-probe numbers of the first reading kept for ``{method}/pearson_corrected_delta``
 _BASELINE_KEYS = ("pearson", "pearson_corrected", "reliability", "mask_noise")
@@ -999,17 +989,9 @@ class XAttnSaliencyMonitor(Callback):
         with the probe's saliency map fused in as :func:`xattn_lightning.word_timestamps` does."""
         if not timed:
             return
-        method = "encoder_spes" if "encoder_spes" in self.methods else self.methods[0]
-        self.alignment_heads = select_heads_by_agreement(mean_grid(rows, method))
-        row_of = {r["id"]: r for r in rows}
-        for pid, alignment, words in timed:
-            r = row_of[pid]
-            try:
-                fusion = FUSION_WEIGHT if alignment.saliency is not None else 0.0
-                predicted = alignment_words(alignment, self.alignment_heads, fusion=fusion)
-                r[TIMING_ERRORS] = boundary_errors(predicted, words)
-            except XAttnError as err:
-                self._warn_once("timestamps", f"word timestamps of the probes could not be made: {err}")
+        self.alignment_heads, failures = score_probes(rows, timed, self.methods)
+        for _, cause in failures[:1]:
+            self._warn_once("timestamps", f"word timestamps of the probes could not be made: {cause}")
 
     # ------------------------------------------------------------------ helpers
     def _log_scalars(self, trainer: Trainer, scalars: dict[str, float], step: int) -> None:
@@ -1020,46 +1002,15 @@ class XAttnSaliencyMonitor(Callback):
                 self._report(err, f"logging scalars to {type(logger).__name__}")
 
     def _log_media(self, trainer: Trainer, rows: list, exps: list, summary: Summary, step: int) -> None:
-        wandb_loggers: list[Any] = [lg for lg in trainer.loggers if is_logger_class(lg, "WandbLogger")]
+        from xattn_lightning.loggers import log_reading_media
+
+        wandb_loggers = [lg for lg in trainer.loggers if is_logger_class(lg, "WandbLogger")]
         if not wandb_loggers or not self.log_figures:
             return
         try:
-            import wandb
-
-            from xattn_lightning.viz import figure_to_array, grid_figure, heatmap_figure
-
-            images = {}
-            row_of = {r["id"]: r for r in rows}
-            for pid, e in exps[: self.max_figures]:
-                row = row_of.get(pid, {})
-                fig = heatmap_figure(
-                    e,
-                    self.methods,
-                    title=f"{pid} @ step {step}",
-                    frame_rate=self.frame_rate,
-                    scores=pearson_scores(row, self.methods),
-                    layers=self.layers,
-                    heads=self.heads,
-                )
-                images[pid] = figure_to_array(fig)
-            grids = {
-                m: figure_to_array(grid_figure(g, f"ρ(CA, {m}) per layer × head")) for m, g in summary.grids.items()
-            }
-            scores = [f"{m}/{k}" for m in self.methods for k in self.metrics]
-            columns = ["id", "text", "hypothesis", *scores, "image"]
-            data = []
-            for r in rows:
-                img = wandb.Image(images[r["id"]]) if r["id"] in images else None
-                data.append([r["id"], r["text"], r["hypothesis"], *(r[c] for c in scores), img])
-            ranking_cols = ["method", "rank", "layer", "head", "rho"]
-            ranking = [
-                [m, i + 1, li, hi, rho] for m, rk in self.head_ranking.items() for i, (li, hi, rho) in enumerate(rk)
-            ]
-            for lg in wandb_loggers:
-                if images:
-                    lg.log_image(PREFIX + "heatmaps", list(images.values()), step=step, caption=list(images))
-                lg.log_image(PREFIX + "head_grid", list(grids.values()), step=step, caption=list(grids))
-                lg.log_table(PREFIX + "probes", columns=columns, data=data, step=step)
-                lg.log_table(PREFIX + "head_ranking", columns=ranking_cols, data=ranking, step=step)
+            log_reading_media(
+                wandb_loggers, rows, exps[: self.max_figures], summary, step, self.methods, self.metrics,
+                frame_rate=self.frame_rate, layers=self.layers, heads=self.heads, prefix=PREFIX,
+            )  # fmt: skip
         except Exception as err:
             self._report(err, "logging figures/tables to W&B")
