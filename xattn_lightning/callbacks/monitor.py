@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from xattn_lightning._lightning import NAMESPACES, is_logger_class, is_overridden, namespace_of
 from xattn_lightning.adapters import Adapter, adapter_for, find_tokenizer
 from xattn_lightning.batches import standard_batch
+from xattn_lightning.callbacks.probes import ProbeSet, split_batch
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import explain
@@ -58,35 +59,6 @@ class _Share:
     errors: list[tuple[str, str]] = field(default_factory=list)
     explanations: list[tuple[str, Any]] = field(default_factory=list)
     timed: list[tuple[str, Alignment, tuple]] = field(default_factory=list)
-
-
-def _split_batch(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Split a batch dict into one dict per utterance (tensors cloned to CPU)."""
-    sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0}
-    if len(sizes) != 1:
-        raise XAttnError(
-            f"Cannot split the batch into utterances: its tensors have batch sizes {sorted(sizes)}; "
-            "pass batch_fn=... that returns only per-utterance tensors."
-        )
-    (n,) = sizes
-    out = []
-    for i in range(n):
-        item: dict[str, Any] = {}
-        for k, v in batch.items():
-            if isinstance(v, Tensor) and v.dim() > 0:
-                item[k] = v[i : i + 1].detach().cpu().clone()
-            elif isinstance(v, (list, tuple)) and len(v) == n:
-                item[k] = [v[i]]
-        out.append(item)
-    return out
-
-
-def _as_batch(b: dict[str, Any], input_key: str) -> dict[str, Any]:
-    """A dataset item (features without a batch dimension) as a batch of one."""
-    x = b.get(input_key)
-    if isinstance(x, Tensor) and x.dim() == 2:
-        return {k: (v.unsqueeze(0) if isinstance(v, Tensor) else [v]) for k, v in b.items()}
-    return b
 
 
 def _sharded_stream(trainer: Trainer) -> tuple[int, int]:
@@ -321,17 +293,12 @@ class XAttnSaliencyMonitor(Callback):
         self.encoder_cache: EncoderCache | None = EncoderCache() if cache_encoder else None
         self.method_options = {**MONITOR_DEFAULTS, **method_options}
         # state kept across resumes
-        self.probe_ids: list[str] = []
-        self.probe_positions: list[int] = []
+        self._probe_set = ProbeSet(num_probes, probes)
         self._last_step = -1
         self.history: list[dict[str, Any]] = []
         #: the first reading's per-probe numbers, which ``{method}/pearson_corrected_delta`` is measured from
         self.baseline: list[dict[str, Any]] = []
         # per fit
-        self._probe_items: list[Probe] = []
-        self._probes_final = False
-        self._seen = 0
-        self._stride, self._offset = 1, 0
         self._adapter_cache: tuple[int, Adapter] | None = None
         self._validated_epoch = -1
         self.clock: Callable[[], float] = time.perf_counter  # replaceable, e.g. by a fake clock in tests
@@ -353,6 +320,24 @@ class XAttnSaliencyMonitor(Callback):
         from xattn_lightning.saliency import OPTIONS
 
         return float(self.method_options.get("frame_rate", OPTIONS["frame_rate"]))
+
+    @property
+    def probe_ids(self) -> list[str]:
+        """The probes' ids, fixed at the first reading (kept in checkpoints)."""
+        return self._probe_set.ids
+
+    @probe_ids.setter
+    def probe_ids(self, ids: list[str]) -> None:
+        self._probe_set.ids = list(ids)
+
+    @property
+    def probe_positions(self) -> list[int]:
+        """The probes' positions in the probe stream, fixed at the first reading (kept in checkpoints)."""
+        return self._probe_set.positions
+
+    @probe_positions.setter
+    def probe_positions(self, positions: list[int]) -> None:
+        self._probe_set.positions = list(positions)
 
     @property
     def _lightning(self) -> ModuleType:
@@ -549,9 +534,8 @@ class XAttnSaliencyMonitor(Callback):
             self._on_validation_epoch_start(trainer, pl_module)
 
     def _on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._seen = 0
-        if self.probes_source is None and not self._probes_final:
-            self._stride, self._offset = _sharded_stream(trainer) if trainer.world_size > 1 else (1, 0)
+        if self.probes_source is None:
+            self._probe_set.start_pass(*(_sharded_stream(trainer) if trainer.world_size > 1 else (1, 0)))
 
     @override
     def on_validation_batch_end(
@@ -569,34 +553,15 @@ class XAttnSaliencyMonitor(Callback):
     def _on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, dataloader_idx: int
     ) -> None:
-        if self.probes_source is not None or self._probes_final or dataloader_idx != 0 or not self._wants_more():
+        probes = self._probe_set
+        if self.probes_source is not None or probes.final or dataloader_idx != 0 or not probes.wants_more():
             return
         try:
-            items = _split_batch(self._to_model_batch(batch, pl_module))
+            items = split_batch(self._to_model_batch(batch, pl_module))
         except Exception as err:  # one warning for every batch of that shape, not one per batch
             self._report(err, "taking probe utterances from the validation batches", key="probe-batches")
             return
-        self._take(items)
-
-    def _wants_more(self) -> bool:
-        if self.probe_positions:  # resumed: collect exactly those positions
-            return len(self._probe_items) < len(self.probe_positions)
-        return len(self._probe_items) < self.num_probes
-
-    def _take(self, items: list[dict[str, Any]]) -> None:
-        """Keep utterances by their global position in the probe stream (stable across epochs,
-        resumes and world sizes)."""
-        have = {p.position for p in self._probe_items}
-        for item in items:
-            pos = self._seen * self._stride + self._offset
-            self._seen += 1
-            if pos in have or (self.probe_positions and pos not in self.probe_positions):
-                continue
-            if not self._wants_more():
-                break
-            default_id = f"probe{pos}" if self.probes_source is not None else f"val{pos}"
-            self._probe_items.append(Probe.from_batch(pos, item, default_id))
-        self._probe_items.sort(key=lambda p: p.position)
+        probes.take(items)
 
     def _input_key(self, pl_module: LightningModule) -> str:
         try:
@@ -770,57 +735,20 @@ class XAttnSaliencyMonitor(Callback):
 
     def _probes(self, trainer: Trainer, pl_module: LightningModule) -> list[Probe]:
         """Step 1: the fixed probe set, the same on every rank."""
-        if not self._probes_final:
+        probes = self._probe_set
+        if not probes.final:
             if self.probes_source is not None:
-                self._collect_from_source(pl_module)
-            elif trainer.world_size > 1:
-                self._merge_ranks(trainer)
-            if not self._probe_items:
-                where = "the probes= source" if self.probes_source is not None else "the validation batches"
-                raise XAttnError(
-                    f"no probe utterance could be taken from {where}; check that it yields utterances, or pass "
-                    "batch_fn=... that turns a batch into {'input_features': Tensor, 'labels': Tensor}."
-                )
-            if len(self._probe_items) < self.num_probes and not self.probe_positions:
+                probes.collect_source(lambda b: self._to_model_batch(b, pl_module), self._input_key(pl_module))
+            elif trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                shares: list = [None] * trainer.world_size  # each rank took its shard of validation
+                torch.distributed.all_gather_object(shares, probes.items)
+                probes.merge(shares)
+            items, few = probes.finalize()
+            if few:
                 self._warn_once(
-                    "few",
-                    f"only {len(self._probe_items)} probe utterances available (num_probes={self.num_probes}); "
-                    "using those.",
+                    "few", f"only {len(items)} probe utterances available (num_probes={self.num_probes}); using those."
                 )
-            if not self.probe_positions:
-                self.probe_positions = [p.position for p in self._probe_items]
-                self.probe_ids = [p.id for p in self._probe_items]
-            self._probes_final = True
-        return self._probe_items
-
-    def _collect_from_source(self, pl_module: LightningModule) -> None:
-        src = self.probes_source
-        if hasattr(src, "__getitem__") and hasattr(src, "__len__"):
-            it = (src[i] for i in range(len(src)))
-        else:
-            it = iter(src)
-        self._seen, self._stride, self._offset = 0, 1, 0
-        input_key = self._input_key(pl_module)
-        for batch in it:
-            if not self._wants_more():
-                break
-            self._take(_split_batch(_as_batch(self._to_model_batch(batch, pl_module), input_key)))
-
-    def _merge_ranks(self, trainer: Trainer) -> None:
-        """Every rank collected from its shard of validation: put the shares back in the global order
-        and keep the first probes, so the set equals a single-process run's."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        gathered: list = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, self._probe_items)
-        by_pos: dict[int, Probe] = {}
-        for items in gathered:
-            for p in items or []:
-                by_pos.setdefault(p.position, p)
-        ordered = [by_pos[k] for k in sorted(by_pos)]
-        if self.probe_positions:
-            ordered = [p for p in ordered if p.position in self.probe_positions]
-        self._probe_items = ordered[: len(self.probe_positions) or self.num_probes]
+        return probes.items
 
     def _adapter(self, pl_module: LightningModule) -> Adapter:
         """Step 2: the model's adapter (resolved once per fit), with a tokenizer wherever one is found."""
