@@ -169,7 +169,7 @@ def goals(pairs: list[dict]) -> dict:
         spreads[p["other"]] = _spread([s["other"]["pearson_corrected"] for s in p["seeds"]])
     spreads["base"] = max(_spread([s["base"]["pearson_corrected"] for s in p["seeds"]]) for p in pairs)
     diff_spreads = {p["other"]: _spread([s["diff"]["value"] for s in p["seeds"]]) for p in pairs}
-    covered, signs = [], []
+    covered, signs, agree, agree_old = [], [], [], []
     for p in pairs:
         ref = p["reference"]
         for s in p["seeds"]:
@@ -177,13 +177,18 @@ def goals(pairs: list[dict]) -> dict:
                 lo, hi = s[side]["pearson_corrected_ci_low"], s[side]["pearson_corrected_ci_high"]
                 covered.append(lo <= ref[side] <= hi)
             covered.append(s["diff"]["ci_low"] <= ref["diff"]["value"] <= s["diff"]["ci_high"])
+            same = math.copysign(1, s["diff"]["value"]) == math.copysign(1, ref["diff"]["value"])
+            agree.append(same)
+            agree_old.append(math.copysign(1, s["raw_diff_at_256_unchecked"]) == math.copysign(1, ref["diff"]["value"]))
             if ref["diff"]["comparable"] and not ref["diff"]["ci_low"] <= 0 <= ref["diff"]["ci_high"]:
-                signs.append(math.copysign(1, s["diff"]["value"]) == math.copysign(1, ref["diff"]["value"]))
+                signs.append(same)
     return {
         "headline_for_every_checkpoint": all(headline),
         "checkpoint_seed_spread": spreads,
         "difference_seed_spread": diff_spreads,
         "sign_right": f"{sum(signs)}/{len(signs)}",
+        "sign_agrees": f"{sum(agree)}/{len(agree)}",
+        "sign_agrees_old_default": f"{sum(agree_old)}/{len(agree_old)}",
         "intervals_holding_reference": sum(covered) / len(covered) if covered else math.nan,
     }
 
@@ -225,7 +230,9 @@ def report(summary: dict, out: Path) -> str:
         "| per pair, seeds' spread of the difference ≤ 0.03 | "
         + ", ".join(f"{k} {v:.3f}" for k, v in g["difference_seed_spread"].items())
         + " |",
-        f"| sign right where the N = 2,000 difference's interval excludes 0 | {g['sign_right']} |",
+        f"| sign right where the N = 2,000 difference's interval excludes 0 | {g['sign_right']} (no N = 2,000 difference excludes 0 here) |",
+        f"| sign of the difference as at N = 2,000, every reading | {g['sign_agrees']}; the raw ρ at the old default "
+        f"(256 masks): {g['sign_agrees_old_default']} |",
         f"| intervals holding the N = 2,000 value (≥ 90 %) | {100 * g['intervals_holding_reference']:.0f} % |",
         "",
     ]

@@ -120,6 +120,8 @@ def test_raw_rho_of_unequally_reliable_maps_is_not_printed_side_by_side():
         ["not", "comparable:", "maps"]
     ]
     assert "maps of unequal reliability (0.34, 0.24): read pearson_corrected" in table
+    for key in ("encoder_spes/pearson_ci_low", "encoder_spes/pearson_ci_high"):  # nor the raw ρ's interval
+        assert [line.split()[1] for line in table.splitlines() if line.startswith(key + " ")] == ["not"]
     assert "encoder_spes/pearson_corrected" in table and "<floor (0.24)" in table  # tuned is below the 0.3 floor
     d = comp.differences()["tuned"]
     assert not d["encoder_spes/pearson_corrected"].comparable and "floor" in d["encoder_spes/pearson_corrected"].reason

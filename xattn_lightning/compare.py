@@ -93,10 +93,10 @@ class Comparison:
     def _comparable(self, key: str) -> str:
         """Why the per-checkpoint numbers under ``key`` must not be read side by side ("" when they can)."""
         m, _, what = key.rpartition("/")
-        if m not in perturbation_methods(self.methods) or what not in ("pearson", "pearson_corrected"):
+        if m not in perturbation_methods(self.methods) or what not in ("pearson", "pearson_ci_low", "pearson_ci_high"):
             return ""
         rels = [r.scalars.get(f"{m}/reliability", math.nan) for r in self.results]
-        if what == "pearson" and len(rels) > 1 and not max(rels) - min(rels) <= MAX_RELIABILITY_GAP:
+        if len(rels) > 1 and not max(rels) - min(rels) <= MAX_RELIABILITY_GAP:
             return f"maps of unequal reliability ({', '.join(f'{x:.2f}' for x in rels)}): read pearson_corrected"
         return ""
 
