@@ -59,7 +59,7 @@ def fine_tune(args: argparse.Namespace, out: Path, train: Path, probes: Path) ->
     for name, extra in runs.items():
         where = out / "ckpts" / name.replace(" ", "_")
         ckpts[name] = str(where)
-        if (where / "adapter_config.json").exists() or (where / "config.json").exists():
+        if args.report_only or (where / "adapter_config.json").exists() or (where / "config.json").exists():
             continue
         start = time.perf_counter()
         res = ex.main(["--model", args.model, "--manifest", str(train), "--val-manifest", str(probes),
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/comparison")
     ap.add_argument("--doc", default="docs/comparison.md")
+    ap.add_argument("--report-only", action="store_true", help="no fine-tuning: the tables from the cached readings")
     args = ap.parse_args(argv)
     out = Path(args.out)
     cache = out / "readings"
@@ -234,6 +235,8 @@ def report(summary: dict, out: Path) -> str:
         f"| sign of the difference as at N = 2,000, every reading | {g['sign_agrees']}; the raw ρ at the old default "
         f"(256 masks): {g['sign_agrees_old_default']} |",
         f"| intervals holding the N = 2,000 value (≥ 90 %) | {100 * g['intervals_holding_reference']:.0f} % |",
+        "",
+        "What a reading at the defaults costs: [costs.md](costs.md#what-n_masksauto-costs).",
         "",
     ]
     return "\n".join(lines)

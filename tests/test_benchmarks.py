@@ -132,3 +132,25 @@ def test_control_variate_estimators_are_unbiased_and_use_a_good_surrogate():
     assert torch.stack(errs).mean(0).abs().max() < 0.01
     idx = estimate(keep, kl_of(keep), "cv_index", p_h=p_h)
     assert idx.shape == truth.shape and torch.isfinite(idx).all()
+
+
+def test_comparison_goals_count_spreads_signs_and_coverage():
+    """benchmarks/comparison.py's goal table, on two synthetic seeds of one pair."""
+    from benchmarks.comparison import goals
+
+    def side(v, lo, hi):
+        return {"pearson_corrected": v, "pearson_corrected_ci_low": lo, "pearson_corrected_ci_high": hi}
+
+    ref = {"base": 0.44, "other": 0.47, "diff": {"value": 0.03, "ci_low": 0.01, "ci_high": 0.05, "comparable": True}}
+    seeds = [
+        {"base": side(0.45, 0.40, 0.50), "other": side(0.49, 0.45, 0.53),
+         "diff": {"value": 0.04, "ci_low": 0.00, "ci_high": 0.08}, "raw_diff_at_256_unchecked": -0.01},
+        {"base": side(0.43, 0.38, 0.48), "other": side(0.46, 0.41, 0.51),
+         "diff": {"value": 0.03, "ci_low": -0.01, "ci_high": 0.02}, "raw_diff_at_256_unchecked": 0.01},
+    ]  # fmt: skip
+    g = goals([{"other": "tuned", "reference": ref, "seeds": seeds}])
+    assert g["headline_for_every_checkpoint"] is True
+    assert g["checkpoint_seed_spread"]["tuned"] == pytest.approx(0.03) and g["checkpoint_seed_spread"]["base"] == pytest.approx(0.02)
+    assert g["difference_seed_spread"]["tuned"] == pytest.approx(0.01)
+    assert g["sign_right"] == "2/2" and g["sign_agrees_old_default"] == "1/2"
+    assert g["intervals_holding_reference"] == pytest.approx(5 / 6)  # the second difference's interval misses 0.03
