@@ -172,6 +172,18 @@ def lora_model(model, target_modules=("q_proj", "v_proj"), scale: float = 0.5, s
     return pm
 
 
+def tuple_data(n: int = 8, seed: int = 0):
+    """A ``TensorDataset`` of (features [16 mel, 200 frames], labels) pairs, as a script's own Dataset would give them."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.full((n, 16, 200), -0.5)
+    feats[:, :, :120] = torch.randn(n, 16, 120, generator=g)
+    labels = torch.randint(3, 40, (n, 5), generator=g)
+    labels[:, -1] = 50  # EOS
+    from torch.utils.data import TensorDataset
+
+    return TensorDataset(feats, labels)
+
+
 try:
     import lightning.pytorch as _pl
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import speaking_tiny_whisper
-from torch.utils.data import DataLoader, TensorDataset
+from helpers import speaking_tiny_whisper, tuple_data
+from torch.utils.data import DataLoader
 
 import xattn_lightning as xl
 from xattn_lightning.callbacks.monitor import XAttnSaliencyMonitor
@@ -28,15 +28,6 @@ def _import(ns: str):
 
 
 # ---------------------------------------------------------------- the scripts' modules, in each package
-def _tuple_data(n: int = 8, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    feats = torch.full((n, 16, 200), -0.5)
-    feats[:, :, :120] = torch.randn(n, 16, 120, generator=g)
-    labels = torch.randint(3, 40, (n, 5), generator=g)
-    labels[:, -1] = 50  # EOS
-    return TensorDataset(feats, labels)
-
-
 def _module_classes(ns: str) -> dict[str, type]:
     """The LightningModules of the tests, subclassing ``ns``'s ``LightningModule``."""
     pl = importlib.import_module(ns)
@@ -128,7 +119,7 @@ def _monitor(**kw) -> XAttnSaliencyMonitor:
 
 
 def _loader(n: int = 8, seed: int = 0, batch_size: int = 2, shuffle: bool = False) -> DataLoader:
-    return DataLoader(_tuple_data(n, seed), batch_size=batch_size, shuffle=shuffle)
+    return DataLoader(tuple_data(n, seed), batch_size=batch_size, shuffle=shuffle)
 
 
 def _as_is(batch):
@@ -353,7 +344,7 @@ def _feature_text_pairs(n: int = 4, seed: int = 0) -> list:
 
     out = []
     for b in range(n // 2):
-        feats, labels = _tuple_data(2, seed + b)[:]
+        feats, labels = tuple_data(2, seed + b)[:]
         text = BatchEncoding({"labels": labels, "attention_mask": torch.ones_like(labels)})
         out.append((BatchFeature({"input_features": feats}), text))
     return out

@@ -8,47 +8,18 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import lora_model, speaking_tiny_whisper
+from helpers import lora_model, speaking_tiny_whisper, tuple_data
 from lightning.pytorch.loggers import CSVLogger
+from test_hosts import MODULES
 from test_monitor import _read_csv
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import xattn_lightning as xl
 from xattn_lightning.batches import standard_batch
 
-
-def tuple_data(n: int = 8, seed: int = 0) -> TensorDataset:
-    """(features [16 mel, 200 frames], labels) pairs, as a script's own Dataset would give them."""
-    g = torch.Generator().manual_seed(seed)
-    feats = torch.full((n, 16, 200), -0.5)
-    feats[:, :, :120] = torch.randn(n, 16, 120, generator=g)
-    labels = torch.randint(3, 40, (n, 5), generator=g)
-    labels[:, -1] = 50  # EOS
-    return TensorDataset(feats, labels)
-
-
-class TrainOnly(pl.LightningModule):
-    """Like the public HF-Whisper Lightning scripts: a model, a training step on tuples, no validation."""
-
-    def __init__(self, lr: float = 1e-2) -> None:
-        super().__init__()
-        self.model = speaking_tiny_whisper()
-        self.lr = lr
-
-    def training_step(self, batch, batch_idx):
-        features, labels = batch
-        loss = self.model(input_features=features, labels=labels).loss
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class WithValidation(TrainOnly):
-    def validation_step(self, batch, batch_idx):
-        features, labels = batch
-        self.log("val_loss", self.model(input_features=features, labels=labels).loss)
+#: a public HF-Whisper script's module (training step on tuples, no validation) and the same with validation
+TrainOnly = MODULES["lightning.pytorch"]["TrainOnly"]
+WithValidation = MODULES["lightning.pytorch"]["WithValidation"]
 
 
 class FakeTokenizer:
