@@ -24,7 +24,7 @@ from xattn_lightning.functional.agreement import Metric
 from xattn_lightning.functional.alignment import timing_summary
 
 
-def _mean(values: Sequence[float]) -> float:
+def nan_mean(values: Sequence[float]) -> float:
     """Mean leaving out NaN (``nan`` when nothing is left)."""
     return float(torch.tensor(list(values), dtype=torch.float64).nanmean())
 
@@ -124,7 +124,7 @@ def summarize(
     below_floor: dict[str, tuple[float, int]] = {}
     for m in methods:
         for metric in metrics:
-            scalars[f"{m}/{metric}"] = _mean([r[f"{m}/{metric}"] for r in rows])
+            scalars[f"{m}/{metric}"] = nan_mean([r[f"{m}/{metric}"] for r in rows])
         layers = torch.tensor([r[f"{m}/layers"] for r in rows], dtype=torch.float64)
         layer_mean = torch.nanmean(layers, 0)
         for li, v in enumerate(layer_mean.tolist()):
@@ -140,14 +140,14 @@ def summarize(
             scalars[f"{m}/pearson_best_head"] = order[0][2]
             scalars[f"{m}/best_head_layer"] = float(order[0][0])
             scalars[f"{m}/best_head_index"] = float(order[0][1])
-        scalars[f"{m}/coverage"] = _mean([r[f"{m}/coverage"] for r in rows])
+        scalars[f"{m}/coverage"] = nan_mean([r[f"{m}/coverage"] for r in rows])
         for extra in ("n_masks", "reliability", "pearson_corrected"):
             if all(f"{m}/{extra}" in r for r in rows):
-                scalars[f"{m}/{extra}"] = _mean([r[f"{m}/{extra}"] for r in rows])
+                scalars[f"{m}/{extra}"] = nan_mean([r[f"{m}/{extra}"] for r in rows])
         if "pearson" in metrics:
             _intervals(scalars, below_floor, m, rows, reliability_floor)
     if all("context_mixing_gap" in r for r in rows) and rows:
-        scalars["context_mixing_gap"] = _mean([r["context_mixing_gap"] for r in rows])
+        scalars["context_mixing_gap"] = nan_mean([r["context_mixing_gap"] for r in rows])
     timed = [r[TIMING_ERRORS] for r in rows if TIMING_ERRORS in r]
     if timed:
         t = timing_summary([x for errs in timed for x in errs])
@@ -237,7 +237,7 @@ def paired_differences(
     pairs = [(r, by_id[r["id"]]) for r in rows_a if r.get("id") in by_id]
     ra, rb = [a for a, _ in pairs], [b for _, b in pairs]
     rel_key = f"{method}/reliability"
-    rel_a, rel_b = _mean([float(r.get(rel_key, 1.0)) for r in ra]), _mean([float(r.get(rel_key, 1.0)) for r in rb])
+    rel_a, rel_b = nan_mean([float(r.get(rel_key, 1.0)) for r in ra]), nan_mean([float(r.get(rel_key, 1.0)) for r in rb])
     out: dict[str, Difference] = {}
     for key in ("pearson", "pearson_corrected"):
         full = f"{method}/{key}"
@@ -263,5 +263,5 @@ def paired_differences(
                 nb = nb / _column(rb, rel_key).clamp(min=1e-6).sqrt()
             noise = (na**2 + nb**2).sqrt()
         lo, hi = bootstrap_mean_ci(diff, noise)
-        out[key] = Difference(full, _mean(diff.tolist()), lo, hi, int((~diff.isnan()).sum()))
+        out[key] = Difference(full, nan_mean(diff.tolist()), lo, hi, int((~diff.isnan()).sum()))
     return out

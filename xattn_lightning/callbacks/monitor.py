@@ -36,6 +36,7 @@ from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import (
     Summary,
+    nan_mean,
     paired_differences,
     summarize,
 )
@@ -81,11 +82,6 @@ def _validation_planned(trainer: Trainer, pl_module: LightningModule) -> bool:
         return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
     except AttributeError:  # pragma: no cover - depends on the Lightning version
         return True
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _world_size() -> int:
@@ -720,7 +716,7 @@ class XAttnSaliencyMonitor(Callback):
         bring every perturbation method's maps to :data:`~xattn_lightning.functional.AUTO_RELIABILITY_TARGET`,
         from this first reading's reliabilities; frozen for the run (kept in checkpoints)."""
         reliabilities = {
-            m: _nanmean([float(r.get(f"{m}/reliability", math.nan)) for r in rows])
+            m: nan_mean([float(r.get(f"{m}/reliability", math.nan)) for r in rows])
             for m in perturbation_methods(self.methods)
         }
         n = max(choose_n_masks(measured_at, rel) for rel in reliabilities.values())
