@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-probes", type=int, default=4)
     ap.add_argument("--every-n-epochs", type=int, default=5)
     ap.add_argument("--methods", default="spes,encoder_spes")
-    ap.add_argument("--n-masks", type=lambda v: v if v == "auto" else int(v), default="auto", help="masks per map or 'auto'")
+    ap.add_argument(
+        "--n-masks", type=lambda v: v if v == "auto" else int(v), default="auto", help="masks per map or 'auto'"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--max-overhead",

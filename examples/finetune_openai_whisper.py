@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--limit-train-batches", type=float, default=1.0)
     ap.add_argument("--num-probes", type=int, default=4)
-    ap.add_argument("--n-masks", type=lambda v: v if v == "auto" else int(v), default="auto", help="masks per map or 'auto'")
+    ap.add_argument(
+        "--n-masks", type=lambda v: v if v == "auto" else int(v), default="auto", help="masks per map or 'auto'"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--max-overhead",

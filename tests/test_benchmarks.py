@@ -150,7 +150,9 @@ def test_comparison_goals_count_spreads_signs_and_coverage():
     ]  # fmt: skip
     g = goals([{"other": "tuned", "reference": ref, "seeds": seeds}])
     assert g["headline_for_every_checkpoint"] is True
-    assert g["checkpoint_seed_spread"]["tuned"] == pytest.approx(0.03) and g["checkpoint_seed_spread"]["base"] == pytest.approx(0.02)
+    assert g["checkpoint_seed_spread"]["tuned"] == pytest.approx(0.03) and g["checkpoint_seed_spread"][
+        "base"
+    ] == pytest.approx(0.02)
     assert g["difference_seed_spread"]["tuned"] == pytest.approx(0.01)
     assert g["sign_right"] == "2/2" and g["sign_agrees_old_default"] == "1/2"
     assert g["intervals_holding_reference"] == pytest.approx(5 / 6)  # the second difference's interval misses 0.03

@@ -81,7 +81,9 @@ def test_the_monitor_logs_the_change_since_its_first_reading_with_an_interval(tm
     assert key not in first and len(later) == 2
     for h in later:
         # paired over the same probes: the change of the mean equals the mean of the changes
-        assert h[key] == pytest.approx(h["xattn/encoder_spes/pearson_corrected"] - first["xattn/encoder_spes/pearson_corrected"])
+        assert h[key] == pytest.approx(
+            h["xattn/encoder_spes/pearson_corrected"] - first["xattn/encoder_spes/pearson_corrected"]
+        )
         assert h[f"{key}_ci_low"] <= h[key] <= h[f"{key}_ci_high"]
     assert mon.state_dict()["baseline"] and mon.state_dict()["baseline"][0]["id"] == mon.probe_ids[0]
 

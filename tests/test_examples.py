@@ -5,6 +5,7 @@ import csv
 import glob
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ def _load(name: str, lightning: str = "lightning.pytorch"):
     path = EXAMPLES / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"example_{name}_{lightning.replace('.', '_')}", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     source = path.read_text()
     if lightning != "lightning.pytorch":
         line = "import lightning.pytorch as pl\n"

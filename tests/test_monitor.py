@@ -104,7 +104,7 @@ def test_max_seconds_calibrates_the_mask_count_once_then_freezes_it(tmp_path, mo
         num_probes=2, methods=("encoder_spes",), n_masks=100000, max_seconds=0.5, targets="labels"
     )
     resumed.load_state_dict(mon.state_dict())
-    monkeypatch.setattr(resumed, "_calibrate", lambda *a, **k: pytest.fail("a resume must not recalibrate"))
+    monkeypatch.setattr(resumed.instrument, "_calibrate", lambda *a, **k: pytest.fail("a resume must not recalibrate"))
     _fit(tmp_path / "r", resumed, max_epochs=1)
     assert resumed.history[-1]["xattn/encoder_spes/n_masks"] == float(n)
 

@@ -4,7 +4,7 @@ the stored positions after a resume."""
 import pytest
 import torch
 
-from xattn_lightning.callbacks.probes import ProbeSet, split_batch
+from xattn_lightning.monitoring.probes import ProbeSet, split_batch
 from xattn_lightning.errors import XAttnError
 
 

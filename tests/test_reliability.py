@@ -395,7 +395,7 @@ def test_nan_metric_is_never_logged(tmp_path):
     _, va = loaders(4, 4, batch_size=4)
     trainer = _trainer(tmp_path, [mon], logger=CSVLogger(tmp_path), max_epochs=1)
     trainer.validate(model, va)
-    import xattn_lightning.callbacks.monitor as mm
+    import xattn_lightning.monitoring.core as mm
 
     orig = mm.summarize
     import dataclasses

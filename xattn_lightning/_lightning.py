@@ -55,3 +55,45 @@ def is_logger_class(logger: object, name: str) -> bool:
         if cls is not None and isinstance(logger, cls):
             return True
     return False
+
+
+# ---------------------------------------------------------------- what a trainer does not say publicly
+# Lightning has no public API for these two facts; each private read is held here, says why, and falls
+# back to a safe answer when a Lightning version moved it (tests/test_lightning_compat.py runs them).
+
+
+def steps_logged(trainer: Any) -> int:
+    """The step Lightning's own logger connector gives metrics logged now, so that ``xattn/`` scalars land at
+    the step of the validation metrics they belong to. Lightning counts it in the private
+    ``fit_loop.epoch_loop._batches_that_stepped`` (``trainer.global_step`` counts optimizer steps, which
+    differ under gradient accumulation and with several optimizers); falls back to ``global_step``."""
+    try:
+        return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    except AttributeError:  # pragma: no cover - depends on the Lightning version
+        return int(trainer.global_step)
+
+
+def validation_planned(trainer: Any, pl_module: Any) -> bool:
+    """Whether this fit will validate: a ``validation_step``, validation batches allowed, and validation data
+    given. Whether data was given is only known to the private ``val_loop._data_source``; when a Lightning
+    version moved it, validation is assumed (the monitor then warns later, when no validation ran)."""
+    if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
+        return False
+    try:
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:  # pragma: no cover - depends on the Lightning version
+        return True
+
+
+def sharded_stream(trainer: Any) -> tuple[int, int]:
+    """``(stride, offset)`` of this process's validation items in the global order: Lightning's default
+    ``DistributedSampler`` (no shuffling) gives rank ``r`` the items ``r, r + world, ...``; ``(1, 0)`` when the
+    validation loader is not sharded that way."""
+    from torch.utils.data import DistributedSampler
+
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
+            return int(sampler.num_replicas), int(sampler.rank)
+    return 1, 0

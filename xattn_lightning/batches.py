@@ -134,7 +134,9 @@ def _shifted_labels(a: Tensor, b: Tensor) -> int | None:
     return None if ab == ba else (2 if ab else 1)
 
 
-def _from_two_mappings(features: Mapping[str, Any], text: Mapping[str, Any], input_key: str, kind: str) -> dict[str, Any]:
+def _from_two_mappings(
+    features: Mapping[str, Any], text: Mapping[str, Any], input_key: str, kind: str
+) -> dict[str, Any]:
     """A feature extractor's output and a tokenizer's: the features dict, with the text dict's labels
     (its ``labels``, a usual alternative, or its integer ``input_ids``). The text dict's ``attention_mask``
     is the tokens' and is left out."""

@@ -127,7 +127,9 @@ class Comparison:
             if key in keys:
                 continue
             shown = [
-                _fmt(r.scalars[key]) if key in r.scalars else f"<floor ({r.scalars.get(f'{m}/reliability', math.nan):.2f})"
+                _fmt(r.scalars[key])
+                if key in r.scalars
+                else f"<floor ({r.scalars.get(f'{m}/reliability', math.nan):.2f})"
                 for r in self.results
             ]
             lines.append(f"{key:<{kw}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(shown, widths)))
@@ -401,7 +403,9 @@ def compare_checkpoints(
         n_masks, calibration = comparison_masks(results, methods, first)
         rank_zero_info(
             f"n_masks='auto': split-half reliability at {first} masks "
-            + "; ".join(f"{name}: " + ", ".join(f"{rel:.2f}" for rel in by_m.values()) for name, by_m in calibration.items())
+            + "; ".join(
+                f"{name}: " + ", ".join(f"{rel:.2f}" for rel in by_m.values()) for name, by_m in calibration.items()
+            )
             + f" -> {n_masks} masks for every checkpoint (predicted to reach {AUTO_RELIABILITY_TARGET})."
         )
         if n_masks != first:

@@ -79,8 +79,13 @@ def log_reading_media(
     images = {
         pid: figure_to_array(
             heatmap_figure(
-                e, methods, title=f"{pid} @ step {step}", frame_rate=frame_rate,
-                scores=pearson_scores(row_of.get(pid, {}), methods), layers=layers, heads=heads,
+                e,
+                methods,
+                title=f"{pid} @ step {step}",
+                frame_rate=frame_rate,
+                scores=pearson_scores(row_of.get(pid, {}), methods),
+                layers=layers,
+                heads=heads,
             )  # fmt: skip
         )
         for pid, e in explanations
@@ -89,7 +94,13 @@ def log_reading_media(
     scores = [f"{m}/{k}" for m in methods for k in metrics]
     columns = ["id", "text", "hypothesis", *scores, "image"]
     data = [
-        [r["id"], r["text"], r["hypothesis"], *(r[c] for c in scores), wandb.Image(images[r["id"]]) if r["id"] in images else None]
+        [
+            r["id"],
+            r["text"],
+            r["hypothesis"],
+            *(r[c] for c in scores),
+            wandb.Image(images[r["id"]]) if r["id"] in images else None,
+        ]
         for r in rows
     ]
     ranking_cols = ["method", "rank", "layer", "head", "rho"]

@@ -237,7 +237,10 @@ def paired_differences(
     pairs = [(r, by_id[r["id"]]) for r in rows_a if r.get("id") in by_id]
     ra, rb = [a for a, _ in pairs], [b for _, b in pairs]
     rel_key = f"{method}/reliability"
-    rel_a, rel_b = nan_mean([float(r.get(rel_key, 1.0)) for r in ra]), nan_mean([float(r.get(rel_key, 1.0)) for r in rb])
+    rel_a, rel_b = (
+        nan_mean([float(r.get(rel_key, 1.0)) for r in ra]),
+        nan_mean([float(r.get(rel_key, 1.0)) for r in rb]),
+    )
     out: dict[str, Difference] = {}
     for key in ("pearson", "pearson_corrected"):
         full = f"{method}/{key}"
@@ -245,7 +248,9 @@ def paired_differences(
         if not pairs:
             reason = "no probe explained in both readings"
         elif key == "pearson_corrected" and not min(rel_a, rel_b) >= reliability_floor:
-            reason = f"a reading's maps are below the reliability floor {reliability_floor} ({rel_a:.2f} vs {rel_b:.2f})"
+            reason = (
+                f"a reading's maps are below the reliability floor {reliability_floor} ({rel_a:.2f} vs {rel_b:.2f})"
+            )
         elif key == "pearson" and not abs(rel_a - rel_b) <= max_reliability_gap:
             reason = f"the maps are not equally reliable ({rel_a:.2f} vs {rel_b:.2f}): compare pearson_corrected"
         elif not all(full in r for r in ra + rb):

@@ -216,9 +216,9 @@ def word_timestamps(
     if fusion is None:
         fusion = FUSION_WEIGHT if heads == "agreement" else 0.0
     if heads == "model":
-        heads = model_alignment_heads(adapter.model)
+        heads = adapter.alignment_heads()
         if heads is None:
-            raise XAttnError(f"{type(adapter.model).__name__} has no generation_config.alignment_heads; pass heads=.")
+            raise XAttnError(f"{type(adapter.model).__name__} has no alignment heads of its own; pass heads=.")
     use_saliency = heads == "agreement" or bool(fusion)
     methods = (saliency_method,) if use_saliency else ()
     options = {"n_masks": 256, **explain_options} if use_saliency else explain_options
@@ -234,10 +234,9 @@ def word_timestamps(
 
 
 def model_alignment_heads(model: nn.Module) -> list[list[int]] | None:
-    """The ``alignment_heads`` a model's generation config carries (``None`` if it has none)."""
-    cfg = getattr(model, "generation_config", None)
-    heads = getattr(cfg, "alignment_heads", None)
-    return [list(map(int, h)) for h in heads] if heads else None
+    """The ``alignment_heads`` the model's own word timestamps use (``None`` if it has none): a Hugging Face
+    Whisper's ``generation_config.alignment_heads``, an openai-whisper model's buffer."""
+    return adapter_for(model).alignment_heads()
 
 
 def _batch_words(batch: Mapping[str, Any]) -> list[list[Word]] | None:
@@ -300,9 +299,10 @@ def alignment_heads(
     speech, keeping the ``k`` best (default: the heads whose agreement is at least the mean of all
     heads'). Supervised (when every batch carries ``words``: per utterance a list of
     ``(word, start_s, end_s)``, or ``supervised=True``): heads ranked by their own boundary error,
-    keeping the ``k`` best (default: the count with the lowest error on these utterances). ``apply=True`` writes them into
-    ``model.generation_config.alignment_heads`` so that ``generate(return_token_timestamps=True)``
-    and pipelines use them.
+    keeping the ``k`` best (default: the count with the lowest error on these utterances). ``apply=True`` makes
+    the model's own word timestamps use them: a Hugging Face Whisper's ``generation_config.alignment_heads``
+    (``generate(return_token_timestamps=True)``, pipelines), an openai-whisper model's ``alignment_heads``
+    buffer (``transcribe(word_timestamps=True)``).
 
     Example (a real Whisper and its processor)::
 
@@ -326,11 +326,10 @@ def alignment_heads(
         grid = head_agreement(model, batches, tokenizer=tokenizer, method=method, **explain_options)
         heads = select_heads_by_agreement(grid, k)
     if apply:
-        inner = adapter_for(model, tokenizer).model
-        cfg = getattr(inner, "generation_config", None)
-        if cfg is None:
-            raise XAttnError(f"{type(inner).__name__} has no generation_config to write alignment_heads into.")
-        cfg.alignment_heads = heads
+        try:
+            adapter_for(model, tokenizer).set_alignment_heads(heads)
+        except NotImplementedError as err:
+            raise XAttnError(f"apply=True: {err}") from None
     return heads
 
 

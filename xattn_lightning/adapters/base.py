@@ -121,6 +121,25 @@ class Adapter(ABC):
         #: the tokenizer or processor (each family's own interface)
         self.tokenizer: Any = tokenizer
 
+    # ------------------------------------------------------------------ alignment heads (word timestamps)
+    def alignment_heads(self) -> list[list[int]] | None:
+        """The ``[layer, head]`` pairs the model's own word timestamps use (``None``: it has none). By default
+        the Hugging Face convention, a ``generation_config.alignment_heads``, which any model may follow."""
+        heads = getattr(getattr(self.model, "generation_config", None), "alignment_heads", None)
+        return [[int(x) for x in h] for h in heads] if heads else None
+
+    def set_alignment_heads(self, heads: Sequence[Sequence[int]]) -> str:
+        """Make the model's own word timestamps use ``heads``; returns where they were written. By default
+        into ``generation_config.alignment_heads`` (a Hugging Face Whisper's ``generate(return_token_timestamps=
+        True)``, pipelines and ``save_pretrained`` use them); ``NotImplementedError`` for a model without one."""
+        cfg = getattr(self.model, "generation_config", None)
+        if cfg is None:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} has no generation_config to write alignment_heads into."
+            )
+        cfg.alignment_heads = [[int(x) for x in h] for h in heads]
+        return "generation_config.alignment_heads"
+
     # ------------------------------------------------------------------ facts
     @property
     @abstractmethod

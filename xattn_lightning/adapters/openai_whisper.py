@@ -92,6 +92,21 @@ class OpenAIWhisperAdapter(Adapter):
         (2, 50, [50257, 50362])
     """
 
+    def alignment_heads(self) -> list[list[int]] | None:
+        """The heads of the model's ``alignment_heads`` buffer (``transcribe(word_timestamps=True)`` uses them;
+        the package's fallback is every head of the upper half of the layers)."""
+        buf = getattr(self.model, "alignment_heads", None)
+        if buf is None:
+            return None
+        dense = buf.to_dense() if buf.is_sparse else buf
+        return [[int(layer), int(head)] for layer, head in dense.nonzero().tolist()]
+
+    def set_alignment_heads(self, heads: Sequence[Sequence[int]]) -> str:
+        """Replaces the model's ``alignment_heads`` buffer, as ``whisper.model.Whisper.set_alignment_heads``
+        does from its encoded form."""
+        set_alignment_heads(self.model, heads)
+        return "the model's alignment_heads buffer"
+
     def __init__(
         self, model: nn.Module, tokenizer: object | None = None, language: str | None = None, task: str = "transcribe"
     ) -> None:
@@ -314,8 +329,18 @@ def openai_whisper_from_hf(hf_model: nn.Module) -> nn.Module:
         raise XAttnError(f"Cannot map the Hugging Face weights: missing {missing}, unexpected {unexpected}.")
     heads = getattr(hf_model.generation_config, "alignment_heads", None)
     if heads:
-        mask = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
-        for layer, head in heads:
-            mask[layer, head] = True
-        model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
+        set_alignment_heads(model, heads)
     return model.to(next(hf_model.parameters()).dtype).eval()
+
+
+def set_alignment_heads(model: Any, heads: Sequence[Sequence[int]]) -> None:
+    """Set a ``whisper.model.Whisper``'s ``alignment_heads`` buffer to the ``[layer, head]`` pairs ``heads``."""
+    layers, per_layer = model.dims.n_text_layer, model.dims.n_text_head
+    mask = torch.zeros(layers, per_layer, dtype=torch.bool)
+    for layer, head in heads:
+        if not (0 <= int(layer) < layers and 0 <= int(head) < per_layer):
+            raise XAttnError(
+                f"alignment head [{layer}, {head}] is outside the model's {layers} layers x {per_layer} heads."
+            )
+        mask[int(layer), int(head)] = True
+    model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)

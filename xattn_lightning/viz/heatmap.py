@@ -61,7 +61,9 @@ def heatmap_figure(
     axes[0].set_title(title or "input spectrogram", fontsize=9)
     labels = e.tokens or [str(int(t)) for t in e.token_ids]
     which = "layers × heads" if layers is None and heads is None else "selected heads"
-    maps: list[tuple[str, Tensor, str | None]] = [(f"cross-attention (mean of {which})", e.attention(layers, heads), None)]
+    maps: list[tuple[str, Tensor, str | None]] = [
+        (f"cross-attention (mean of {which})", e.attention(layers, heads), None)
+    ]
     maps += [(m, e.pooled(m), m) for m in methods]
     for ax, (name, mat, method) in zip(axes[1:], maps):
         shown = mat

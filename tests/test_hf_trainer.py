@@ -1,0 +1,139 @@
+"""The monitor in Hugging Face Trainer fine-tunes (``XAttnSaliencyCallback``): the recipe's Seq2SeqTrainer on the
+real Whisper tiny.en (integration), several processes against one, and what it says when it cannot work."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_examples import _load
+from wandb_reader import history
+
+import xattn_lightning.integrations.transformers as integration
+
+HERE = Path(__file__).resolve().parent
+
+
+def _manifest(src: str, rows: slice, out: Path) -> Path:
+    """Rows of a shared manifest, with absolute audio paths (the example reads the whole manifest)."""
+    lines = Path(src).read_text().splitlines()
+    base = Path(src).parent
+    body = [line.split("\t") for line in lines[1:]][rows]
+    for cols in body:
+        cols[1] = str(base / cols[1])
+    out.write_text("\n".join(["\t".join(c) for c in [lines[0].split("\t"), *body]]) + "\n")
+    return out
+
+
+def test_seq2seq_trainer_recipe_on_real_whisper(whisper_path, espeak_manifest, tmp_path, monkeypatch):
+    timed = os.environ.get("XL_TIMED_MANIFEST")
+    if not timed or not os.path.exists(timed):
+        pytest.skip("XL_TIMED_MANIFEST is not set to an existing path (the probes' true word timings)")
+    import wandb
+
+    train = _manifest(espeak_manifest, slice(0, 4), tmp_path / "train.tsv")
+    evaluation = _manifest(timed, slice(0, 2), tmp_path / "eval.tsv")
+    example = _load("finetune_whisper_hf_trainer")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    common = ["--model", whisper_path, "--manifest", str(train), "--eval-manifest", str(evaluation), "--max-steps", "2",
+              "--eval-steps", "1", "--batch-size", "2", "--num-probes", "2", "--n-masks", "32"]  # fmt: skip
+    with pytest.warns(UserWarning, match="pearson_corrected is not logged"):  # 32 masks: below the floor, said once
+        on = example.main([*common, "--out", str(tmp_path / "on"), "--report-to", "wandb", "--max-overhead", "none"])
+    wandb.finish()
+    off = example.main([*common, "--out", str(tmp_path / "off"), "--report-to", "none", "--no-monitor"])
+
+    readings = [h for h in on["log_history"] if "xattn/encoder_spes/pearson" in h]
+    assert [h["step"] for h in readings] == [1, 2]  # after each evaluation, at its step
+    for h in readings:
+        assert h["xattn/num_probes"] == 2 and h["xattn/num_failed"] == 0
+        assert -1 <= h["xattn/encoder_spes/pearson"] <= 1 and h["xattn/encoder_spes/n_masks"] == 32
+        assert 0 <= h["xattn/timestamps/mae_ms"] < 500  # the timed probes' words, carried past the collator
+    assert not any("xattn/" in k for h in off["log_history"] for k in h)
+
+    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    logged = history(run_file)
+    scalars = [r for r in logged if "train/xattn/encoder_spes/pearson" in r]  # the Trainer's W&B key prefix
+    assert [r["train/global_step"] for r in scalars] == [1, 2]
+    assert [r["train/xattn/encoder_spes/pearson"] for r in scalars] == pytest.approx(
+        [h["xattn/encoder_spes/pearson"] for h in readings]
+    )
+    assert [r["train/xattn/heatmaps/count"] for r in logged if "train/xattn/heatmaps/count" in r] == [2, 2]
+    assert sum(r.get("train/xattn/probes/_type") == "table-file" for r in logged) == 2
+
+    for (name, a), b in zip(on["model"].state_dict().items(), off["model"].state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs: the callback changed training"
+
+
+def test_several_processes_read_what_one_process_reads(tmp_path):
+    script = HERE / "hf_trainer_run.py"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+         str(script), str(tmp_path / "two.json")],
+        check=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and one["probe_ids"] == two["probe_ids"] == ["u4", "u5", "u6"]
+    assert len(one["history"]) == len(two["history"]) == 2
+    for a, b in zip(one["history"], two["history"]):
+        assert set(a) == set(b)
+        for k in a:
+            if k.startswith("xattn/") and k != "xattn/seconds":
+                assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    assert [h["step"] for h in two["log_history"] if "xattn/num_probes" in h] == [2, 4]
+
+
+def _tiny_trainer(tmp_path: Path, callbacks: list, **kw):
+    from helpers import tiny_whisper
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_features": torch.randn(16, 200, generator=g), "labels": torch.randint(0, 50, (6,), generator=g)}
+            for _ in range(6)]  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, eval_strategy="steps",
+        eval_steps=1, save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, seed=0, **kw,
+    )  # fmt: skip
+    collate = lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]}  # noqa: E731
+    return Trainer(model=tiny_whisper(seed=0).train(), args=args, train_dataset=data[:4], eval_dataset=data[4:],
+                   data_collator=collate, callbacks=callbacks)  # fmt: skip
+
+
+def test_without_the_trainer_readings_reach_log_history_and_it_says_where_not(tmp_path):
+    cb = integration.XAttnSaliencyCallback(num_probes=2, n_masks=8, targets="labels", max_overhead=None)
+    trainer = _tiny_trainer(tmp_path, [cb])
+    with pytest.warns(UserWarning, match="no trainer= given"):
+        trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "xattn/num_probes" in h] == [1, 2]
+
+
+def test_a_fault_is_warned_once_and_training_goes_on(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(integration.Instrument, "read", boom)
+    cb = integration.XAttnSaliencyCallback(num_probes=2, n_masks=8, targets="labels", max_overhead=None)
+    trainer = _tiny_trainer(tmp_path, [])
+    trainer.add_callback(cb)
+    with pytest.warns(UserWarning) as said:
+        trainer.train()
+    told = [str(w.message) for w in said if "injected" in str(w.message)]
+    assert len(told) == 1 and "its on_evaluate hook failed" in told[0] and "Training continues" in told[0]
+    assert trainer.state.global_step == 2
+
+
+def test_bad_arguments_fail_when_the_callback_is_made():
+    with pytest.raises(Exception, match="every_n_steps"):
+        integration.XAttnSaliencyCallback(every_n_steps=0)
+    with pytest.raises(Exception, match="probes="):
+        integration.XAttnSaliencyCallback(probes={"input_features": torch.zeros(1)})
+    with pytest.raises(Exception, match="n_masks"):
+        integration.XAttnSaliencyCallback(n_masks=0)

@@ -1,0 +1,297 @@
+"""``XAttnSaliencyCallback``: the monitor in a Hugging Face ``Trainer`` / ``Seq2SeqTrainer`` fine-tune.
+
+The same readings, options, probes, headline, intervals, head ranking and word-timestamp metrics as the
+Lightning :class:`~xattn_lightning.XAttnSaliencyMonitor` (both are hosts of
+:class:`~xattn_lightning.monitoring.Instrument`); it reads after each evaluation, or every ``every_n_steps``
+optimizer steps.
+
+The one line a Whisper fine-tuning script adds, after it built the trainer::
+
+    from xattn_lightning.integrations.transformers import XAttnSaliencyCallback
+
+    trainer.add_callback(XAttnSaliencyCallback(trainer, num_probes=8))
+
+Scalars go where the Trainer's own metrics go, through ``trainer.log``: ``trainer.state.log_history`` and
+every ``report_to`` integration, at the evaluation's step (the Trainer's W&B integration files them under
+``train/xattn/...``, as every metric that is not an ``eval_`` one; the media go beside them). With an active W&B run (``report_to="wandb"``)
+it also logs heatmaps, the layer × head grid and tables. Under multi-process training (torchrun,
+accelerate) each process explains its share of the probes and process 0 logs media.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any, Literal
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from xattn_lightning.adapters import Adapter
+from xattn_lightning.errors import XAttnError
+from xattn_lightning.functional import RELIABILITY_FLOOR
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.monitoring import Instrument, Messages, MonitorConfig, check_probes_source
+from xattn_lightning.reading import ID_KEYS, TEXT_KEYS, WORDS_KEY
+from xattn_lightning.saliency.options import READING_DEFAULTS
+from xattn_lightning.summary import Summary
+
+
+class _WandbRunMedia:
+    """Figures and tables into the active W&B run, at the Trainer's step axis (``train/global_step``, which the
+    Trainer's W&B integration declares), with the ``log_image``/``log_table`` calls of Lightning's logger. Their
+    keys take the ``train/`` prefix the integration gives every scalar that is not an ``eval_`` metric, so that
+    media and scalars (``train/xattn/...``) share one section of the run."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def log_image(self, key: str, images: list[Any], step: int, caption: list[str] | None = None) -> None:
+        import wandb
+
+        captions: list[Any] = list(caption) if caption else [None] * len(images)
+        self.run.log(
+            {"train/" + key: [wandb.Image(i, caption=c) for i, c in zip(images, captions)], "train/global_step": step}
+        )
+
+    def log_table(self, key: str, columns: list[str], data: list[list[Any]], step: int) -> None:
+        import wandb
+
+        self.run.log({"train/" + key: wandb.Table(columns=list[Any](columns), data=data), "train/global_step": step})
+
+
+class TrainerHost:
+    """The :class:`~xattn_lightning.monitoring.Host` of a Hugging Face Trainer: ``torch.distributed`` collectives
+    when the Trainer runs several processes, scalars through ``trainer.log`` (or the state's ``log_history``
+    when no trainer was given), media to the active W&B run."""
+
+    def __init__(self, trainer: Any, state: TrainerState, args: TrainingArguments, messages: Messages) -> None:
+        import torch.distributed as dist
+
+        self.trainer, self.state, self.messages = trainer, state, messages
+        self._dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.world_size = self._dist.get_world_size() if self._dist else 1
+        self.rank = self._dist.get_rank() if self._dist else 0
+        self.report_to = list(getattr(args, "report_to", None) or [])
+
+    def broadcast(self, obj: Any) -> Any:
+        """Process 0's ``obj`` on every process."""
+        if self._dist is None:
+            return obj
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order."""
+        if self._dist is None:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Through ``trainer.log`` (else ``log_history`` and the W&B run)."""
+        if self.trainer is not None:
+            self.trainer.log(dict(scalars))  # log_history and every report_to integration, at state.global_step
+            return
+        self.state.log_history.append({**scalars, "step": step})
+        run = self._wandb_run()
+        if run is not None and self.rank == 0:
+            run.log({**{"train/" + k: v for k, v in scalars.items()}, "train/global_step": step})
+
+    def media_loggers(self) -> list[Any]:
+        """The active W&B run, when ``report_to`` has W&B."""
+        run = self._wandb_run()
+        return [_WandbRunMedia(run)] if run is not None else []
+
+    def _wandb_run(self) -> Any:
+        if "wandb" not in self.report_to:
+            return None
+        import wandb
+
+        return wandb.run
+
+
+def _with_item_facts(batch: Any, item: Any) -> Any:
+    """A collated one-item batch with the item's id, reference text and true word timings, which a collator
+    leaves out (the model does not take them) but the monitor shows and scores."""
+    if isinstance(item, Mapping) and isinstance(batch, MutableMapping):
+        for key in (*ID_KEYS, *TEXT_KEYS, WORDS_KEY):
+            if key in item and key not in batch:
+                batch[key] = [item[key]]
+    return batch
+
+
+class XAttnSaliencyCallback(TrainerCallback):
+    """Attention–saliency agreement on fixed probe utterances during a Hugging Face Trainer fine-tune.
+
+    Args:
+        trainer: the ``Trainer``/``Seq2SeqTrainer`` (its ``log`` carries the scalars to ``log_history`` and every
+            ``report_to`` integration, its eval set gives the probes). Without it (a callback passed in
+            ``callbacks=[...]``) scalars go to ``state.log_history`` and the W&B run only (one warning says so).
+        every_n_steps: read every that many optimizer steps instead of after each evaluation.
+        probes: probe utterances (a DataLoader, a Dataset of model batches or a list of batches); default: the
+            first ``num_probes`` items of the eval set, each collated alone by the Trainer's data collator.
+        model_fn: ``model_fn(model) -> nn.Module | Adapter``; default: the Trainer's model.
+        batch_fn, tokenizer, and the reading options (``num_probes``, ``methods``, ``targets``, ``metrics``,
+            ``layers``, ``heads``, ``n_masks``, ``seed``, ``max_seconds``, ``saliency_options``, ``log_figures``,
+            ``max_figures``, ``num_beams``, ``max_new_tokens``, ``max_overhead``, ``reliability_floor``,
+            ``export_alignment_heads``, ``on_error``, ``cache_encoder``): as for the Lightning
+            :class:`~xattn_lightning.XAttnSaliencyMonitor`.
+
+    Example:
+        >>> cb = XAttnSaliencyCallback(num_probes=4, n_masks=64)
+        >>> cb.config.method_options["n_masks"]
+        64
+    """
+
+    def __init__(
+        self,
+        trainer: Any = None,
+        every_n_steps: int | None = None,
+        num_probes: int = 8,
+        methods: Sequence[str] = ("encoder_spes",),
+        targets: Literal["generate", "labels"] = "generate",
+        probes: Any = None,
+        model_fn: Callable[[Any], Any] | None = None,
+        batch_fn: Callable[[Any], Any] | None = None,
+        tokenizer: object | None = None,
+        metrics: Sequence[str] = ("pearson", "spearman"),
+        layers: LayerSpec = None,
+        heads: HeadSpec = None,
+        log_figures: bool = True,
+        max_figures: int = 4,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        max_overhead: float | None = 0.1,
+        reliability_floor: float = RELIABILITY_FLOOR,
+        export_alignment_heads: bool = False,
+        on_error: Literal["warn", "raise"] = "warn",
+        cache_encoder: bool = True,
+        n_masks: int | Literal["auto"] = READING_DEFAULTS["n_masks"],
+        seed: int = READING_DEFAULTS["seed"],
+        max_seconds: float | None = None,
+        saliency_options: dict[str, Any] | None = None,
+    ) -> None:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise XAttnError(f"Expected every_n_steps to be a positive int or None but got {every_n_steps!r}.")
+        check_probes_source(probes)
+        config = MonitorConfig(
+            num_probes=num_probes, methods=tuple(methods), targets=targets, metrics=tuple(metrics), layers=layers,
+            heads=heads, log_figures=log_figures, max_figures=max_figures, num_beams=num_beams,
+            max_new_tokens=max_new_tokens, max_overhead=max_overhead, reliability_floor=float(reliability_floor),
+            export_alignment_heads=export_alignment_heads, on_error=on_error, cache_encoder=cache_encoder,
+            n_masks=n_masks, seed=seed, max_seconds=max_seconds, saliency_options=saliency_options or {},
+        )  # fmt: skip
+        self.trainer = trainer
+        self.every_n_steps = every_n_steps
+        self.model_fn, self.batch_fn, self.tokenizer = model_fn, batch_fn, tokenizer
+        self.instrument = Instrument(config, probes, Messages(on_error, name="XAttnSaliencyCallback"))
+        self.clock: Callable[[], float] = time.perf_counter
+
+    @property
+    def config(self) -> MonitorConfig:
+        """The reading options."""
+        return self.instrument.config
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict of logged scalars per reading."""
+        return self.instrument.history.entries
+
+    @property
+    def alignment_heads(self) -> list[list[int]] | None:
+        """The heads the last reading with timed probes chose for word timestamps."""
+        return self.instrument.alignment_heads
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Start the overhead budget; say now what cannot work."""
+        with self.instrument.messages.guard("on_train_begin"):
+            self.instrument.budget.clock = self.clock
+            self.instrument.budget.start()
+            self.instrument.forget_adapter()
+            if self.trainer is None:
+                self.instrument.messages.warn_once(
+                    "no-trainer",
+                    "no trainer= given: readings go to trainer.state.log_history and the W&B run only, not to the "
+                    "other report_to integrations. Add it with trainer.add_callback(XAttnSaliencyCallback(trainer, ...)).",
+                )
+            adapter = self._adapter(kwargs)
+            self.instrument.check_adapter(adapter, type(kwargs.get("model")).__name__, guessed=self.model_fn is None)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Read after each evaluation (without ``every_n_steps``)."""
+        if self.every_n_steps is None:
+            with self.instrument.messages.guard("on_evaluate"):
+                self._scheduled(args, state, kwargs)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Read every ``every_n_steps`` optimizer steps."""
+        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+            with self.instrument.messages.guard("on_step_end"):
+                self._scheduled(args, state, kwargs)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Export the chosen alignment heads (``export_alignment_heads=True``)."""
+        with self.instrument.messages.guard("on_train_end"):
+            if self.config.export_alignment_heads:
+                self.instrument.export_alignment_heads(self._adapter(kwargs))
+
+    # ------------------------------------------------------------------ a reading
+    def _adapter(self, kwargs: dict[str, Any]) -> Adapter:
+        model = kwargs.get("model")
+        if model is None:
+            raise XAttnError("the Trainer passed no model to its callbacks.")
+        target = self.model_fn(model) if self.model_fn is not None else model
+        trainer_tokenizer = getattr(self.trainer, "processing_class", None)
+        return self.instrument.adapter(
+            target, model, self.tokenizer, kwargs.get("processing_class") or trainer_tokenizer
+        )
+
+    def _probe_source(self, kwargs: dict[str, Any]) -> None:
+        """Without ``probes=``: the first ``num_probes`` eval items, each collated alone (the same on every
+        process, whatever the world size)."""
+        probes = self.instrument.probe_set
+        if probes.source is not None or probes.final:
+            return
+        loader = kwargs.get("eval_dataloader")
+        dataset = getattr(self.trainer, "eval_dataset", None)
+        collate = getattr(self.trainer, "data_collator", None)
+        if loader is not None:
+            dataset, collate = getattr(loader, "dataset", dataset), getattr(loader, "collate_fn", collate)
+        if dataset is None or collate is None or not hasattr(dataset, "__getitem__"):
+            raise XAttnError(
+                "no eval set to take probe utterances from; pass probes=<a list of batches> or eval_dataset= to the Trainer."
+            )
+        n = min(self.config.num_probes, len(dataset))
+        probes.source = [_with_item_facts(collate([dataset[i]]), dataset[i]) for i in range(n)]
+
+    def _scheduled(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        if state.global_step == self.instrument.last_step:
+            return
+        host = TrainerHost(self.trainer, state, args, self.instrument.messages)
+        if not self.instrument.within_budget(host, state.global_step, state.global_step):
+            return
+        start = self.clock()
+        try:
+            self.read(args, state, kwargs, host)
+        finally:
+            self.instrument.budget.spent(self.clock() - start)
+
+    def read(
+        self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any], host: TrainerHost | None = None
+    ) -> Summary | None:
+        """Explain the probes now and log at the Trainer's step; the summary (``None`` when nothing was read)."""
+        self._probe_source(kwargs)
+        return self.instrument.read(
+            host or TrainerHost(self.trainer, state, args, self.instrument.messages),
+            lambda: self._adapter(kwargs),
+            step=state.global_step,
+            epoch=None if state.epoch is None else int(state.epoch),
+            batch_fn=self.batch_fn,
+        )
