@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xattn_lightning.monitoring.messages import Messages
 
 #: the import names of the two distributions, the default first
 NAMESPACES: tuple[str, ...] = ("lightning.pytorch", "pytorch_lightning")
@@ -97,3 +100,34 @@ def sharded_stream(trainer: Any) -> tuple[int, int]:
         if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
             return int(sampler.num_replicas), int(sampler.rank)
     return 1, 0
+
+
+class LightningHost:
+    """The :class:`~xattn_lightning.monitoring.Host` of a Lightning trainer: collectives through its
+    strategy, scalars to every logger, media to its ``WandbLogger``s."""
+
+    def __init__(self, trainer: Any, messages: Messages) -> None:
+        self.trainer, self.messages = trainer, messages
+        self.world_size, self.rank = trainer.world_size, trainer.global_rank
+
+    def broadcast(self, obj: Any) -> Any:
+        """Process 0's ``obj`` on every process."""
+        return obj if self.world_size == 1 else self.trainer.strategy.broadcast(obj, src=0)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``: the strategy gathers tensors only, so one broadcast per process."""
+        if self.world_size == 1:
+            return [obj]
+        return [self.trainer.strategy.broadcast(obj if r == self.rank else None, src=r) for r in range(self.world_size)]
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """To every logger of the trainer (a failing one is warned once)."""
+        for logger in self.trainer.loggers:
+            try:
+                logger.log_metrics(scalars, step=step)
+            except Exception as err:
+                self.messages.report(err, f"logging scalars to {type(logger).__name__}")
+
+    def media_loggers(self) -> list[Any]:
+        """The trainer's ``WandbLogger``s, of either Lightning package."""
+        return [lg for lg in self.trainer.loggers if is_logger_class(lg, "WandbLogger")]

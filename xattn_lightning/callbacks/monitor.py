@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from xattn_lightning._lightning import (
     NAMESPACES,
-    is_logger_class,
+    LightningHost,
     namespace_of,
     sharded_stream,
     steps_logged,
@@ -29,33 +29,6 @@ from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.monitoring import Instrument, Messages, MonitorConfig, check_probes_source, check_schedule
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
-
-
-class LightningHost:
-    """The :class:`~xattn_lightning.monitoring.Host` of a Lightning trainer: collectives through its
-    strategy, scalars to every logger, media to its ``WandbLogger``s."""
-
-    def __init__(self, trainer: Trainer, messages: Messages) -> None:
-        self.trainer, self.messages = trainer, messages
-        self.world_size, self.rank = trainer.world_size, trainer.global_rank
-
-    def broadcast(self, obj: Any) -> Any:
-        return obj if self.world_size == 1 else self.trainer.strategy.broadcast(obj, src=0)
-
-    def all_gather(self, obj: Any) -> list[Any]:  # the strategy gathers tensors only: one broadcast per process
-        if self.world_size == 1:
-            return [obj]
-        return [self.trainer.strategy.broadcast(obj if r == self.rank else None, src=r) for r in range(self.world_size)]
-
-    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
-        for logger in self.trainer.loggers:
-            try:
-                logger.log_metrics(scalars, step=step)
-            except Exception as err:
-                self.messages.report(err, f"logging scalars to {type(logger).__name__}")
-
-    def media_loggers(self) -> list[Any]:
-        return [lg for lg in self.trainer.loggers if is_logger_class(lg, "WandbLogger")]
 
 
 def _guarded(hook: str) -> Callable[..., None]:

@@ -268,12 +268,15 @@ class Instrument:
             return
         probes.take(items)
 
-    def probes(self, host: Host, input_key: str, batch_fn: Callable[[Any], Any] | None) -> list[Probe]:
-        """The fixed probe set, the same on every process."""
+    def probes(self, host: Host, input_key: Callable[[], str], batch_fn: Callable[[Any], Any] | None) -> list[Probe]:
+        """The fixed probe set, the same on every process (``input_key()``: the model's features key, asked
+        only of a ``probes=`` source). Processes that took validation shards merge them here, first thing in
+        a reading, before anything that may fail on one process only."""
         probes = self.probe_set
         if not probes.final:
             if probes.source is not None:
-                probes.collect_source(lambda b: self.model_batch(b, input_key, batch_fn), input_key)
+                key = input_key()
+                probes.collect_source(lambda b: self.model_batch(b, key, batch_fn), key)
             elif host.world_size > 1:  # each process took its shard of validation
                 probes.merge(host.all_gather(probes.items))
             items, few = probes.finalize()
@@ -320,8 +323,9 @@ class Instrument:
         found: Adapter | None = None
         with _IsolatedRng():
             try:
-                found = adapter() if callable(adapter) and not isinstance(adapter, Adapter) else adapter
-                probes = self.probes(host, found.input_key, batch_fn)
+                resolve = adapter if callable(adapter) and not isinstance(adapter, Adapter) else lambda: adapter
+                probes = self.probes(host, lambda: resolve().input_key, batch_fn)
+                found = resolve()
                 mine = probes[host.rank :: host.world_size]
                 options = self._options(host, found, probes)
                 share = self._explain(found, mine, options)
