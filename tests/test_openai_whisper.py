@@ -180,3 +180,28 @@ def test_a_lora_wrapped_openai_whisper_explains_like_the_merged_model():
     assert torch.equal(lora.token_ids, merged.token_ids)
     torch.testing.assert_close(lora.cross_attention, merged.cross_attention, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lora.saliency["encoder_spes"], merged.saliency["encoder_spes"], atol=1e-5, rtol=1e-4)
+
+
+def test_alignment_heads_applied_are_the_ones_openai_whisper_times_words_with():
+    """``apply=True`` writes openai-whisper's ``alignment_heads`` buffer, which ``whisper.timing.find_alignment``
+    (``transcribe(word_timestamps=True)``) reads; the adapter reads it back."""
+    model = random_whisper()
+    adapter = xl.adapter_for(model)
+    fallback = adapter.alignment_heads()  # the package's default: every head of the upper half of the layers
+    assert fallback == [[1, 0], [1, 1]]
+    heads = xl.alignment_heads(model, [mel_batch(lengths=(60,))], apply=True, k=1, n_masks=16, max_new_tokens=4)
+    assert len(heads) == 1
+    assert model.alignment_heads.indices().T.tolist() == heads  # what find_alignment iterates over
+    assert adapter.alignment_heads() == heads
+    with pytest.raises(xl.XAttnError, match="outside the model"):
+        adapter.set_alignment_heads([[5, 0]])
+
+
+def test_the_monitor_exports_heads_into_an_openai_whisper_model():
+    from xattn_lightning.monitoring import Instrument, MonitorConfig
+
+    model = random_whisper()
+    inst = Instrument(MonitorConfig())
+    inst.alignment_heads = [[0, 1], [1, 0]]
+    inst.export_alignment_heads(xl.adapter_for(model))
+    assert sorted(model.alignment_heads.indices().T.tolist()) == [[0, 1], [1, 0]]

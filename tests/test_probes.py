@@ -4,8 +4,8 @@ the stored positions after a resume."""
 import pytest
 import torch
 
-from xattn_lightning.monitoring.probes import ProbeSet, split_batch
 from xattn_lightning.errors import XAttnError
+from xattn_lightning.monitoring.probes import ProbeSet, split_batch
 
 
 def _batch(ids):

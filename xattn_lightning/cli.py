@@ -2,6 +2,7 @@
 
 ``demo``: train a tiny S2T model on a synthetic task with the monitor on.
 ``compare``: the same probe utterances through several checkpoints, side by side.
+``timestamps``: word timings of a manifest's audio (TSV, JSON, WebVTT/SRT with word cues).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.options import READING_DEFAULTS
@@ -193,6 +195,58 @@ def compare(args: argparse.Namespace) -> int:
             _close_process_group()
 
 
+def timestamps(args: argparse.Namespace) -> int:
+    """Word timings of every utterance of a manifest, written as TSV/JSON (a file or stdout) or as one
+    WebVTT/SRT file per utterance; with a ``words`` column, their error against it on stderr."""
+    from tqdm.auto import tqdm
+
+    from xattn_lightning import captions
+    from xattn_lightning.audio import read_manifest
+    from xattn_lightning.loading import features_batch, load_hf_model
+    from xattn_lightning.timestamps import timing_scores, word_timestamps
+
+    rows = read_manifest(args.manifest)
+    if not rows:
+        raise XAttnError(f"The manifest {args.manifest!r} has no utterances.")
+    if args.format in ("vtt", "srt") and args.out in (None, "-"):
+        raise XAttnError(f"--format {args.format} writes one file per utterance: pass --out DIRECTORY.")
+    model, processor = load_hf_model(args.model, device=args.device)
+    heads: Literal["agreement", "model"] | None = None if args.heads == "all" else args.heads
+    options = {"n_masks": args.n_masks, "seed": args.seed} if heads == "agreement" else {}
+    start = time.perf_counter()
+    words: dict[str, list] = {}
+    for r in tqdm(rows, desc="word timestamps", unit="utt", file=sys.stderr, disable=args.quiet):
+        (ws,) = word_timestamps(model, features_batch(processor, [r]), tokenizer=processor, heads=heads, **options)
+        words[r.id] = ws
+    seconds = time.perf_counter() - start
+    if args.format in ("vtt", "srt"):
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write = captions.to_webvtt if args.format == "vtt" else captions.to_srt
+        for uid, ws in words.items():
+            (out / f"{uid}.{args.format}").write_text(write(ws), encoding="utf-8")
+        where = f"{len(words)} .{args.format} files in {out}"
+    else:
+        text = captions.to_tsv(words) if args.format == "tsv" else captions.to_json(words)
+        if args.out in (None, "-"):
+            sys.stdout.write(text)
+            where = "stdout"
+        else:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text, encoding="utf-8")
+            where = args.out
+    print(f"{len(rows)} utterances, {seconds / len(rows):.2f} s each; written to {where}", file=sys.stderr)
+    timed = [r for r in rows if r.words]
+    if timed:
+        s = timing_scores([words[r.id] for r in timed], [r.words or [] for r in timed])
+        print(
+            f"against the manifest's word timings ({len(timed)} utterances, {s['boundaries']:.0f} boundaries): "
+            f"mean error {s['mae_ms']:.1f} ms, {100 * s['within_50ms']:.0f} % within 50 ms",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _close_process_group() -> None:
     """Wait for every rank, then tear the process group down before the interpreter exits.
 
@@ -249,9 +303,26 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--devices", default=1, type=lambda v: v if v == "auto" else int(v))
     c.add_argument("--num-nodes", type=int, default=1)
     c.add_argument("--strategy", default=None)
+    t = sub.add_parser("timestamps", help="word timings of a manifest's audio (TSV, JSON, WebVTT/SRT word cues)")
+    t.add_argument("model", help="an HF Whisper id or directory (e.g. openai/whisper-tiny.en)")
+    t.add_argument("--manifest", required=True, help="TSV: id<TAB>audio[<TAB>text[<TAB>words]]")
+    t.add_argument("--format", default="tsv", choices=("tsv", "json", "vtt", "srt"))
+    t.add_argument("--out", help="a file for tsv/json (default: stdout), a directory for vtt/srt")
+    t.add_argument(
+        "--heads",
+        default="agreement",
+        choices=("agreement", "model", "all"),
+        help="agreement (default): the heads that agree most with saliency, per utterance; model: the model's own "
+        "alignment heads; all: every head",
+    )
+    t.add_argument("--n-masks", type=int, default=256, help="masks of the saliency behind --heads agreement")
+    t.add_argument("--seed", type=int, default=READING_DEFAULTS["seed"])
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    commands = {"demo": demo, "compare": compare, "timestamps": timestamps}
     try:
-        return demo(args) if args.command == "demo" else compare(args)
+        return commands[args.command](args)
     except XAttnError as err:
         print(f"xattn-lightning: error: {err}", file=sys.stderr)
         return 2
