@@ -46,6 +46,8 @@ def test_seq2seq_trainer_recipe_on_real_whisper(whisper_path, espeak_manifest, t
               "--eval-steps", "1", "--batch-size", "2", "--num-probes", "2", "--n-masks", "32"]  # fmt: skip
     with pytest.warns(UserWarning, match="pearson_corrected is not logged"):  # 32 masks: below the floor, said once
         on = example.main([*common, "--out", str(tmp_path / "on"), "--report-to", "wandb", "--max-overhead", "none"])
+    assert wandb.run is not None and wandb.run.offline, "the Trainer's W&B integration left no offline run"
+    run_dir = Path(wandb.run.dir).parent  # WANDB_DIR is read once per process: ask the run where it is
     wandb.finish()
     off = example.main([*common, "--out", str(tmp_path / "off"), "--report-to", "none", "--no-monitor"])
 
@@ -57,7 +59,7 @@ def test_seq2seq_trainer_recipe_on_real_whisper(whisper_path, espeak_manifest, t
         assert 0 <= h["xattn/timestamps/mae_ms"] < 500  # the timed probes' words, carried past the collator
     assert not any("xattn/" in k for h in off["log_history"] for k in h)
 
-    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    (run_file,) = glob.glob(str(run_dir / "run-*.wandb"))
     logged = history(run_file)
     scalars = [r for r in logged if "train/xattn/encoder_spes/pearson" in r]  # the Trainer's W&B key prefix
     assert [r["train/global_step"] for r in scalars] == [1, 2]
