@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xattn_lightning.adapters.nemo import INPUT_KEY as NEMO_INPUT_KEY
+from xattn_lightning.adapters.nemo import nemo_batch
 from xattn_lightning.errors import XAttnError
 
 #: keys that hold the input features in the batches of common training scripts, in order of preference
@@ -86,6 +88,8 @@ def standard_batch(batch: Any, input_key: str = "input_features") -> dict[str, A
     """
     if isinstance(batch, Mapping):
         return _from_mapping(batch, input_key)
+    if input_key == NEMO_INPUT_KEY and (nemo := nemo_batch(batch)) is not None:  # NeMo's own batches
+        return nemo
     if _is_features(batch):
         return {input_key: batch}
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):

@@ -81,6 +81,10 @@ def _direct_adapter(model: nn.Module, tokenizer: object | None) -> Adapter | Non
         return Speech2TextAdapter(model, tokenizer)
     if is_openai_whisper(model):
         return OpenAIWhisperAdapter(model, tokenizer)
+    from xattn_lightning.adapters.nemo import NemoAEDAdapter, is_nemo_aed
+
+    if is_nemo_aed(model):
+        return NemoAEDAdapter(model, tokenizer)
     return None
 
 

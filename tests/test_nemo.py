@@ -1,0 +1,153 @@
+"""The monitor in NVIDIA NeMo attention-encoder-decoder fine-tunes (a tiny Canary-style model built from a config,
+no pretrained checkpoint offline). NeMo pins ``lightning<=2.4.0``, so these tests run in their own environment:
+``.ci/run`` installs ``nemo-toolkit[asr]`` after the main run and runs this file there; without NeMo they skip."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("nemo.collections.asr", reason="NeMo is an optional extra (pip install 'xattn_lightning[nemo]')")
+
+import xattn_lightning as xl  # noqa: E402
+from xattn_lightning.adapters.nemo import NemoAEDAdapter, nemo_batch  # noqa: E402
+from xattn_lightning.batches import standard_batch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory, espeak_manifest):
+    root = tmp_path_factory.mktemp("nemo")
+    lines = Path(espeak_manifest).read_text().splitlines()
+    base = Path(espeak_manifest).parent
+
+    def write(name: str, rows: list[str]) -> Path:
+        body = ["\t".join(c if i != 1 else str(base / c) for i, c in enumerate(r.split("\t"))) for r in rows]
+        path = root / name
+        path.write_text("\n".join([lines[0], *body]) + "\n")
+        return path
+
+    return write("train.tsv", lines[1:9]), write("val.tsv", lines[9:13]), root
+
+
+@pytest.fixture(scope="module")
+def tiny(manifests):
+    from xattn_lightning.audio import read_manifest
+    from xattn_lightning.testing.nemo import build_tokenizers, tiny_canary
+
+    train, val, root = manifests
+    texts = [r.text for m in (train, val) for r in read_manifest(m)]
+    return tiny_canary(build_tokenizers(texts, root / "tok")).eval()
+
+
+def _batch(model, wav_path: str, text: str) -> dict:
+    from xattn_lightning.audio import load_audio
+
+    adapter = xl.adapter_for(model)
+    wav = load_audio(wav_path).unsqueeze(0)
+    ids = model.tokenizer.text_to_ids(text, "en")
+    labels = torch.tensor([adapter.prompt_ids() + list(ids) + [adapter.info.eos_id]])
+    return {"input_signal": wav, "input_signal_length": torch.tensor([wav.shape[1]]), "labels": labels}
+
+
+def test_the_adapter_is_found_and_reads_every_decoder_layer(tiny, manifests):
+    from xattn_lightning.audio import read_manifest
+
+    row = read_manifest(manifests[0])[0]
+    adapter = xl.adapter_for(tiny)
+    assert isinstance(adapter, NemoAEDAdapter) and adapter.prompt_ids() == [4, 9, 8, 9, 5]
+    batch = _batch(tiny, str(row.audio), row.text)
+    (e,) = xl.explain(tiny, batch, targets="labels", methods=("encoder_spes", "spes"), n_masks=16)
+    u = adapter.utterances(batch)[0]
+    frames = adapter.encoder_length(u.num_frames)
+    n_text = len(tiny.tokenizer.text_to_ids(row.text, "en"))  # the prompt's and the EOS' rows dropped
+    assert e.cross_attention.shape == (2, 4, n_text, frames)
+    assert torch.allclose(e.cross_attention.sum(-1), torch.ones(2, 4, n_text), atol=1e-5)
+    assert e.saliency["encoder_spes"].shape == (n_text, frames)
+    assert e.saliency["spes"].shape == (n_text, u.num_frames, 64)  # on NeMo's own spectrogram
+    assert e.text == row.text
+
+
+def test_captured_attention_equals_a_recomputation_from_the_layer_inputs(tiny, manifests):
+    from xattn_lightning.audio import read_manifest
+
+    row = read_manifest(manifests[0])[1]
+    adapter = xl.adapter_for(tiny)
+    batch = _batch(tiny, str(row.audio), row.text)
+    u = adapter.utterances(batch)[0]
+    seq = adapter.normalize_target(batch["labels"][0])
+    inputs: list = []
+    hooks = [layer.second_sub_layer.register_forward_hook(lambda m, a, o: inputs.append((m, a)))
+             for layer in tiny.transf_decoder.decoder.layers]  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = adapter.forward(u.features[None], seq[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer, (m, (q, k, _v, mask)) in enumerate(inputs):
+        heads, d = m.num_attention_heads, q.shape[-1] // m.num_attention_heads
+
+        def split(x, heads=heads, d=d):
+            return x.view(x.shape[0], x.shape[1], heads, d).transpose(1, 2)
+
+        scores = split(m.query_net(q) / m.attn_scale) @ split(m.key_net(k) / m.attn_scale).transpose(-1, -2)
+        probs = torch.softmax(scores + mask, dim=-1)
+        torch.testing.assert_close(out.cross_attention[:, layer], probs)
+
+
+def test_batches_of_nemo_are_understood_without_batch_fn():
+    audio, lens = torch.randn(2, 1600), torch.tensor([1600, 1200])
+    tokens, tokens_lens = torch.tensor([[4, 11, 12, 3], [4, 13, 3, 2]]), torch.tensor([4, 3])
+    got = standard_batch((audio, lens, tokens, tokens_lens), "input_signal")
+    assert got["labels"].tolist() == [[4, 11, 12, 3], [4, 13, 3, -100]] and got["input_signal"] is audio
+    assert nemo_batch((torch.randn(2, 3), torch.randn(2, 3))) is None
+
+
+def _finetune(manifests, out: Path, monitor: bool):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "finetune_nemo_aed.py"
+    spec = importlib.util.spec_from_file_location(f"finetune_nemo_{out.name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    train, val, _ = manifests
+    args = ["--tiny", "--manifest", str(train), "--val-manifest", str(val), "--max-steps", "4", "--val-every", "2",
+            "--n-masks", "32", "--targets", "labels", "--max-overhead", "none", "--out", str(out)]  # fmt: skip
+    return mod.main(args + ([] if monitor else ["--no-monitor", "--no-wandb"]))
+
+
+def test_nemo_trainer_fit_with_the_monitor_as_the_one_added_line(manifests, tmp_path, monkeypatch):
+    from wandb_reader import history
+
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    on = _finetune(manifests, tmp_path / "on", monitor=True)
+    assert wandb.run is not None
+    run_dir = Path(wandb.run.dir).parent
+    wandb.finish()
+    off = _finetune(manifests, tmp_path / "off", monitor=False)
+
+    assert len(on["history"]) == 2  # a reading after each of the two validations
+    for h in on["history"]:
+        assert h["xattn/num_probes"] == 2 and h["xattn/num_failed"] == 0
+        assert -1 <= h["xattn/encoder_spes/pearson"] <= 1 and h["xattn/encoder_spes/n_masks"] == 32
+    (path,) = glob.glob(str(tmp_path / "on" / "csv" / "lightning_logs" / "*" / "metrics.csv"))
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("xattn/encoder_spes/pearson")]
+    val_steps = []
+    with open(path) as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val_loss")]
+    assert [int(r["step"]) for r in rows] == val_steps  # at the step of NeMo's own validation metrics
+    (run_file,) = glob.glob(str(run_dir / "run-*.wandb"))
+    logged = history(run_file)
+    assert len([r for r in logged if "xattn/encoder_spes/pearson" in r]) == 2
+    assert [r["xattn/heatmaps/count"] for r in logged if "xattn/heatmaps/count" in r] == [2, 2]
+    for (name, a), b in zip(on["model"].state_dict().items(), off["model"].state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs: the monitor changed NeMo's training"
+    assert os.path.exists(tmp_path / "on" / "train.jsonl")
