@@ -70,6 +70,7 @@ def test_the_adapter_is_found_and_reads_every_decoder_layer(tiny, manifests):
     assert e.saliency["encoder_spes"].shape == (n_text, frames)
     assert e.saliency["spes"].shape == (n_text, u.num_frames, 64)  # on NeMo's own spectrogram
     assert e.text == row.text
+    assert adapter.frame_rate == e.frame_rate == 1 / tiny.cfg.preprocessor.window_stride  # from the model
 
 
 def test_captured_attention_equals_a_recomputation_from_the_layer_inputs(tiny, manifests):

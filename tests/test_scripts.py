@@ -216,6 +216,23 @@ def test_frame_rate_reaches_spes_segmentation(tmp_path):
     assert e.info["spes"]["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
 
 
+def test_the_model_frame_rate_is_the_default_of_spes_timestamps_and_figures(tmp_path, monkeypatch):
+    """Without frame_rate=, SPES segments, word timestamps and figures count seconds at the adapter's rate."""
+    from xattn_lightning.saliency.perturbation import segment_counts
+    from xattn_lightning.testing import TinyS2T
+    from xattn_lightning.timestamps import alignment_from
+
+    adapter = TinyS2T.adapter(TinyS2T())
+    monkeypatch.setattr(type(adapter), "frame_rate", property(lambda self: 50.0))
+    batch = {"input_features": torch.randn(1, 120, 8), "labels": torch.tensor([[1, 5, 6, 7, 2]])}
+    (e,) = xl.explain(adapter, batch, targets="labels", methods=("spes",), n_masks=4)
+    assert e.frame_rate == 50.0
+    assert e.info["spes"]["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
+    assert alignment_from(e).frame_seconds == e.frames_per_step / 50.0
+    (given,) = xl.explain(adapter, batch, targets="labels", methods=("spes",), n_masks=4, frame_rate=25.0)
+    assert given.frame_rate == 25.0  # the option, where given, wins
+
+
 def test_library_api_stands_without_lightning():
     """xl.explain and the adapters import no Lightning; the monitor loads it on first use."""
     import subprocess

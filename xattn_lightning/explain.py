@@ -29,6 +29,7 @@ from xattn_lightning.functional import per_token_correlation as _per_token
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.functional.agreement import Metric
 from xattn_lightning.functional.pooling import Pooling
+from xattn_lightning.saliency.options import DEFAULT_FRAME_RATE
 
 TARGET_MODES = ("generate", "labels")
 
@@ -42,6 +43,7 @@ class Explanation:
         tokens: token strings when a tokenizer is known, else ``None``.
         cross_attention: ``Tensor[L, H, I, T']`` with padding frames removed.
         frames_per_step: input frames per encoder frame.
+        frame_rate: input frames per second (the adapter's, or the ``frame_rate`` option).
         features: ``Tensor[T, F]`` valid input features (canonical time × frequency layout).
         log_probs: ``Tensor[I]`` log-probability of each explained token under teacher forcing.
         decoder_ids: the whole decoder sequence (prompt, tokens, EOS) that was forced.
@@ -66,6 +68,7 @@ class Explanation:
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     positions: Tensor | None = None
     decoder_attention: Tensor | None = None
+    frame_rate: float = DEFAULT_FRAME_RATE
 
     @property
     def num_frames(self) -> int:
@@ -269,6 +272,7 @@ def explain(
         seqs = _targets_for(adapter, batch, utts, targets)
         for u, seq in zip(utts, seqs):
             exp, ref = _explain_one(adapter, u, seq, num_beams, max_new_tokens, encoder_cache)
+            exp.frame_rate = float(method_options.get("frame_rate") or adapter.frame_rate)
             if methods:
                 compute_saliency(adapter, u, exp, methods, progress=progress, reference=ref, **method_options)
             results.append(exp)

@@ -61,7 +61,7 @@ def log_reading_media(
     step: int,
     methods: Sequence[str],
     metrics: Sequence[str],
-    frame_rate: float = 100.0,
+    frame_rate: float | None = None,
     layers: Any = None,
     heads: Any = None,
     prefix: str = "xattn/",
@@ -71,7 +71,6 @@ def log_reading_media(
     their ρ), the layer × head ``head_grid`` of each method, the ``probes`` table (a row per probe,
     with its heatmap) and the ``head_ranking`` table, each under ``prefix``."""
     import wandb
-
     from xattn_lightning.summary import pearson_scores
     from xattn_lightning.viz import figure_to_array, grid_figure, heatmap_figure
 

@@ -54,16 +54,16 @@ class Alignment:
 
 
 def alignment_from(
-    e: Any, frame_seconds: float | None = None, frame_rate: float = 100.0, saliency_method: str | None = None
+    e: Any, frame_seconds: float | None = None, frame_rate: float | None = None, saliency_method: str | None = None
 ) -> Alignment:
     """The :class:`Alignment` of an :class:`~xattn_lightning.Explanation` (no new pass); an encoder
     frame lasts ``frame_seconds`` (default: ``e.frames_per_step`` input frames at ``frame_rate`` per
-    second: 0.02 s for Whisper). ``saliency_method``: carry that saliency map (pooled to encoder
+    second, by default the explanation's own: 0.02 s for Whisper). ``saliency_method``: carry that saliency map (pooled to encoder
     frames) for fusion (default: the first computed, preferring ``encoder_spes``)."""
     if saliency_method is None and e.saliency:
         saliency_method = "encoder_spes" if "encoder_spes" in e.saliency else next(iter(e.saliency))
     if frame_seconds is None:
-        frame_seconds = e.frames_per_step / frame_rate
+        frame_seconds = e.frames_per_step / (frame_rate or getattr(e, "frame_rate", 100.0))
     if e.decoder_attention is None or e.positions is None or not len(e.positions):
         raise XAttnError("This explanation carries no decoder attention; make it with xl.explain().")
     pos = e.positions.tolist()

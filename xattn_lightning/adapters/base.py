@@ -142,6 +142,15 @@ class Adapter(ABC):
 
     # ------------------------------------------------------------------ facts
     @property
+    def frame_rate(self) -> float:
+        """Input feature frames per second: 100 (a 10-ms hop) for every log-mel front end the package knows;
+        an adapter whose model says otherwise reads it from the model. SPES segments time and figures and word
+        timestamps count seconds with it."""
+        from xattn_lightning.saliency.options import DEFAULT_FRAME_RATE
+
+        return DEFAULT_FRAME_RATE
+
+    @property
     @abstractmethod
     def info(self) -> AdapterInfo:
         """Static facts about the model."""

@@ -50,8 +50,8 @@ def nemo_batch(batch: Any) -> dict[str, Any] | None:
     """A NeMo training batch as the model batch (``None`` when ``batch`` is not one): a Canary
     ``PromptedAudioToTextMiniBatch`` (``labels``: the prompted transcript, padding as -100; ``text``: the
     references of its cuts) or an ``(audio, audio_lens, tokens, tokens_lens)`` tuple."""
-    mini: Any = batch
-    if dataclasses.is_dataclass(mini) and hasattr(mini, "audio") and hasattr(mini, "prompted_transcript"):
+    mini: Any = batch  # checked below as a dataclass, read by attribute
+    if dataclasses.is_dataclass(batch) and hasattr(mini, "audio") and hasattr(mini, "prompted_transcript"):
         ids, lens = mini.prompted_transcript, mini.prompted_transcript_lens
         labels = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device)[None] >= lens[:, None], -100)
         out: dict[str, Any] = {INPUT_KEY: mini.audio, LENGTH_KEY: mini.audio_lens, "labels": labels}
@@ -113,6 +113,11 @@ class NemoAEDAdapter(Adapter):
                 max_target_positions=int(cfg.transf_decoder.config_dict.max_sequence_length),
             )
         return self._info
+
+    @property
+    def frame_rate(self) -> float:
+        """Spectrogram frames per second, from the preprocessor's ``window_stride``."""
+        return 1.0 / float(self.model.cfg.preprocessor.window_stride)
 
     def frames_per_step(self, utterance: Utterance | None = None) -> int:
         """The encoder's subsampling factor (8 for FastConformer)."""

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
-from xattn_lightning.saliency import OPTIONS, validate_methods
+from xattn_lightning.saliency import validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
 
 METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall")
@@ -122,9 +122,11 @@ class MonitorConfig:
         return out
 
     @property
-    def frame_rate(self) -> float:
-        """Input frames per second: SPES segmentation and the figures' seconds axis."""
-        return float(self.saliency_options.get("frame_rate", OPTIONS["frame_rate"]))
+    def frame_rate(self) -> float | None:
+        """Input frames per second when set (``saliency_options={"frame_rate": ...}``): SPES segmentation, word
+        timestamps and the figures' seconds axis; ``None``: the model's own (``Adapter.frame_rate``)."""
+        rate = self.saliency_options.get("frame_rate")
+        return None if rate is None else float(rate)
 
     @classmethod
     def from_flat(cls, method_options: Mapping[str, Any] | None = None, **kwargs: Any) -> MonitorConfig:

@@ -256,7 +256,11 @@ def _spes(method: str, x: _Inputs) -> tuple[Tensor, dict]:
         x.n_frames,
         lp_ref,
         x.positions,
-        **{**as_kwargs(options_for(SpesOptions, opts), "autocast"), "batch_size": bs},
+        **{
+            **as_kwargs(options_for(SpesOptions, opts), "autocast"),
+            "batch_size": bs,
+            "frame_rate": opts.get("frame_rate") or adapter.frame_rate,
+        },
         progress=bar.update if bar else None,
     )
 

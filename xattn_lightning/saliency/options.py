@@ -17,6 +17,9 @@ Sampling = Literal["plain", "antithetic", "balanced", "sobol"]
 SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 Autocast = Literal["bf16", "fp16"]
 BatchSize = int | Literal["auto"]
+#: input frames per second of the log-mel front ends the package knows (a 10-ms hop); ``Adapter.frame_rate``
+#: gives each model's own
+DEFAULT_FRAME_RATE = 100.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class SpesOptions(PerturbationOptions):
     p: float = 0.5
     batch_size: BatchSize = 8
     scales: tuple[int, ...] = (2000, 2500, 3000)
-    frame_rate: float = 100.0
+    frame_rate: float | None = None  # None: the adapter's (Adapter.frame_rate)
     compactness: float = 0.1
     sigma: float = 0.0
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.pooling import check_smoothing, smooth_frames
-from xattn_lightning.saliency.options import SAMPLINGS, EncoderSpesOptions, SpesOptions
+from xattn_lightning.saliency.options import DEFAULT_FRAME_RATE, SAMPLINGS, EncoderSpesOptions, SpesOptions
 
 #: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)
 DEFAULT_SEGMENTS = SpesOptions.scales
@@ -25,7 +25,7 @@ MAX_SCALED_FRAMES = 750
 
 
 def segment_counts(
-    num_frames: int, scales: Sequence[int] = DEFAULT_SEGMENTS, frame_rate: float = SpesOptions.frame_rate
+    num_frames: int, scales: Sequence[int] = DEFAULT_SEGMENTS, frame_rate: float | None = None
 ) -> list[int]:
     """SLIC segment count per scale for an utterance of ``num_frames``, scaled with duration
     up to 7.5 s (paper §6.2). ``frame_rate`` is input frames per second (100 for a 10-ms hop).
@@ -35,7 +35,7 @@ def segment_counts(
     >>> segment_counts(2000)
     [3000, 3750, 4500]
     """
-    seconds = min(num_frames / frame_rate, MAX_SCALED_FRAMES / 100.0)
+    seconds = min(num_frames / (frame_rate or DEFAULT_FRAME_RATE), MAX_SCALED_FRAMES / 100.0)
     return [max(2, int(round(s * seconds / (REFERENCE_FRAMES / 100.0)))) for s in scales]
 
 
@@ -194,7 +194,7 @@ def spes_input(
     scales: Sequence[int] = SpesOptions.scales,
     batch_size: int = 8,  # the driver resolves SpesOptions.batch_size ("auto" included) to a number
     seed: int = SpesOptions.seed,
-    frame_rate: float = SpesOptions.frame_rate,
+    frame_rate: float | None = None,
     compactness: float = SpesOptions.compactness,
     sigma: float = SpesOptions.sigma,
     sampling: str = SpesOptions.sampling,

@@ -28,7 +28,7 @@ def heatmap_figure(
     e: Explanation,
     methods: Sequence[str],
     title: str = "",
-    frame_rate: float = 100.0,
+    frame_rate: float | None = None,
     normalize: bool = True,
     scores: Mapping[str, float] | None = None,
     layers: LayerSpec = None,
@@ -52,7 +52,7 @@ def heatmap_figure(
     fig = Figure(figsize=(9, 1.6 + 1.4 * panels + 0.12 * len(e.token_ids) * (panels - 1)), dpi=80)
     heights = [1.2] + [max(1.0, 0.18 * len(e.token_ids))] * (panels - 1)
     axes = fig.subplots(panels, 1, gridspec_kw={"height_ratios": heights})
-    seconds = e.num_frames / frame_rate
+    seconds = e.num_frames / (frame_rate or e.frame_rate)
     ext = (0, seconds, len(e.token_ids) - 0.5, -0.5)  # row 0 (first token) on top
     axes[0].imshow(
         e.features.T.numpy(), aspect="auto", origin="lower", extent=(0, seconds, 0, e.features.shape[1]), cmap="magma"
@@ -125,7 +125,7 @@ def comparison_heatmaps(
     exps: dict[str, Explanation],
     methods: Sequence[str],
     title: str = "",
-    frame_rate: float = 100.0,
+    frame_rate: float | None = None,
     scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Figure:
     """The same utterance through several checkpoints: one column per checkpoint, rows =
@@ -139,7 +139,7 @@ def comparison_heatmaps(
     axes = fig.subplots(rows, len(names), squeeze=False)
     for c, name in enumerate(names):
         e = exps[name]
-        seconds = e.num_frames / frame_rate
+        seconds = e.num_frames / (frame_rate or e.frame_rate)
         ext = (0, seconds, len(e.token_ids) - 0.5, -0.5)
         labels = e.tokens or [str(int(t)) for t in e.token_ids]
         panels = [("cross-attention", framewise_zscore(e.attention()))]
