@@ -152,3 +152,25 @@ def test_nemo_trainer_fit_with_the_monitor_as_the_one_added_line(manifests, tmp_
     for (name, a), b in zip(on["model"].state_dict().items(), off["model"].state_dict().values()):
         assert torch.equal(a, b), f"{name} differs: the monitor changed NeMo's training"
     assert os.path.exists(tmp_path / "on" / "train.jsonl")
+
+
+def test_encdec_transf_bpe_reads_through_the_same_adapter(manifests):
+    """``EncDecTransfModelBPE`` (a plain SentencePiece tokenizer, a BOS prompt, its own beam search) and its tuple
+    batches ``(audio, audio_lens, tokens, tokens_lens)``."""
+    from xattn_lightning.audio import load_audio, read_manifest
+    from xattn_lightning.testing.nemo import tiny_transf_bpe
+
+    train, val, root = manifests
+    rows = read_manifest(train)
+    model = tiny_transf_bpe([r.text for r in rows], root / "tok_bpe").eval()
+    adapter = xl.adapter_for(model)
+    tok = model.tokenizer
+    assert isinstance(adapter, NemoAEDAdapter) and adapter.prompt_ids() == [tok.bos_id]
+    wav = load_audio(rows[0].audio).unsqueeze(0)
+    text_ids = tok.text_to_ids(rows[0].text)
+    tokens = torch.tensor([[tok.bos_id, *text_ids, tok.eos_id]])
+    batch = standard_batch((wav, torch.tensor([wav.shape[1]]), tokens, torch.tensor([tokens.shape[1]])), "input_signal")
+    (e,) = xl.explain(model, batch, targets="labels", methods=("encoder_spes",), n_masks=8)
+    assert e.cross_attention.shape[:3] == (2, 4, len(text_ids)) and e.text == rows[0].text
+    hyp = adapter.generate(adapter.utterances(batch)[0], max_new_tokens=5)
+    assert int(hyp[0]) == tok.bos_id and int(hyp[-1]) == tok.eos_id and len(hyp) <= 7

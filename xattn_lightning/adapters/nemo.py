@@ -1,8 +1,9 @@
-"""Adapter for NVIDIA NeMo attention-encoder-decoder models (Canary-style ``EncDecMultiTaskModel``).
+"""Adapter for NVIDIA NeMo attention-encoder-decoder models (Canary-style ``EncDecMultiTaskModel`` and
+``EncDecTransfModelBPE``).
 
 Everything model-specific about NeMo lives here: the batch it trains on (``PromptedAudioToTextMiniBatch``)
 as the model batch the explainers take, the spectrogram of NeMo's own preprocessor as the input features,
-the Canary prompt, greedy decoding through the model's own ``decoding``, and the decoder's cross-attention
+the prompt (Canary's, or the BOS token), decoding through the model's own ``decoding`` or ``beam_search``, and the decoder's cross-attention
 (each layer's ``second_sub_layer`` returns its probabilities, ``xatt_scores``, which a forward hook takes).
 NeMo is an optional extra (``pip install "xattn_lightning[nemo]"``); nothing here imports it before a NeMo
 model is seen.
@@ -70,12 +71,12 @@ def nemo_batch(batch: Any) -> dict[str, Any] | None:
 
 
 class NemoAEDAdapter(Adapter):
-    """Adapter for NeMo's Canary-style ``EncDecMultiTaskModel``.
+    """Adapter for NeMo's Canary-style ``EncDecMultiTaskModel`` and ``EncDecTransfModelBPE``.
 
     Batches are ``{"input_signal": [B, samples], "input_signal_length": [B]}`` (plus ``labels``: prompted
     transcripts), as :func:`nemo_batch` makes from NeMo's own batches. The features explained (input SPES) are
     the model's preprocessor's log-mel spectrogram ``[T, F]``; the encoder output is the decoder's memory
-    (after ``encoder_decoder_proj``). Cross-attention rows of the prompt tokens are dropped like any special
+    (after the projection to the decoder's width). Cross-attention rows of the prompt tokens are dropped like any special
     token's; padded frames are never read (each utterance is explained alone, at its own length).
 
     Args:
@@ -101,7 +102,8 @@ class NemoAEDAdapter(Adapter):
         if self._info is None:
             tok = self.model.tokenizer
             layers = self.model.transf_decoder.decoder.layers
-            special = getattr(tok, "special_tokens", {}) or {}
+            special = getattr(tok, "special_tokens", None)
+            special = special if isinstance(special, Mapping) else {}
             cfg = self.model.cfg
             self._info = AdapterInfo(
                 num_layers=len(layers),
@@ -109,8 +111,8 @@ class NemoAEDAdapter(Adapter):
                 num_mel_bins=int(cfg.preprocessor.features),
                 decoder_start_id=int(tok.bos_id),
                 eos_id=int(tok.eos_id),
-                special_ids=frozenset(int(i) for i in special.values()) | {int(tok.pad_id)},
-                max_target_positions=int(cfg.transf_decoder.config_dict.max_sequence_length),
+                special_ids=frozenset(int(i) for i in special.values()) | {int(tok.pad_id), int(tok.bos_id)},
+                max_target_positions=int(self.model.transf_decoder.max_sequence_length),
             )
         return self._info
 
@@ -167,9 +169,8 @@ class NemoAEDAdapter(Adapter):
     def encoder_module(self) -> nn.Module | None:
         """The encoder, its projection to the decoder and the optional Transformer encoder."""
         m = self.model
-        parts = [m.encoder, m.encoder_decoder_proj] + (
-            [m.transf_encoder] if getattr(m, "use_transf_encoder", False) else []
-        )
+        projection = getattr(m, "encoder_decoder_proj", None) or getattr(m, "adapter", None)  # Canary, TransfBPE
+        parts = [m.encoder, projection] + ([m.transf_encoder] if getattr(m, "use_transf_encoder", False) else [])
         return nn.ModuleList(parts)
 
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
@@ -209,13 +210,18 @@ class NemoAEDAdapter(Adapter):
 
     # ------------------------------------------------------------------ targets
     def prompt_ids(self) -> list[int]:
-        """Canary's prompt: start of transcript, language, task, language, punctuation."""
+        """Canary's prompt (start of transcript, language, task, language, punctuation) for a Canary tokenizer;
+        the BOS token for a plain one (``EncDecTransfModelBPE``)."""
         tok = self.model.tokenizer
+        special = getattr(tok, "special_tokens", None)
+        if not isinstance(special, Mapping) or "<|startoftranscript|>" not in special:
+            return [int(tok.bos_id)]
         tokens = [t.format(lang=self.language) for t in CANARY_PROMPT]
-        special = getattr(tok, "special_tokens", {}) or {}
         missing = [t for t in tokens if t not in special]
         if missing:
-            raise XAttnError(f"The model's tokenizer has no {', '.join(missing)}: not a Canary prompt format.")
+            raise XAttnError(
+                f"The model's tokenizer has no {', '.join(missing)}: pass another language= to the adapter."
+            )
         return [int(special[t]) for t in tokens]
 
     def generate(
@@ -230,11 +236,22 @@ class NemoAEDAdapter(Adapter):
             encoder_out = self.encode(utterance.features.unsqueeze(0).to(self.device, self.dtype))
         prompt = torch.tensor([self.prompt_ids()], device=self.device)
         mask = torch.ones(encoder_out.shape[:2], device=self.device, dtype=encoder_out.dtype)
-        hyps = self.model.decoding.decode_predictions_tensor(
-            encoder_hidden_states=encoder_out, encoder_input_mask=mask, decoder_input_ids=prompt, return_hypotheses=True
-        )
-        hyp = hyps[0][0] if isinstance(hyps[0], list) else hyps[0]
-        ids = torch.as_tensor(hyp.y_sequence).reshape(-1).long().cpu()
+        decoding = getattr(self.model, "decoding", None)
+        if decoding is not None and hasattr(decoding, "decode_predictions_tensor"):  # EncDecMultiTaskModel
+            hyps = decoding.decode_predictions_tensor(
+                encoder_hidden_states=encoder_out, encoder_input_mask=mask, decoder_input_ids=prompt,
+                return_hypotheses=True,
+            )  # fmt: skip
+            hyp = hyps[0][0] if isinstance(hyps[0], list) else hyps[0]
+            ids = torch.as_tensor(hyp.y_sequence).reshape(-1).long().cpu()
+        else:  # EncDecTransfModelBPE: its beam search, which starts with the BOS token
+            ids = self.model.beam_search(
+                encoder_hidden_states=encoder_out, encoder_input_mask=mask, return_beam_scores=False
+            )
+            ids = ids[0].long().cpu()[prompt.shape[1] :]
+            stop = (ids == self.info.eos_id).nonzero()
+            ids = ids[: int(stop[0])] if len(stop) else ids
+            ids = ids[ids != int(self.model.tokenizer.pad_id)]
         if max_new_tokens is not None:
             ids = ids[:max_new_tokens]
         eos = self.info.eos_id

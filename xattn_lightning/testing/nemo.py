@@ -180,3 +180,40 @@ def tiny_canary(tokenizer_dir: str | Path, trainer: Any = None, seed: int = 0, *
     cfg.decoding = decoding
     torch.manual_seed(seed)
     return EncDecMultiTaskModel(cfg=cfg, trainer=trainer)
+
+
+def transf_bpe_config(tokenizer_dir: str | Path, d_model: int = 64, layers: int = 2, heads: int = 4) -> dict[str, Any]:
+    """The config of a tiny ``EncDecTransfModelBPE`` (a plain SentencePiece tokenizer with BOS, EOS and pad)."""
+    canary = canary_config(tokenizer_dir, d_model=d_model, layers=layers, heads=heads)
+    decoder = {**canary["transf_decoder"]["config_dict"], "library": "nemo", "model_name": None, "pretrained": False,
+               "pre_ln_final_layer_norm": True}  # fmt: skip
+    return {
+        "sample_rate": 16000,
+        "label_smoothing": 0.0,
+        "tokenizer": {"dir": str(Path(tokenizer_dir) / "bpe"), "type": "bpe"},
+        "preprocessor": canary["preprocessor"],
+        "encoder": canary["encoder"],
+        "transf_encoder": canary["transf_encoder"],
+        "transf_decoder": decoder,
+        "head": {k: v for k, v in canary["head"].items() if k not in ("_target_", "hidden_size", "num_classes")},
+        "beam_search": {"beam_size": 1, "len_pen": 0.0, "max_generation_delta": 20},
+        "optim": canary["optim"],
+    }
+
+
+def tiny_transf_bpe(texts: Sequence[str], out: str | Path, seed: int = 0) -> Any:
+    """An ``EncDecTransfModelBPE`` with random weights, its tokenizer trained on ``texts`` in ``out``."""
+    import torch
+    from nemo.collections.asr.models import EncDecTransfModelBPE
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+    from omegaconf import OmegaConf
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "text_bpe.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    if not (out / "bpe" / "tokenizer.model").exists():
+        create_spt_model(str(corpus), vocab_size=96, sample_size=-1, do_lower_case=False, tokenizer_type="bpe",
+                         output_dir=str(out / "bpe"), bos=True, eos=True, pad=True)  # fmt: skip
+    torch.manual_seed(seed)
+    return EncDecTransfModelBPE(cfg=OmegaConf.create(transf_bpe_config(out)))
