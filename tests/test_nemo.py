@@ -174,3 +174,26 @@ def test_encdec_transf_bpe_reads_through_the_same_adapter(manifests):
     assert e.cross_attention.shape[:3] == (2, 4, len(text_ids)) and e.text == rows[0].text
     hyp = adapter.generate(adapter.utterances(batch)[0], max_new_tokens=5)
     assert int(hyp[0]) == tok.bos_id and int(hyp[-1]) == tok.eos_id and len(hyp) <= 7
+
+
+def test_the_key_value_shortcut_equals_zeroing_frames(tiny, manifests):
+    """Encoder-output masks through keys and values projected once equal zeroing the frames and decoding."""
+    from xattn_lightning.adapters.base import Adapter
+    from xattn_lightning.audio import read_manifest
+
+    row = read_manifest(manifests[0])[2]
+    adapter = xl.adapter_for(tiny)
+    batch = _batch(tiny, str(row.audio), row.text)
+    u = adapter.utterances(batch)[0]
+    seq = adapter.normalize_target(batch["labels"][0])[:-1]
+    positions = torch.arange(4, seq.numel())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), adapter.capture_context():
+        enc = adapter.encode(u.features[None])
+        keep = torch.rand(6, enc.shape[1], generator=g) > 0.7
+        keep[0] = True  # nothing occluded
+        fast = adapter.masked_decoder(enc, seq, positions)(keep)
+        slow = Adapter.masked_decoder(adapter, enc, seq, positions)(keep)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    layer = tiny.transf_decoder.decoder.layers[0].second_sub_layer
+    assert "forward" not in vars(layer)  # the layers are left as they were

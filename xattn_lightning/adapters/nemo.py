@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance, check_features
+from xattn_lightning.adapters.base import (
+    Adapter,
+    AdapterInfo,
+    ForwardOutput,
+    Utterance,
+    check_features,
+    occlusion_bias,
+)
 from xattn_lightning.errors import XAttnError
 
 #: the model batch of a NeMo AED model: the waveforms and their lengths in samples (the features are the
@@ -187,6 +194,58 @@ class NemoAEDAdapter(Adapter):
         logp = self.model.log_softmax(hidden_states=hidden)  # log-probabilities: their log-softmax is themselves
         xattn = torch.stack(store, dim=1) if output_attentions else None  # [B, L, H, S, T']
         return ForwardOutput(logits=logp, cross_attention=xattn, encoder_out=encoder_out)
+
+    def masked_decoder(
+        self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """Frame occlusion without re-projecting the encoder output: each decoder layer's cross-attention keys
+        and values are projected once, with one more row, the projection of a zero frame; a mask becomes an
+        additive attention bias (:func:`~xattn_lightning.adapters.base.occlusion_bias`). Equals zeroing the
+        frames and decoding (``Adapter.masked_decoder``) up to float rounding; only the explained
+        ``positions`` reach the vocabulary."""
+        attns = [layer.second_sub_layer for layer in self.model.transf_decoder.decoder.layers]
+        with_zero = torch.cat([encoder_out, encoder_out.new_zeros(1, 1, encoder_out.shape[-1])], 1)
+        projected = [
+            (
+                m.transpose_for_scores(m.key_net(with_zero)) / m.attn_scale,
+                m.transpose_for_scores(m.value_net(with_zero)),
+            )
+            for m in attns
+        ]
+        num_frames = encoder_out.shape[1]
+
+        def run(keep: Tensor) -> Tensor:
+            b = keep.shape[0]
+            bias = occlusion_bias(keep, num_frames).to(encoder_out.dtype)
+
+            def attend(m: Any, k: Tensor, v: Tensor) -> Callable[..., tuple[Tensor, dict]]:
+                def forward(queries: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None) -> tuple:
+                    q = m.transpose_for_scores(m.query_net(queries)) / m.attn_scale
+                    probs = m.attn_dropout(torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1))
+                    context = (probs @ v).permute(0, 2, 1, 3).reshape(queries.shape[0], queries.shape[1], -1)
+                    return m.layer_dropout(m.out_projection(context)), {"xatt_scores": probs}  # as NeMo's own
+
+                return forward
+
+            for m, (k, v) in zip(attns, projected):
+                m.forward = attend(m, k, v)  # the instance's forward, for this call only
+            ids = decoder_ids.to(encoder_out.device)
+            ids = ids.unsqueeze(0).expand(b, -1) if ids.dim() == 1 else ids
+            try:
+                hidden = self.model.transf_decoder(
+                    input_ids=ids,
+                    decoder_mask=torch.ones(ids.shape, device=ids.device, dtype=ids.dtype),
+                    encoder_embeddings=encoder_out.expand(b, -1, -1),
+                    encoder_mask=torch.ones(b, num_frames, device=encoder_out.device, dtype=encoder_out.dtype),
+                )
+            finally:
+                for m in attns:
+                    del m.forward
+            if positions is not None:
+                hidden = hidden[:, positions]
+            return self.model.log_softmax(hidden_states=hidden)
+
+        return run
 
     def forward(self, features: Tensor, decoder_ids: Tensor, output_attentions: bool = True) -> ForwardOutput:
         """Teacher-forced pass over spectrograms ``[B, T, F]``."""
