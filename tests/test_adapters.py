@@ -307,3 +307,26 @@ def test_the_version_is_the_installed_distribution_s():
     from importlib.metadata import version
 
     assert xl.__version__ == version("xattn_lightning")
+
+
+def test_an_adapter_without_split_passes_is_explained_in_whole_passes():
+    """``split_passes=False`` (a declared capability, not a raised error): no encoder-only pass is tried, and the
+    explanation equals the one made with the shared encoder pass."""
+    from xattn_lightning.testing import TinyS2T
+
+    model = TinyS2T()
+    split = TinyS2T.adapter(model)
+
+    class Whole(type(split)):
+        split_passes = False
+
+        def encode(self, features):
+            raise AssertionError("an adapter without split passes was asked for an encoder-only pass")
+
+    whole = TinyS2T.adapter(model)
+    whole.__class__ = Whole
+    batch = {"input_features": torch.randn(1, 40, 8), "labels": torch.tensor([[1, 5, 6, 7, 2]])}
+    (a,) = xl.explain(split, batch, targets="labels", methods=("spes",), n_masks=4)
+    (b,) = xl.explain(whole, batch, targets="labels", methods=("spes",), n_masks=4)
+    torch.testing.assert_close(a.cross_attention, b.cross_attention)
+    torch.testing.assert_close(a.saliency["spes"], b.saliency["spes"])

@@ -283,11 +283,10 @@ def _encode_once(adapter: Adapter, u: Utterance, cache: EncoderCache | None = No
     """The utterance's encoder output, computed once and shared by decoding, attention capture and
     the saliency reference, or taken from ``cache`` (``None`` for adapters without separate encoder
     and decoder passes)."""
-    features = u.features.unsqueeze(0)
-    try:
-        return adapter.encode(features) if cache is None else cache.encode(adapter, features)
-    except NotImplementedError:
+    if not adapter.split_passes:
         return None
+    features = u.features.unsqueeze(0)
+    return adapter.encode(features) if cache is None else cache.encode(adapter, features)
 
 
 @torch.no_grad()

@@ -103,8 +103,8 @@ def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: i
             raise XAttnError(f"Audio {str(r.audio)!r} of utterance {r.id!r} is shorter than 25 ms; leave it out.")
         wavs.append(wav.numpy())
     fe = getattr(processor, "feature_extractor", processor)
-    # Whisper's extractor pads to its 30-s window by itself; others pad to the longest utterance
-    padding = {} if "Whisper" in type(fe).__name__ else {"padding": True}
+    # an extractor with a fixed window (Whisper's n_samples: 30 s) pads to it by itself; others to the longest
+    padding = {} if getattr(fe, "n_samples", None) else {"padding": True}
     out = dict(fe(wavs, sampling_rate=sampling_rate, return_tensors="pt", return_attention_mask=True, **padding))
     if rows and all(r.words is not None for r in rows):
         out["words"] = [r.words for r in rows]

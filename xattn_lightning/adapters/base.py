@@ -111,6 +111,9 @@ class Adapter(ABC):
 
     #: key of the input features in the model's own batch dict
     input_key: str = "input_features"
+    #: capability: separate encoder and decoder passes (:meth:`encode`, :meth:`decode`), which encoder-output
+    #: saliency, the shared encoder pass and :class:`~xattn_lightning.encoder_cache.EncoderCache` need
+    split_passes: bool = False
     #: where :func:`~xattn_lightning.adapters.adapter_for` found the model when it searched all
     #: submodules (a dotted name), else ``None``
     found_at: str | None = None
@@ -189,7 +192,7 @@ class Adapter(ABC):
 
     def encode(self, features: Tensor) -> Tensor:
         """Encoder output ``[B, T', D]`` for ``features [B, T, F]``."""
-        raise NotImplementedError(f"{type(self).__name__} does not support encoder-only passes.")
+        raise NotImplementedError(f"{type(self).__name__} does not support encoder-only passes (split_passes=False).")
 
     def encoder_module(self) -> nn.Module | None:
         """A module whose weights decide :meth:`encode`'s output (all of them: front-end included);
@@ -199,7 +202,7 @@ class Adapter(ABC):
 
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         """Decoder-only pass over a given encoder output ``[B, T', D]``."""
-        raise NotImplementedError(f"{type(self).__name__} does not support decoder-only passes.")
+        raise NotImplementedError(f"{type(self).__name__} does not support decoder-only passes (split_passes=False).")
 
     def masked_decoder(
         self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None

@@ -89,6 +89,8 @@ def register_output_capture(model: nn.Module) -> None:
 class _HFSeq2SeqAdapter(Adapter):
     """Shared code for HF encoder-decoder speech models (eager attention, encoder_outputs reuse)."""
 
+    split_passes = True
+
     def __init__(self, model: nn.Module, tokenizer: object | None = None) -> None:
         super().__init__(model, tokenizer)
         self._convs = self._find_convs()

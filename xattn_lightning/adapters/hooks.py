@@ -98,6 +98,8 @@ class HookAdapter(Adapter):
         2
     """
 
+    split_passes = True
+
     def __init__(
         self,
         model: nn.Module,

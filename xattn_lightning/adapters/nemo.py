@@ -92,6 +92,8 @@ class NemoAEDAdapter(Adapter):
         language: the prompt's source and target language (default ``"en"``).
     """
 
+    split_passes = True
+
     input_key = INPUT_KEY
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None, language: str = "en") -> None:

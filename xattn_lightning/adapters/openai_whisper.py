@@ -92,6 +92,8 @@ class OpenAIWhisperAdapter(Adapter):
         (2, 50, [50257, 50362])
     """
 
+    split_passes = True
+
     def alignment_heads(self) -> list[list[int]] | None:
         """The heads of the model's ``alignment_heads`` buffer (``transcribe(word_timestamps=True)`` uses them;
         the package's fallback is every head of the upper half of the layers)."""
