@@ -1,0 +1,65 @@
+"""The driver: all the methods asked of one utterance, over one shared reference pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from xattn_lightning.adapters import Adapter, ForwardOutput, Utterance
+from xattn_lightning.errors import XAttnError
+from xattn_lightning.saliency.methods import MethodInputs
+from xattn_lightning.saliency.registry import METHODS, OPTIONS
+
+
+def compute_saliency(
+    adapter: Adapter,
+    u: Utterance,
+    exp: Any,
+    methods: Sequence[str],
+    progress: bool = False,
+    reference: ForwardOutput | None = None,
+    **options: Any,
+) -> None:
+    """Compute ``methods`` for one utterance and store them in ``exp.saliency`` / ``exp.info``.
+
+    ``reference`` is the unperturbed teacher-forced pass (logits and encoder output) when the caller
+    has it already, so that the encoder does not run again."""
+    opts = {**OPTIONS, **options}
+    seq = exp.decoder_ids
+    dec_in = seq[:-1]
+    predicted = seq[1:]
+    positions = (~adapter.special_mask(predicted)).nonzero().view(-1).to(adapter.device)
+    feats = u.features.clone()  # leaves inference-mode tensors behind
+    n_frames = u.num_frames
+    t_enc = exp.num_encoder_frames
+    bar = _progress_bar(progress, methods, opts, positions.numel())
+    try:
+        ref = reference
+        if ref is None or ref.encoder_out is None:
+            with torch.no_grad():
+                ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
+        logp_ref = ref.logits[0].float().log_softmax(-1)
+        enc = ref.encoder_out
+        inputs = MethodInputs(adapter, feats, n_frames, enc, t_enc, dec_in, predicted, positions, logp_ref, opts, bar)
+        for m in methods:
+            sm, info = METHODS[m].compute(m, inputs)
+            if not torch.isfinite(sm).all():
+                raise XAttnError(f"Saliency {m!r} produced NaN/inf values for utterance {u.index}.")
+            exp.saliency[m] = sm
+            exp.info[m] = info
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_bar(enabled: bool, methods: Sequence[str], opts: dict, num_tokens: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    total = 0
+    for m in methods:
+        total += opts["n_masks"] if METHODS[m].family == "perturbation" else num_tokens
+    return tqdm(total=total, desc="saliency", unit="pass", leave=False)

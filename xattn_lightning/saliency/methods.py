@@ -1,0 +1,138 @@
+"""The saliency methods' bodies, one call each over what every method of an utterance shares
+(:class:`MethodInputs`); :mod:`~xattn_lightning.saliency.registry` names them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xattn_lightning.adapters import Adapter
+from xattn_lightning.errors import XAttnError
+from xattn_lightning.saliency.batching import prepared
+from xattn_lightning.saliency.gradients import GRADIENT_METHODS, batched_attribute, captum_attribute, token_logprob_fn
+from xattn_lightning.saliency.options import EncoderSpesOptions, SpesOptions, as_kwargs, options_for
+from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+
+
+@dataclass
+class MethodInputs:
+    """What every method of one utterance shares (built once by :func:`compute_saliency`)."""
+
+    adapter: Adapter
+    feats: Tensor
+    n_frames: int
+    enc: Tensor | None  # the encoder output, where the adapter gives it
+    t_enc: int
+    dec_in: Tensor
+    predicted: Tensor
+    positions: Tensor
+    logp_ref: Tensor
+    opts: dict
+    bar: Any
+
+
+@torch.no_grad()
+def _spes(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
+    adapter, dec_in, opts, bar = x.adapter, x.dec_in, x.opts, x.bar
+    x_in = x.feats.to(adapter.device, adapter.dtype)
+    run, lp_ref, bs = prepared(
+        "spes",
+        lambda f: adapter.forward(f, dec_in, output_attentions=False).logits,
+        lambda b: x_in.unsqueeze(0).expand(b, -1, -1),
+        x.logp_ref,
+        torch.device(adapter.device),
+        opts,
+    )
+    return spes_input(
+        run,
+        x_in,
+        x.n_frames,
+        lp_ref,
+        x.positions,
+        **{
+            **as_kwargs(options_for(SpesOptions, opts), "autocast"),
+            "batch_size": bs,
+            "frame_rate": opts.get("frame_rate") or adapter.frame_rate,
+        },
+        progress=bar.update if bar else None,
+    )
+
+
+@torch.no_grad()
+def _encoder_spes(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
+    adapter, opts, bar = x.adapter, x.opts, x.bar
+    device = torch.device(adapter.device)
+    ones = torch.ones(1, x.t_enc, dtype=torch.bool, device=device)
+    # the masked passes project only the explained positions onto the vocabulary: logits [B, P, V]
+    explained = x.positions.to(device)
+    if x.enc is None:
+        raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
+    masked = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
+    run, lp_ref, bs = prepared(
+        "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, opts
+    )
+    return spes_encoder(
+        run,
+        x.t_enc,
+        lp_ref,
+        None,  # run and lp_ref hold the explained positions only
+        **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
+        progress=bar.update if bar else None,
+    )
+
+
+def _gradient(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
+    adapter, feats, n_frames, enc, t_enc = x.adapter, x.feats, x.n_frames, x.enc, x.t_enc
+    dec_in, predicted, positions, opts, bar = x.dec_in, x.predicted, x.positions, x.opts, x.bar
+    import time
+
+    start = time.perf_counter()
+    encoder_space = method.startswith("encoder_")  # the registry's "encoder" space
+    name = method.removeprefix("encoder_")
+    assert name in GRADIENT_METHODS
+    with torch.enable_grad():
+        logits_fn: Callable[[Tensor], Tensor]
+        if encoder_space:
+            if enc is None:
+                raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
+            base = enc.detach().clone()
+
+            def encoder_logits(h_valid: Tensor) -> Tensor:
+                rest = base[:, t_enc:].expand(h_valid.shape[0], -1, -1)
+                return adapter.decode(torch.cat([h_valid, rest], 1), dec_in).logits
+
+            logits_fn, point = encoder_logits, base[:, :t_enc].clone().requires_grad_()
+        else:
+            full = feats.to(adapter.device, adapter.dtype).unsqueeze(0)
+
+            def input_logits(x_valid: Tensor) -> Tensor:
+                rest = full[:, n_frames:].expand(x_valid.shape[0], -1, -1)
+                return adapter.forward(torch.cat([x_valid, rest], 1), dec_in, output_attentions=False).logits
+
+            logits_fn, point = input_logits, full[:, :n_frames].clone().requires_grad_()
+        fn = token_logprob_fn(logits_fn, predicted, positions)
+        engine: Callable[..., Tensor]
+        if opts["gradient_engine"] == "batched":
+            # vmap'd VJPs pay off on GPUs and for decoder-only graphs; on CPU a backward per token
+            # through the encoder is faster (benchmarks/perf.py)
+            vjp = "vmap" if encoder_space or point.device.type == "cuda" else "loop"
+            engine = functools.partial(batched_attribute, vjp=vjp)
+        else:
+            engine = captum_attribute
+        attr = engine(
+            name,
+            fn,
+            point,
+            int(positions.numel()),
+            n_steps=opts["n_steps"],
+            internal_batch_size=opts["internal_batch_size"],
+            progress=bar.update if bar else None,
+        )
+    attr = attr.float()
+    sm = attr.norm(dim=-1) if encoder_space else attr.abs()
+    return sm.cpu(), {"seconds": time.perf_counter() - start}
