@@ -53,6 +53,11 @@ def main(out: str) -> None:
             json.dump({"history": callback.history, "probe_ids": callback.instrument.probe_set.ids,
                        "log_history": trainer.state.log_history,
                        "world_size": int(os.environ.get("WORLD_SIZE", "1"))}, f)  # fmt: skip
+    # a Gloo process group still alive at interpreter exit can abort the process ("terminate called without an
+    # active exception", exit -6) after the work is done, with or without the callback: end it as scripts should
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
