@@ -42,6 +42,7 @@ def test_seq2seq_trainer_recipe_on_real_whisper(whisper_path, espeak_manifest, t
     example = _load("finetune_whisper_hf_trainer")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # W&B reads WANDB_DIR once per process; its default is the working directory
     common = ["--model", whisper_path, "--manifest", str(train), "--eval-manifest", str(evaluation), "--max-steps", "2",
               "--eval-steps", "1", "--batch-size", "2", "--num-probes", "2", "--n-masks", "32"]  # fmt: skip
     with pytest.warns(UserWarning, match="pearson_corrected is not logged"):  # 32 masks: below the floor, said once
@@ -102,7 +103,7 @@ def _tiny_trainer(tmp_path: Path, callbacks: list, **kw):
             for _ in range(6)]  # fmt: skip
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, eval_strategy="steps",
-        eval_steps=1, save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, seed=0, **kw,
+        eval_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False, seed=0, **{"save_strategy": "no", **kw},
     )  # fmt: skip
     collate = lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]}  # noqa: E731
     return Trainer(model=tiny_whisper(seed=0).train(), args=args, train_dataset=data[:4], eval_dataset=data[4:],
@@ -139,3 +140,27 @@ def test_bad_arguments_fail_when_the_callback_is_made():
         integration.XAttnSaliencyCallback(probes={"input_features": torch.zeros(1)})
     with pytest.raises(Exception, match="n_masks"):
         integration.XAttnSaliencyCallback(n_masks=0)
+
+
+def test_a_resumed_training_keeps_the_probes_masks_and_history(tmp_path):
+    """The callback's state travels in the Trainer's checkpoints (``ExportableState``) and is taken back when training
+    resumes: the same probes, the fixed mask count, the first reading's baseline and the history go on."""
+
+    def callback():
+        return integration.XAttnSaliencyCallback(num_probes=2, targets="labels", max_overhead=None)  # n_masks auto
+
+    first = callback()
+    trainer = _tiny_trainer(tmp_path, [first], save_strategy="steps", save_steps=2)
+    trainer.args.max_steps = 2
+    trainer.train()
+    assert len(first.history) == 2 and first.instrument.masks.frozen is not None
+    resumed = callback()
+    again = _tiny_trainer(tmp_path, [resumed], save_strategy="no")
+    again.args.max_steps = 4
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.instrument.probe_set.ids == first.instrument.probe_set.ids
+    assert resumed.instrument.masks.frozen == first.instrument.masks.frozen  # not chosen again
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    assert (
+        resumed.instrument.history.baseline == first.instrument.history.baseline
+    )  # changes since the start of the run

@@ -123,9 +123,8 @@ def _finetune(manifests, out: Path, monitor: bool):
 
 
 def test_nemo_trainer_fit_with_the_monitor_as_the_one_added_line(manifests, tmp_path, monkeypatch):
-    from wandb_reader import history
-
     import wandb
+    from wandb_reader import history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     on = _finetune(manifests, tmp_path / "on", monitor=True)

@@ -71,6 +71,7 @@ def log_reading_media(
     their ρ), the layer × head ``head_grid`` of each method, the ``probes`` table (a row per probe,
     with its heatmap) and the ``head_ranking`` table, each under ``prefix``."""
     import wandb
+
     from xattn_lightning.summary import pearson_scores
     from xattn_lightning.viz import figure_to_array, grid_figure, heatmap_figure
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from xattn_lightning.adapters import Adapter
 from xattn_lightning.errors import XAttnError
@@ -122,7 +123,7 @@ def _with_item_facts(batch: Any, item: Any) -> Any:
     return batch
 
 
-class XAttnSaliencyCallback(TrainerCallback):
+class XAttnSaliencyCallback(TrainerCallback, ExportableState):
     """Attention–saliency agreement on fixed probe utterances during a Hugging Face Trainer fine-tune.
 
     Args:
@@ -188,6 +189,31 @@ class XAttnSaliencyCallback(TrainerCallback):
         self.model_fn, self.batch_fn, self.tokenizer = model_fn, batch_fn, tokenizer
         self.instrument = Instrument(config, probes, Messages(on_error, name="XAttnSaliencyCallback"))
         self.clock: Callable[[], float] = time.perf_counter
+        self._resume_checked = False
+
+    # ------------------------------------------------------------------ state in the Trainer's checkpoints
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs (probe ids, history and baseline, the fixed mask count, the heads), saved by
+        the Trainer in each checkpoint's ``trainer_state.json``. The callback restores it itself when training
+        resumes from a checkpoint: leave ``restore_callback_states_from_checkpoint`` off (on, the Trainer would
+        replace the callback by one built from no arguments)."""
+        return {"args": {}, "attributes": {"xattn_state": self.instrument.state_dict()}}
+
+    def _restore(self, state: TrainerState) -> None:
+        """Once per ``train()``, after the Trainer loaded a checkpoint's state: take this callback's back."""
+        if self._resume_checked:
+            return
+        self._resume_checked = True
+        stored: Any = state.stateful_callbacks  # a dict once the Trainer built or loaded it
+        saved = stored.get(type(self).__name__) if isinstance(stored, dict) else None
+        saved = saved[-1] if isinstance(saved, list) and saved else saved
+        mine = saved.get("attributes", {}).get("xattn_state") if isinstance(saved, dict) else None
+        if mine and mine.get("probe_ids") and mine != self.instrument.state_dict():
+            self.instrument.load_state_dict(mine)
+            self.instrument.messages.info(
+                f"resumed its state from the checkpoint: probes {mine['probe_ids']}, {len(mine.get('history', []))} "
+                "readings, the mask count and baseline kept."
+            )
 
     @property
     def config(self) -> MonitorConfig:
@@ -210,6 +236,7 @@ class XAttnSaliencyCallback(TrainerCallback):
     ) -> None:
         """Start the overhead budget; say now what cannot work."""
         with self.instrument.messages.guard("on_train_begin"):
+            self._resume_checked = False
             self.instrument.budget.clock = self.clock
             self.instrument.budget.start()
             self.instrument.forget_adapter()
@@ -221,6 +248,14 @@ class XAttnSaliencyCallback(TrainerCallback):
                 )
             adapter = self._adapter(kwargs)
             self.instrument.check_adapter(adapter, type(kwargs.get("model")).__name__, guessed=self.model_fn is None)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Take the callback's state back from the checkpoint training resumed from (the Trainer loads it after
+        ``on_train_begin``)."""
+        with self.instrument.messages.guard("on_step_begin"):
+            self._restore(state)
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Read after each evaluation (without ``every_n_steps``)."""
