@@ -58,6 +58,8 @@ def main(out: str) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    with open(f"{out}.rank{os.environ.get('RANK', '0')}.done", "w") as f:  # this process finished its work
+        f.write("done\n")
 
 
 if __name__ == "__main__":
