@@ -26,9 +26,13 @@ from xattn_lightning._lightning import (
 from xattn_lightning.adapters import Adapter
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
-from xattn_lightning.monitoring import Instrument, Messages, MonitorConfig, check_probes_source, check_schedule
+from xattn_lightning.monitoring import PREFIX, Instrument, Messages, MonitorConfig, check_probes_source, check_schedule
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
+
+#: the reading defaults (kept under their old name; they live in :mod:`xattn_lightning.saliency.options`)
+MONITOR_DEFAULTS = READING_DEFAULTS
+__all__ = ["MONITOR_DEFAULTS", "PREFIX", "XAttnSaliencyMonitor"]
 
 
 def _guarded(hook: str) -> Callable[..., None]:
