@@ -329,8 +329,9 @@ def test_injected_faults_skip_and_training_continues(tmp_path, monkeypatch, faul
         real = sal.spes_encoder
 
         def nan_maps(*a, **k):
-            sm, info = real(*a, **k)
-            return sm * float("nan"), info
+            r = real(*a, **k)
+            r.map = r.map * float("nan")
+            return r
 
         monkeypatch.setattr(sal, "spes_encoder", nan_maps)
         cause = "NaN/inf"

@@ -364,8 +364,8 @@ def test_encoder_auto_batch_off_cuda_is_sized_by_explained_tokens_and_changes_no
             seen.append(keep.shape[0])
             return (keep.float() @ weight).unsqueeze(1).expand(-1, tokens, -1) + torch.arange(tokens).view(1, -1, 1)
 
-        sm, info = spes_encoder(run, t, logp, None, n_masks=40, batch_size=batch_size, seed=3)
-        return sm, info, seen
+        r = spes_encoder(run, t, logp, None, n_masks=40, batch_size=batch_size, seed=3)
+        return r.map, r.info(), seen
 
     short, info_s, seen_s = maps(4, "auto")
     assert info_s["batch_size"] == 40 and seen_s == [40]  # few tokens: every mask in one batch

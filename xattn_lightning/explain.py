@@ -274,7 +274,9 @@ def explain(
             exp, ref = _explain_one(adapter, u, seq, num_beams, max_new_tokens, encoder_cache)
             exp.frame_rate = float(method_options.get("frame_rate") or adapter.frame_rate)
             if methods:
-                compute_saliency(adapter, u, exp, methods, progress=progress, reference=ref, **method_options)
+                found = compute_saliency(adapter, u, exp, methods, progress=progress, reference=ref, **method_options)
+                for m, r in found.items():
+                    exp.saliency[m], exp.info[m] = r.map, r.info()
             results.append(exp)
     return results
 

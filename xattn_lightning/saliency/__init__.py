@@ -1,7 +1,7 @@
 """Saliency methods: :mod:`~xattn_lightning.saliency.registry` names them and checks options,
 :mod:`~xattn_lightning.saliency.methods` holds their bodies, :mod:`~xattn_lightning.saliency.batching` sizes and
 casts the mask batches, :mod:`~xattn_lightning.saliency.driver` runs the asked ones over one utterance
-(``compute_saliency`` fills an :class:`~xattn_lightning.Explanation`); the mask loops are in
+(``compute_saliency`` returns a :class:`~xattn_lightning.saliency.result.SaliencyResult` per method); the mask loops are in
 :mod:`~xattn_lightning.saliency.perturbation`, the gradients in :mod:`~xattn_lightning.saliency.gradients`."""
 
 from xattn_lightning.saliency.batching import (
@@ -23,6 +23,7 @@ from xattn_lightning.saliency.registry import (
     perturbation_methods,
     validate_methods,
 )
+from xattn_lightning.saliency.result import SaliencyResult
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -32,6 +33,7 @@ __all__ = [
     "GRADIENT_METHODS",
     "METHODS",
     "OPTIONS",
+    "SaliencyResult",
     "MethodName",
     "MethodSpec",
     "auto_batch_size",

@@ -11,6 +11,7 @@ from xattn_lightning.adapters import Adapter, ForwardOutput, Utterance
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.methods import MethodInputs
 from xattn_lightning.saliency.registry import METHODS, OPTIONS
+from xattn_lightning.saliency.result import SaliencyResult
 
 
 def compute_saliency(
@@ -21,8 +22,10 @@ def compute_saliency(
     progress: bool = False,
     reference: ForwardOutput | None = None,
     **options: Any,
-) -> None:
-    """Compute ``methods`` for one utterance and store them in ``exp.saliency`` / ``exp.info``.
+) -> dict[str, SaliencyResult]:
+    """Compute ``methods`` for one utterance: ``{method: SaliencyResult}``. ``exp`` (its
+    :class:`~xattn_lightning.Explanation`, without saliency yet) gives the explained decoder
+    sequence and the number of encoder frames; it is not changed.
 
     ``reference`` is the unperturbed teacher-forced pass (logits and encoder output) when the caller
     has it already, so that the encoder does not run again."""
@@ -43,12 +46,12 @@ def compute_saliency(
         logp_ref = ref.logits[0].float().log_softmax(-1)
         enc = ref.encoder_out
         inputs = MethodInputs(adapter, feats, n_frames, enc, t_enc, dec_in, predicted, positions, logp_ref, opts, bar)
+        results: dict[str, SaliencyResult] = {}
         for m in methods:
-            sm, info = METHODS[m].compute(m, inputs)
-            if not torch.isfinite(sm).all():
+            results[m] = METHODS[m].compute(m, inputs)
+            if not torch.isfinite(results[m].map).all():
                 raise XAttnError(f"Saliency {m!r} produced NaN/inf values for utterance {u.index}.")
-            exp.saliency[m] = sm
-            exp.info[m] = info
+        return results
     finally:
         if bar is not None:
             bar.close()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from xattn_lightning.saliency.batching import prepared
 from xattn_lightning.saliency.gradients import GRADIENT_METHODS, batched_attribute, captum_attribute, token_logprob_fn
 from xattn_lightning.saliency.options import EncoderSpesOptions, SpesOptions, as_kwargs, options_for
 from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+from xattn_lightning.saliency.result import SaliencyResult
 
 
 @dataclass
@@ -37,7 +39,7 @@ class MethodInputs:
 
 
 @torch.no_grad()
-def _spes(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
+def _spes(method: str, x: MethodInputs) -> SaliencyResult:
     adapter, dec_in, opts, bar = x.adapter, x.dec_in, x.opts, x.bar
     x_in = x.feats.to(adapter.device, adapter.dtype)
     run, lp_ref, bs = prepared(
@@ -64,7 +66,7 @@ def _spes(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
 
 
 @torch.no_grad()
-def _encoder_spes(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
+def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
     adapter, opts, bar = x.adapter, x.opts, x.bar
     device = torch.device(adapter.device)
     ones = torch.ones(1, x.t_enc, dtype=torch.bool, device=device)
@@ -86,11 +88,9 @@ def _encoder_spes(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
     )
 
 
-def _gradient(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
+def _gradient(method: str, x: MethodInputs) -> SaliencyResult:
     adapter, feats, n_frames, enc, t_enc = x.adapter, x.feats, x.n_frames, x.enc, x.t_enc
     dec_in, predicted, positions, opts, bar = x.dec_in, x.predicted, x.positions, x.opts, x.bar
-    import time
-
     start = time.perf_counter()
     encoder_space = method.startswith("encoder_")  # the registry's "encoder" space
     name = method.removeprefix("encoder_")
@@ -135,4 +135,4 @@ def _gradient(method: str, x: MethodInputs) -> tuple[Tensor, dict]:
         )
     attr = attr.float()
     sm = attr.norm(dim=-1) if encoder_space else attr.abs()
-    return sm.cpu(), {"seconds": time.perf_counter() - start}
+    return SaliencyResult(sm.cpu(), time.perf_counter() - start)

@@ -7,7 +7,7 @@ token. Masks, KL and accumulation are computed on the model's device, batched ov
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.pooling import check_smoothing, smooth_frames
 from xattn_lightning.saliency.options import DEFAULT_FRAME_RATE, SAMPLINGS, EncoderSpesOptions, SpesOptions
+from xattn_lightning.saliency.result import SaliencyResult
 
 #: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)
 DEFAULT_SEGMENTS = SpesOptions.scales
@@ -179,8 +180,25 @@ class _Accumulator:
         return (self.num / self.den.clamp(min=1.0).unsqueeze(1)).float()
 
 
-def _chunks(total: int, batch_size: int) -> list[int]:
-    return [min(batch_size, total - i) for i in range(0, total, batch_size)]
+def _mask_loop(
+    batches: Iterable[tuple[Tensor, Tensor]],
+    score: Callable[[Tensor], Tensor],
+    acc: _Accumulator,
+    max_seconds: float | None,
+    progress: Callable[[int], None] | None,
+) -> tuple[float, bool]:
+    """The one loop of every perturbation method: for each ``(keep, model_input)`` batch, score the
+    perturbed pass (KL per mask and token) and accumulate it over the occluded cells ``~keep``; stop
+    after a whole batch once ``max_seconds`` have passed. Returns the seconds and whether the budget
+    stopped it."""
+    start = time.perf_counter()
+    for keep, model_input in batches:
+        acc.add(score(model_input), ~keep)
+        if progress is not None:
+            progress(keep.shape[0])
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            return time.perf_counter() - start, True
+    return time.perf_counter() - start, False
 
 
 def spes_input(
@@ -200,7 +218,7 @@ def spes_input(
     sampling: str = SpesOptions.sampling,
     max_seconds: float | None = SpesOptions.max_seconds,
     progress: Callable[[int], None] | None = None,
-) -> tuple[Tensor, dict]:
+) -> SaliencyResult:
     """SPES input saliency ``[I, T, F]`` over the valid ``features[:num_frames]``.
 
     ``run(x [B, T_full, F]) -> logits [B, S, V]`` is a teacher-forced pass. Padding frames beyond
@@ -221,34 +239,28 @@ def spes_input(
     per_scale = [n_masks // len(labels) + (1 if i < n_masks % len(labels) else 0) for i in range(len(labels))]
     acc = _Accumulator(int(positions.numel()), t_valid * n_bins, device)
     x_full = features.to(device)
-    start = time.perf_counter()
-    stopped = False
-    for lab, n_s in zip(labels, per_scale):
-        k = int(lab.max()) + 1
-        keep_seg = draw_keep_masks(n_s, k, p, gen, sampling).to(device)
-        for i0 in range(0, n_s, batch_size):
-            keep = keep_seg[i0 : i0 + batch_size][:, lab]  # [b, T*F]
-            b = keep.shape[0]
-            x = x_full.unsqueeze(0).repeat(b, 1, 1)
-            x[:, :t_valid] = x[:, :t_valid] * keep.view(b, t_valid, n_bins).to(x.dtype)
-            kl = kl_per_token(logp_ref, run(x), positions)
-            acc.add(kl, ~keep)
-            if progress is not None:
-                progress(b)
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
-                stopped = True
-                break
-        if stopped:
-            break
-    sm = acc.result().view(-1, t_valid, n_bins).cpu()
-    return sm, {
-        "halves": acc.halves().view(2, -1, t_valid, n_bins).cpu(),
-        "n_masks": acc.n,
-        "segments": counts,
-        "batch_size": batch_size,
-        "seconds": time.perf_counter() - start,
-        "budget_hit": stopped,
-    }
+
+    def batches() -> Iterable[tuple[Tensor, Tensor]]:
+        for lab, n_s in zip(labels, per_scale):
+            keep_seg = draw_keep_masks(n_s, int(lab.max()) + 1, p, gen, sampling).to(device)
+            for i0 in range(0, n_s, batch_size):
+                keep = keep_seg[i0 : i0 + batch_size][:, lab]  # [b, T*F]
+                b = keep.shape[0]
+                x = x_full.unsqueeze(0).repeat(b, 1, 1)
+                x[:, :t_valid] = x[:, :t_valid] * keep.view(b, t_valid, n_bins).to(x.dtype)
+                yield keep, x
+
+    seconds, stopped = _mask_loop(
+        batches(), lambda x: kl_per_token(logp_ref, run(x), positions), acc, max_seconds, progress
+    )
+    return SaliencyResult(
+        acc.result().view(-1, t_valid, n_bins).cpu(),
+        seconds,
+        halves=acc.halves().view(2, -1, t_valid, n_bins).cpu(),
+        n_masks=acc.n,
+        budget_hit=stopped,
+        details={"segments": counts, "batch_size": batch_size},
+    )
 
 
 def spes_encoder(
@@ -264,7 +276,7 @@ def spes_encoder(
     max_seconds: float | None = EncoderSpesOptions.max_seconds,
     progress: Callable[[int], None] | None = None,
     smoothing: int = EncoderSpesOptions.smoothing,
-) -> tuple[Tensor, dict]:
+) -> SaliencyResult:
     """Encoder-output saliency ``[I, T']`` (paper §1.4): zero whole valid encoder frames with
     probability ``p_h``; ``run(keep [B, T'_valid]) -> logits [B, S, V]`` re-runs only the decoder
     with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``); ``positions``
@@ -284,22 +296,15 @@ def spes_encoder(
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     keep_all = draw_keep_masks(n_masks, t_valid, p_h, gen, sampling).to(device)
     acc = _Accumulator(rows, t_valid, device)
-    start = time.perf_counter()
-    stopped = False
-    for i0 in range(0, n_masks, per_batch):
-        keep = keep_all[i0 : i0 + per_batch]
-        kl = kl_per_token(logp_ref, run(keep), positions)
-        acc.add(kl, ~keep)
-        if progress is not None:
-            progress(keep.shape[0])
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            stopped = True
-            break
-    return smooth_frames(acc.result(), smoothing).cpu(), {
-        "halves": smooth_frames(acc.halves(), smoothing).cpu(),
-        "n_masks": acc.n,
-        "batch_size": per_batch,
-        "seconds": time.perf_counter() - start,
-        "budget_hit": stopped,
-        "smoothing": smoothing,
-    }
+    batches = ((keep, keep) for keep in keep_all.split(per_batch))
+    seconds, stopped = _mask_loop(
+        batches, lambda keep: kl_per_token(logp_ref, run(keep), positions), acc, max_seconds, progress
+    )
+    return SaliencyResult(
+        smooth_frames(acc.result(), smoothing).cpu(),
+        seconds,
+        halves=smooth_frames(acc.halves(), smoothing).cpu(),
+        n_masks=acc.n,
+        budget_hit=stopped,
+        details={"batch_size": per_batch, "smoothing": smoothing},
+    )

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
-from torch import Tensor
-
 from xattn_lightning.errors import UnknownNameError, XAttnError
 from xattn_lightning.functional.pooling import check_smoothing
 from xattn_lightning.saliency.batching import AUTOCAST_DTYPES
 from xattn_lightning.saliency.methods import MethodInputs, _encoder_spes, _gradient, _spes
 from xattn_lightning.saliency.options import SAMPLINGS, default_options
+from xattn_lightning.saliency.result import SaliencyResult
 
 MethodName = Literal[
     "spes",
@@ -35,7 +34,7 @@ class MethodSpec(NamedTuple):
     space: Literal["input", "encoder"]
     description: str
     family: Literal["perturbation", "gradient"]
-    compute: Callable[[str, MethodInputs], tuple[Tensor, dict]]
+    compute: Callable[[str, MethodInputs], SaliencyResult]
 
 
 def perturbation_methods(methods: Sequence[str]) -> list[str]:

@@ -1,0 +1,41 @@
+"""What a saliency method returns for one utterance: :class:`SaliencyResult`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class SaliencyResult:
+    """One method's map for one utterance, and how it was made.
+
+    ``map`` is ``[I, T, F]`` (input space) or ``[I, T']`` (encoder space). Perturbation methods add
+    ``halves`` (the maps of the even and of the odd masks, ``[2, ...]``: their agreement measures the
+    map's reliability), ``n_masks`` (how many ran) and ``budget_hit`` (``max_seconds`` stopped the loop);
+    ``details`` holds a method's own facts (SLIC segment counts, batch size, smoothing).
+
+    Example:
+        >>> import torch
+        >>> r = SaliencyResult(torch.zeros(2, 5), seconds=0.1, n_masks=8)
+        >>> sorted(r.info())
+        ['budget_hit', 'n_masks', 'seconds']
+    """
+
+    map: Tensor
+    seconds: float
+    halves: Tensor | None = None
+    n_masks: int | None = None
+    budget_hit: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """The facts as the flat dict an :class:`~xattn_lightning.Explanation` keeps in ``info[method]``."""
+        out: dict[str, Any] = {"seconds": self.seconds, **self.details}
+        if self.n_masks is not None:
+            out.update(n_masks=self.n_masks, budget_hit=self.budget_hit)
+        if self.halves is not None:
+            out["halves"] = self.halves
+        return out
