@@ -1,5 +1,5 @@
 """Seconds of the monitor's readings with the package of a given source tree, to compare two versions of the
-monitor on the same fit (tests/test_recorded_reading.py's: real tiny.en, 2 timed probes, 256 masks, 2 readings).
+monitor on the same fit (tests/integration/test_recorded_reading.py's: real tiny.en, 2 timed probes, 256 masks, 2 readings).
 
     python benchmarks/reading_time.py /path/to/old/tree; python benchmarks/reading_time.py .   # interleave a few
 
@@ -25,7 +25,7 @@ def main(tree: str) -> dict:
     import xattn_lightning.callbacks.monitor as mm
 
     assert xattn_lightning.__file__.startswith(tree), f"imported {xattn_lightning.__file__}, not the tree's package"
-    here = Path(__file__).resolve().parent.parent / "tests" / "test_recorded_reading.py"
+    here = Path(__file__).resolve().parent.parent / "tests" / "integration" / "test_recorded_reading.py"
     spec = importlib.util.spec_from_file_location("recorded_reading", here)
     rec = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rec)

@@ -13,6 +13,9 @@ probes, so each reading also logs word-timestamp accuracy (``xattn/timestamps/ma
 ``--export-alignment-heads`` writes the heads the monitor chose into the saved generation config.
 ``--lora R`` fine-tunes LoRA adapters of rank R (peft) instead of all weights; ``--save`` then writes
 the adapter directory, which ``xattn-lightning compare BASE DIR`` loads onto its base model.
+``--alignment-loss W`` (a training manifest with a ``words`` column) adds ``W`` times ``xl.AlignmentLoss``:
+the chosen heads' cross-attention is trained towards the true word timings, and the heads are written
+into the model's generation config at the end (so ``--save`` keeps them for ``return_token_timestamps``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import xattn_lightning as xl
 from xattn_lightning import XAttnSaliencyMonitor  # <-- xattn_lightning
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.errors import XAttnError
@@ -67,11 +71,20 @@ class WhisperFineTuner(pl.LightningModule):
     """Seq2seq cross-entropy fine-tuning of a Hugging Face Whisper model (``self.model``)."""
 
     def __init__(
-        self, model: str = "openai/whisper-tiny.en", lr: float = 1e-5, freeze_encoder: bool = False, lora: int = 0
+        self,
+        model: str = "openai/whisper-tiny.en",
+        lr: float = 1e-5,
+        freeze_encoder: bool = False,
+        lora: int = 0,
+        alignment_loss: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model, self.processor = load_hf_model(model)
+        #: xl.AlignmentLoss over the chosen heads, set by main() when --alignment-loss > 0
+        self.align: xl.AlignmentLoss | None = None
+        if alignment_loss:  # the loss needs the attention weights: eager attention (SDPA returns none)
+            self.model.set_attn_implementation("eager")
         self.model.train()
         if freeze_encoder:
             self.model.model.encoder.requires_grad_(False)
@@ -81,14 +94,23 @@ class WhisperFineTuner(pl.LightningModule):
             config = LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
             self.model = get_peft_model(self.model, config)
 
-    def _loss(self, batch) -> torch.Tensor:
+    def _loss(self, batch, align: bool = False) -> torch.Tensor:
+        align = align and self.align is not None and "words" in batch
         out = self.model(
-            input_features=batch["input_features"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]
+            input_features=batch["input_features"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"],
+            output_attentions=align,
         )
-        return out.loss
+        if not align:
+            return out.loss
+        assert self.align is not None
+        extra = self.align(out.cross_attentions, batch["labels"], batch["words"])  # <-- the alignment loss
+        self.log("train_alignment_loss", extra, batch_size=len(batch["labels"]))
+        return out.loss + self.hparams.alignment_loss * extra
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self._loss(batch, align=True)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
@@ -126,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--timed-manifest", help="probes with true word timings (a 'words' column)")
     ap.add_argument("--export-alignment-heads", action="store_true")
+    ap.add_argument(
+        "--alignment-loss",
+        type=float,
+        default=0.0,
+        help="weight of xl.AlignmentLoss (training manifest with a 'words' column); its heads are exported at the end",
+    )
+    ap.add_argument(
+        "--alignment-heads",
+        default="supervised",
+        help="heads the alignment loss trains: 'supervised' (chosen by their own error on up to 8 timed training "
+        "utterances), 'model' (the checkpoint's alignment_heads) or 'L:H,L:H,...'",
+    )
     ap.add_argument("--out", default="runs/finetune_whisper")
     ap.add_argument("--save", help="write the fine-tuned model here (Hugging Face format)")
     ap.add_argument("--no-wandb", action="store_true")
@@ -136,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)
-    module = WhisperFineTuner(args.model, lr=args.lr, freeze_encoder=args.freeze_encoder, lora=args.lora)
+    module = WhisperFineTuner(
+        args.model, lr=args.lr, freeze_encoder=args.freeze_encoder, lora=args.lora, alignment_loss=args.alignment_loss
+    )
     collate = WhisperCollator(module.processor, module.model.config.decoder_start_token_id)
-    train = DataLoader(ManifestDataset(args.manifest), batch_size=args.batch_size, shuffle=True, collate_fn=collate)
+    train_set = ManifestDataset(args.manifest)
+    train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
+    if args.alignment_loss:
+        heads = _alignment_loss_heads(args.alignment_heads, module, train_set, collate)
+        module.align = xl.AlignmentLoss(module.model, heads, tokenizer=module.processor)
     val = DataLoader(
         ManifestDataset(args.val_manifest or args.manifest), batch_size=args.batch_size, collate_fn=collate
     )
@@ -172,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, train, val)
+    if module.align is not None:
+        print(f"alignment loss: trained heads {module.align.heads} -> {module.align.export()}")
     if args.save:
         module.model.save_pretrained(args.save)
         module.processor.save_pretrained(args.save)
@@ -179,6 +221,24 @@ def main(argv: list[str] | None = None) -> dict:
         if isinstance(lg, pl.loggers.WandbLogger):
             lg.experiment.finish()
     return {"history": monitor.history, "head_ranking": monitor.head_ranking, "trainer": trainer, "out": out}
+
+
+def _alignment_loss_heads(choice: str, module: WhisperFineTuner, data: ManifestDataset, collate) -> list[list[int]]:
+    """The heads --alignment-heads names."""
+    if choice == "model":
+        heads = xl.adapter_for(module.model, module.processor).alignment_heads()
+        if not heads:
+            raise XAttnError("--alignment-heads model: this checkpoint has no alignment_heads; use 'supervised'.")
+        return heads
+    if choice == "supervised":
+        timed = [r for r in data.rows if r.words is not None][:8]
+        if not timed:
+            raise XAttnError("--alignment-loss needs a training manifest with a 'words' column (true word timings).")
+        return xl.alignment_heads(module.model, [collate([r]) for r in timed], tokenizer=module.processor)
+    try:
+        return [[int(x) for x in pair.split(":")] for pair in choice.split(",")]
+    except ValueError:
+        raise XAttnError(f"--alignment-heads {choice!r}: expected 'supervised', 'model' or 'L:H,L:H,...'.") from None
 
 
 if __name__ == "__main__":

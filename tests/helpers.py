@@ -1,9 +1,22 @@
-"""Tiny models built from config (no downloads) and an oracle encoder-decoder with known saliency."""
+"""What the tests share: tiny models built from config (no downloads), an oracle encoder-decoder with known
+saliency, a CPU trainer, manifests of synthetic audio, and the examples loaded as modules."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import soundfile as sf
 import torch
 from torch import Tensor, nn
+
+from xattn_lightning.audio import load_audio
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def tiny_whisper(multilingual: bool = False, attn: str | None = None, seed: int = 0):
@@ -204,3 +217,85 @@ try:
 
 except ImportError:  # pragma: no cover
     pass
+
+
+def load_example(name: str, lightning: str = "lightning.pytorch"):
+    """The example as a module; ``lightning="pytorch_lightning"``: as the same script written with
+    ``import pytorch_lightning as pl`` (the other Lightning package) instead of ``lightning.pytorch``."""
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}_{lightning.replace('.', '_')}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    source = path.read_text()
+    if lightning != "lightning.pytorch":
+        line = "import lightning.pytorch as pl\n"
+        assert line in source, f"{path.name} does not import {line.strip()!r}"
+        source = source.replace(line, f"import {lightning} as pl\n")
+    exec(compile(source, str(path), "exec"), mod.__dict__)
+    return mod
+
+
+def tone_manifest(tmp_path: Path, n: int = 6) -> Path:
+    """Short tone sequences (one tone per character) and their 'transcripts'."""
+    rng = np.random.default_rng(0)
+    freqs = {"a": 300.0, "b": 700.0, "c": 1500.0}
+    lines = []
+    for i in range(n):
+        text = "".join(rng.choice(list(freqs), size=3))
+        t = np.arange(int(0.15 * 16000)) / 16000
+        wav = np.concatenate([0.3 * np.sin(2 * np.pi * freqs[c] * t) for c in text]).astype(np.float32)
+        sf.write(tmp_path / f"u{i}.wav", wav, 16000)
+        lines.append(f"u{i}\tu{i}.wav\t{text}")
+    path = tmp_path / "manifest.tsv"
+    path.write_text("id\taudio\ttext\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def noise_manifest(tmp_path: Path, n: int = 3, seconds: float = 0.6) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        wav = (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+        sf.write(tmp_path / f"a{i}.wav", wav, 16000)
+        lines.append(f"utt{i}\ta{i}.wav\thello world")
+    path = tmp_path / "m.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def manifest_rows(src: str, rows: slice, out: Path) -> Path:
+    """Rows of a shared manifest, with absolute audio paths (the example reads the whole manifest)."""
+    lines = Path(src).read_text().splitlines()
+    base = Path(src).parent
+    body = [line.split("\t") for line in lines[1:]][rows]
+    for cols in body:
+        cols[1] = str(base / cols[1])
+    out.write_text("\n".join(["\t".join(c) for c in [lines[0].split("\t"), *body]]) + "\n")
+    return out
+
+
+def processor_batch(proc, rows):
+    """A Hugging Face processor's batch of manifest rows (features and attention mask)."""
+    wavs = [load_audio(r.audio).numpy() for r in rows]
+    return proc(wavs, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
+
+
+def cpu_trainer(tmp_path, callbacks, logger=False, **kw):
+    """A quiet one-device CPU ``lightning.pytorch`` trainer (2 epochs unless told), the tests' common set-up."""
+    return pl.Trainer(
+        max_epochs=kw.pop("max_epochs", 2),
+        callbacks=callbacks,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        **kw,
+    )
+
+
+def read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))

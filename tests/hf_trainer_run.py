@@ -1,5 +1,5 @@
 """A Hugging Face ``Trainer`` fine-tune of a tiny random Whisper with ``XAttnSaliencyCallback``, run in one
-process or under ``torchrun`` (tests/test_hf_trainer.py compares the two). Learning rate 0: the model stays
+process or under ``torchrun`` (tests/unit/test_hf_trainer.py compares the two). Learning rate 0: the model stays
 the same, so every reading must be the same whatever the number of processes.
 
     python tests/hf_trainer_run.py OUT_JSON            # one process

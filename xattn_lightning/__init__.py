@@ -16,6 +16,7 @@ from xattn_lightning.adapters import (
     WhisperAdapter,
     adapter_for,
 )
+from xattn_lightning.alignment_loss import AlignmentLoss
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import UnknownNameError, UnsupportedModelError, XAttnError
 from xattn_lightning.explain import Explanation, corpus_agreement, explain
@@ -49,6 +50,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AlignmentLoss",
     "Adapter",
     "EncoderCache",
     "Explanation",

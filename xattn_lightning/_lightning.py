@@ -62,7 +62,7 @@ def is_logger_class(logger: object, name: str) -> bool:
 
 # ---------------------------------------------------------------- what a trainer does not say publicly
 # Lightning has no public API for these two facts; each private read is held here, says why, and falls
-# back to a safe answer when a Lightning version moved it (tests/test_lightning_compat.py runs them).
+# back to a safe answer when a Lightning version moved it (tests/unit/test_lightning_compat.py runs them).
 
 
 def steps_logged(trainer: Any) -> int:

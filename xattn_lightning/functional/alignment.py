@@ -8,6 +8,7 @@ boundaries against true ones.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -185,19 +186,13 @@ def normalize_word(w: str) -> str:
     return re.sub(r"[^a-z0-9']", "", w.lower())
 
 
-def boundary_errors(predicted: Sequence[Word], reference: Sequence[Word]) -> list[float]:
-    """Absolute start and end errors (s) of the reference units the prediction got right.
-
-    A reference unit may hold several words ("in the"); it counts when its words appear, in order,
-    in the predicted words matched to the reference by a longest-common-subsequence alignment of
-    normalised words. Its predicted span runs from the first word's start to the last word's end.
-
-    >>> boundary_errors([("in", 1.0, 1.1), ("the", 1.1, 1.3)], [("in the", 0.9, 1.2)])
-    [0.09999999999999998, 0.10000000000000009]
-    """
+def _match_words(reference: Sequence[Word], hypothesis: Sequence[str]) -> tuple[list[int], dict[int, int]]:
+    """The reference's words (each unit split on spaces) matched to ``hypothesis`` words by a
+    longest-common-subsequence alignment of normalised words: ``owner[k]`` is the unit of reference
+    word ``k``, ``match[k]`` its hypothesis word."""
     from difflib import SequenceMatcher
 
-    hyp = [normalize_word(w) for w, _, _ in predicted]
+    hyp = [normalize_word(w) for w in hypothesis]
     ref_words: list[str] = []
     owner: list[int] = []
     for u, (text, _, _) in enumerate(reference):
@@ -208,6 +203,20 @@ def boundary_errors(predicted: Sequence[Word], reference: Sequence[Word]) -> lis
     for a, b, size in SequenceMatcher(None, ref_words, hyp, autojunk=False).get_matching_blocks():
         for d in range(size):
             match[a + d] = b + d
+    return owner, match
+
+
+def boundary_errors(predicted: Sequence[Word], reference: Sequence[Word]) -> list[float]:
+    """Absolute start and end errors (s) of the reference units the prediction got right.
+
+    A reference unit may hold several words ("in the"); it counts when its words appear, in order,
+    in the predicted words matched to the reference by a longest-common-subsequence alignment of
+    normalised words. Its predicted span runs from the first word's start to the last word's end.
+
+    >>> boundary_errors([("in", 1.0, 1.1), ("the", 1.1, 1.3)], [("in the", 0.9, 1.2)])
+    [0.09999999999999998, 0.10000000000000009]
+    """
+    owner, match = _match_words(reference, [w for w, _, _ in predicted])
     errors: list[float] = []
     for u, (_, start, end) in enumerate(reference):
         idx = [k for k, o in enumerate(owner) if o == u]
@@ -235,3 +244,74 @@ def timing_summary(errors: Sequence[float]) -> dict[str, float]:
         "within_100ms": float((e <= 0.1 + 1e-9).mean()),
         "boundaries": int(e.size),
     }
+
+
+def token_spans(pieces: Sequence[str], reference: Sequence[Word]) -> list[tuple[float, float] | None]:
+    """The true time span (s) of each token: that of the reference unit its word belongs to (words
+    grouped as :func:`group_words`, matched to the reference as :func:`boundary_errors` does);
+    ``None`` for a token whose word the reference does not have.
+
+    >>> token_spans([" in", " the", " par", "k", " now"], [("in the", 0.5, 0.7), ("park", 0.7, 1.1)])
+    [(0.5, 0.7), (0.5, 0.7), (0.7, 1.1), (0.7, 1.1), None]
+    """
+    groups = group_words(pieces)
+    owner, match = _match_words(reference, ["".join(pieces[i] for i in g) for g in groups])
+    unit_of_group = {h: owner[k] for k, h in match.items()}
+    spans: list[tuple[float, float] | None] = [None] * len(pieces)
+    for g_idx, g in enumerate(groups):
+        if g_idx in unit_of_group:
+            _, start, end = reference[unit_of_group[g_idx]]
+            for i in g:
+                spans[i] = (float(start), float(end))
+    return spans
+
+
+def span_target(
+    spans: Sequence[tuple[float, float] | None],
+    num_frames: int,
+    frame_seconds: float = WHISPER_FRAME_SECONDS,
+    ramp_frames: int = 2,
+) -> Tensor:
+    """Where each token's attention should be: ``[I, num_frames]``, each row a distribution uniform
+    over the frames of the token's span, falling linearly to zero over ``ramp_frames`` frames on
+    either side (a boundary is known to a frame or two); an all-zero row for a ``None`` span.
+
+    >>> span_target([(0.04, 0.08), None], 6, 0.02, ramp_frames=0)
+    tensor([[0.0000, 0.0000, 0.5000, 0.5000, 0.0000, 0.0000],
+            [0.0000, 0.0000, 0.0000, 0.0000, 0.0000, 0.0000]])
+    """
+    if ramp_frames < 0:
+        raise ValueError(f"Expected ramp_frames >= 0 but got {ramp_frames}.")
+    t = torch.arange(num_frames, dtype=torch.float64)
+    out = torch.zeros(len(spans), num_frames, dtype=torch.float64)
+    for i, span in enumerate(spans):
+        if span is None:
+            continue
+        first = math.floor(span[0] / frame_seconds + 1e-6)
+        last = max(first, math.ceil(span[1] / frame_seconds - 1e-6) - 1)
+        dist = (first - t).clamp(min=0) + (t - last).clamp(min=0)  # frames outside the span
+        row = (1.0 - dist / (ramp_frames + 1)).clamp(min=0)
+        if row.sum() > 0:
+            out[i] = row / row.sum()
+    return out.float()
+
+
+def alignment_kl(attention: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean ``KL(target || attention)`` over the tokens with a target row and over any leading
+    dimensions (heads): ``attention [..., I, T]`` (rows summing to 1, e.g. cross-attention weights),
+    ``target [I, T]`` from :func:`span_target`. Zero when every row puts its mass where the target
+    does; differentiable in ``attention``.
+
+    >>> q = span_target([(0.0, 0.04)], 4, 0.02, ramp_frames=0)
+    >>> float(alignment_kl(q.unsqueeze(0), q)), float(alignment_kl(torch.full((1, 1, 4), 0.25), q)) > 0
+    (0.0, True)
+    """
+    rows = target.sum(-1) > 0
+    if attention.shape[-2:] != target.shape:
+        raise ValueError(f"attention {tuple(attention.shape)} does not end in the target's shape {tuple(target.shape)}.")
+    if not bool(rows.any()):
+        return attention.sum() * 0.0
+    q = target[rows].to(attention.dtype)
+    a = attention[..., rows, :]
+    kl = (q * (q.clamp(min=eps).log() - a.clamp(min=eps).log())).sum(-1)
+    return kl.mean()

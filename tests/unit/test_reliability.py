@@ -11,7 +11,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import tiny_whisper, whisper_batch
+from helpers import cpu_trainer, tiny_whisper, whisper_batch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -86,19 +86,6 @@ class DemoWithScheduler(DemoModule):
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)]
 
 
-def _trainer(tmp_path, callbacks, logger=False, **kw):
-    return pl.Trainer(
-        max_epochs=kw.pop("max_epochs", 2),
-        callbacks=callbacks,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        **kw,
-    )
 
 
 def _hooks(model: nn.Module) -> int:
@@ -122,7 +109,7 @@ def _run(kind: str, tmp_path, monitor, **kw):
     else:
         module, (tr, va) = DemoWithScheduler(lr=3e-3), loaders(24, 4, batch_size=4)
     before = _module_state(module)
-    trainer = _trainer(tmp_path, [monitor] if monitor else [], **kw)
+    trainer = cpu_trainer(tmp_path, [monitor] if monitor else [], **kw)
     trainer.fit(module, tr, va)
     return module, trainer, before
 
@@ -177,7 +164,7 @@ def test_frozen_encoder_and_train_mode_and_checkpointing_survive(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, methods=("saliency", "encoder_saliency"), targets="labels", n_steps=2
     )
-    trainer = _trainer(tmp_path, [mon], max_epochs=1)
+    trainer = cpu_trainer(tmp_path, [mon], max_epochs=1)
     trainer.validate(module, va)
     state = _module_state(module)
     mon.run(trainer, module)
@@ -198,7 +185,7 @@ def test_memory_returns_to_its_level(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, methods=("spes", "encoder_spes"), n_masks=8, targets="labels"
     )
-    trainer = _trainer(tmp_path, [mon], max_epochs=1)
+    trainer = cpu_trainer(tmp_path, [mon], max_epochs=1)
     trainer.validate(model, va)
 
     def live_tensors() -> int:
@@ -242,7 +229,7 @@ class FailingLogger(Logger):
 def _fit_demo(tmp_path, monitor, logger=False, max_epochs=2):
     pl.seed_everything(0)
     tr, va = loaders(24, 4, batch_size=4)
-    trainer = _trainer(tmp_path, [monitor], logger=logger, max_epochs=max_epochs)
+    trainer = cpu_trainer(tmp_path, [monitor], logger=logger, max_epochs=max_epochs)
     trainer.fit(DemoModule(), tr, va)
     return trainer
 
@@ -394,7 +381,7 @@ def test_nan_metric_is_never_logged(tmp_path):
     )
     model = DemoModule()
     _, va = loaders(4, 4, batch_size=4)
-    trainer = _trainer(tmp_path, [mon], logger=CSVLogger(tmp_path), max_epochs=1)
+    trainer = cpu_trainer(tmp_path, [mon], logger=CSVLogger(tmp_path), max_epochs=1)
     trainer.validate(model, va)
     import xattn_lightning.monitoring.core as mm
 
@@ -450,7 +437,7 @@ def test_probe_set_smaller_than_num_probes_is_warned_and_used(tmp_path):
 def _fit_small(tmp_path, mon):
     pl.seed_everything(0)
     tr, va = loaders(8, 4, batch_size=4)
-    _trainer(tmp_path, [mon], max_epochs=1).fit(DemoModule(), tr, va)
+    cpu_trainer(tmp_path, [mon], max_epochs=1).fit(DemoModule(), tr, va)
 
 
 def test_attention_kernel_without_weights_and_half_precision():

@@ -2,18 +2,16 @@
 
 import pytest
 import torch
+from helpers import processor_batch
 from scipy import stats
 
 import xattn_lightning as xl
-from xattn_lightning.audio import load_audio, read_manifest
+from xattn_lightning.audio import read_manifest
 from xattn_lightning.text import wer
 
 pytestmark = pytest.mark.integration
 
 
-def _batch(proc, rows):
-    wavs = [load_audio(r.audio).numpy() for r in rows]
-    return proc(wavs, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
 
 
 def test_generate_wer_and_monotonic_attention(real_whisper, espeak_manifest, record_property):
@@ -21,7 +19,7 @@ def test_generate_wer_and_monotonic_attention(real_whisper, espeak_manifest, rec
     rows = read_manifest(espeak_manifest)
     exps = []
     for i in range(0, len(rows), 8):
-        exps += xl.explain(model, _batch(proc, rows[i : i + 8]), targets="generate", tokenizer=proc)
+        exps += xl.explain(model, processor_batch(proc, rows[i : i + 8]), targets="generate", tokenizer=proc)
     score = wer([r.text for r in rows], [e.text for e in exps])
     record_property("wer_espeak_greedy", score)
     print(f"\nWER (greedy, {len(rows)} espeak utterances): {score:.1f}%")
@@ -42,7 +40,7 @@ def test_generate_wer_and_monotonic_attention(real_whisper, espeak_manifest, rec
 def test_teacher_forced_references_and_saliency(real_whisper, espeak_manifest):
     model, proc = real_whisper
     rows = read_manifest(espeak_manifest)[:1]
-    batch = _batch(proc, rows)
+    batch = processor_batch(proc, rows)
     batch["labels"] = proc.tokenizer([rows[0].text], return_tensors="pt").input_ids
     (e,) = xl.explain(
         model, batch, targets="labels", tokenizer=proc, methods=("encoder_spes", "encoder_saliency"), n_masks=64, seed=0

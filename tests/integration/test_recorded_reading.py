@@ -1,6 +1,6 @@
 """A reading of the real Whisper tiny.en, recorded before the monitor was restructured (issue 22), must
 stay the same: the monitor in a two-epoch fit (learning rate 0, so the model does not change) on two timed
-probes, fixed seed and mask count. ``python tests/test_recorded_reading.py --record`` writes the record
+probes, fixed seed and mask count. ``python tests/integration/test_recorded_reading.py --record`` writes the record
 (only when a change of the numbers is intended, and say why in the commit).
 """
 

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import speaking_tiny_whisper, tiny_extractor
-from test_compare import _manifest
+from helpers import noise_manifest, speaking_tiny_whisper, tiny_extractor
 from test_scripts import FakeTokenizer, TrainOnly, fit, tuple_data
 from torch.utils.data import DataLoader
 
@@ -145,7 +144,7 @@ def test_a_paired_difference_has_its_own_interval_and_the_right_sign():
 
 def test_compare_auto_reads_every_checkpoint_with_the_count_the_least_reliable_needs(tmp_path, monkeypatch):
     calls = _spy_explain(monkeypatch, reading_module)
-    rows = read_manifest(_manifest(tmp_path, n=2))
+    rows = read_manifest(noise_manifest(tmp_path, n=2))
     comp = compare_checkpoints(
         [speaking_tiny_whisper(0), speaking_tiny_whisper(1)], rows, processor=tiny_extractor(),
         names=["a", "b"], progress=False, batch_size=2,

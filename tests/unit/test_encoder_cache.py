@@ -3,9 +3,8 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyWhisperModule, tiny_whisper, whisper_batch
+from helpers import TinyWhisperModule, cpu_trainer, tiny_whisper, whisper_batch
 from test_headline import _models, _targets
-from test_monitor import _trainer
 
 import xattn_lightning as xl
 
@@ -112,7 +111,7 @@ def test_monitor_reuses_encoder_outputs_while_the_encoder_is_frozen(tmp_path, mo
         monitor = xl.XAttnSaliencyMonitor(
             probes=probes, n_masks=8, log_figures=False, max_overhead=None, cache_encoder=cache_encoder
         )
-        trainer = _trainer(tmp_path, [monitor], max_epochs=2)
+        trainer = cpu_trainer(tmp_path, [monitor], max_epochs=2)
         trainer.fit(module, DataLoader(data, batch_size=2))
         return monitor
 

@@ -69,7 +69,7 @@ for _ns in NAMESPACES:
         globals()[_cls.__qualname__] = _cls
 
 
-def _trainer(pl, root: Path, callbacks: list, **kw):
+def cpu_trainer(pl, root: Path, callbacks: list, **kw):
     return pl.Trainer(
         max_epochs=kw.pop("max_epochs", 2),
         callbacks=callbacks,
@@ -88,7 +88,7 @@ def _trainer(pl, root: Path, callbacks: list, **kw):
 
 def _fit(pl, root: Path, module, callbacks: list, train, val=None, ckpt_path=None, **kw):
     pl.seed_everything(0, verbose=False)
-    trainer = _trainer(pl, root, callbacks, **kw)
+    trainer = cpu_trainer(pl, root, callbacks, **kw)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         trainer.fit(module, train, val, ckpt_path=ckpt_path)
@@ -225,12 +225,12 @@ def test_openai_whisper_example_in_both_packages(tmp_path, ns):
     ``import lightning.pytorch as pl`` line as the script has it or as ``import pytorch_lightning as pl``."""
     _import(ns)
     pytest.importorskip("whisper", reason="openai-whisper is in the dev extras")
-    from test_examples import _load, _tone_manifest
+    from helpers import load_example, tone_manifest
     from test_openai_whisper import _whisper_checkpoint
 
-    ex = _load("finetune_openai_whisper", lightning=ns)
+    ex = load_example("finetune_openai_whisper", lightning=ns)
     assert ex.pl.__name__ == ns
-    manifest = _tone_manifest(tmp_path, n=4)
+    manifest = tone_manifest(tmp_path, n=4)
     argv = ["--model", str(_whisper_checkpoint(tmp_path)), "--manifest", str(manifest), "--epochs", "2",
             "--batch-size", "2", "--num-probes", "2", "--n-masks", "8", "--lr", "1e-3",
             "--accelerator", "cpu", "--max-overhead", "none"]  # fmt: skip

@@ -1,6 +1,5 @@
 """Word timestamps and alignment heads: the maths against transformers, selection, the real model."""
 
-import os
 
 import numpy as np
 import pytest
@@ -113,48 +112,7 @@ def test_supervised_needs_words():
 # --- real Whisper tiny.en ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def timed(whisper_path):
-    path = os.environ.get("XL_TIMED_MANIFEST")
-    if not path:
-        pytest.skip("XL_TIMED_MANIFEST is not set (a manifest with a words column, e.g. shared/data/timed-en)")
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-    from xattn_lightning.audio import read_manifest
-
-    model = WhisperForConditionalGeneration.from_pretrained(whisper_path, attn_implementation="eager").eval()
-    return model, WhisperProcessor.from_pretrained(whisper_path), read_manifest(path)
 
 
-@pytest.mark.integration
-def test_dtw_token_timestamps_equal_transformers_generate(timed):
-    from xattn_lightning.loading import features_batch
-
-    model, proc, rows = timed
-    heads = [[1, 0], [2, 3], [3, 1], [2, 0]]
-    model.generation_config.alignment_heads = heads
-    for r in rows[:3]:
-        b = features_batch(proc, [r])
-        out = model.generate(
-            b["input_features"],
-            attention_mask=b["attention_mask"],
-            return_token_timestamps=True,
-            return_dict_in_generate=True,
-        )
-        a = align(model, b, tokenizer=proc)[0]
-        assert a.decoder_ids.tolist() == out["sequences"][0].tolist()
-        ours = alignment_token_times(a, heads, method="transformers")
-        torch.testing.assert_close(ours.float(), out["token_timestamps"][0].float(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.integration
-def test_word_timestamps_land_near_true_boundaries(timed):
-    from xattn_lightning.loading import features_batch
-
-    model, proc, rows = timed
-    b = features_batch(proc, rows[:4])
-    for heads in ("agreement", None):  # the default (saliency-chosen heads, fused) and all heads
-        pred = xl.word_timestamps(model, b, tokenizer=proc, heads=heads, n_masks=128)
-        scores = xl.timestamps.timing_scores(pred, b["words"])
-        assert scores["boundaries"] >= 40
-        assert scores["mae_ms"] < 120, (heads, scores)  # README: 49-65 ms on timed-en

@@ -1,4 +1,3 @@
-import csv
 import glob
 import math
 import warnings
@@ -6,6 +5,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import cpu_trainer, read_csv
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from wandb_reader import history
@@ -14,31 +14,11 @@ import xattn_lightning as xl
 from xattn_lightning.demo import DemoModule, loaders
 
 
-def _read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
-
-
-def _trainer(tmp_path, callbacks, logger=False, **kw):
-    return pl.Trainer(
-        max_epochs=kw.pop("max_epochs", 2),
-        callbacks=callbacks,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        **kw,
-    )
-
-
 def _fit(tmp_path, monitor=None, logger=False, seed=0, lr=3e-3, **kw):
     pl.seed_everything(seed)
     model = DemoModule(lr=lr)
     tr, va = loaders(48, 6, batch_size=8)
-    trainer = _trainer(tmp_path, [monitor] if monitor else [], logger, **kw)
+    trainer = cpu_trainer(tmp_path, [monitor] if monitor else [], logger, **kw)
     trainer.fit(model, tr, va)
     return model, trainer
 
@@ -48,7 +28,7 @@ def test_csv_logger_gets_scalars(tmp_path):
         max_overhead=None, num_probes=3, methods=("encoder_spes", "spes"), n_masks=24, targets="labels"
     )
     _fit(tmp_path, mon, CSVLogger(tmp_path))
-    rows = _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
+    rows = read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
     xrows = [r for r in rows if r.get("xattn/spes/pearson")]
     # after each epoch's validation, at the step Lightning gives that validation's own metrics
     val_steps = [int(r["step"]) for r in rows if r.get("val_loss")]
@@ -139,7 +119,7 @@ def _fit_on_clock(tmp_path, max_overhead, monitor_cost):
 
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=8)
-    trainer = _trainer(tmp_path, [mon, Batches()], max_epochs=4)
+    trainer = cpu_trainer(tmp_path, [mon, Batches()], max_epochs=4)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         trainer.fit(DemoModule(lr=0.0), tr, va)  # lr=0: every reading explains the same weights
@@ -232,7 +212,7 @@ def test_rng_streams_untouched(tmp_path):
     model = DemoModule()
     _, va = loaders(8, 4, batch_size=4)
     mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, methods=("spes",), n_masks=8, targets="generate")
-    trainer = _trainer(tmp_path, [mon], max_epochs=1)
+    trainer = cpu_trainer(tmp_path, [mon], max_epochs=1)
     trainer.validate(model, va)  # collects probes
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -340,7 +320,7 @@ def test_ddp_two_cpu_processes_same_numbers(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(model, tr, va)
-    rows = _read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
+    rows = read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
     (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]
     assert float(x["xattn/num_probes"]) == 4.0
     # each rank explained 2 of the 4 probes; gathered, the numbers are the single-process ones
@@ -385,9 +365,9 @@ def test_timed_probes_give_word_timestamp_scores_and_export_heads(tmp_path):
     model = DemoModule(lr=3e-3)
     model.model.generation_config = SimpleNamespace(alignment_heads=None)
     tr, va = loaders(48, 6, batch_size=8)
-    _trainer(tmp_path, [mon], CSVLogger(tmp_path)).fit(model, tr, va)
+    cpu_trainer(tmp_path, [mon], CSVLogger(tmp_path)).fit(model, tr, va)
     rows = [
-        r for r in _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0]) if r.get("xattn/seconds")
+        r for r in read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0]) if r.get("xattn/seconds")
     ]
     assert len(rows) == 2
     for r in rows:

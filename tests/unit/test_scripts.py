@@ -8,10 +8,9 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import lora_model, speaking_tiny_whisper, tuple_data
+from helpers import lora_model, read_csv, speaking_tiny_whisper, tuple_data
 from lightning.pytorch.loggers import CSVLogger
 from test_hosts import MODULES
-from test_monitor import _read_csv
 from torch.utils.data import DataLoader
 
 import xattn_lightning as xl
@@ -65,7 +64,7 @@ def test_training_only_module_with_tuple_batches_gets_readings_through_probes(tm
     assert [h["epoch"] for h in mon.history] == [0, 1] and mon.probe_ids == ["probe0", "probe1", "probe2"]
     for h in mon.history:
         assert h["xattn/num_probes"] == 3.0 and math.isfinite(h["xattn/encoder_spes/pearson"])
-    rows = _read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
+    rows = read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
     xsteps = [int(r["step"]) for r in rows if r.get("xattn/encoder_spes/pearson")]
     assert xsteps == [int(r["step"]) for r in rows if r.get("train_loss")] == [3, 7]  # beside the epoch's metrics
     assert mon.last_explanations[0].tokens[0].startswith("w")
@@ -194,7 +193,7 @@ def test_ddp_with_the_default_sampler_equals_one_process(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(DemoModule(lr=0.0), tr, va)
-    rows = _read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
+    rows = read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
     (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]
     assert float(x["xattn/num_probes"]) == 3.0
     assert single.probe_ids == ["syn0000", "syn0001", "syn0002"]

@@ -112,7 +112,7 @@ def test_batches_of_nemo_are_understood_without_batch_fn():
 def _finetune(manifests, out: Path, monitor: bool):
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "finetune_nemo_aed.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "finetune_nemo_aed.py"
     spec = importlib.util.spec_from_file_location(f"finetune_nemo_{out.name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
