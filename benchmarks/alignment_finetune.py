@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--weight", type=float, default=1.0, help="weight of the alignment loss")
+    ap.add_argument("--heads", default="supervised", help="the heads the loss trains (finetune_whisper --alignment-heads)")
+    ap.add_argument("--runs", default="without_loss,with_loss", help="which fine-tunes to run")
+    ap.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (about 5x faster on CPU)")
     ap.add_argument("--n-masks", type=int, default=256, help="masks of the label-free default's saliency")
     ap.add_argument("--no-label-free", action="store_true", help="score only the exported heads (faster)")
     ap.add_argument("--work", default="runs/alignment_finetune")
@@ -114,16 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     human = read_manifest(args.human)
     ex = _example()
     report: dict = {"settings": {**vars(args), "train_rows": len(read_manifest(train))}, "runs": {}}
-    report["runs"]["before"] = evaluate(args.model, timed, human, args.n_masks, not args.no_label_free)
+    before = Path(args.out) / "alignment_finetune_before.json"  # the base checkpoint's scores, kept between runs
+    if before.is_file() and json.loads(before.read_text()).get("model") == args.model:
+        report["runs"]["before"] = json.loads(before.read_text())["scores"]
+    else:
+        report["runs"]["before"] = evaluate(args.model, timed, human, args.n_masks, not args.no_label_free)
+        before.parent.mkdir(parents=True, exist_ok=True)
+        before.write_text(json.dumps({"model": args.model, "scores": report["runs"]["before"]}))
     print(json.dumps(report["runs"]["before"]), flush=True)
-    for label, weight in (("without_loss", 0.0), ("with_loss", args.weight)):
+    runs = [r for r in (("without_loss", 0.0), ("with_loss", args.weight)) if r[0] in args.runs.split(",")]
+    for label, weight in runs:
         save = work / label / "model"
         argv_ex = ["--model", args.model, "--manifest", str(train), "--val-manifest", str(held),
                    "--timed-manifest", str(held), "--num-probes", "2", "--n-masks", "64", "--max-overhead", "none",
                    "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                    "--no-wandb", "--accelerator", "cpu", "--out", str(work / label), "--save", str(save)]  # fmt: skip
         if weight:
-            argv_ex += ["--alignment-loss", str(weight)]
+            argv_ex += ["--alignment-loss", str(weight), "--alignment-heads", args.heads]
+        if args.freeze_encoder:
+            argv_ex.append("--freeze-encoder")
         t0 = time.perf_counter()
         res = ex.main(argv_ex)
         history = [{k: v for k, v in e.items() if "timestamps/" in k or k == "step"} for e in res["history"]]

@@ -40,15 +40,30 @@ from xattn_lightning.timestamps import (
 )
 
 
-def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0) -> dict:
+def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0, subframe=False) -> dict:
     if heads == "per-utterance":
         pred = [
-            alignment_words(a, select_heads_by_agreement(e.agreement_grid("encoder_spes")), None, method, fusion)
+            alignment_words(
+                a, select_heads_by_agreement(e.agreement_grid("encoder_spes")), None, method, fusion, subframe
+            )
             for a, e in aligns
         ]
     else:
-        pred = [alignment_words(a, heads, weights, method, fusion) for a in aligns]
+        pred = [alignment_words(a, heads, weights, method, fusion, subframe) for a in aligns]
     return timing_scores(pred, words)
+
+
+def char_targets(model, proc, a) -> list[int]:
+    """The decoder sequence of ``a``'s transcript re-tokenised one character a token (a word's first character
+    with its space), for a teacher-forced pass (an attempt: arXiv 2509.09987 reports finer attention)."""
+    tok = proc.tokenizer
+    text = tok.decode(a.decoder_ids[a.num_prompt : -1], skip_special_tokens=True).strip()
+    ids: list[int] = []
+    for w in text.split():
+        ids += tok.encode(" " + w[0], add_special_tokens=False)
+        for c in w[1:]:
+            ids += tok.encode(c, add_special_tokens=False)
+    return [model.config.decoder_start_token_id, *ids, tok.eos_token_id]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", default=os.environ.get("XL_ESPEAK_MANIFEST"), help="speech for label-free heads")
     ap.add_argument("--select-utterances", type=int, default=10)
     ap.add_argument("--n-masks", type=int, default=256)
+    ap.add_argument("--sweep", default="64,128", help="fewer masks for the default's saliency: N values to also score")
     ap.add_argument("--train", type=int, default=12, help="timed utterances for the supervised selection")
     ap.add_argument("--ks", default="1,2,4,6,8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     supervised_s = time.perf_counter() - t0
     num_layers, num_heads = grid.shape
     configs: dict[str, tuple] = {"all heads": (None, None)}
+    # openai-whisper's fallback when a model has no alignment heads: every head of the upper half of the layers
+    configs["upper half of the layers, every head"] = (
+        [[li, h] for li in range(num_layers // 2, num_layers) for h in range(num_heads)],
+        None,
+    )
     shipped = model_alignment_heads(model)
     if shipped:
         configs["shipped alignment_heads"] = (shipped, None)
@@ -147,17 +168,51 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['boundaries']:4d}"
             )
     pairs = list(zip(aligns[test], test_exps))
-    for name, (heads, fusion) in fused.items():
+    # sub-frame boundaries (each boundary where the two rows cross, between frame centres): the same heads
+    for name in ("all heads", "upper half of the layers, every head", f"label-free: above-mean agreement ({len(above)})"):
+        fused[f"{name}, sub-frame boundaries"] = (configs[name][0], 0.0, True)
+    fused[f"label-free per utterance + fusion {FUSION_WEIGHT}, sub-frame boundaries"] = ("per-utterance", None, True)
+    for name, (heads, fusion, *sub) in fused.items():
         fusion = FUSION_WEIGHT if fusion is None else fusion
+        subframe = bool(sub and sub[0])
         if heads == "per-utterance":
-            s = _score(pairs, words[test], heads, fusion=fusion)
+            s = _score(pairs, words[test], heads, fusion=fusion, subframe=subframe)
         else:
-            s = _score(aligns[test], words[test], heads, fusion=fusion)
+            s = _score(aligns[test], words[test], heads, fusion=fusion, subframe=subframe)
         report["rows"].append({"heads": name, "method": "openai", "head_list": heads, **s})
         print(
             f"{name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
             f"{s['boundaries']:4d}"
         )
+    # character re-tokenisation, teacher-forced (attention only)
+    t0 = time.perf_counter()
+    char_aligns = [
+        align(model, features_batch(proc, [r]), tokenizer=proc, targets=[char_targets(model, proc, a)])[0]
+        for r, a in zip(rows[test], aligns[test])
+    ]
+    char_s = (time.perf_counter() - t0) / max(len(char_aligns), 1)
+    for name in ("all heads", "upper half of the layers, every head", f"label-free: above-mean agreement ({len(above)})"):
+        s = _score(char_aligns, words[test], configs[name][0])
+        label = f"{name}, transcript re-tokenised to characters"
+        report["rows"].append({"heads": label, "method": "openai", "seconds_per_utterance": char_s, **s})
+        print(f"{label:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
+              f"{s['boundaries']:4d}")  # fmt: skip
+    # the default at fewer masks: its cost and accuracy (the saliency is the default's whole extra cost)
+    for n in [int(x) for x in args.sweep.split(",") if x.strip()]:
+        t0 = time.perf_counter()
+        exps_n = [
+            xl.explain(model, features_batch(proc, [r]), methods=("encoder_spes",), tokenizer=proc, n_masks=n,
+                       encoder_batch_size="auto")[0]
+            for r in rows[test]
+        ]  # fmt: skip
+        sec = (time.perf_counter() - t0) / max(len(exps_n), 1)
+        pairs_n = [(alignment_from(e), e) for e in exps_n]
+        for subframe in (False, True):
+            s = _score(pairs_n, words[test], "per-utterance", fusion=FUSION_WEIGHT, subframe=subframe)
+            name = f"word_timestamps default at N = {n}{', sub-frame boundaries' if subframe else ''}"
+            report["rows"].append({"heads": name, "method": "openai", "seconds_per_utterance": sec, **s})
+            print(f"{name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
+                  f"{s['boundaries']:4d}  {sec:.2f} s/utt")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"timestamps{('_' + args.label) if args.label else ''}.json"

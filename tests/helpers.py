@@ -280,8 +280,11 @@ def processor_batch(proc, rows):
     return proc(wavs, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
 
 
-def cpu_trainer(tmp_path, callbacks, logger=False, **kw):
-    """A quiet one-device CPU ``lightning.pytorch`` trainer (2 epochs unless told), the tests' common set-up."""
+def cpu_trainer(tmp_path, callbacks, logger=False, devices: int = 1, **kw):
+    """A quiet CPU ``lightning.pytorch`` trainer (2 epochs unless told), the tests' common set-up; ``devices=2``:
+    two processes (``ddp_spawn``), the distributed tests' set-up."""
+    if devices > 1:
+        kw.setdefault("strategy", "ddp_spawn")
     return pl.Trainer(
         max_epochs=kw.pop("max_epochs", 2),
         callbacks=callbacks,
@@ -291,7 +294,7 @@ def cpu_trainer(tmp_path, callbacks, logger=False, **kw):
         enable_checkpointing=kw.pop("enable_checkpointing", False),
         default_root_dir=tmp_path,
         accelerator="cpu",
-        devices=1,
+        devices=devices,
         **kw,
     )
 

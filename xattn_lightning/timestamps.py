@@ -111,11 +111,13 @@ def alignment_token_times(
     weights: Sequence[float] | None = None,
     method: TimingMethod = DEFAULT_TIMING_METHOD,
     fusion: float = 0.0,
+    subframe: bool = False,
 ) -> Tensor:
     """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0); see :data:`TIMING_METHODS`.
 
     ``fusion`` > 0 adds that weight of the alignment's saliency map (``a.saliency``, z-scored and
-    smoothed as the attention) to the DTW matrix (``"openai"`` method only).
+    smoothed as the attention) to the DTW matrix (``"openai"`` method only). ``subframe``: boundaries
+    inside frames (:func:`~xattn_lightning.functional.alignment.token_times`).
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
@@ -141,7 +143,7 @@ def alignment_token_times(
             )
         m = m.clone()
         m[: a.saliency.shape[0]] += fusion * saliency_matrix(a.saliency).to(m.dtype)
-    t = token_times(m, a.frame_seconds)
+    t = token_times(m, a.frame_seconds, subframe)
     times[first : first + len(t)] = t
     if method == "transformers":
         times[-1] = t[-1]
@@ -154,11 +156,12 @@ def alignment_words(
     weights: Sequence[float] | None = None,
     method: TimingMethod = DEFAULT_TIMING_METHOD,
     fusion: float = 0.0,
+    subframe: bool = False,
 ) -> list[Word]:
     """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer)."""
     if a.pieces is None:
         raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
-    times = alignment_token_times(a, heads, weights, method, fusion)
+    times = alignment_token_times(a, heads, weights, method, fusion, subframe)
     n = a.num_prompt
     stop = n + len(a.pieces)
     end = float(times[stop]) if stop < len(times) else float(times[-1])

@@ -50,3 +50,49 @@ def test_perf_fixed_cost_with_cached_encoder_on_real_whisper(tmp_path, whisper_p
     r = json.loads((tmp_path / "perf.json").read_text())["fixed"]
     assert r["cache_hits"] == 3  # every timed call after the warm-up took the encoder output from the cache
     assert {"fixed_over_greedy", "fixed_cached_over_greedy"} <= r.keys()  # ratios only: no timing assertions
+
+
+@pytest.mark.integration
+def test_timestamps_benchmark_takes_a_whisper_of_another_size(tmp_path, whisper_path, espeak_manifest):
+    """benchmarks/timestamps.py on any HF Whisper: a random one of another size (3 decoder layers x 2 heads,
+    tiny.en's processor), every row there, the simple head rules among them."""
+    import os
+
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    from benchmarks import timestamps
+    from xattn_lightning.audio import read_manifest
+
+    timed = os.environ.get("XL_TIMED_MANIFEST")
+    if not timed or not os.path.exists(timed):
+        pytest.skip("XL_TIMED_MANIFEST is not set to an existing path")
+    sizes = dict(d_model=64, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=128, decoder_ffn_dim=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig(**{**WhisperConfig.from_pretrained(whisper_path).to_dict(), **sizes}))
+    gen = GenerationConfig.from_pretrained(whisper_path)
+    gen.alignment_heads, gen.max_length = [[2, 1], [1, 0]], 24  # the shipped heads of this size; short transcripts
+    model.generation_config = gen
+    path = tmp_path / "whisper-random-3x2"
+    model.save_pretrained(path)
+    WhisperProcessor.from_pretrained(whisper_path).save_pretrained(path)
+    rows = read_manifest(timed)[:4]
+    manifest = tmp_path / "timed.tsv"
+    manifest.write_text(
+        "id\taudio\ttext\twords\n"
+        + "".join(f"{r.id}\t{r.audio}\t{r.text}\t{json.dumps(r.words)}\n" for r in rows)
+    )
+    argv = ["--model", str(path), "--timed", str(manifest), "--select", espeak_manifest, "--select-utterances", "1",
+            "--n-masks", "8", "--train", "2", "--ks", "1", "--sweep", "8", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert timestamps.main(argv) == 0
+    report = json.loads((tmp_path / "timestamps.json").read_text())
+    assert torch.tensor(report["agreement_grid"]).shape == (3, 2)
+    names = {r["heads"] for r in report["rows"]}
+    for want in ("all heads", "upper half of the layers, every head", "shipped alignment_heads",
+                 "upper half of the layers, every head, sub-frame boundaries", "word_timestamps default at N = 8",
+                 "all heads, transcript re-tokenised to characters"):  # fmt: skip
+        assert want in names, sorted(names)
+    upper = next(r for r in report["rows"] if r["heads"] == "upper half of the layers, every head")
+    assert upper["head_list"] == [[1, 0], [1, 1], [2, 0], [2, 1]]
+    assert {r["method"] for r in report["rows"]} == {"openai", "transformers"}

@@ -306,19 +306,7 @@ def test_ddp_two_cpu_processes_same_numbers(tmp_path):
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=8)
     model = DemoModule(lr=0.0)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=[ddp],
-        logger=CSVLogger(tmp_path / "ddp"),
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path, [ddp], CSVLogger(tmp_path / "ddp"), devices=2, max_epochs=1, use_distributed_sampler=False)
     trainer.fit(model, tr, va)
     rows = read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
     (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]

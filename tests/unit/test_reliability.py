@@ -529,19 +529,7 @@ def test_ddp_fault_on_one_rank_does_not_deadlock(tmp_path):
     )
     pl.seed_everything(0)
     tr, va = loaders(16, 8, batch_size=4)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[mon],
-        logger=CSVLogger(tmp_path),
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path, [mon], CSVLogger(tmp_path), devices=2, use_distributed_sampler=False)
     trainer.fit(DemoModule(), tr, va)  # returns: no deadlock
     import csv
 

@@ -8,7 +8,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import lora_model, read_csv, speaking_tiny_whisper, tuple_data
+from helpers import cpu_trainer, lora_model, read_csv, speaking_tiny_whisper, tuple_data
 from lightning.pytorch.loggers import CSVLogger
 from test_hosts import MODULES
 from torch.utils.data import DataLoader
@@ -180,18 +180,8 @@ def test_ddp_with_the_default_sampler_equals_one_process(tmp_path):
     _fit(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=2)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=[xl.XAttnSaliencyMonitor(max_overhead=None, **kw)],
-        logger=CSVLogger(tmp_path / "ddp"),
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    monitor = xl.XAttnSaliencyMonitor(max_overhead=None, **kw)
+    trainer = cpu_trainer(tmp_path, [monitor], CSVLogger(tmp_path / "ddp"), devices=2, max_epochs=1)
     trainer.fit(DemoModule(lr=0.0), tr, va)
     rows = read_csv(glob.glob(str(tmp_path / "ddp/lightning_logs/*/metrics.csv"))[0])
     (x,) = [r for r in rows if r.get("xattn/encoder_spes/pearson")]

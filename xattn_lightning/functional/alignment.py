@@ -131,16 +131,33 @@ def saliency_matrix(saliency: Tensor, median_width: int = MEDIAN_FILTER_WIDTH) -
     return median_filter((s - mean) / std.clamp_min(1e-12), median_width)
 
 
-def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS) -> Tensor:
+def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS, subframe: bool = False) -> Tensor:
     """Start time (s) of each row of ``matrix`` ``[I, T']``: the frame at which the DTW path of
     ``-matrix`` first reaches that row.
 
+    ``subframe=True`` moves each boundary inside its frame: to where the two rows' values, read at
+    frame centres and interpolated linearly, cross between the frame before the DTW boundary and the
+    boundary frame (a boundary stays on the frame edge when they cross half-way, and stays put when
+    they do not cross there).
+
     >>> token_times(torch.tensor([[1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4]), 0.02)
     tensor([0.0000, 0.0600], dtype=torch.float64)
+    >>> token_times(torch.tensor([[1.0] * 4 + [0.2] + [0.0] * 3, [0.0] * 4 + [0.8] + [1.0] * 3]), 0.02, True)
+    tensor([0.0000, 0.0825], dtype=torch.float64)
     """
     rows, cols = dtw(-matrix)
     jumps = np.pad(np.diff(rows), (1, 0), constant_values=1).astype(bool)
-    return torch.as_tensor(cols[jumps] * frame_seconds, dtype=torch.float64)
+    frames = cols[jumps].astype(np.float64)
+    if subframe:
+        m = matrix.double().numpy()
+        for i in range(1, len(frames)):
+            f = int(frames[i])
+            if f < 1:
+                continue
+            d0, d1 = m[i, f - 1] - m[i - 1, f - 1], m[i, f] - m[i - 1, f]  # this row minus the one before
+            if d0 < 0 <= d1 and d1 > d0:
+                frames[i] = max(frames[i - 1], f - 0.5 + (-d0) / (d1 - d0))
+    return torch.as_tensor(frames * frame_seconds, dtype=torch.float64)
 
 
 _PUNCT = re.compile(r"^[\W_]+$")
