@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", default=os.environ.get("XL_ESPEAK_MANIFEST"), help="speech for label-free heads")
     ap.add_argument("--select-utterances", type=int, default=10)
     ap.add_argument("--n-masks", type=int, default=256)
-    ap.add_argument("--sweep", default="64,128", help="fewer masks for the default's saliency: N values to also score")
+    ap.add_argument("--sweep", default="64,128,256", help="masks for the default's saliency: N values to also score")
+    ap.add_argument("--sweep-seeds", default="0,1,2", help="mask seeds of the sweep (the seeds spread the error)")
     ap.add_argument("--train", type=int, default=12, help="timed utterances for the supervised selection")
     ap.add_argument("--ks", default="1,2,4,6,8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,20 +200,28 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['boundaries']:4d}")  # fmt: skip
     # the default at fewer masks: its cost and accuracy (the saliency is the default's whole extra cost)
     for n in [int(x) for x in args.sweep.split(",") if x.strip()]:
-        t0 = time.perf_counter()
-        exps_n = [
-            xl.explain(model, features_batch(proc, [r]), methods=("encoder_spes",), tokenizer=proc, n_masks=n,
-                       encoder_batch_size="auto")[0]
-            for r in rows[test]
-        ]  # fmt: skip
-        sec = (time.perf_counter() - t0) / max(len(exps_n), 1)
-        pairs_n = [(alignment_from(e), e) for e in exps_n]
-        for subframe in (False, True):
-            s = _score(pairs_n, words[test], "per-utterance", fusion=FUSION_WEIGHT, subframe=subframe)
-            name = f"word_timestamps default at N = {n}{', sub-frame boundaries' if subframe else ''}"
-            report["rows"].append({"heads": name, "method": "openai", "seconds_per_utterance": sec, **s})
-            print(f"{name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
-                  f"{s['boundaries']:4d}  {sec:.2f} s/utt")  # fmt: skip
+        per_seed = {False: [], True: []}
+        for seed in [int(x) for x in args.sweep_seeds.split(",") if x.strip()]:
+            t0 = time.perf_counter()
+            exps_n = [
+                xl.explain(model, features_batch(proc, [r]), methods=("encoder_spes",), tokenizer=proc, n_masks=n,
+                           seed=seed, encoder_batch_size="auto")[0]
+                for r in rows[test]
+            ]  # fmt: skip
+            sec = (time.perf_counter() - t0) / max(len(exps_n), 1)
+            pairs_n = [(alignment_from(e), e) for e in exps_n]
+            for subframe in (False, True):
+                s = _score(pairs_n, words[test], "per-utterance", fusion=FUSION_WEIGHT, subframe=subframe)
+                per_seed[subframe].append(s["mae_ms"])
+                name = f"word_timestamps default at N = {n}, seed {seed}{', sub-frame boundaries' if subframe else ''}"
+                report["rows"].append({"heads": name, "method": "openai", "seconds_per_utterance": sec, **s})
+                print(f"{name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} "
+                      f"{s['within_100ms']:7.2f} {s['boundaries']:4d}  {sec:.2f} s/utt")  # fmt: skip
+        for subframe, maes in per_seed.items():
+            name = f"word_timestamps default at N = {n}{', sub-frame boundaries' if subframe else ''}: mean over seeds"
+            mean = sum(maes) / len(maes)
+            report["rows"].append({"heads": name, "method": "openai", "mae_ms": mean, "seeds_mae_ms": maes})
+            print(f"{name:55s} {'openai':12s} {mean:7.1f}  (seeds: {', '.join(f'{m:.1f}' for m in maes)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"timestamps{('_' + args.label) if args.label else ''}.json"

@@ -18,6 +18,7 @@ from typing import Literal
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.options import READING_DEFAULTS
+from xattn_lightning.timestamps import TIMESTAMP_N_MASKS
 
 
 def _png(fig) -> str:
@@ -315,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         help="agreement (default): the heads that agree most with saliency, per utterance; model: the model's own "
         "alignment heads; all: every head",
     )
-    t.add_argument("--n-masks", type=int, default=256, help="masks of the saliency behind --heads agreement")
+    t.add_argument(
+        "--n-masks", type=int, default=TIMESTAMP_N_MASKS, help="masks of the saliency behind --heads agreement (default: %(default)s)"
+    )
     t.add_argument("--seed", type=int, default=READING_DEFAULTS["seed"])
     t.add_argument("--device", default="cpu")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -84,13 +84,13 @@ def test_timestamps_benchmark_takes_a_whisper_of_another_size(tmp_path, whisper_
         + "".join(f"{r.id}\t{r.audio}\t{r.text}\t{json.dumps(r.words)}\n" for r in rows)
     )
     argv = ["--model", str(path), "--timed", str(manifest), "--select", espeak_manifest, "--select-utterances", "1",
-            "--n-masks", "8", "--train", "2", "--ks", "1", "--sweep", "8", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+            "--n-masks", "8", "--train", "2", "--ks", "1", "--sweep", "8", "--sweep-seeds", "0", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
     assert timestamps.main(argv) == 0
     report = json.loads((tmp_path / "timestamps.json").read_text())
     assert torch.tensor(report["agreement_grid"]).shape == (3, 2)
     names = {r["heads"] for r in report["rows"]}
     for want in ("all heads", "upper half of the layers, every head", "shipped alignment_heads",
-                 "upper half of the layers, every head, sub-frame boundaries", "word_timestamps default at N = 8",
+                 "upper half of the layers, every head, sub-frame boundaries", "word_timestamps default at N = 8, seed 0",
                  "all heads, transcript re-tokenised to characters"):  # fmt: skip
         assert want in names, sorted(names)
     upper = next(r for r in report["rows"] if r["heads"] == "upper half of the layers, every head")
