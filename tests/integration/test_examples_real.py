@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import load_example
+from helpers import load_example, manifest_rows
 from wandb_reader import history
 
 
@@ -100,3 +100,32 @@ def test_finetune_whisper_example_with_lora_then_compare(tmp_path, whisper_path,
         rows = list(csv.DictReader(fh))
     assert [r["checkpoint"] for r in rows] == ["base", "lora"]
     assert all(-1.0 <= float(r["encoder_spes/pearson"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.integration
+def test_finetune_whisper_example_with_the_alignment_loss(tmp_path, whisper_path):
+    """--alignment-loss on timed speech: the loss is logged at each step, it falls, and the trained heads are in
+    the saved generation config (what return_token_timestamps then uses)."""
+    import os
+
+    from transformers import GenerationConfig
+
+    timed = os.environ.get("XL_TIMED_MANIFEST")
+    if not timed or not os.path.exists(timed):
+        pytest.skip("XL_TIMED_MANIFEST is not set to an existing path (training speech with true word timings)")
+    manifest = manifest_rows(timed, slice(0, 2), tmp_path / "train.tsv")
+    save = tmp_path / "tuned"
+    ex = load_example("finetune_whisper")
+    argv = ["--model", whisper_path, "--manifest", str(manifest), "--epochs", "4", "--batch-size", "2",
+            "--lr", "1e-4", "--freeze-encoder", "--num-probes", "1", "--n-masks", "8", "--max-overhead", "none",
+            "--alignment-loss", "1.0", "--alignment-heads", "3:1,2:0", "--no-wandb", "--accelerator", "cpu",
+            "--out", str(tmp_path / "run"), "--save", str(save)]  # fmt: skip
+    ex.main(argv)
+    (path,) = glob.glob(str(tmp_path / "run/csv/*/metrics.csv"))
+    with open(path) as fh:
+        losses = [float(r["train_alignment_loss"]) for r in csv.DictReader(fh) if r.get("train_alignment_loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    assert GenerationConfig.from_pretrained(save).alignment_heads == [[3, 1], [2, 0]]
+    with pytest.raises(ex.XAttnError, match="L:H"):
+        ex.main([*argv[:-4], "--alignment-heads", "3-1", "--out", str(tmp_path / "bad")])
