@@ -188,6 +188,7 @@ def word_timestamps(
     targets: str | Tensor | Sequence = "generate",
     method: TimingMethod = DEFAULT_TIMING_METHOD,
     saliency_method: str = "encoder_spes",
+    subframe: bool = False,
     **explain_options: Any,
 ) -> list[list[Word]]:
     """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
@@ -208,6 +209,8 @@ def word_timestamps(
             with ``heads="agreement"``, else 0 (no saliency is computed then).
         method: ``"openai"`` (default; openai-whisper's convention) or ``"transformers"`` (equal to
             transformers' token timestamps); see :data:`TIMING_METHODS`.
+        subframe: place each boundary inside its frame, where the two tokens' rows cross (under 1 ms better
+            on held-out timed speech; docs/timestamps.md).
         **explain_options: saliency options (``n_masks``, default :data:`TIMESTAMP_N_MASKS`; ``seed`` ...).
 
     Example (a real Whisper and its processor)::
@@ -234,7 +237,12 @@ def word_timestamps(
         chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else heads
         out.append(
             alignment_words(
-                alignment_from(e, saliency_method=methods[0] if methods else None), chosen, weights, method, fusion
+                alignment_from(e, saliency_method=methods[0] if methods else None),
+                chosen,
+                weights,
+                method,
+                fusion,
+                subframe,
             )
         )
     return out

@@ -116,3 +116,16 @@ def test_supervised_needs_words():
 
 
 
+
+
+def test_subframe_boundaries_stay_ordered_and_within_a_frame_of_the_dtw_ones():
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60,))
+    tok = lambda i: f" w{i}"  # noqa: E731
+    whole = xl.word_timestamps(m, b, tokenizer=tok, heads=None)[0]
+    sub = xl.word_timestamps(m, b, tokenizer=tok, heads=None, subframe=True)[0]
+    assert [w for w, _, _ in sub] == [w for w, _, _ in whole]
+    assert all(abs(s / 0.02 - round(s / 0.02)) < 1e-6 for _, s, _ in whole)  # DTW: whole frames
+    starts = [s for _, s, _ in sub]
+    assert starts == sorted(starts)
+    assert all(abs(a[1] - b_[1]) <= 0.02 + 1e-9 for a, b_ in zip(sub, whole))
