@@ -26,6 +26,7 @@ import torch
 
 import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
+from xattn_lightning.functional.alignment import alignment_matrix
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.timestamps import (
     FUSION_WEIGHT,
@@ -51,6 +52,21 @@ def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0, subf
     else:
         pred = [alignment_words(a, heads, weights, method, fusion, subframe) for a in aligns]
     return timing_scores(pred, words)
+
+
+def consistency_weights(a) -> torch.Tensor:
+    """Label-free head weights from agreement between heads: each head's DTW matrix correlated with the
+    all-head one, over the rows the ``openai`` convention aligns (an attempt)."""
+    n, s = a.num_prompt, len(a.decoder_ids)
+    rows = a.cross_attention[:, :, max(n - 1, 0) : s - 1]
+    consensus = alignment_matrix(rows, None).flatten()
+    num_layers, num_heads = rows.shape[:2]
+    c = [
+        float(torch.corrcoef(torch.stack([alignment_matrix(rows, [[li, h]]).flatten(), consensus]))[0, 1])
+        for li in range(num_layers)
+        for h in range(num_heads)
+    ]
+    return torch.tensor(c).nan_to_num(0.0).clamp(min=0.0)
 
 
 def char_targets(model, proc, a) -> list[int]:
@@ -185,6 +201,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} {s['within_100ms']:7.2f} "
             f"{s['boundaries']:4d}"
         )
+    # head weights from consistency between heads (label-free), alone and times each head's agreement
+    num_l, num_h = grid.shape
+    every = [[li, h] for li in range(num_l) for h in range(num_h)]
+    for name, weigh in (
+        ("per utterance: every head weighted by consistency^2 + fusion", lambda a, e: consistency_weights(a) ** 2),
+        (
+            "per utterance: every head weighted by consistency x agreement + fusion",
+            lambda a, e: consistency_weights(a) * e.agreement_grid("encoder_spes").flatten().clamp(min=0.0),
+        ),
+    ):
+        pred = []
+        for a, e in pairs:
+            w = weigh(a, e)
+            pred.append(alignment_words(a, every, (w if float(w.sum()) > 0 else torch.ones_like(w)).tolist(),
+                                        "openai", FUSION_WEIGHT))  # fmt: skip
+        s = timing_scores(pred, words[test])
+        report["rows"].append({"heads": f"label-free {name}", "method": "openai", **s})
+        print(f"{'label-free ' + name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} "
+              f"{s['within_100ms']:7.2f} {s['boundaries']:4d}")  # fmt: skip
     # character re-tokenisation, teacher-forced (attention only)
     t0 = time.perf_counter()
     char_aligns = [

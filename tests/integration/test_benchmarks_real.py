@@ -91,7 +91,8 @@ def test_timestamps_benchmark_takes_a_whisper_of_another_size(tmp_path, whisper_
     names = {r["heads"] for r in report["rows"]}
     for want in ("all heads", "upper half of the layers, every head", "shipped alignment_heads",
                  "upper half of the layers, every head, sub-frame boundaries", "word_timestamps default at N = 8, seed 0",
-                 "all heads, transcript re-tokenised to characters"):  # fmt: skip
+                 "all heads, transcript re-tokenised to characters",
+                 "label-free per utterance: every head weighted by consistency^2 + fusion"):  # fmt: skip
         assert want in names, sorted(names)
     upper = next(r for r in report["rows"] if r["heads"] == "upper half of the layers, every head")
     assert upper["head_list"] == [[1, 0], [1, 1], [2, 0], [2, 1]]
