@@ -76,13 +76,11 @@ class AlignmentLoss:
         prediction row ``s`` is attention row ``s`` (``-100`` padding); ``words`` each utterance's true
         timings (``None`` for one without: it adds nothing). Zero, with a gradient, when no utterance has
         timings."""
-        ca = self._stacked(cross_attentions)
+        ca = self._chosen(cross_attentions)  # [B, K, S, T'], the chosen heads only
         if labels.shape[0] != ca.shape[0] or len(words) != ca.shape[0]:
             raise XAttnError(
                 f"{ca.shape[0]} utterances of cross-attention, {labels.shape[0]} of labels and {len(words)} of words."
             )
-        layers = torch.tensor([h[0] for h in self.heads], device=ca.device)
-        heads = torch.tensor([h[1] for h in self.heads], device=ca.device)
         losses = []
         for b, units in enumerate(words):
             if units is None:
@@ -102,25 +100,27 @@ class AlignmentLoss:
                 rows = torch.cat([rows, torch.tensor([last])])
                 spans.append((end, end + EOS_SECONDS))
             target = span_target(spans, ca.shape[-1], self.frame_seconds, self.ramp_frames).to(ca.device)
-            sel = ca[b, layers, heads][:, rows.to(ca.device)]  # [K, I, T']
-            losses.append(alignment_kl(sel.float(), target))
+            losses.append(alignment_kl(ca[b][:, rows.to(ca.device)].float(), target))  # [K, I, T'] rows
         if not losses:
             return ca.sum() * 0.0
         return torch.stack(losses).mean()
 
-    def _stacked(self, cross_attentions: Tensor | Sequence[Tensor]) -> Tensor:
+    def _chosen(self, cross_attentions: Tensor | Sequence[Tensor]) -> Tensor:
+        """The chosen heads' maps ``[B, K, S, T']``, taken without stacking the other layers."""
         if isinstance(cross_attentions, Tensor):
-            ca = cross_attentions
-        else:
-            if not cross_attentions or any(c is None for c in cross_attentions):
+            if cross_attentions.dim() != 5:
                 raise XAttnError(
-                    "No cross-attention weights: load the model with attn_implementation='eager' and call it with "
-                    "output_attentions=True (SDPA and flash attention return none)."
+                    f"Expected cross-attention [B, L, H, S, T'] (or per layer [B, H, S, T']), "
+                    f"got {tuple(cross_attentions.shape)}."
                 )
-            ca = torch.stack(list(cross_attentions), dim=1)
-        if ca.dim() != 5:
-            raise XAttnError(f"Expected cross-attention [B, L, H, S, T'] (or per layer [B, H, S, T']), got {tuple(ca.shape)}.")
-        return ca
+            layers, heads = zip(*self.heads)
+            return cross_attentions[:, list(layers), list(heads)]
+        if not cross_attentions or any(c is None for c in cross_attentions):
+            raise XAttnError(
+                "No cross-attention weights: load the model with attn_implementation='eager' and call it with "
+                "output_attentions=True (SDPA and flash attention return none)."
+            )
+        return torch.stack([cross_attentions[layer][:, head] for layer, head in self.heads], dim=1)
 
     def export(self) -> str:
         """Write the trained heads into the model, for its own word timestamps; returns where."""
