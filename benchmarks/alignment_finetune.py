@@ -117,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     human = read_manifest(args.human)
     ex = _example()
     report: dict = {"settings": {**vars(args), "train_rows": len(read_manifest(train))}, "runs": {}}
-    before = Path(args.out) / "alignment_finetune_before.json"  # the base checkpoint's scores, kept between runs
-    if before.is_file() and json.loads(before.read_text()).get("model") == args.model:
+    # the base checkpoint's scores, kept between runs: reused only when everything they depend on is the same
+    before = Path(args.out) / "alignment_finetune_before.json"
+    key = {k: getattr(args, k) for k in ("model", "timed", "human", "first_scored", "n_masks", "no_label_free")}
+    if before.is_file() and json.loads(before.read_text()).get("key") == key:
         report["runs"]["before"] = json.loads(before.read_text())["scores"]
     else:
         report["runs"]["before"] = evaluate(args.model, timed, human, args.n_masks, not args.no_label_free)
         before.parent.mkdir(parents=True, exist_ok=True)
-        before.write_text(json.dumps({"model": args.model, "scores": report["runs"]["before"]}))
+        before.write_text(json.dumps({"key": key, "scores": report["runs"]["before"]}))
     print(json.dumps(report["runs"]["before"]), flush=True)
     runs = [r for r in (("without_loss", 0.0), ("with_loss", args.weight)) if r[0] in args.runs.split(",")]
     for label, weight in runs:
