@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.options import READING_DEFAULTS
@@ -213,7 +213,9 @@ def timestamps(args: argparse.Namespace) -> int:
         raise XAttnError(f"--format {args.format} writes one file per utterance: pass --out DIRECTORY.")
     model, processor = load_hf_model(args.model, device=args.device)
     heads: Literal["agreement", "model"] | None = None if args.heads == "all" else args.heads
-    options = {"n_masks": args.n_masks, "seed": args.seed} if heads == "agreement" else {}
+    options: dict[str, Any] = {"n_masks": args.n_masks, "seed": args.seed} if heads == "agreement" else {}
+    if args.plain:
+        options.update(duration_prior=0.0, silence=False)
     start = time.perf_counter()
     words: dict[str, list] = {}
     for r in tqdm(rows, desc="word timestamps", unit="utt", file=sys.stderr, disable=args.quiet):
@@ -311,10 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", help="a file for tsv/json (default: stdout), a directory for vtt/srt")
     t.add_argument(
         "--heads",
-        default="agreement",
-        choices=("agreement", "model", "all"),
-        help="agreement (default): the heads that agree most with saliency, per utterance; model: the model's own "
-        "alignment heads; all: every head",
+        default="all",
+        choices=("all", "agreement", "model"),
+        help="all (default): every head; agreement: the heads that agree most with saliency, per utterance, the map "
+        "fused in (a saliency computation per utterance); model: the model's own alignment heads",
+    )
+    t.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain DTW as openai-whisper's (no duration prior, no boundaries moved to silences)",
     )
     t.add_argument(
         "--n-masks", type=int, default=TIMESTAMP_N_MASKS, help="masks of the saliency behind --heads agreement (default: %(default)s)"

@@ -20,12 +20,17 @@ from torch import Tensor, nn
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.functional.alignment import (
+    DURATION_PRIOR,
     Word,
     alignment_matrix,
     boundary_errors,
+    length_prior,
     saliency_matrix,
+    silent_spans,
+    snap_to_silence,
     timing_summary,
     token_times,
+    with_duration_prior,
     words_from_tokens,
 )
 
@@ -51,6 +56,7 @@ class Alignment:
     index: int = 0
     num_input_frames: int | None = None  # valid input frames (transformers crops to half of them)
     saliency: Tensor | None = None  # [I, T'] encoder-resolution saliency of the text tokens, when computed
+    silences: list[tuple[float, float]] | None = None  # silent spans (s) of the input, from its features
 
 
 def alignment_from(
@@ -62,8 +68,9 @@ def alignment_from(
     frames) for fusion (default: the first computed, preferring ``encoder_spes``)."""
     if saliency_method is None and e.saliency:
         saliency_method = "encoder_spes" if "encoder_spes" in e.saliency else next(iter(e.saliency))
+    frame_rate = frame_rate or getattr(e, "frame_rate", 100.0)
     if frame_seconds is None:
-        frame_seconds = e.frames_per_step / (frame_rate or getattr(e, "frame_rate", 100.0))
+        frame_seconds = e.frames_per_step / frame_rate
     if e.decoder_attention is None or e.positions is None or not len(e.positions):
         raise XAttnError("This explanation carries no decoder attention; make it with xl.explain().")
     pos = e.positions.tolist()
@@ -78,6 +85,7 @@ def alignment_from(
         index=e.index,
         num_input_frames=e.num_frames,
         saliency=e.pooled(saliency_method) if saliency_method else None,
+        silences=silent_spans(e.features.float().mean(-1), 1.0 / frame_rate),
     )
 
 
@@ -112,10 +120,13 @@ def alignment_token_times(
     method: TimingMethod = DEFAULT_TIMING_METHOD,
     fusion: float = 0.0,
     subframe: bool = False,
+    duration_prior: float = 0.0,
 ) -> Tensor:
     """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0); see :data:`TIMING_METHODS`.
 
-    ``fusion`` > 0 adds that weight of the alignment's saliency map (``a.saliency``, z-scored and
+    ``duration_prior`` > 0 adds that weight of each token's spelling-length prior to its row of the DTW
+    matrix (:func:`~xattn_lightning.functional.alignment.with_duration_prior`; ``"openai"`` method only, needs
+    token strings). ``fusion`` > 0 adds that weight of the alignment's saliency map (``a.saliency``, z-scored and
     smoothed as the attention) to the DTW matrix (``"openai"`` method only). ``subframe``: boundaries
     inside frames (:func:`~xattn_lightning.functional.alignment.token_times`).
 
@@ -136,6 +147,10 @@ def alignment_token_times(
     if rows.shape[2] == 0:
         return times
     m = alignment_matrix(rows, heads, weights)
+    if duration_prior:
+        if method != "openai" or a.pieces is None:
+            raise XAttnError("duration_prior needs the 'openai' timing method and token strings (pass tokenizer=).")
+        m = with_duration_prior(m, length_prior(a.pieces[first - n :], rows=m.shape[0]), duration_prior)
     if fusion:
         if method != "openai" or a.saliency is None:
             raise XAttnError(
@@ -157,23 +172,32 @@ def alignment_words(
     method: TimingMethod = DEFAULT_TIMING_METHOD,
     fusion: float = 0.0,
     subframe: bool = False,
+    duration_prior: float = 0.0,
+    silence: bool = False,
 ) -> list[Word]:
-    """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer)."""
+    """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer).
+    ``silence``: boundaries next to a silent span of the input move to its edges
+    (:func:`~xattn_lightning.functional.alignment.snap_to_silence`; needs ``a.silences``)."""
     if a.pieces is None:
         raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
-    times = alignment_token_times(a, heads, weights, method, fusion, subframe)
+    times = alignment_token_times(a, heads, weights, method, fusion, subframe, duration_prior)
     n = a.num_prompt
     stop = n + len(a.pieces)
     end = float(times[stop]) if stop < len(times) else float(times[-1])
-    return words_from_tokens(a.pieces, times[n:stop], end)
+    words = words_from_tokens(a.pieces, times[n:stop], end)
+    if silence:
+        if a.silences is None:
+            raise XAttnError("silence=True needs the input's silent spans: make the alignment with align() or from xl.explain().")
+        words = snap_to_silence(words, a.silences)
+    return words
 
 
-#: weight of the saliency map in the DTW matrix of :func:`word_timestamps`' default: chosen on the
-#: first 12 timed-en utterances (0.1-0.3 all help; README "Word timestamps")
+#: weight of the saliency map in the DTW matrix of :func:`word_timestamps` with ``heads="agreement"``: chosen on
+#: the first 12 timed-en utterances (0.1-0.3 all help). Its gain is a per-token constant, a duration prior.
 FUSION_WEIGHT = 0.2
-#: masks of the encoder-output saliency behind :func:`word_timestamps`' default: on the 13 held-out timed-en
-#: utterances (tiny.en, 3 seeds) 64 masks gave 57.2 ms mean error at 1.1 s per utterance on a 2-core CPU, 256
-#: gave 56.4 ms at 2.6 s (the seeds spread over 5 ms); docs/timestamps.md
+#: masks of the encoder-output saliency behind :func:`word_timestamps`' ``heads="agreement"``: on the 13 held-out
+#: timed-en utterances (tiny.en, 3 seeds) 64 masks gave 57.2 ms mean error at 1.1 s per utterance on a 2-core CPU,
+#: 256 gave 56.4 ms at 2.6 s (the seeds spread over 5 ms), before the duration prior; docs/timestamps.md
 TIMESTAMP_N_MASKS = 64
 
 
@@ -182,47 +206,67 @@ def word_timestamps(
     batch: Mapping[str, Any],
     *,
     tokenizer: object | None = None,
-    heads: Sequence[Sequence[int]] | Literal["agreement", "model"] | None = "agreement",
+    heads: Sequence[Sequence[int]] | Literal["agreement", "model"] | None = None,
     weights: Sequence[float] | None = None,
     fusion: float | None = None,
     targets: str | Tensor | Sequence = "generate",
     method: TimingMethod = DEFAULT_TIMING_METHOD,
     saliency_method: str = "encoder_spes",
     subframe: bool = False,
+    duration_prior: float | None = None,
+    silence: bool | None = None,
     **explain_options: Any,
 ) -> list[list[Word]]:
     """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
+
+    The default is the most accurate label-free method measured (docs/timestamps.md): every head
+    averaged, a duration prior from each token's spelling added to the DTW matrix, and word boundaries
+    next to a silence of the input moved to its edges. It needs one pass per utterance and no saliency.
 
     Args:
         model: a supported model or adapter.
         batch: the model's inputs (e.g. :func:`xattn_lightning.loading.features_batch`).
         tokenizer: a tokenizer or processor (word timestamps need token strings).
         targets: ``"generate"`` (the model's own transcript), ``"labels"`` or token ids.
-        saliency_method: the saliency map for head choice and fusion (encoder-space by default).
-        heads: ``"agreement"`` (default, label-free, the most accurate measured): per utterance,
-            the heads whose agreement with ``saliency_method``'s map is at least the mean of all
-            heads', with that map fused into the DTW matrix (``fusion``); ``[layer, head]`` pairs
-            (e.g. from :func:`alignment_heads`); ``"model"``: the model's
-            ``generation_config.alignment_heads``; ``None``: every head averaged.
+        heads: ``None`` (default): every head averaged; ``[layer, head]`` pairs (e.g. from
+            :func:`alignment_heads`); ``"model"``: the model's ``generation_config.alignment_heads``;
+            ``"agreement"``: per utterance, the heads whose agreement with ``saliency_method``'s map is
+            at least the mean of all heads', with that map fused into the DTW matrix (``fusion``; costs
+            a saliency computation per utterance).
         weights: one weight per head (e.g. their agreement), for a weighted mean.
         fusion: weight of the saliency map added to the DTW matrix; default :data:`FUSION_WEIGHT`
             with ``heads="agreement"``, else 0 (no saliency is computed then).
         method: ``"openai"`` (default; openai-whisper's convention) or ``"transformers"`` (equal to
-            transformers' token timestamps); see :data:`TIMING_METHODS`.
-        subframe: place each boundary inside its frame, where the two tokens' rows cross (under 1 ms better
-            on held-out timed speech; docs/timestamps.md).
+            transformers' token timestamps; no prior, no silences); see :data:`TIMING_METHODS`.
+        subframe: place each boundary inside its frame, where the two tokens' rows cross.
+        duration_prior: weight of the spelling-length prior
+            (:func:`~xattn_lightning.functional.alignment.with_duration_prior`); default
+            :data:`~xattn_lightning.functional.alignment.DURATION_PRIOR` with ``"openai"``, 0 with
+            ``"transformers"``.
+        silence: move boundaries next to silent spans of the input to their edges
+            (:func:`~xattn_lightning.functional.alignment.snap_to_silence`); default on with
+            ``"openai"``, off with ``"transformers"``.
+        saliency_method: the saliency map for ``heads="agreement"`` and fusion.
         **explain_options: saliency options (``n_masks``, default :data:`TIMESTAMP_N_MASKS`; ``seed`` ...).
 
     Example (a real Whisper and its processor)::
 
         words = xl.word_timestamps(model, batch, tokenizer=processor)
         words[0][:2]  # [('The', 0.02, 0.14), ('weather', 0.14, 0.5)]
+        xl.word_timestamps(model, batch, tokenizer=processor, heads="model", duration_prior=0, silence=False)
+        # what openai-whisper's transcribe(word_timestamps=True) computes
     """
     from xattn_lightning.explain import explain
 
     adapter = adapter_for(model, tokenizer)
     if isinstance(heads, str):
         check_choice("heads", heads, ("agreement", "model"))
+    check_choice("timing method", method, TIMING_METHODS)
+    refine = method == "openai"
+    duration_prior = (DURATION_PRIOR if refine else 0.0) if duration_prior is None else duration_prior
+    silence = refine if silence is None else silence
+    if not refine and (duration_prior or silence):
+        raise XAttnError("method='transformers' reproduces transformers' timestamps: it takes no duration_prior or silence.")
     if fusion is None:
         fusion = FUSION_WEIGHT if heads == "agreement" else 0.0
     if heads == "model":
@@ -235,16 +279,8 @@ def word_timestamps(
     out = []
     for e in explain(adapter, batch, targets=targets, methods=methods, **options):
         chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else heads
-        out.append(
-            alignment_words(
-                alignment_from(e, saliency_method=methods[0] if methods else None),
-                chosen,
-                weights,
-                method,
-                fusion,
-                subframe,
-            )
-        )
+        a = alignment_from(e, saliency_method=methods[0] if methods else None)
+        out.append(alignment_words(a, chosen, weights, method, fusion, subframe, duration_prior, silence))
     return out
 
 
@@ -402,8 +438,9 @@ def score_probes(
     rows: Sequence[dict[str, Any]], timed: Sequence[tuple[str, Alignment, Sequence]], methods: Sequence[str]
 ) -> tuple[list[list[int]], list[tuple[str, str]]]:
     """Word-timestamp errors of the probes that carry true word timings, with the heads that agree most
-    with saliency in this reading (label-free, as :func:`alignment_heads`) and each probe's saliency map
-    fused in as :func:`word_timestamps` does. ``timed`` holds ``(probe id, attention to time, true words)``;
+    with saliency in this reading (label-free, as :func:`alignment_heads`; the heads the monitor exports),
+    each probe's saliency map fused in as ``word_timestamps(heads="agreement")`` does, with the duration
+    prior and silences of :func:`word_timestamps`' default. ``timed`` holds ``(probe id, attention to time, true words)``;
     each probe's row gets its boundary errors under :data:`~xattn_lightning.summary.TIMING_ERRORS`.
 
     Returns the heads and ``(probe id, cause)`` of the probes that could not be timed.
@@ -417,7 +454,9 @@ def score_probes(
     for pid, alignment, words in timed:
         try:
             fusion = FUSION_WEIGHT if alignment.saliency is not None else 0.0
-            predicted = alignment_words(alignment, heads, fusion=fusion)
+            predicted = alignment_words(
+                alignment, heads, fusion=fusion, duration_prior=DURATION_PRIOR, silence=alignment.silences is not None
+            )
             row_of[pid][TIMING_ERRORS] = boundary_errors(predicted, list(words))
         except XAttnError as err:
             failures.append((pid, str(err)))

@@ -90,10 +90,17 @@ def test_timestamps_benchmark_takes_a_whisper_of_another_size(tmp_path, whisper_
     assert torch.tensor(report["agreement_grid"]).shape == (3, 2)
     names = {r["heads"] for r in report["rows"]}
     for want in ("all heads", "upper half of the layers, every head", "shipped alignment_heads",
-                 "upper half of the layers, every head, sub-frame boundaries", "word_timestamps default at N = 8, seed 0",
+                 "upper half of the layers, every head, sub-frame boundaries", "heads='agreement' + fusion at N = 8, seed 0",
+                 "all heads, duration prior + silences (word_timestamps default)", "xl.word_timestamps() as called",
+                 "shipped alignment_heads, silences", "all heads, prior weight 0.5 + silences, held out",
                  "all heads, transcript re-tokenised to characters",
                  "label-free per utterance: every head weighted by consistency^2 + fusion"):  # fmt: skip
         assert want in names, sorted(names)
     upper = next(r for r in report["rows"] if r["heads"] == "upper half of the layers, every head")
     assert upper["head_list"] == [[1, 0], [1, 1], [2, 0], [2, 1]]
     assert {r["method"] for r in report["rows"]} == {"openai", "transformers"}
+    rows_by = {r["heads"]: r for r in report["rows"] if r["method"] == "openai"}
+    # the default as called scores what its row computed from the same alignments
+    called, computed = rows_by["xl.word_timestamps() as called"], rows_by["all heads, duration prior + silences (word_timestamps default)"]
+    assert called["boundaries"] == computed["boundaries"]
+    assert called["mae_ms"] == pytest.approx(computed["mae_ms"], nan_ok=True)  # nan when a random model gets no word right

@@ -48,9 +48,23 @@ def test_word_timestamps_land_near_true_boundaries(timed):
     from xattn_lightning.loading import features_batch
 
     model, proc, rows = timed
-    b = features_batch(proc, rows[:4])
-    for heads in ("agreement", None):  # the default (saliency-chosen heads, fused) and all heads
-        pred = xl.word_timestamps(model, b, tokenizer=proc, heads=heads, n_masks=128)
-        scores = xl.timestamps.timing_scores(pred, b["words"])
-        assert scores["boundaries"] >= 40
-        assert scores["mae_ms"] < 120, (heads, scores)  # README: 49-65 ms on timed-en
+    b = features_batch(proc, rows[:6])
+    pred = xl.word_timestamps(model, b, tokenizer=proc, heads="agreement", n_masks=64)
+    scores = xl.timestamps.timing_scores(pred, b["words"])
+    assert scores["boundaries"] >= 80
+    assert scores["mae_ms"] < 120, scores  # docs/timestamps.md: about 41 ms on the held-out timed-en
+
+
+@pytest.mark.integration
+def test_default_beats_plain_dtw_over_every_head(timed):
+    """The duration prior and silences cut the error of plain DTW (docs/timestamps.md: 64.5 -> 40.7 ms held out)."""
+    from xattn_lightning.loading import features_batch
+
+    model, proc, rows = timed
+    b = features_batch(proc, rows[:6])
+    default = xl.timestamps.timing_scores(xl.word_timestamps(model, b, tokenizer=proc), b["words"])
+    plain = xl.timestamps.timing_scores(
+        xl.word_timestamps(model, b, tokenizer=proc, duration_prior=0, silence=False), b["words"]
+    )
+    assert default["boundaries"] == plain["boundaries"] >= 80
+    assert default["mae_ms"] < plain["mae_ms"] - 5, (default, plain)  # measured here: 34 against 49 ms

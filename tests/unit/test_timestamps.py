@@ -8,12 +8,18 @@ from helpers import speaking_tiny_whisper, whisper_batch
 
 import xattn_lightning as xl
 from xattn_lightning.functional.alignment import (
+    DURATION_PRIOR,
     alignment_matrix,
     boundary_errors,
     dtw,
     group_words,
+    length_prior,
     median_filter,
+    silent_spans,
+    snap_to_silence,
     timing_summary,
+    token_times,
+    with_duration_prior,
 )
 from xattn_lightning.timestamps import align, alignment_token_times, select_heads_by_agreement
 
@@ -74,23 +80,103 @@ def test_word_timestamps_on_a_tiny_model_are_ordered_and_inside_the_audio():
     assert float(t[-1]) == float(t[-2])  # transformers' convention: EOS repeats the last token's time
 
 
-def test_default_word_timestamps_choose_heads_per_utterance_and_fuse_saliency():
+def test_default_word_timestamps_average_every_head_with_the_prior_and_silences_and_no_saliency():
+    from xattn_lightning.timestamps import alignment_from, alignment_words
+
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60, 44))
+    b["input_features"][0, :, 20:30] = b["input_features"][0].min()  # a silence of 100 ms in the first
+    tok = lambda i: f" w{i}"  # noqa: E731
+    got = xl.word_timestamps(m, b, tokenizer=tok)
+    exps = xl.explain(m, b, tokenizer=tok)
+    assert all(not e.saliency for e in exps)  # one pass, no saliency
+    alignments = [alignment_from(e) for e in exps]
+    assert (0.2, 0.3) in alignments[0].silences  # input frames 20-30 at 100 per second
+    want = [alignment_words(a, None, duration_prior=DURATION_PRIOR, silence=True) for a in alignments]
+    assert got == want
+    plain = [alignment_words(a, None) for a in alignments]
+    assert plain != want  # the prior and the silences change something here
+    assert xl.word_timestamps(m, b, tokenizer=tok, duration_prior=0, silence=False) == plain
+
+
+def test_agreement_heads_choose_per_utterance_and_fuse_saliency():
     from xattn_lightning.timestamps import FUSION_WEIGHT, alignment_from, alignment_words
 
     m = speaking_tiny_whisper()
     b = whisper_batch(m, lengths=(60, 44))
     tok = lambda i: f" w{i}"  # noqa: E731
-    got = xl.word_timestamps(m, b, tokenizer=tok, n_masks=16)
+    got = xl.word_timestamps(m, b, tokenizer=tok, heads="agreement", n_masks=16)
     exps = xl.explain(m, b, methods=("encoder_spes",), tokenizer=tok, n_masks=16)
     want = [
         alignment_words(
-            alignment_from(e), select_heads_by_agreement(e.agreement_grid("encoder_spes")), fusion=FUSION_WEIGHT
+            alignment_from(e),
+            select_heads_by_agreement(e.agreement_grid("encoder_spes")),
+            fusion=FUSION_WEIGHT,
+            duration_prior=DURATION_PRIOR,
+            silence=True,
         )
         for e in exps
     ]
     assert got == want
     with pytest.raises(xl.XAttnError, match="fusion"):
         alignment_token_times(alignment_from(exps[0]), method="transformers", fusion=0.2)
+
+
+def test_transformers_method_takes_no_prior_or_silences():
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60,))
+    tok = lambda i: f" w{i}"  # noqa: E731
+    a = align(m, b, tokenizer=tok)[0]
+    (words,) = xl.word_timestamps(m, b, tokenizer=tok, method="transformers")
+    assert words == xl.timestamps.alignment_words(a, None, method="transformers")
+    with pytest.raises(xl.XAttnError, match="duration_prior or silence"):
+        xl.word_timestamps(m, b, tokenizer=tok, method="transformers", silence=True)
+    with pytest.raises(xl.XAttnError, match="openai"):
+        alignment_token_times(a, method="transformers", duration_prior=0.5)
+
+
+def test_length_prior_favours_longer_spellings_and_gives_punctuation_and_end_of_text_the_least():
+    p = length_prior([" a", " wonderful", ",", " day"])
+    assert p.shape == (5,) and abs(float(p.mean())) < 1e-6
+    assert float(p[1]) > float(p[3]) > float(p[0]) > float(p[2]) == float(p[4])
+    assert length_prior([" ab", "cd"], rows=2).tolist() == [0.0, 0.0]  # equal spellings: no prior
+    assert length_prior([" one", " two"], rows=2).abs().sum() == 0  # rows cut the end-of-text row
+
+
+def test_duration_prior_gives_a_short_spelled_token_fewer_frames():
+    # two tokens whose attention cannot tell where one ends: the boundary follows their spellings
+    m = torch.zeros(3, 20)
+    m[2, 18:] = 1.0  # end of text in the last two frames
+    m[0, :2], m[1, 16:18] = 1.0, 1.0
+    even = token_times(with_duration_prior(m, torch.zeros(3), 0.5))
+    short_first = token_times(with_duration_prior(m, length_prior([" a", " wonderful"]), 0.5))
+    long_first = token_times(with_duration_prior(m, length_prior([" wonderful", " a"]), 0.5))
+    assert float(short_first[1]) < float(even[1]) <= float(long_first[1])
+    assert float(long_first[1]) - float(short_first[1]) >= 0.2  # at least ten frames apart
+    with pytest.raises(ValueError, match="one prior per row"):
+        with_duration_prior(m, torch.zeros(2))
+
+
+def test_silent_spans_find_runs_below_the_floor_plus_a_share_of_the_median():
+    e = torch.full((100,), 4.0)
+    e[10:20] = -1.0  # 100 ms of silence
+    e[50] = -1.0  # a 10 ms dip: too short
+    e[80:83] = 1.0  # quieter, still above floor + 0.3 * (median - floor) = 0.5
+    assert silent_spans(e, 0.01) == [(0.1, 0.2)]
+    assert silent_spans(e, 0.01, min_seconds=0.01) == [(0.1, 0.2), (0.5, 0.51)]
+    assert silent_spans(e, 0.01, level=0.5) == [(0.1, 0.2), (0.8, 0.83)]
+    assert silent_spans(torch.zeros(0)) == []
+
+
+def test_snap_to_silence_moves_only_boundaries_near_a_silence_and_keeps_every_word():
+    words = [("a", 0.0, 0.5), ("b", 0.5, 1.0), ("c", 1.0, 1.6)]
+    got = snap_to_silence(words, [(0.47, 0.58), (1.2, 1.3)], window=0.04)
+    assert got == [("a", 0.0, 0.47), ("b", 0.58, 1.0), ("c", 1.0, 1.6)]  # 1.2-1.3 is 0.2 s from any boundary
+    # a silence that would leave a word no time is not used
+    assert snap_to_silence(words, [(0.45, 1.02)]) == words
+    # leading and trailing silences trim the first and the last word
+    assert snap_to_silence(words, [(0.0, 0.03), (1.58, 2.0)]) == [("a", 0.03, 0.5), ("b", 0.5, 1.0), ("c", 1.0, 1.58)]
+    assert snap_to_silence([], [(0.0, 1.0)]) == []
 
 
 def test_alignment_heads_label_free_ranks_by_agreement_and_applies():
@@ -122,8 +208,9 @@ def test_subframe_boundaries_stay_ordered_and_within_a_frame_of_the_dtw_ones():
     m = speaking_tiny_whisper()
     b = whisper_batch(m, lengths=(60,))
     tok = lambda i: f" w{i}"  # noqa: E731
-    whole = xl.word_timestamps(m, b, tokenizer=tok, heads=None)[0]
-    sub = xl.word_timestamps(m, b, tokenizer=tok, heads=None, subframe=True)[0]
+    plain = {"duration_prior": 0.0, "silence": False}  # DTW boundaries on whole frames
+    whole = xl.word_timestamps(m, b, tokenizer=tok, **plain)[0]
+    sub = xl.word_timestamps(m, b, tokenizer=tok, subframe=True, **plain)[0]
     assert [w for w, _, _ in sub] == [w for w, _, _ in whole]
     assert all(abs(s / 0.02 - round(s / 0.02)) < 1e-6 for _, s, _ in whole)  # DTW: whole frames
     starts = [s for _, s, _ in sub]

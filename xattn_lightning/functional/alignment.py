@@ -24,6 +24,7 @@ MEDIAN_FILTER_WIDTH = 7
 WHISPER_FRAME_SECONDS = 0.02
 
 Word = tuple[str, float, float]
+_PUNCT = re.compile(r"^[\W_]+$")
 
 
 def median_filter(x: Tensor, width: int = MEDIAN_FILTER_WIDTH) -> Tensor:
@@ -131,6 +132,116 @@ def saliency_matrix(saliency: Tensor, median_width: int = MEDIAN_FILTER_WIDTH) -
     return median_filter((s - mean) / std.clamp_min(1e-12), median_width)
 
 
+#: weight of the duration prior of :func:`with_duration_prior` in word timestamps: chosen on timed speech
+#: of three voices (docs/timestamps.md, "A duration prior and silences")
+DURATION_PRIOR = 0.5
+#: silence snapping (:func:`silent_spans`, :func:`snap_to_silence`): a frame is silent below the floor
+#: plus this share of the way to the median level; runs of at least ``SILENCE_MIN_SECONDS``; a boundary
+#: moves to a run within ``SILENCE_WINDOW_SECONDS``
+SILENCE_LEVEL = 0.3
+SILENCE_MIN_SECONDS = 0.02
+SILENCE_WINDOW_SECONDS = 0.04
+
+
+def length_prior(pieces: Sequence[str], rows: int | None = None) -> Tensor:
+    """How long each token should last relative to the others, from its spelling: the square root of
+    each piece's length in characters (spaces and punctuation-only pieces count 0), z-scored over
+    the utterance's rows. ``rows`` (default ``len(pieces) + 1``): the rows of the DTW matrix; the row
+    after the text (end of text) counts as length 0.
+
+    A z-scored attention matrix gives short tokens (function words, pieces of words) little weight, so
+    DTW squeezes them; this prior, added to each row, gives each token frames in proportion to its
+    spelling.
+
+    >>> length_prior([" a", " little", "."]).round(decimals=2)
+    tensor([ 0.1400,  1.5800, -0.8600, -0.8600])
+    """
+    rows = len(pieces) + 1 if rows is None else rows
+    chars = [0.0 if _PUNCT.match(p.strip() or "x") else float(len(p.strip())) for p in pieces]
+    length = torch.tensor((chars + [0.0] * rows)[:rows], dtype=torch.float64).sqrt()
+    std = length.std(unbiased=False)
+    if rows < 2 or float(std) == 0.0:
+        return torch.zeros(rows)
+    return ((length - length.mean()) / std).float()
+
+
+def with_duration_prior(matrix: Tensor, prior: Tensor, weight: float = DURATION_PRIOR) -> Tensor:
+    """``matrix`` ``[I, T']`` (from :func:`alignment_matrix`) z-scored again over tokens per frame, so that
+    its scale does not depend on how many heads were averaged, plus ``weight`` × ``prior`` ``[I]`` on
+    every frame of each row (DTW then gives rows with a larger prior more frames).
+
+    >>> with_duration_prior(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, -1.0]), 0.5).tolist()
+    [[1.5, -0.5], [-1.5, 0.5]]
+    """
+    if matrix.shape[0] != prior.shape[0]:
+        raise ValueError(f"Expected one prior per row ({matrix.shape[0]}) but got {prior.shape[0]}.")
+    std, mean = torch.std_mean(matrix.float(), dim=-2, keepdim=True, unbiased=False)
+    z = (matrix.float() - mean) / std.clamp_min(1e-6)
+    return z + weight * prior.to(z.dtype).unsqueeze(-1)
+
+
+def silent_spans(
+    energy: Tensor,
+    frame_seconds: float = 0.01,
+    level: float = SILENCE_LEVEL,
+    min_seconds: float = SILENCE_MIN_SECONDS,
+) -> list[tuple[float, float]]:
+    """Silent stretches ``(start_s, end_s)`` of an utterance from its frame energies ``[T]`` (e.g. the mean
+    of the log-mel features of each input frame, padding excluded): frames below
+    ``floor + level × (median − floor)`` (floor: the quietest frame), in runs of at least ``min_seconds``.
+
+    >>> silent_spans(torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 0.0]), 0.01)
+    [(0.0, 0.03), (0.12, 0.14)]
+    """
+    e = energy.double().flatten()
+    if e.numel() == 0:
+        return []
+    floor = float(e.min())
+    silent = (e < floor + level * (float(e.median()) - floor)).tolist()
+    spans, start = [], None
+    for i, s in enumerate([*silent, False]):
+        if s and start is None:
+            start = i
+        elif not s and start is not None:
+            if (i - start) * frame_seconds >= min_seconds - 1e-9:
+                spans.append((round(start * frame_seconds, 6), round(i * frame_seconds, 6)))
+            start = None
+    return spans
+
+
+def snap_to_silence(
+    words: Sequence[Word], spans: Sequence[tuple[float, float]], window: float = SILENCE_WINDOW_SECONDS
+) -> list[Word]:
+    """Words whose boundaries next to a silence move to its edges: where two words meet within ``window``
+    seconds of a silent span (:func:`silent_spans`), the first ends where the silence starts and the
+    second starts where it ends (the nearest span; only if both words keep a positive length); a first
+    word starting in or just before a silence starts at its end, a last word ending in or just after one
+    ends at its start. DTW gives every frame to some word, so without this a pause is split between
+    the words either side.
+
+    >>> snap_to_silence([("a", 0.0, 0.5), ("b", 0.5, 1.0)], [(0.42, 0.52)])
+    [('a', 0.0, 0.42), ('b', 0.52, 1.0)]
+    """
+
+    def nearest(t: float) -> tuple[float, float] | None:
+        near = [s for s in spans if s[0] - window <= t <= s[1] + window]
+        return min(near, key=lambda s: 0.0 if s[0] <= t <= s[1] else min(abs(t - s[0]), abs(t - s[1])), default=None)
+
+    out = [list(w) for w in words]
+    for k in range(len(out) - 1):
+        s = nearest(float(out[k][2]))
+        if s and s[0] > out[k][1] and s[1] < out[k + 1][2]:
+            out[k][2], out[k + 1][1] = s[0], s[1]
+    if out:
+        s = nearest(float(out[0][1]))
+        if s and s[1] < out[0][2]:
+            out[0][1] = s[1]
+        s = nearest(float(out[-1][2]))
+        if s and out[-1][1] < s[0]:
+            out[-1][2] = s[0]
+    return [(str(w), float(a), float(b)) for w, a, b in out]
+
+
 def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS, subframe: bool = False) -> Tensor:
     """Start time (s) of each row of ``matrix`` ``[I, T']``: the frame at which the DTW path of
     ``-matrix`` first reaches that row.
@@ -159,8 +270,6 @@ def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS, su
                 frames[i] = max(frames[i - 1], f - 0.5 + (-d0) / (d1 - d0))
     return torch.as_tensor(frames * frame_seconds, dtype=torch.float64)
 
-
-_PUNCT = re.compile(r"^[\W_]+$")
 
 
 def group_words(pieces: Sequence[str]) -> list[list[int]]:
