@@ -11,8 +11,9 @@ speech and WER on held-out human speech, before and after.
 use ``examples/finetune_whisper.py`` with the same seed, data order and settings; one adds
 ``--alignment-loss WEIGHT`` (heads chosen by their own error on 8 training utterances, exported at the
 end). Each checkpoint is scored on the ``--timed`` utterances from ``--first-scored`` on (no run or choice
-saw them): the exported or shipped heads, attention only (what ``return_token_timestamps`` and openai-whisper
-use), and ``xl.word_timestamps``' label-free default; and by WER on ``--human``. Writes
+saw them): the exported or shipped heads with plain DTW (what ``return_token_timestamps`` and openai-whisper
+use) and with the duration prior and silences, ``xl.word_timestamps``' default, and the heads chosen per
+utterance by agreement (``heads="agreement"``); and by WER on ``--human``. Writes
 ``alignment_finetune.json``.
 """
 
@@ -66,20 +67,26 @@ def _merged(manifests: list[str], holdout: int, out: Path) -> tuple[Path, Path]:
 
 
 def evaluate(path: str, timed: list, human: list, n_masks: int, label_free: bool) -> dict:
-    """Timestamp scores (model heads, attention only; and the label-free default) and WER of one checkpoint."""
+    """Timestamp scores and WER of one checkpoint: the model's heads with plain DTW (what
+    ``return_token_timestamps`` and openai-whisper compute) and with the duration prior and silences,
+    ``xl.word_timestamps``' default (every head, prior and silences), and with ``label_free`` the heads
+    chosen per utterance by agreement with saliency (``n_masks``)."""
     model, proc = load_hf_model(path)
     model.eval()
     out: dict = {"alignment_heads": xl.adapter_for(model, proc).alignment_heads()}
     refs = [r.words for r in timed]
-    t0 = time.perf_counter()
-    pred = [xl.word_timestamps(model, features_batch(proc, [r]), tokenizer=proc, heads="model")[0] for r in timed]
-    out["model_heads"] = {**timing_scores(pred, refs), "s_per_utt": (time.perf_counter() - t0) / len(timed)}
+    batches = [features_batch(proc, [r]) for r in timed]
+    variants = {
+        "model_heads": {"heads": "model", "duration_prior": 0.0, "silence": False},
+        "model_heads_prior_silences": {"heads": "model"},
+        "default": {},
+    }
     if label_free:
+        variants["agreement"] = {"heads": "agreement", "n_masks": n_masks}
+    for name, options in variants.items():
         t0 = time.perf_counter()
-        pred = [
-            xl.word_timestamps(model, features_batch(proc, [r]), tokenizer=proc, n_masks=n_masks)[0] for r in timed
-        ]
-        out["label_free_default"] = {**timing_scores(pred, refs), "s_per_utt": (time.perf_counter() - t0) / len(timed)}
+        pred = [xl.word_timestamps(model, b, tokenizer=proc, **options)[0] for b in batches]
+        out[name] = {**timing_scores(pred, refs), "s_per_utt": (time.perf_counter() - t0) / len(timed)}
     hyps = []
     with torch.no_grad():
         for r in human:
@@ -104,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", default="supervised", help="the heads the loss trains (finetune_whisper --alignment-heads)")
     ap.add_argument("--runs", default="without_loss,with_loss", help="which fine-tunes to run")
     ap.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (about 5x faster on CPU)")
-    ap.add_argument("--n-masks", type=int, default=256, help="masks of the label-free default's saliency")
-    ap.add_argument("--no-label-free", action="store_true", help="score only the exported heads (faster)")
+    ap.add_argument("--n-masks", type=int, default=64, help="masks of the saliency behind heads='agreement'")
+    ap.add_argument("--no-label-free", action="store_true", help="skip heads='agreement' (its saliency is the slow part)")
     ap.add_argument("--work", default="runs/alignment_finetune")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # the base checkpoint's scores, kept between runs: reused only when everything they depend on is the same
     before = Path(args.out) / "alignment_finetune_before.json"
     key = {k: getattr(args, k) for k in ("model", "timed", "human", "first_scored", "n_masks", "no_label_free")}
+    key["scores"] = "model_heads, model_heads_prior_silences, default, agreement"  # what evaluate() computes
     if before.is_file() and json.loads(before.read_text()).get("key") == key:
         report["runs"]["before"] = json.loads(before.read_text())["scores"]
     else:

@@ -55,6 +55,14 @@ def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0, subf
     return timing_scores(pred, words)
 
 
+#: what the mask sweep scores at each N and seed: heads='agreement' with fusion, alone and refined
+SWEEP_VARIANTS = {
+    "": {},
+    ", sub-frame boundaries": {"subframe": True},
+    ", duration prior + silences": {"prior": DURATION_PRIOR, "silence": True},
+}
+
+
 def consistency_weights(a) -> torch.Tensor:
     """Label-free head weights from agreement between heads: each head's DTW matrix correlated with the
     all-head one, over the rows the ``openai`` convention aligns (an attempt)."""
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['within_100ms']:7.2f} {s['boundaries']:4d}  {default_s:.2f} s/utt")  # fmt: skip
     # heads='agreement' at fewer masks: its cost and accuracy (the saliency is its whole extra cost)
     for n in [int(x) for x in args.sweep.split(",") if x.strip()]:
-        per_seed = {False: [], True: []}
+        per_seed: dict[str, list[float]] = {v: [] for v in SWEEP_VARIANTS}
         for seed in [int(x) for x in args.sweep_seeds.split(",") if x.strip()]:
             t0 = time.perf_counter()
             exps_n = [
@@ -286,15 +294,15 @@ def main(argv: list[str] | None = None) -> int:
             ]  # fmt: skip
             sec = (time.perf_counter() - t0) / max(len(exps_n), 1)
             pairs_n = [(alignment_from(e), e) for e in exps_n]
-            for subframe in (False, True):
-                s = _score(pairs_n, words[test], "per-utterance", fusion=FUSION_WEIGHT, subframe=subframe)
-                per_seed[subframe].append(s["mae_ms"])
-                name = f"heads='agreement' + fusion at N = {n}, seed {seed}{', sub-frame boundaries' if subframe else ''}"
+            for variant, extra in SWEEP_VARIANTS.items():
+                s = _score(pairs_n, words[test], "per-utterance", fusion=FUSION_WEIGHT, **extra)
+                per_seed[variant].append(s["mae_ms"])
+                name = f"heads='agreement' + fusion at N = {n}, seed {seed}{variant}"
                 report["rows"].append({"heads": name, "method": "openai", "seconds_per_utterance": sec, **s})
                 print(f"{name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} "
                       f"{s['within_100ms']:7.2f} {s['boundaries']:4d}  {sec:.2f} s/utt")  # fmt: skip
-        for subframe, maes in per_seed.items():
-            name = f"heads='agreement' + fusion at N = {n}{', sub-frame boundaries' if subframe else ''}: mean over seeds"
+        for variant, maes in per_seed.items():
+            name = f"heads='agreement' + fusion at N = {n}{variant}: mean over seeds"
             mean = sum(maes) / len(maes)
             report["rows"].append({"heads": name, "method": "openai", "mae_ms": mean, "seeds_mae_ms": maes})
             print(f"{name:55s} {'openai':12s} {mean:7.1f}  (seeds: {', '.join(f'{m:.1f}' for m in maes)})")

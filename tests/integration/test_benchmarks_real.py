@@ -104,3 +104,21 @@ def test_timestamps_benchmark_takes_a_whisper_of_another_size(tmp_path, whisper_
     called, computed = rows_by["xl.word_timestamps() as called"], rows_by["all heads, duration prior + silences (word_timestamps default)"]
     assert called["boundaries"] == computed["boundaries"]
     assert called["mae_ms"] == pytest.approx(computed["mae_ms"], nan_ok=True)  # nan when a random model gets no word right
+
+
+def test_public_tools_benchmark_scores_each_tool_on_the_same_utterances(tmp_path, whisper_path):
+    """benchmarks/public_tools.py on one held-out utterance: the tools asked for, each with its error and cost."""
+    import os
+
+    from benchmarks import public_tools
+
+    timed = os.environ.get("XL_TIMED_MANIFEST")
+    if not timed or not os.path.exists(timed):
+        pytest.skip("XL_TIMED_MANIFEST is not set to an existing path")
+    argv = ["--model", whisper_path, "--timed", timed, "--first-scored", "24", "--out", str(tmp_path),
+            "--only", "xl.word_timestamps (default),openai-whisper word_timestamps=True"]  # fmt: skip
+    assert public_tools.main(argv) == 0
+    rows = {r["tool"]: r for r in json.loads((tmp_path / "public_tools.json").read_text())["rows"]}
+    assert set(rows) == {"xl.word_timestamps (default)", "openai-whisper word_timestamps=True (shipped heads)"}
+    for r in rows.values():
+        assert r["boundaries"] >= 10 and 0 < r["mae_ms"] < 300 and r["seconds_per_utterance"] > 0

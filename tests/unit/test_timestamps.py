@@ -166,6 +166,11 @@ def test_silent_spans_find_runs_below_the_floor_plus_a_share_of_the_median():
     assert silent_spans(e, 0.01, min_seconds=0.01) == [(0.1, 0.2), (0.5, 0.51)]
     assert silent_spans(e, 0.01, level=0.5) == [(0.1, 0.2), (0.8, 0.83)]
     assert silent_spans(torch.zeros(0)) == []
+    # padding (the quietest value repeated to the end) is silent and does not set the floor: pauses at a noise floor
+    # well above it are still found
+    noisy = torch.cat([torch.full((100,), 4.0), torch.full((200,), -8.0)])
+    noisy[10:20] = 1.0
+    assert silent_spans(noisy, 0.01) == [(0.1, 0.2), (1.0, 3.0)]
 
 
 def test_snap_to_silence_moves_only_boundaries_near_a_silence_and_keeps_every_word():

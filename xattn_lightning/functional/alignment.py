@@ -187,17 +187,28 @@ def silent_spans(
     min_seconds: float = SILENCE_MIN_SECONDS,
 ) -> list[tuple[float, float]]:
     """Silent stretches ``(start_s, end_s)`` of an utterance from its frame energies ``[T]`` (e.g. the mean
-    of the log-mel features of each input frame, padding excluded): frames below
-    ``floor + level × (median − floor)`` (floor: the quietest frame), in runs of at least ``min_seconds``.
+    of the log-mel features of each input frame): frames below ``floor + level × (median − floor)`` (floor:
+    the quietest frame), in runs of at least ``min_seconds``. Trailing frames all equal to the quietest value are
+    padding (Whisper pads every input to 30 s with digital silence): silent, and left out of the floor and the
+    median, so that a noise floor in the speech is not measured against the padding's.
 
     >>> silent_spans(torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 0.0]), 0.01)
     [(0.0, 0.03), (0.12, 0.14)]
+    >>> silent_spans(torch.tensor([1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 5.0, 5.0, -3.0, -3.0, -3.0]), 0.01)
+    [(0.0, 0.02), (0.05, 0.07), (0.09, 0.12)]
     """
     e = energy.double().flatten()
     if e.numel() == 0:
         return []
-    floor = float(e.min())
-    silent = (e < floor + level * (float(e.median()) - floor)).tolist()
+    n = first = int(e.numel())  # the padding starts at frame `first`
+    while first > 0 and float(e[first - 1]) == float(e[-1]):
+        first -= 1
+    if n - first < 2 or float(e[-1]) > float(e.min()):
+        first = n  # padding repeats the quietest value
+    speech = e[:first] if first >= 2 else e
+    floor = float(speech.min())
+    silent = (e < floor + level * (float(speech.median()) - floor)).tolist()
+    silent[first:] = [True] * (n - first)
     spans, start = [], None
     for i, s in enumerate([*silent, False]):
         if s and start is None:
