@@ -68,9 +68,9 @@ def alignment_from(
     frames) for fusion (default: the first computed, preferring ``encoder_spes``)."""
     if saliency_method is None and e.saliency:
         saliency_method = "encoder_spes" if "encoder_spes" in e.saliency else next(iter(e.saliency))
-    frame_rate = frame_rate or getattr(e, "frame_rate", 100.0)
+    rate: float = frame_rate or getattr(e, "frame_rate", None) or 100.0  # input frames per second
     if frame_seconds is None:
-        frame_seconds = e.frames_per_step / frame_rate
+        frame_seconds = e.frames_per_step / rate
     if e.decoder_attention is None or e.positions is None or not len(e.positions):
         raise XAttnError("This explanation carries no decoder attention; make it with xl.explain().")
     pos = e.positions.tolist()
@@ -85,7 +85,7 @@ def alignment_from(
         index=e.index,
         num_input_frames=e.num_frames,
         saliency=e.pooled(saliency_method) if saliency_method else None,
-        silences=silent_spans(e.features.float().mean(-1), 1.0 / frame_rate),
+        silences=silent_spans(e.features.float().mean(-1), 1.0 / rate),
     )
 
 

@@ -238,19 +238,21 @@ def snap_to_silence(
         near = [s for s in spans if s[0] - window <= t <= s[1] + window]
         return min(near, key=lambda s: 0.0 if s[0] <= t <= s[1] else min(abs(t - s[0]), abs(t - s[1])), default=None)
 
-    out = [list(w) for w in words]
-    for k in range(len(out) - 1):
-        s = nearest(float(out[k][2]))
-        if s and s[0] > out[k][1] and s[1] < out[k + 1][2]:
-            out[k][2], out[k + 1][1] = s[0], s[1]
-    if out:
-        s = nearest(float(out[0][1]))
-        if s and s[1] < out[0][2]:
-            out[0][1] = s[1]
-        s = nearest(float(out[-1][2]))
-        if s and out[-1][1] < s[0]:
-            out[-1][2] = s[0]
-    return [(str(w), float(a), float(b)) for w, a, b in out]
+    text = [w for w, _, _ in words]
+    start = [float(a) for _, a, _ in words]
+    end = [float(b) for _, _, b in words]
+    for k in range(len(words) - 1):
+        s = nearest(end[k])
+        if s and s[0] > start[k] and s[1] < end[k + 1]:
+            end[k], start[k + 1] = s[0], s[1]
+    if words:
+        s = nearest(start[0])
+        if s and s[1] < end[0]:
+            start[0] = s[1]
+        s = nearest(end[-1])
+        if s and start[-1] < s[0]:
+            end[-1] = s[0]
+    return list(zip(text, start, end))
 
 
 def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS, subframe: bool = False) -> Tensor:
