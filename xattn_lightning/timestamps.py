@@ -254,7 +254,7 @@ def word_timestamps(
         words = xl.word_timestamps(model, batch, tokenizer=processor)
         words[0][:2]  # [('The', 0.02, 0.14), ('weather', 0.14, 0.5)]
         xl.word_timestamps(model, batch, tokenizer=processor, heads="model", duration_prior=0, silence=False)
-        # what openai-whisper's transcribe(word_timestamps=True) computes
+        # plain DTW over the model's own heads, as openai-whisper's transcribe(word_timestamps=True) does
     """
     from xattn_lightning.explain import explain
 
