@@ -26,13 +26,12 @@ from xattn_lightning.functional.alignment import (
     boundary_errors,
     length_prior,
     saliency_matrix,
-    silent_spans,
-    snap_to_silence,
     timing_summary,
     token_times,
     with_duration_prior,
     words_from_tokens,
 )
+from xattn_lightning.functional.silence import silent_spans, snap_to_silence
 
 #: ``"transformers"``: transformers' ``return_token_timestamps`` exactly: DTW over the rows where
 #: the generated tokens are the decoder *input*, so a token gets the time of the row that predicts
@@ -177,7 +176,7 @@ def alignment_words(
 ) -> list[Word]:
     """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer).
     ``silence``: boundaries next to a silent span of the input move to its edges
-    (:func:`~xattn_lightning.functional.alignment.snap_to_silence`; needs ``a.silences``)."""
+    (:func:`~xattn_lightning.functional.silence.snap_to_silence`; needs ``a.silences``)."""
     if a.pieces is None:
         raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
     times = alignment_token_times(a, heads, weights, method, fusion, subframe, duration_prior)
@@ -244,7 +243,7 @@ def word_timestamps(
             :data:`~xattn_lightning.functional.alignment.DURATION_PRIOR` with ``"openai"``, 0 with
             ``"transformers"``.
         silence: move boundaries next to silent spans of the input to their edges
-            (:func:`~xattn_lightning.functional.alignment.snap_to_silence`); default on with
+            (:func:`~xattn_lightning.functional.silence.snap_to_silence`); default on with
             ``"openai"``, off with ``"transformers"``.
         saliency_method: the saliency map for ``heads="agreement"`` and fusion.
         **explain_options: saliency options (``n_masks``, default :data:`TIMESTAMP_N_MASKS`; ``seed`` ...).

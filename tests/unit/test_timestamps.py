@@ -15,12 +15,11 @@ from xattn_lightning.functional.alignment import (
     group_words,
     length_prior,
     median_filter,
-    silent_spans,
-    snap_to_silence,
     timing_summary,
     token_times,
     with_duration_prior,
 )
+from xattn_lightning.functional.silence import silent_spans, snap_to_silence
 from xattn_lightning.timestamps import align, alignment_token_times, select_heads_by_agreement
 
 

@@ -135,12 +135,6 @@ def saliency_matrix(saliency: Tensor, median_width: int = MEDIAN_FILTER_WIDTH) -
 #: weight of the duration prior of :func:`with_duration_prior` in word timestamps: chosen on timed speech
 #: of three voices (docs/timestamps.md, "A duration prior and silences")
 DURATION_PRIOR = 0.5
-#: silence snapping (:func:`silent_spans`, :func:`snap_to_silence`): a frame is silent below the floor
-#: plus this share of the way to the median level; runs of at least ``SILENCE_MIN_SECONDS``; a boundary
-#: moves to a run within ``SILENCE_WINDOW_SECONDS``
-SILENCE_LEVEL = 0.3
-SILENCE_MIN_SECONDS = 0.02
-SILENCE_WINDOW_SECONDS = 0.04
 
 
 def length_prior(pieces: Sequence[str], rows: int | None = None) -> Tensor:
@@ -178,81 +172,6 @@ def with_duration_prior(matrix: Tensor, prior: Tensor, weight: float = DURATION_
     std, mean = torch.std_mean(matrix.float(), dim=-2, keepdim=True, unbiased=False)
     z = (matrix.float() - mean) / std.clamp_min(1e-6)
     return z + weight * prior.to(z.dtype).unsqueeze(-1)
-
-
-def silent_spans(
-    energy: Tensor,
-    frame_seconds: float = 0.01,
-    level: float = SILENCE_LEVEL,
-    min_seconds: float = SILENCE_MIN_SECONDS,
-) -> list[tuple[float, float]]:
-    """Silent stretches ``(start_s, end_s)`` of an utterance from its frame energies ``[T]`` (e.g. the mean
-    of the log-mel features of each input frame): frames below ``floor + level × (median − floor)`` (floor:
-    the quietest frame), in runs of at least ``min_seconds``. Trailing frames all equal to the quietest value are
-    padding (Whisper pads every input to 30 s with digital silence): silent, and left out of the floor and the
-    median, so that a noise floor in the speech is not measured against the padding's.
-
-    >>> silent_spans(torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 0.0]), 0.01)
-    [(0.0, 0.03), (0.12, 0.14)]
-    >>> silent_spans(torch.tensor([1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 5.0, 5.0, -3.0, -3.0, -3.0]), 0.01)
-    [(0.0, 0.02), (0.05, 0.07), (0.09, 0.12)]
-    """
-    e = energy.double().flatten()
-    if e.numel() == 0:
-        return []
-    n = first = int(e.numel())  # the padding starts at frame `first`
-    while first > 0 and float(e[first - 1]) == float(e[-1]):
-        first -= 1
-    if n - first < 2 or float(e[-1]) > float(e.min()):
-        first = n  # padding repeats the quietest value
-    speech = e[:first] if first >= 2 else e
-    floor = float(speech.min())
-    silent = (e < floor + level * (float(speech.median()) - floor)).tolist()
-    silent[first:] = [True] * (n - first)
-    spans, start = [], None
-    for i, s in enumerate([*silent, False]):
-        if s and start is None:
-            start = i
-        elif not s and start is not None:
-            if (i - start) * frame_seconds >= min_seconds - 1e-9:
-                spans.append((round(start * frame_seconds, 6), round(i * frame_seconds, 6)))
-            start = None
-    return spans
-
-
-def snap_to_silence(
-    words: Sequence[Word], spans: Sequence[tuple[float, float]], window: float = SILENCE_WINDOW_SECONDS
-) -> list[Word]:
-    """Words whose boundaries next to a silence move to its edges: where two words meet within ``window``
-    seconds of a silent span (:func:`silent_spans`), the first ends where the silence starts and the
-    second starts where it ends (the nearest span; only if both words keep a positive length); a first
-    word starting in or just before a silence starts at its end, a last word ending in or just after one
-    ends at its start. DTW gives every frame to some word, so without this a pause is split between
-    the words either side.
-
-    >>> snap_to_silence([("a", 0.0, 0.5), ("b", 0.5, 1.0)], [(0.42, 0.52)])
-    [('a', 0.0, 0.42), ('b', 0.52, 1.0)]
-    """
-
-    def nearest(t: float) -> tuple[float, float] | None:
-        near = [s for s in spans if s[0] - window <= t <= s[1] + window]
-        return min(near, key=lambda s: 0.0 if s[0] <= t <= s[1] else min(abs(t - s[0]), abs(t - s[1])), default=None)
-
-    text = [w for w, _, _ in words]
-    start = [float(a) for _, a, _ in words]
-    end = [float(b) for _, _, b in words]
-    for k in range(len(words) - 1):
-        s = nearest(end[k])
-        if s and s[0] > start[k] and s[1] < end[k + 1]:
-            end[k], start[k + 1] = s[0], s[1]
-    if words:
-        s = nearest(start[0])
-        if s and s[1] < end[0]:
-            start[0] = s[1]
-        s = nearest(end[-1])
-        if s and start[-1] < s[0]:
-            end[-1] = s[0]
-    return list(zip(text, start, end))
 
 
 def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS, subframe: bool = False) -> Tensor:

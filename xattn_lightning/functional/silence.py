@@ -1,0 +1,97 @@
+"""Silent stretches of an utterance's input and word boundaries moved to them.
+
+Pure functions (no model): find silent spans from per-frame energies of the input features, and move word
+boundaries that DTW placed next to a silence to its edges (DTW gives every frame to some word, so a pause is
+otherwise split between its neighbours).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from xattn_lightning.functional.alignment import Word
+
+#: a frame is silent below the floor plus this share of the way to the median level; silent spans last at least
+#: ``SILENCE_MIN_SECONDS``; a boundary moves to a span within ``SILENCE_WINDOW_SECONDS``. Chosen on timed speech
+#: of three voices (docs/timestamps.md, "A duration prior and silences")
+SILENCE_LEVEL = 0.3
+SILENCE_MIN_SECONDS = 0.02
+SILENCE_WINDOW_SECONDS = 0.04
+
+
+def silent_spans(
+    energy: Tensor,
+    frame_seconds: float = 0.01,
+    level: float = SILENCE_LEVEL,
+    min_seconds: float = SILENCE_MIN_SECONDS,
+) -> list[tuple[float, float]]:
+    """Silent stretches ``(start_s, end_s)`` of an utterance from its frame energies ``[T]`` (e.g. the mean
+    of the log-mel features of each input frame): frames below ``floor + level × (median − floor)`` (floor:
+    the quietest frame), in runs of at least ``min_seconds``. Trailing frames all equal to the quietest value are
+    padding (Whisper pads every input to 30 s with digital silence): silent, and left out of the floor and the
+    median, so that a noise floor in the speech is not measured against the padding's.
+
+    >>> silent_spans(torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 0.0]), 0.01)
+    [(0.0, 0.03), (0.12, 0.14)]
+    >>> silent_spans(torch.tensor([1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 5.0, 5.0, -3.0, -3.0, -3.0]), 0.01)
+    [(0.0, 0.02), (0.05, 0.07), (0.09, 0.12)]
+    """
+    e = torch.as_tensor(energy).double().flatten()
+    if e.numel() == 0:
+        return []
+    n = first = int(e.numel())  # the padding starts at frame `first`
+    while first > 0 and float(e[first - 1]) == float(e[-1]):
+        first -= 1
+    if n - first < 2 or float(e[-1]) > float(e.min()):
+        first = n  # padding repeats the quietest value
+    speech = e[:first] if first >= 2 else e
+    floor = float(speech.min())
+    silent = (e < floor + level * (float(speech.median()) - floor)).tolist()
+    silent[first:] = [True] * (n - first)
+    spans, start = [], None
+    for i, s in enumerate([*silent, False]):
+        if s and start is None:
+            start = i
+        elif not s and start is not None:
+            if (i - start) * frame_seconds >= min_seconds - 1e-9:
+                spans.append((round(start * frame_seconds, 6), round(i * frame_seconds, 6)))
+            start = None
+    return spans
+
+
+def snap_to_silence(
+    words: Sequence[Word], spans: Sequence[tuple[float, float]], window: float = SILENCE_WINDOW_SECONDS
+) -> list[Word]:
+    """Words whose boundaries next to a silence move to its edges: where two words meet within ``window``
+    seconds of a silent span (:func:`silent_spans`), the first ends where the silence starts and the
+    second starts where it ends (the nearest span; only if both words keep a positive length); a first
+    word starting in or just before a silence starts at its end, a last word ending in or just after one
+    ends at its start. DTW gives every frame to some word, so without this a pause is split between
+    the words either side.
+
+    >>> snap_to_silence([("a", 0.0, 0.5), ("b", 0.5, 1.0)], [(0.42, 0.52)])
+    [('a', 0.0, 0.42), ('b', 0.52, 1.0)]
+    """
+
+    def nearest(t: float) -> tuple[float, float] | None:
+        near = [s for s in spans if s[0] - window <= t <= s[1] + window]
+        return min(near, key=lambda s: 0.0 if s[0] <= t <= s[1] else min(abs(t - s[0]), abs(t - s[1])), default=None)
+
+    text = [w for w, _, _ in words]
+    start = [float(a) for _, a, _ in words]
+    end = [float(b) for _, _, b in words]
+    for k in range(len(words) - 1):
+        s = nearest(end[k])
+        if s and s[0] > start[k] and s[1] < end[k + 1]:
+            end[k], start[k + 1] = s[0], s[1]
+    if words:
+        s = nearest(start[0])
+        if s and s[1] < end[0]:
+            start[0] = s[1]
+        s = nearest(end[-1])
+        if s and start[-1] < s[0]:
+            end[-1] = s[0]
+    return list(zip(text, start, end))
