@@ -26,19 +26,10 @@ import torch
 
 import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
-from xattn_lightning.functional.alignment import DURATION_PRIOR, alignment_matrix
+from xattn_lightning.functional.alignment import DURATION_PRIOR, alignment_matrix, select_heads_by_agreement
+from xattn_lightning.head_choice import head_agreement, model_alignment_heads, select_heads_supervised
 from xattn_lightning.loading import features_batch, load_hf_model
-from xattn_lightning.timestamps import (
-    FUSION_WEIGHT,
-    align,
-    alignment_from,
-    alignment_words,
-    head_agreement,
-    model_alignment_heads,
-    select_heads_by_agreement,
-    select_heads_supervised,
-    timing_scores,
-)
+from xattn_lightning.timestamps import FUSION_WEIGHT, align, alignment_from, alignment_words, timing_scores
 
 
 def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0, subframe=False, prior=0.0, silence=False):
@@ -246,13 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     # the duration prior (spelling length) and silences (from the input features): the default since they were
     # measured; the weight was chosen on the first --train timed utterances and on two other voices
     prior_rows = {
-        "all heads": (None, None),
+        "all heads": None,
         "upper half of the layers, every head": configs["upper half of the layers, every head"][0],
         **({"shipped alignment_heads": shipped} if shipped else {}),
         f"label-free per utterance + fusion {FUSION_WEIGHT}": "per-utterance",
     }
     for name, heads in prior_rows.items():
-        heads = heads[0] if isinstance(heads, tuple) else heads
         for prior, silence, what in (
             (DURATION_PRIOR, False, "duration prior"),
             (0.0, True, "silences"),

@@ -1,16 +1,15 @@
-"""Word timestamps from cross-attention, with alignment heads chosen by agreement with saliency.
+"""Word timestamps from cross-attention.
 
-``xl.alignment_heads`` ranks ``[layer, head]`` pairs without labels (agreement of each head's
-cross-attention with a saliency map on the given speech) or, when the batches carry word timings,
-by their boundary error. ``xl.word_timestamps`` aligns tokens to encoder frames by DTW over the
-chosen heads (the method of openai-whisper's ``timing.py`` and transformers'
-``return_token_timestamps``). Stands without Lightning.
+``xl.word_timestamps`` aligns tokens to encoder frames by DTW over the chosen heads (the method of
+openai-whisper's ``timing.py`` and transformers' ``return_token_timestamps``), with a duration prior from
+each token's spelling and boundaries moved to silences of the input; the scores against true word
+timings, also for the monitor's probes. Which heads to use: :mod:`xattn_lightning.head_choice`. Stands
+without Lightning.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from xattn_lightning.functional.alignment import (
     boundary_errors,
     length_prior,
     saliency_matrix,
+    select_heads_by_agreement,
     timing_summary,
     token_times,
     with_duration_prior,
@@ -281,149 +281,6 @@ def word_timestamps(
         a = alignment_from(e, saliency_method=methods[0] if methods else None)
         out.append(alignment_words(a, chosen, weights, method, fusion, subframe, duration_prior, silence))
     return out
-
-
-def model_alignment_heads(model: nn.Module) -> list[list[int]] | None:
-    """The ``alignment_heads`` the model's own word timestamps use (``None`` if it has none): a Hugging Face
-    Whisper's ``generation_config.alignment_heads``, an openai-whisper model's buffer."""
-    return adapter_for(model).alignment_heads()
-
-
-def _batch_words(batch: Mapping[str, Any]) -> list[list[Word]] | None:
-    words = batch.get("words") if isinstance(batch, Mapping) else None
-    if words is None:
-        return None
-    return [[(str(w), float(s), float(e)) for w, s, e in utt] for utt in words]
-
-
-def head_agreement(
-    model: nn.Module | Adapter,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    tokenizer: object | None = None,
-    method: str = "encoder_spes",
-    **explain_options: Any,
-) -> Tensor:
-    """Mean agreement ρ of each single (layer, head) with ``method``'s saliency, ``[L, H]``, over the
-    utterances of ``batches`` (no labels needed)."""
-    import xattn_lightning as xl
-
-    grids = []
-    for b in batches:
-        for e in xl.explain(model, b, methods=(method,), tokenizer=tokenizer, **explain_options):
-            grids.append(e.agreement_grid(method))
-    if not grids:
-        raise XAttnError("No utterances in batches; pass at least one batch.")
-    return torch.stack(grids).nanmean(0)
-
-
-def _mean_error(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]], heads: Any) -> float:
-    """Mean boundary error (s) of the DTW timestamps from ``heads`` (``nan`` when no unit matched)."""
-    e = [x for a, ref in zip(alignments, words) for x in boundary_errors(alignment_words(a, heads), ref)]
-    return sum(e) / len(e) if e else float("nan")
-
-
-def head_errors(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]]) -> Tensor:
-    """Mean boundary error (s) of DTW timestamps from each single head, ``[L, H]`` (lower is better)."""
-    num_layers, num_heads = alignments[0].cross_attention.shape[:2]
-    return torch.tensor(
-        [[_mean_error(alignments, words, [[li, h]]) for h in range(num_heads)] for li in range(num_layers)],
-        dtype=torch.float64,
-    )
-
-
-def alignment_heads(
-    model: nn.Module | Adapter,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    tokenizer: object | None = None,
-    method: str = "encoder_spes",
-    k: int | None = None,
-    apply: bool = False,
-    supervised: bool | None = None,
-    **explain_options: Any,
-) -> list[list[int]]:
-    """``[layer, head]`` pairs for word timestamps, best first.
-
-    Label-free (default): heads ranked by their agreement with ``method``'s saliency on the given
-    speech, keeping the ``k`` best (default: the heads whose agreement is at least the mean of all
-    heads'). Supervised (when every batch carries ``words``: per utterance a list of
-    ``(word, start_s, end_s)``, or ``supervised=True``): heads ranked by their own boundary error,
-    keeping the ``k`` best (default: the count with the lowest error on these utterances). ``apply=True`` makes
-    the model's own word timestamps use them: a Hugging Face Whisper's ``generation_config.alignment_heads``
-    (``generate(return_token_timestamps=True)``, pipelines), an openai-whisper model's ``alignment_heads``
-    buffer (``transcribe(word_timestamps=True)``).
-
-    Example (a real Whisper and its processor)::
-
-        heads = xl.alignment_heads(model, probe_batches, tokenizer=processor, apply=True)
-        heads[:2]  # [[2, 1], [1, 5]]
-    """
-    batches = list(batches)
-    if not batches:
-        raise XAttnError("alignment_heads needs at least one batch of speech.")
-    labelled = [_batch_words(b) for b in batches]
-    if supervised is None:
-        supervised = all(w is not None for w in labelled)
-    if supervised:
-        if any(w is None for w in labelled):
-            raise XAttnError("supervised=True needs a 'words' entry (word, start_s, end_s per word) in every batch.")
-        adapter = adapter_for(model, tokenizer)
-        aligns = [a for b in batches for a in align(adapter, b)]
-        words = [u for w in labelled for u in w]  # type: ignore[union-attr]
-        heads = select_heads_supervised(aligns, words, k)
-    else:
-        grid = head_agreement(model, batches, tokenizer=tokenizer, method=method, **explain_options)
-        heads = select_heads_by_agreement(grid, k)
-    if apply:
-        try:
-            adapter_for(model, tokenizer).set_alignment_heads(heads)
-        except NotImplementedError as err:
-            raise XAttnError(f"apply=True: {err}") from None
-    return heads
-
-
-def select_heads_by_agreement(grid: Tensor, k: int | None = None) -> list[list[int]]:
-    """Heads of an agreement grid ``[L, H]``, best first: the ``k`` best, or those at or above the mean.
-
-    >>> select_heads_by_agreement(torch.tensor([[0.1, 0.5], [0.3, 0.2]]))
-    [[0, 1], [1, 0]]
-    """
-    flat = grid.flatten().double()
-    order = [int(i) for i in torch.argsort(torch.nan_to_num(flat, nan=-2.0), descending=True)]
-    if k is None:
-        mean = float(flat.nanmean())
-        order = [i for i in order if float(flat[i]) >= mean]
-    else:
-        order = order[: max(1, int(k))]
-    num_heads = grid.shape[1]
-    return [[i // num_heads, i % num_heads] for i in order]
-
-
-def select_heads_supervised(
-    alignments: Sequence[Alignment], words: Sequence[Sequence[Word]], k: int | None = None
-) -> list[list[int]]:
-    """Heads ranked by the boundary error of each one alone, keeping the ``k`` best (default: the
-    ``k`` whose averaged timestamps have the lowest mean error on these utterances).
-
-    (A greedy forward selection stopped after 2 heads on timed-en and generalised worse: 65 ms
-    against 55 ms on held-out utterances.)
-    """
-    if len(alignments) != len(words):
-        raise XAttnError(f"Got {len(words)} word lists for {len(alignments)} utterances.")
-
-    def error(heads: list[list[int]]) -> float:
-        e = _mean_error(alignments, words, heads)
-        return float("inf") if math.isnan(e) else e
-
-    single = head_errors(alignments, words)
-    num_heads = single.shape[1]
-    order = [int(i) for i in torch.argsort(torch.nan_to_num(single.flatten(), nan=float("inf")))]
-    ranked = [[i // num_heads, i % num_heads] for i in order]
-    if k is not None:
-        return ranked[: max(1, int(k))]
-    best = min(range(1, len(ranked) + 1), key=lambda n: (error(ranked[:n]), n))
-    return ranked[:best]
 
 
 def timing_scores(predicted: Sequence[Sequence[Word]], reference: Sequence[Sequence[Word]]) -> dict[str, float]:

@@ -304,6 +304,23 @@ def timing_summary(errors: Sequence[float]) -> dict[str, float]:
     }
 
 
+def select_heads_by_agreement(grid: Tensor, k: int | None = None) -> list[list[int]]:
+    """Heads of an agreement grid ``[L, H]``, best first: the ``k`` best, or those at or above the mean.
+
+    >>> select_heads_by_agreement(torch.tensor([[0.1, 0.5], [0.3, 0.2]]))
+    [[0, 1], [1, 0]]
+    """
+    flat = grid.flatten().double()
+    order = [int(i) for i in torch.argsort(torch.nan_to_num(flat, nan=-2.0), descending=True)]
+    if k is None:
+        mean = float(flat.nanmean())
+        order = [i for i in order if float(flat[i]) >= mean]
+    else:
+        order = order[: max(1, int(k))]
+    num_heads = grid.shape[1]
+    return [[i // num_heads, i % num_heads] for i in order]
+
+
 def token_spans(pieces: Sequence[str], reference: Sequence[Word]) -> list[tuple[float, float] | None]:
     """The true time span (s) of each token: that of the reference unit its word belongs to (words
     grouped as :func:`group_words`, matched to the reference as :func:`boundary_errors` does);
