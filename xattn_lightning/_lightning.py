@@ -88,6 +88,25 @@ def validation_planned(trainer: Any, pl_module: Any) -> bool:
         return True
 
 
+def first_validation_batch(trainer: Any) -> Any:
+    """The first batch of a fresh validation DataLoader, before training starts (``None`` when there is no
+    validation data). The loader is asked of the private ``val_loop._data_source`` (the datamodule's or the
+    module's ``val_dataloader()``, or the loaders given to ``fit``), as Lightning itself will ask it; its
+    iterator is this function's own, so the one validation uses is never touched."""
+    try:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    except AttributeError:  # pragma: no cover - depends on the Lightning version
+        return None
+    if not source.is_defined():
+        return None
+    loaders = source.dataloader()
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return None if loaders is None else next(iter(loaders), None)
+
+
 def sharded_stream(trainer: Any) -> tuple[int, int]:
     """``(stride, offset)`` of this process's validation items in the global order: Lightning's default
     ``DistributedSampler`` (no shuffling) gives rank ``r`` the items ``r, r + world, ...``; ``(1, 0)`` when the

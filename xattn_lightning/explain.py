@@ -220,7 +220,7 @@ def _targets_for(
 
 def explain(
     model: nn.Module | Adapter,
-    batch: Mapping[str, Any],
+    batch: Any,
     targets: str | Tensor | Sequence = "generate",
     methods: Sequence[str] = (),
     tokenizer: object | None = None,
@@ -234,7 +234,9 @@ def explain(
 
     Args:
         model: a supported model (HF Whisper / Speech2Text) or an :class:`~xattn_lightning.Adapter`.
-        batch: the model's own input dict (e.g. ``WhisperProcessor(..., return_attention_mask=True)``).
+        batch: the model's own input dict (e.g. ``WhisperProcessor(..., return_attention_mask=True)``), or a
+            training script's batch in any layout the monitor reads (tuples, other key names, NeMo's
+            mini-batch: :func:`xattn_lightning.batches.standard_batch`).
         targets: ``"generate"`` (the model's own hypothesis, greedy or ``num_beams``), ``"labels"``
             (``batch["labels"]``), or target ids (one sequence per utterance).
         methods: saliency methods (see :func:`xattn_lightning.list_methods`).
@@ -266,6 +268,7 @@ def explain(
         )
     methods = tuple(methods)
     adapter = adapter_for(model, tokenizer)
+    batch = adapter.model_batch(batch)
     results: list[Explanation] = []
     with grad_allowed(), adapter.capture_context():
         utts = adapter.utterances(batch)

@@ -34,7 +34,7 @@ def _batch_words(batch: Mapping[str, Any]) -> list[list[Word]] | None:
 
 def head_agreement(
     model: nn.Module | Adapter,
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[Any],
     *,
     tokenizer: object | None = None,
     method: str = "encoder_spes",
@@ -70,7 +70,7 @@ def head_errors(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]]
 
 def alignment_heads(
     model: nn.Module | Adapter,
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[Any],
     *,
     tokenizer: object | None = None,
     method: str = "encoder_spes",

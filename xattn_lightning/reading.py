@@ -26,15 +26,11 @@ from typing import Any
 from torch import Tensor
 
 from xattn_lightning.adapters import Adapter
+from xattn_lightning.batches import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.explain import Explanation, explain
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.summary import probe_scores
-
-#: batch keys that hold an utterance id, a reference transcript, and true word timings
-ID_KEYS: tuple[str, ...] = ("id", "ids", "utt_id")
-TEXT_KEYS: tuple[str, ...] = ("text", "sentence", "transcript", "transcription")
-WORDS_KEY = "words"
 
 Word = tuple[str, float, float]
 

@@ -9,7 +9,7 @@ without Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -90,7 +90,7 @@ def alignment_from(
 
 def align(
     model: nn.Module | Adapter,
-    batch: Mapping[str, Any],
+    batch: Any,
     *,
     tokenizer: object | None = None,
     targets: str | Tensor | Sequence = "generate",
@@ -202,7 +202,7 @@ TIMESTAMP_N_MASKS = 64
 
 def word_timestamps(
     model: nn.Module | Adapter,
-    batch: Mapping[str, Any],
+    batch: Any,
     *,
     tokenizer: object | None = None,
     heads: Sequence[Sequence[int]] | Literal["agreement", "model"] | None = None,
@@ -224,7 +224,7 @@ def word_timestamps(
 
     Args:
         model: a supported model or adapter.
-        batch: the model's inputs (e.g. :func:`xattn_lightning.loading.features_batch`).
+        batch: the model's inputs (e.g. :func:`xattn_lightning.loading.features_batch`) or a training batch in any layout.
         tokenizer: a tokenizer or processor (word timestamps need token strings).
         targets: ``"generate"`` (the model's own transcript), ``"labels"`` or token ids.
         heads: ``None`` (default): every head averaged; ``[layer, head]`` pairs (e.g. from

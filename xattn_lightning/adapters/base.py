@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xattn_lightning.batches import InputSpec, standard_batch
 from xattn_lightning.errors import XAttnError
 
 
@@ -88,6 +89,7 @@ class AdapterInfo:
     special_ids: frozenset[int] = field(default_factory=frozenset)
     max_target_positions: int | None = None
     fixed_num_frames: int | None = None  # Whisper: every input is padded to this many frames
+    vocab_size: int | None = None  # token ids are below it (labels are told from other integers by it)
 
 
 def check_features(x: Tensor, what: str = "input features") -> None:
@@ -123,6 +125,22 @@ class Adapter(ABC):
         self.model: Any = uncompiled(model)  # a torch.compile wrapper: explain through the eager module
         #: the tokenizer or processor (each family's own interface)
         self.tokenizer: Any = tokenizer
+
+    # ------------------------------------------------------------------ a training script's batches
+    def input_spec(self) -> InputSpec:
+        """What this model takes, so that its features and labels are found in any batch layout by what they
+        are (:func:`~xattn_lightning.batches.standard_batch`): Whisper's ``[n_mels, window]`` features, else
+        frames ``[T, n_mels]``."""
+        info = self.info
+        bins = info.num_mel_bins or None
+        if info.fixed_num_frames:
+            return InputSpec(self.input_key, (bins, info.fixed_num_frames), time_dim=1, vocab_size=info.vocab_size)
+        return InputSpec(self.input_key, (None, bins), time_dim=0, vocab_size=info.vocab_size)
+
+    def model_batch(self, batch: Any) -> dict[str, Any]:
+        """A training script's ``batch``, in any layout :func:`~xattn_lightning.batches.standard_batch` reads
+        (a dict under any key names, tuples, dataclasses, nested one level), as this model's batch dict."""
+        return standard_batch(batch, self.input_spec())
 
     # ------------------------------------------------------------------ alignment heads (word timestamps)
     def alignment_heads(self) -> list[list[int]] | None:

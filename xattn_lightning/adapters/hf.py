@@ -334,6 +334,7 @@ class WhisperAdapter(_HFSeq2SeqAdapter):
             special_ids=frozenset(special),
             max_target_positions=int(cfg.max_target_positions),
             fixed_num_frames=int(cfg.max_source_positions) * self.frames_per_step(),
+            vocab_size=vocab,
         )
 
     def prompt_ids(self) -> list[int]:
@@ -439,6 +440,7 @@ class Speech2TextAdapter(_HFSeq2SeqAdapter):
             eos_id=eos,
             special_ids=frozenset(special),
             max_target_positions=int(cfg.max_target_positions),
+            vocab_size=int(cfg.vocab_size),
         )
 
     def prompt_ids(self) -> list[int]:

@@ -18,6 +18,7 @@ from xattn_lightning.adapters.base import (
     Utterance,
     check_features,
 )
+from xattn_lightning.batches import InputSpec
 from xattn_lightning.errors import XAttnError
 
 ForwardFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -160,6 +161,9 @@ class HookAdapter(Adapter):
     @property
     def info(self) -> AdapterInfo:
         return self._info
+
+    def input_spec(self) -> InputSpec:
+        return replace(super().input_spec(), length_key="lengths")
 
     def frames_per_step(self, utterance: Utterance | None = None) -> int:
         if self._frames_per_step is None:

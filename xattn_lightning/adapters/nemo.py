@@ -27,6 +27,7 @@ from xattn_lightning.adapters.base import (
     check_features,
     occlusion_bias,
 )
+from xattn_lightning.batches import InputSpec
 from xattn_lightning.errors import XAttnError
 
 #: the model batch of a NeMo AED model: the waveforms and their lengths in samples (the features are the
@@ -144,6 +145,16 @@ class NemoAEDAdapter(Adapter):
         return self._lengths[num_frames]
 
     # ------------------------------------------------------------------ batch I/O
+    def input_spec(self) -> InputSpec:
+        """Waveforms ``[B, samples]`` and their lengths (the model makes its own spectrogram)."""
+        vocab = getattr(self.model.tokenizer, "vocab_size", None)
+        return InputSpec(INPUT_KEY, (None,), vocab_size=int(vocab) if vocab else None, length_key=LENGTH_KEY)
+
+    def model_batch(self, batch: Any) -> dict[str, Any]:
+        """NeMo's own batches (:func:`nemo_batch`) as they are; any other layout by what it holds."""
+        native = nemo_batch(batch)
+        return native if native is not None else super().model_batch(batch)
+
     def utterances(self, batch: Mapping[str, Tensor]) -> list[Utterance]:
         """The batch's utterances as the model's preprocessor's spectrograms ``[T, F]``, each at its own length."""
         audio = batch.get(INPUT_KEY)

@@ -139,6 +139,7 @@ class OpenAIWhisperAdapter(Adapter):
             special_ids=frozenset(range(eot, int(dims.n_vocab))),
             max_target_positions=int(dims.n_text_ctx),
             fixed_num_frames=int(dims.n_audio_ctx) * self.frames_per_step(),
+            vocab_size=int(dims.n_vocab),
         )
 
     @property

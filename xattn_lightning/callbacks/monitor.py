@@ -18,6 +18,7 @@ from typing_extensions import override
 from xattn_lightning._lightning import (
     NAMESPACES,
     LightningHost,
+    first_validation_batch,
     namespace_of,
     sharded_stream,
     steps_logged,
@@ -60,16 +61,21 @@ class XAttnSaliencyMonitor(Callback):
 
     Where the probes come from: ``probes=None``, the first ``num_probes`` validation utterances (after
     validation; under DDP the ranks' shards are put back in single-process order); ``probes=`` a DataLoader,
-    map-style Dataset or list of batches (no validation loop needed; with ``every_n_steps`` it reads after
-    training steps). Batches may be HF dicts, ``(features, labels)`` tuples, openai-whisper's
-    ``(mel, y_in, y_out)`` or ``(BatchFeature, BatchEncoding)``; ``batch_fn`` converts anything else.
+    a map-style or iterable (streaming) Dataset or a list of batches (no validation loop needed; with
+    ``every_n_steps`` it reads after training steps). Batches are read by what they hold, whatever their
+    layout (:func:`xattn_lightning.batches.standard_batch`); ``batch_keys`` or ``batch_fn`` say the rest. At
+    fit start it fixes a ``probes=`` set or reads one validation batch, so that a problem is said before the
+    first training step.
 
     Args:
         every_n_epochs / every_n_steps: schedule, exactly one (default ``every_n_epochs=1``).
         probes: probe utterances instead of validation data.
         model_fn: ``model_fn(pl_module) -> nn.Module | Adapter``; default: the module, its ``.xattn_adapter``
             or the one supported model on it (``xl.adapter_for``).
-        batch_fn: ``batch_fn(batch) -> dict`` in the model's own format.
+        batch_fn: ``batch_fn(batch) -> dict`` in the model's own format, or its import path
+            (``"my_pkg.data:to_model_batch"``, for YAML configs); only where the batch is not read by what it holds.
+        batch_keys: or where the model's entries sit in the batch, as dotted paths
+            (``{"input_features": "net_input.src_tokens", "labels": "target"}``; YAML-friendly).
         tokenizer: for token labels and text; default: found on the module, its model or the DataModule.
         n_masks: masks per perturbation map; ``"auto"`` (default) chooses 256–2,048 from the first reading's
             reliability, then fixes it for the run (kept in checkpoints).
@@ -98,7 +104,8 @@ class XAttnSaliencyMonitor(Callback):
         targets: Literal["generate", "labels"] = "generate",
         probes: Any = None,
         model_fn: Callable[[LightningModule], nn.Module | Adapter] | None = None,
-        batch_fn: Callable[[Any], Any] | None = None,
+        batch_fn: Callable[[Any], Any] | str | None = None,
+        batch_keys: dict[str, str] | None = None,
         tokenizer: object | None = None,
         metrics: Sequence[str] = ("pearson", "spearman"),
         layers: LayerSpec = None,
@@ -130,8 +137,10 @@ class XAttnSaliencyMonitor(Callback):
             export_alignment_heads=bool(export_alignment_heads), on_error=on_error, cache_encoder=cache_encoder,
             saliency_options=saliency_options,
         )  # fmt: skip
-        self.model_fn, self.batch_fn, self.tokenizer = model_fn, batch_fn, tokenizer
-        self.instrument = Instrument(config, probes, Messages(on_error, self._warn, self._say))
+        self.model_fn, self.tokenizer = model_fn, tokenizer
+        self.instrument = Instrument(
+            config, probes, Messages(on_error, info=self._say), batch_fn=batch_fn, batch_keys=batch_keys
+        )
         self._validated_epoch = -1
         #: the Lightning package of the trainer (set at setup): a name, so that the monitor pickles (ddp_spawn)
         self._namespace = NAMESPACES[0]
@@ -167,9 +176,6 @@ class XAttnSaliencyMonitor(Callback):
     @property
     def _lightning(self) -> ModuleType:
         return importlib.import_module(self._namespace)
-
-    def _warn(self, message: str) -> None:
-        self._lightning.utilities.rank_zero_warn(message)
 
     def _say(self, message: str) -> None:
         self._lightning.utilities.rank_zero_info(message)
@@ -241,6 +247,8 @@ class XAttnSaliencyMonitor(Callback):
             )
             return
         self.instrument.check_adapter(adapter, type(pl_module).__name__, guessed=self.model_fn is None)
+        validates = self.probes_source is None and validation_planned(trainer, pl_module)
+        self.instrument.check_before_training(adapter, (lambda: first_validation_batch(trainer)) if validates else None)
 
     on_train_start = _guarded("on_train_start")
 
@@ -261,6 +269,9 @@ class XAttnSaliencyMonitor(Callback):
                 hint = None
             if hint:
                 self.instrument.messages.info(f"the W&B run was logged offline; upload it with: {hint}")
+        summary = self.instrument.end_summary()
+        if summary:
+            self.instrument.messages.warn_once("end-summary", summary)
 
     on_validation_epoch_start = _guarded("on_validation_epoch_start")
 
@@ -280,13 +291,13 @@ class XAttnSaliencyMonitor(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if dataloader_idx == 0:
-            self.instrument.take_validation_batch(batch, self._input_key(trainer, pl_module), self.batch_fn)
+            self.instrument.take_validation_batch(batch, self._model_or_none(trainer, pl_module))
 
-    def _input_key(self, trainer: Trainer, pl_module: LightningModule) -> str:
+    def _model_or_none(self, trainer: Trainer, pl_module: LightningModule) -> Adapter | None:
         try:
-            return self._adapter(trainer, pl_module).input_key
-        except Exception:  # reported where the model is needed; collect under the HF name meanwhile
-            return Adapter.input_key
+            return self._adapter(trainer, pl_module)
+        except Exception:  # reported where the model is needed; batches are read by their names meanwhile
+            return None
 
     # ------------------------------------------------------------------ schedule
     def _due(self, trainer: Trainer) -> bool:
@@ -325,6 +336,7 @@ class XAttnSaliencyMonitor(Callback):
         if self.every_n_epochs is None or self._validated_epoch == trainer.current_epoch or not self._due(trainer):
             return
         if self.probes_source is None:
+            self.instrument.skip("no validation ran where a reading was due", "pass probes=... or add a validation loop")
             if "no-probes" not in self.instrument.messages.warned:  # else already told at fit start
                 self.instrument.messages.warn_once(
                     "no-validation-run",
@@ -339,6 +351,7 @@ class XAttnSaliencyMonitor(Callback):
             try:  # DDP every rank takes part, so that no collective waits for a rank that skipped)
                 self._adapter(trainer, pl_module)
             except Exception:
+                self.instrument.skip("no supported model was found", "pass model_fn=...")
                 return
         host = LightningHost(trainer, self.instrument.messages)
         if not self.instrument.within_budget(host, trainer.global_step, log_step):
@@ -358,5 +371,4 @@ class XAttnSaliencyMonitor(Callback):
             step=trainer.global_step,
             log_step=log_step,
             epoch=trainer.current_epoch,
-            batch_fn=self.batch_fn,
         )

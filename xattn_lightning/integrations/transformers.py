@@ -28,11 +28,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from xattn_lightning.adapters import Adapter
+from xattn_lightning.batches import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.monitoring import Instrument, Messages, MonitorConfig, check_probes_source
-from xattn_lightning.reading import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
 

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from xattn_lightning.adapters import Adapter, adapter_for, find_tokenizer
-from xattn_lightning.batches import standard_batch
+from xattn_lightning.batches import resolve_batch_fn, select_keys, standard_batch
 from xattn_lightning.encoder_cache import EncoderCache
+from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import explain
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET
 from xattn_lightning.monitoring.budget import OverheadBudget
@@ -128,6 +129,9 @@ class Instrument:
         probes_source: the ``probes=`` of the host (``None``: the host collects validation utterances).
         messages: the warning policy (the host's rank-zero printing).
         clock: seconds, for the readings' cost and the overhead budget.
+        batch_fn: turns a script's batch into the model's (a callable or its import path), when the batch
+            cannot be read by what it holds.
+        batch_keys: or, where the model's entries sit in the script's batch (``{"input_features": "feats"}``).
 
     Example:
         >>> import torch
@@ -147,7 +151,15 @@ class Instrument:
         probes_source: Any = None,
         messages: Messages | None = None,
         clock: Callable[[], float] | None = None,
+        batch_fn: Callable[[Any], Any] | str | None = None,
+        batch_keys: dict[str, str] | None = None,
     ) -> None:
+        if batch_fn is not None and batch_keys:
+            raise XAttnError("Pass batch_fn= or batch_keys=, not both.")
+        self.batch_fn = resolve_batch_fn(batch_fn)
+        self.batch_keys = dict(batch_keys) if batch_keys else None
+        #: readings that were due and not taken: cause -> (count, the fix), said once at the end of the run
+        self.skipped: dict[str, tuple[int, str]] = {}
         self.config = config
         self.messages = messages or Messages(config.on_error)
         self.probe_set = ProbeSet(config.num_probes, probes_source)
@@ -252,40 +264,90 @@ class Instrument:
         self.messages.info(f"wrote alignment_heads={[list(h) for h in self.alignment_heads]} into {where}.")
 
     # ------------------------------------------------------------------ probes
-    def model_batch(self, batch: Any, input_key: str, batch_fn: Callable[[Any], Any] | None) -> dict[str, Any]:
-        """A host's batch in the model's format (``batch_fn`` first, then the usual shapes)."""
-        return standard_batch(batch_fn(batch) if batch_fn is not None else batch, input_key)
+    def model_batch(self, batch: Any, adapter: Adapter | None) -> dict[str, Any]:
+        """A host's batch in the model's format: ``batch_fn`` or ``batch_keys`` first, then read by what it
+        holds, given what the model takes (:meth:`Adapter.model_batch`; without a model, by the usual names)."""
+        if self.batch_fn is not None:
+            batch = self.batch_fn(batch)
+        elif self.batch_keys:
+            batch = select_keys(batch, self.batch_keys)
+        return adapter.model_batch(batch) if adapter is not None else standard_batch(batch)
 
-    def take_validation_batch(self, batch: Any, input_key: str, batch_fn: Callable[[Any], Any] | None) -> None:
+    def take_validation_batch(self, batch: Any, adapter: Adapter | None) -> None:
         """Keep probe utterances from a validation batch while the set is short of them."""
         probes = self.probe_set
         if probes.source is not None or probes.final or not probes.wants_more():
             return
         try:
-            items = split_batch(self.model_batch(batch, input_key, batch_fn))
+            items = split_batch(self.model_batch(batch, adapter))
         except Exception as err:  # one warning for every batch of that shape, not one per batch
-            self.messages.report(err, "taking probe utterances from the validation batches", key="probe-batches")
+            self._probe_problem(err, "the validation batches")
             return
         probes.take(items)
 
-    def probes(self, host: Host, input_key: Callable[[], str], batch_fn: Callable[[Any], Any] | None) -> list[Probe]:
-        """The fixed probe set, the same on every process (``input_key()``: the model's features key, asked
-        only of a ``probes=`` source). Processes that took validation shards merge them here, first thing in
-        a reading, before anything that may fail on one process only."""
+    def _probe_problem(self, err: Exception, where: str) -> None:
+        """The one message of a probe set that cannot be made (said once, whenever it is found)."""
+        if self.config.on_error == "raise":
+            raise err
+        self.messages.warn_once(
+            "probes", f"nothing will be read: no probe utterance could be taken from {where}. {err}"
+        )
+
+    def check_before_training(self, adapter: Adapter, sample: Callable[[], Any] | None = None) -> None:
+        """Before the first training step: fix the probe set of a ``probes=`` source, or read ``sample()`` (one
+        validation batch, ``None`` when there is none), so that a monitor that will read nothing says so now,
+        with the fix. Random streams are left as they were."""
+        probes = self.probe_set
+        with _IsolatedRng():
+            try:
+                if probes.source is not None:
+                    if not probes.final:
+                        probes.collect_source(lambda b: self.model_batch(b, adapter))
+                        self._finalize()
+                elif sample is not None and not probes.final:
+                    batch = sample()
+                    if batch is not None:
+                        split_batch(self.model_batch(batch, adapter))
+            except Exception as err:
+                self._probe_problem(err, "the probes= source" if probes.source is not None else "the validation batches")
+
+    def _finalize(self) -> list[Probe]:
+        items, few = self.probe_set.finalize()
+        if few:
+            self.messages.warn_once(
+                "few",
+                f"only {len(items)} probe utterances available (num_probes={self.config.num_probes}); using those.",
+            )
+        return items
+
+    def probes(self, host: Host, adapter: Callable[[], Adapter]) -> list[Probe]:
+        """The fixed probe set, the same on every process (``adapter()``: the model, asked only of a ``probes=``
+        source). Processes that took validation shards merge them here, first thing in a reading, before
+        anything that may fail on one process only."""
         probes = self.probe_set
         if not probes.final:
             if probes.source is not None:
-                key = input_key()
-                probes.collect_source(lambda b: self.model_batch(b, key, batch_fn), key)
+                found = adapter()
+                probes.collect_source(lambda b: self.model_batch(b, found))
             elif host.world_size > 1:  # each process took its shard of validation
                 probes.merge(host.all_gather(probes.items))
-            items, few = probes.finalize()
-            if few:
-                self.messages.warn_once(
-                    "few",
-                    f"only {len(items)} probe utterances available (num_probes={self.config.num_probes}); using those.",
-                )
+            self._finalize()
         return probes.items
+
+    # ------------------------------------------------------------------ readings not taken
+    def skip(self, cause: str, fix: str) -> None:
+        """A reading that was due was not taken, for ``cause`` (counted for the end of the run)."""
+        count, _ = self.skipped.get(cause, (0, fix))
+        self.skipped[cause] = (count + 1, fix)
+
+    def end_summary(self) -> str | None:
+        """One message for the end of the run: how many due readings were not taken, why, and the fix."""
+        if not self.skipped:
+            return None
+        total = sum(n for n, _ in self.skipped.values())
+        parts = "; ".join(f"{n} because {cause} ({fix})" for cause, (n, fix) in self.skipped.items())
+        taken = len(self.history.entries)
+        return f"{total} of the {total + taken} readings due in this run were not taken: {parts}."
 
     # ------------------------------------------------------------------ how often
     def within_budget(self, host: Host, step: int, log_step: int) -> bool:
@@ -294,6 +356,10 @@ class Instrument:
         if host.broadcast(self.budget.allows()):
             return True
         self.skipped_steps.append(step)
+        self.skip(
+            f"the monitor was over max_overhead={self.config.max_overhead}",
+            "lower num_probes or n_masks, read every_n_epochs=2 or more, or raise max_overhead",
+        )
         self.messages.warn_once(
             "overhead",
             f"skipping the reading at step {log_step} (and later ones while over budget): the monitor has used "
@@ -311,7 +377,6 @@ class Instrument:
         step: int,
         log_step: int | None = None,
         epoch: int | None = None,
-        batch_fn: Callable[[Any], Any] | None = None,
     ) -> Summary | None:
         """Read the probes now (every process takes part) and log at ``log_step`` (default ``step``);
         the summary, or ``None`` when nothing could be read (said in a warning)."""
@@ -321,10 +386,16 @@ class Instrument:
         options: dict[str, Any] = {}
         share = Share()
         found: Adapter | None = None
+        resolve = adapter if callable(adapter) and not isinstance(adapter, Adapter) else lambda: adapter
         with _IsolatedRng():
             try:
-                resolve = adapter if callable(adapter) and not isinstance(adapter, Adapter) else lambda: adapter
-                probes = self.probes(host, lambda: resolve().input_key, batch_fn)
+                probes = self.probes(host, resolve)
+            except Exception as err:
+                where = "the probes= source" if self.probe_set.source is not None else "the validation batches"
+                self._probe_problem(err, where)
+                self.skip("no probe utterance could be taken", "see the warning at the start of the run")
+                return None
+            try:
                 found = resolve()
                 mine = probes[host.rank :: host.world_size]
                 options = self._options(host, found, probes)
@@ -350,6 +421,7 @@ class Instrument:
                 share = self._gather(host, share)
         self._warn_errors(share.errors)
         if not share.rows:
+            self.skip("every probe failed", "see the warning that names the cause")
             return None
         return self._publish(host, share, self.clock() - start, step, step if log_step is None else log_step, epoch)
 

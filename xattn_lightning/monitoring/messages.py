@@ -17,14 +17,75 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pathlib import Path
 
 from xattn_lightning.errors import XAttnError
 
 Say = Callable[[str], None]
+#: packages whose frames are never the user's: a warning points at the first frame outside them (the line of
+#: the user's script that called ``trainer.fit``/``train``, or the test)
+FRAMEWORKS: tuple[str, ...] = (
+    "xattn_lightning", "lightning", "lightning_fabric", "lightning_utilities", "pytorch_lightning", "transformers",
+    "accelerate", "torch", "nemo", "jsonargparse", "contextlib", "functools", "importlib",
+)  # fmt: skip
+_log = logging.getLogger("xattn_lightning")
+if _log.level == logging.NOTSET:  # information is shown unless the application says otherwise
+    _log.setLevel(logging.INFO)
+
+
+def _framework_dirs() -> list[str]:
+    dirs = []
+    for name in FRAMEWORKS:
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        if file:
+            path = Path(file)
+            dirs.append(str(path.parent if path.name == "__init__.py" else path))
+    return dirs
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn``, called by this function's caller, that names the first frame
+    outside the frameworks (:data:`FRAMEWORKS`): the user's own line."""
+    dirs = _framework_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and any(frame.f_code.co_filename.startswith(d) for d in dirs):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def main_process() -> bool:
+    """Whether this is the process that prints: rank 0 of ``torch.distributed`` once it runs, else of the
+    launcher's environment (torchrun, SLURM, Lightning's ``ddp``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return os.environ[key] == "0"
+    return True
+
+
+def warn_at_user(message: str) -> None:
+    """Warn ``message`` on the main process only, attributed to the user's code (:func:`user_stacklevel`)."""
+    if main_process():
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel() + 1)
+
+
+def info(message: str) -> None:
+    """Say ``message`` on the main process only (the ``xattn_lightning`` logger, else standard error)."""
+    if main_process():
+        if _log.hasHandlers():
+            _log.info(message)
+        else:
+            print(message, file=sys.stderr)
 
 
 class Messages:
@@ -32,8 +93,8 @@ class Messages:
 
     Args:
         on_error: ``"warn"`` (warn once per cause and carry on) or ``"raise"``.
-        warn / info: print a message on the main process (default: Lightning's rank-zero utilities,
-            which read the process rank from the environment, so they also work under torchrun).
+        warn / info: print a message on the main process (default: :func:`warn_at_user`, a warning that
+            names the user's line rather than the package's, and :func:`info`).
         name: the prefix of every message.
     """
 
@@ -45,8 +106,8 @@ class Messages:
         name: str = "XAttnSaliencyMonitor",
     ) -> None:
         self.on_error = on_error
-        self.warn: Say = warn or rank_zero_warn
-        self.say: Say = info or rank_zero_info
+        self.warn: Say = warn or warn_at_user
+        self.say: Say = info or globals()["info"]
         self.name = name
         #: the keys already warned about (a key is said once per monitor)
         self.warned: set[str] = set()

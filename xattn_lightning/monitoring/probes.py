@@ -16,10 +16,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.reading import Probe
@@ -46,12 +51,73 @@ def split_batch(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def as_batch(item: dict[str, Any], input_key: str) -> dict[str, Any]:
-    """A dataset item (features without a batch dimension) as a batch of one."""
-    x = item.get(input_key)
-    if isinstance(x, Tensor) and x.dim() == 2:
-        return {k: (v.unsqueeze(0) if isinstance(v, Tensor) else [v]) for k, v in item.items()}
-    return item
+def _numeric(x: Any) -> bool:
+    """A number, or a (nested) list of numbers: what ``torch.tensor`` makes a tensor of."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Number, list, tuple)):
+        return False
+    if isinstance(x, numbers.Number):
+        return True
+    return bool(x) and all(_numeric(v) for v in x[:3])
+
+
+def collate_one(item: Any) -> Any:
+    """A dataset item as a batch of one, its structure kept: tensors, arrays and (nested) lists of numbers
+    get a batch dimension, texts and other values become one-element lists (what a collator would make of a
+    single item, without one).
+
+    Example:
+        >>> b = collate_one({"input_features": [[0.1, 0.2], [0.3, 0.4]], "labels": [5, 6], "text": "hi"})
+        >>> b["input_features"].shape, b["labels"].shape, b["text"]
+        (torch.Size([1, 2, 2]), torch.Size([1, 2]), ['hi'])
+    """
+    if isinstance(item, Tensor):
+        return item.unsqueeze(0)
+    if isinstance(item, np.ndarray):
+        return torch.from_numpy(item).unsqueeze(0)
+    if isinstance(item, Mapping):
+        return {k: collate_one(v) for k, v in item.items()}
+    if isinstance(item, tuple) and hasattr(item, "_fields"):
+        return type(item)(*(collate_one(v) for v in item))
+    if _numeric(item) and not isinstance(item, numbers.Number):
+        return torch.tensor(item).unsqueeze(0)
+    if isinstance(item, numbers.Number) and not isinstance(item, bool):
+        return torch.tensor([item])
+    if isinstance(item, (tuple, list)) and any(isinstance(v, (Tensor, np.ndarray, Mapping)) for v in item):
+        return type(item)(collate_one(v) for v in item)
+    return [item]
+
+
+def first_items(source: Any, n: int, what: str = "probes=") -> Iterator[Any]:
+    """The first ``n`` items of a map-style or iterable dataset, in its own order, from a fresh iterator (the
+    one training or evaluation uses is never touched). A one-shot iterator (a generator) is read as it is."""
+    if not isinstance(source, IterableDataset) and hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+        for i in range(min(n, len(source))):
+            yield source[i]
+        return
+    if not hasattr(source, "__iter__"):
+        raise XAttnError(
+            f"Expected {what} to be a DataLoader, a Dataset (map-style or iterable) or a list of batches but got a "
+            f"{type(source).__name__}."
+        )
+    yield from itertools.islice(iter(source), n)
+
+
+def source_batches(source: Any, n: int) -> Iterator[tuple[Any, bool]]:
+    """Batches of a ``probes=`` source, each with whether it is a collated batch (``False``: a dataset item,
+    collated here if the model cannot read it as it is). A DataLoader gives its dataset's first items, each
+    collated alone by its own ``collate_fn``, so that its sampler (shuffled or sharded) is never drawn from;
+    a list holds batches; a Dataset (map-style, iterable or streaming) holds items."""
+    if isinstance(source, DataLoader):
+        loader: DataLoader = source
+        auto = loader.batch_size is not None or loader.batch_sampler is not None
+        for item in first_items(loader.dataset, n):
+            yield (loader.collate_fn([item]) if auto else loader.collate_fn(item)), True
+    elif isinstance(source, (list, tuple)):
+        for batch in source:
+            yield batch, False
+    else:
+        for item in first_items(source, n):
+            yield collate_one(item), True
 
 
 class ProbeSet:
@@ -103,15 +169,20 @@ class ProbeSet:
             self.items.append(Probe.from_batch(pos, item, default_id))
         self.items.sort(key=lambda p: p.position)
 
-    def collect_source(self, to_model_batch: Callable[[Any], dict[str, Any]], input_key: str) -> None:
-        """Take the probes from :attr:`source`, each batch turned into the model's format first."""
-        src = self.source
-        it = (src[i] for i in range(len(src))) if hasattr(src, "__getitem__") and hasattr(src, "__len__") else iter(src)
+    def collect_source(self, to_model_batch: Callable[[Any], dict[str, Any]]) -> None:
+        """Take the probes from :attr:`source` (:func:`source_batches`), each batch turned into the model's
+        format first; an item of a list that does not read as a batch is read as one dataset item."""
         self._seen, self._stride, self._offset = 0, 1, 0
-        for batch in it:
+        for batch, collated in source_batches(self.source, max(self.num_probes, max(self.positions, default=-1) + 1)):
             if not self.wants_more():
                 break
-            self.take(split_batch(as_batch(to_model_batch(batch), input_key)))
+            try:
+                converted = to_model_batch(batch)
+            except XAttnError:
+                if collated:
+                    raise
+                converted = to_model_batch(collate_one(batch))
+            self.take(split_batch(converted))
 
     def merge(self, shares: Sequence[Sequence[Probe] | None]) -> None:
         """Every process's share (each from its shard of validation), put back in the global order;
@@ -131,8 +202,8 @@ class ProbeSet:
         if not self.items:
             where = "the probes= source" if self.source is not None else "the validation batches"
             raise XAttnError(
-                f"no probe utterance could be taken from {where}; check that it yields utterances, or pass "
-                "batch_fn=... that turns a batch into {'input_features': Tensor, 'labels': Tensor}."
+                f"{where} gave no utterance; check that it yields some, or pass batch_keys=... or batch_fn=... "
+                "that turns a batch into {'input_features': Tensor, 'labels': Tensor}."
             )
         few = len(self.items) < self.num_probes and not self.positions
         if not self.positions:
