@@ -249,7 +249,10 @@ def fix_lines(spec: InputSpec, features: str, labels: str | None) -> str:
     keys = {spec.input_key: features, **({"labels": labels} if labels else {})}
     py = ", ".join(f'"{k}": "{v}"' for k, v in keys.items())
     yaml = ", ".join(f"{k}: {v!r}" if v.isdigit() else f"{k}: {v}" for k, v in keys.items())
-    return f"batch_keys={{{py}}} (YAML: batch_keys: {{{yaml}}})"
+    return (
+        f"batch_keys={{{py}}} (YAML: batch_keys: {{{yaml}}}), or batch_fn=<a function, or its import path "
+        f"'pkg.module:fn' in YAML, that returns {{'{spec.input_key}': Tensor, 'labels': Tensor}}>"
+    )
 
 
 def standard_batch(batch: Any, spec: InputSpec | str | None = None) -> dict[str, Any]:
@@ -331,8 +334,7 @@ def _features(found: list[Leaf], spec: InputSpec, what: str) -> Leaf:
     guess = floats[0].where if floats else "<path to the features>"
     raise XAttnError(
         f"The batch ({what}) has no features the model takes: {spec.describe()} (under {spec.input_key!r} or "
-        f"anywhere else). Point at them or make them: {fix_lines(spec, guess, None)}, or batch_fn=<a function, "
-        f"or its import path 'pkg.module:fn', that returns {{'{spec.input_key}': Tensor, 'labels': Tensor}}>."
+        f"anywhere else). Point at them or make them: {fix_lines(spec, guess, None)}."
     )
 
 

@@ -33,6 +33,7 @@ from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.monitoring import Instrument, Messages, MonitorConfig, check_probes_source
+from xattn_lightning.monitoring.probes import first_items, iter_once
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
 
@@ -131,10 +132,11 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             ``report_to`` integration, its eval set gives the probes). Without it (a callback passed in
             ``callbacks=[...]``) scalars go to ``state.log_history`` and the W&B run only (one warning says so).
         every_n_steps: read every that many optimizer steps instead of after each evaluation.
-        probes: probe utterances (a DataLoader, a Dataset of model batches or a list of batches); default: the
-            first ``num_probes`` items of the eval set, each collated alone by the Trainer's data collator.
+        probes: probe utterances (a DataLoader, a map-style or iterable Dataset, or a list of batches); default:
+            the first ``num_probes`` items of the eval set (map-style or streaming ``IterableDataset``; the first
+            of several), each collated alone by the Trainer's data collator, from a fresh iterator.
         model_fn: ``model_fn(model) -> nn.Module | Adapter``; default: the Trainer's model.
-        batch_fn, tokenizer, and the reading options (``num_probes``, ``methods``, ``targets``, ``metrics``,
+        batch_fn, batch_keys, tokenizer, and the reading options (``num_probes``, ``methods``, ``targets``, ``metrics``,
             ``layers``, ``heads``, ``n_masks``, ``seed``, ``max_seconds``, ``saliency_options``, ``log_figures``,
             ``max_figures``, ``num_beams``, ``max_new_tokens``, ``max_overhead``, ``reliability_floor``,
             ``export_alignment_heads``, ``on_error``, ``cache_encoder``): as for the Lightning
@@ -155,7 +157,8 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         targets: Literal["generate", "labels"] = "generate",
         probes: Any = None,
         model_fn: Callable[[Any], Any] | None = None,
-        batch_fn: Callable[[Any], Any] | None = None,
+        batch_fn: Callable[[Any], Any] | str | None = None,
+        batch_keys: dict[str, str] | None = None,
         tokenizer: object | None = None,
         metrics: Sequence[str] = ("pearson", "spearman"),
         layers: LayerSpec = None,
@@ -186,8 +189,10 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         )  # fmt: skip
         self.trainer = trainer
         self.every_n_steps = every_n_steps
-        self.model_fn, self.batch_fn, self.tokenizer = model_fn, batch_fn, tokenizer
-        self.instrument = Instrument(config, probes, Messages(on_error, name="XAttnSaliencyCallback"))
+        self.model_fn, self.tokenizer = model_fn, tokenizer
+        self.instrument = Instrument(
+            config, probes, Messages(on_error, name="XAttnSaliencyCallback"), batch_fn=batch_fn, batch_keys=batch_keys
+        )
         self.clock: Callable[[], float] = time.perf_counter
         self._resume_checked = False
 
@@ -248,6 +253,15 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
                 )
             adapter = self._adapter(kwargs)
             self.instrument.check_adapter(adapter, type(kwargs.get("model")).__name__, guessed=self.model_fn is None)
+            if self.trainer is None and self.instrument.probe_set.source is None:
+                return  # the eval set arrives with the first evaluation
+            try:
+                self._probe_source(kwargs)
+            except XAttnError as err:  # said now, before the first step
+                self.instrument.messages.warn_once("probes", f"nothing will be read: {err}")
+                return
+            if self.instrument.probe_set.source is not None:
+                self.instrument.check_before_training(adapter)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -272,10 +286,14 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Export the chosen alignment heads (``export_alignment_heads=True``)."""
+        """Export the chosen alignment heads (``export_alignment_heads=True``); say how many due readings were
+        not taken, and why."""
         with self.instrument.messages.guard("on_train_end"):
             if self.config.export_alignment_heads:
                 self.instrument.export_alignment_heads(self._adapter(kwargs))
+            summary = self.instrument.end_summary()
+            if summary:
+                self.instrument.messages.warn_once("end-summary", summary)
 
     # ------------------------------------------------------------------ a reading
     def _adapter(self, kwargs: dict[str, Any]) -> Adapter:
@@ -289,22 +307,34 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         )
 
     def _probe_source(self, kwargs: dict[str, Any]) -> None:
-        """Without ``probes=``: the first ``num_probes`` eval items, each collated alone (the same on every
-        process, whatever the world size)."""
+        """Without ``probes=``: the first ``num_probes`` eval items (map-style or streaming), each collated alone
+        by the Trainer's collator, from a fresh iterator (the same on every process, whatever the world size;
+        the Trainer's own evaluation iterator is never touched)."""
         probes = self.instrument.probe_set
         if probes.source is not None or probes.final:
             return
         loader = kwargs.get("eval_dataloader")
         dataset = getattr(self.trainer, "eval_dataset", None)
         collate = getattr(self.trainer, "data_collator", None)
-        if loader is not None:
-            dataset, collate = getattr(loader, "dataset", dataset), getattr(loader, "collate_fn", collate)
-        if dataset is None or collate is None or not hasattr(dataset, "__getitem__"):
+        if dataset is None and loader is not None:
+            dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, Mapping) and dataset:  # several eval sets: the first
+            name, dataset = next(iter(dataset.items()))
+            self.instrument.messages.info(f"probes are taken from the first eval set, {name!r}.")
+        if loader is not None and collate is None:
+            collate = getattr(loader, "collate_fn", None)
+        if dataset is None or collate is None:
             raise XAttnError(
-                "no eval set to take probe utterances from; pass probes=<a list of batches> or eval_dataset= to the Trainer."
+                "no eval set to take probe utterances from; pass probes=<a list of batches, a Dataset or a "
+                "DataLoader> to the callback, or eval_dataset= to the Trainer."
             )
-        n = min(self.config.num_probes, len(dataset))
-        probes.source = [_with_item_facts(collate([dataset[i]]), dataset[i]) for i in range(n)]
+        if iter_once(dataset):
+            raise XAttnError(
+                f"the eval set is a one-shot iterator ({type(dataset).__name__}), which taking probes would consume; "
+                "pass probes=<a list of a few batches> (e.g. probes=list(itertools.islice(trainer.get_eval_dataloader(), 2)))."
+            )
+        items = list(first_items(dataset, self.config.num_probes, "the eval set"))
+        probes.source = [_with_item_facts(collate([item]), item) for item in items]
 
     def _scheduled(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         if state.global_step == self.instrument.last_step:
@@ -322,11 +352,15 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any], host: TrainerHost | None = None
     ) -> Summary | None:
         """Explain the probes now and log at the Trainer's step; the summary (``None`` when nothing was read)."""
-        self._probe_source(kwargs)
+        try:
+            self._probe_source(kwargs)
+        except XAttnError as err:
+            self.instrument.messages.warn_once("probes", f"nothing will be read: {err}")
+            self.instrument.skip("no probe utterance could be taken", "see the warning at the start of training")
+            return None
         return self.instrument.read(
             host or TrainerHost(self.trainer, state, args, self.instrument.messages),
             lambda: self._adapter(kwargs),
             step=state.global_step,
             epoch=None if state.epoch is None else int(state.epoch),
-            batch_fn=self.batch_fn,
         )

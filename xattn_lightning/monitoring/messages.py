@@ -76,7 +76,7 @@ def main_process() -> bool:
 def warn_at_user(message: str) -> None:
     """Warn ``message`` on the main process only, attributed to the user's code (:func:`user_stacklevel`)."""
     if main_process():
-        warnings.warn(message, UserWarning, stacklevel=user_stacklevel() + 1)
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
 
 def info(message: str) -> None:

@@ -87,6 +87,16 @@ def collate_one(item: Any) -> Any:
     return [item]
 
 
+def iter_once(source: Any) -> bool:
+    """Whether ``source`` is a one-shot iterator (a generator): reading from it would take items from whoever
+    else reads it.
+
+    >>> iter_once(iter([1])), iter_once([1])
+    (True, False)
+    """
+    return hasattr(source, "__next__") and iter(source) is source
+
+
 def first_items(source: Any, n: int, what: str = "probes=") -> Iterator[Any]:
     """The first ``n`` items of a map-style or iterable dataset, in its own order, from a fresh iterator (the
     one training or evaluation uses is never touched). A one-shot iterator (a generator) is read as it is."""
