@@ -373,3 +373,43 @@ def test_probes_from_a_streaming_dataset_and_a_shuffled_loader_are_its_first_ite
         assert said == [] and len(monitor.history) == 1
         assert monitor.probe_positions == [0, 1] and monitor.probe_ids == ids
         assert _same_training(module, _baseline("hf_recipe"))
+
+
+def _seq2seq(tmp_path, eval_dataset, callback: bool):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    import xattn_lightning.integrations.transformers as integration
+
+    g = torch.Generator().manual_seed(0)
+    train = [{"input_features": torch.randn(16, 200, generator=g).tolist(), "labels": torch.randint(3, 40, (6,), generator=g).tolist()}
+             for _ in range(4)]  # fmt: skip
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=2,
+        learning_rate=1e-3, eval_strategy="steps", eval_steps=2, report_to=[], use_cpu=True, seed=0,
+        save_strategy="no", remove_unused_columns=False,
+    )  # fmt: skip
+    collate = lambda items: {k: torch.tensor([i[k] for i in items]) for k in ("input_features", "labels")}  # noqa: E731
+    trainer = Seq2SeqTrainer(model=speaking_tiny_whisper(seed=0).train(), args=args, train_dataset=train,
+                             eval_dataset=eval_dataset, data_collator=collate)  # fmt: skip
+    cb = integration.XAttnSaliencyCallback(trainer, num_probes=2, n_masks=8, max_new_tokens=4, max_overhead=None)
+    if callback:
+        trainer.add_callback(cb)  # the one added line
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in rec if "XAttnSaliencyCallback" in str(w.message) and "not logged while" not in str(w.message)]
+    return trainer, cb, said
+
+
+def test_a_streaming_eval_set_of_a_seq2seq_trainer_reads_with_one_line(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="datasets is in the dev extras")
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_features": torch.randn(16, 200, generator=g).tolist(), "labels": torch.randint(3, 40, (5,), generator=g).tolist(),
+             "id": f"e{i}"} for i in range(3)]  # fmt: skip
+    stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
+    trainer, cb, said = _seq2seq(tmp_path / "a", stream, callback=True)
+    assert [m for m in said if "no tokenizer" not in m] == []
+    assert len(cb.history) == 1 and cb.instrument.probe_set.ids == ["e0", "e1"]
+    plain, _, _ = _seq2seq(tmp_path / "b", datasets.IterableDataset.from_generator(lambda: iter(rows)), callback=False)
+    a, b = trainer.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -80,3 +80,51 @@ def test_a_misspelt_option_is_rejected_by_the_cli(tmp_path):
     config.write_text(CONFIG.format(root=tmp_path).replace("n_masks: 16", "n_mask: 16"))
     with pytest.raises(SystemExit):
         LightningCLI(DemoModule, DemoData, args=["fit", "--config", str(config)])
+
+
+class TwoFeatures(DemoModule):
+    """A script whose batches hold two tensors shaped like the model's input (features and a copy for an
+    augmentation): which one the model reads cannot be told from the batch."""
+
+    def _loss(self, batch):
+        return super()._loss({"input_features": batch["clean"], "labels": batch["labels"]})
+
+
+class TwoFeaturesData(DemoData):
+    def __init__(self) -> None:
+        super().__init__()
+        wrap = lambda b: {"clean": b["input_features"], "noisy": b["input_features"] + 0.1, "labels": b["labels"]}  # noqa: E731
+        from torch.utils.data import DataLoader
+
+        self.train = DataLoader([wrap(b) for b in self.train], batch_size=None)
+        self.val = DataLoader([wrap(b) for b in self.val], batch_size=None)
+
+
+def to_model_batch(batch):
+    """The batch_fn a YAML config names by its import path."""
+    return {"input_features": batch["clean"], "labels": batch["labels"]}
+
+
+@pytest.mark.parametrize(
+    "fix",
+    ["", "batch_keys: {input_features: clean, labels: labels}", "batch_fn: test_lightning_cli:to_model_batch"],
+)
+def test_a_yaml_user_fixes_a_batch_with_batch_keys_or_a_batch_fn_path(tmp_path, fix):
+    import warnings
+
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.format(root=tmp_path).replace("        layers: last\n", f"        {fix}\n" if fix else ""))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        cli = LightningCLI(TwoFeatures, TwoFeaturesData, args=["fit", "--config", str(config)],
+                           save_config_kwargs={"overwrite": True})  # fmt: skip
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, XAttnSaliencyMonitor)]
+    said = [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]
+    said = [m for m in said if "not logged" not in m and "no tokenizer" not in m]
+    if not fix:
+        assert monitor.history == [] and "'clean' or 'noisy'" in said[0] and "YAML: batch_keys: {input_features: clean}" in said[0]
+        assert said[0].count("batch_fn=") == 1
+    else:
+        assert said == [] and len(monitor.history) == 1

@@ -16,7 +16,6 @@ pytest.importorskip("nemo.collections.asr", reason="NeMo is an optional extra (p
 
 import xattn_lightning as xl  # noqa: E402
 from xattn_lightning.adapters.nemo import NemoAEDAdapter, nemo_batch  # noqa: E402
-from xattn_lightning.batches import standard_batch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +100,39 @@ def test_captured_attention_equals_a_recomputation_from_the_layer_inputs(tiny, m
         torch.testing.assert_close(out.cross_attention[:, layer], probs)
 
 
-def test_batches_of_nemo_are_understood_without_batch_fn():
+def test_batches_of_nemo_are_understood_without_batch_fn(tiny):
     audio, lens = torch.randn(2, 1600), torch.tensor([1600, 1200])
     tokens, tokens_lens = torch.tensor([[4, 11, 12, 3], [4, 13, 3, 2]]), torch.tensor([4, 3])
-    got = standard_batch((audio, lens, tokens, tokens_lens), "input_signal")
+    got = xl.adapter_for(tiny).model_batch((audio, lens, tokens, tokens_lens))
     assert got["labels"].tolist() == [[4, 11, 12, 3], [4, 13, 3, -100]] and got["input_signal"] is audio
     assert nemo_batch((torch.randn(2, 3), torch.randn(2, 3))) is None
+    other = xl.adapter_for(tiny).model_batch({"wave": audio, "wave_lens": lens})  # any other layout, by what it holds
+    assert other["input_signal"] is audio and other["input_signal_length"].tolist() == [1600, 1200]
+
+
+def test_the_library_takes_nemos_own_mini_batch(tiny, manifests):
+    """``xl.explain`` (and so word timestamps and head choice) reads NeMo's ``PromptedAudioToTextMiniBatch`` as
+    the monitor does, with the same result as the model's batch dict."""
+    import dataclasses
+
+    from nemo.collections.asr.data.audio_to_text_lhotse_prompted import PromptedAudioToTextMiniBatch
+
+    from xattn_lightning.audio import read_manifest
+
+    row = read_manifest(manifests[0])[2]
+    batch = _batch(tiny, str(row.audio), row.text)
+    ids = batch["labels"]
+    values = {
+        "audio": batch["input_signal"], "audio_lens": batch["input_signal_length"],
+        "prompted_transcript": ids, "prompted_transcript_lens": torch.tensor([ids.shape[1]]),
+        "transcript": ids[:, 5:], "transcript_lens": torch.tensor([ids.shape[1] - 5]),
+        "prompt": ids[:, :5], "prompt_lens": torch.tensor([5]),
+    }  # fmt: skip
+    mini = PromptedAudioToTextMiniBatch(**{f.name: values.get(f.name) for f in dataclasses.fields(PromptedAudioToTextMiniBatch)})
+    (a,) = xl.explain(tiny, mini, targets="labels", methods=("encoder_spes",), n_masks=8)
+    (b,) = xl.explain(tiny, batch, targets="labels", methods=("encoder_spes",), n_masks=8)
+    torch.testing.assert_close(a.cross_attention, b.cross_attention)
+    torch.testing.assert_close(a.saliency["encoder_spes"], b.saliency["encoder_spes"])
 
 
 def _finetune(manifests, out: Path, monitor: bool):
@@ -168,7 +194,7 @@ def test_encdec_transf_bpe_reads_through_the_same_adapter(manifests):
     wav = load_audio(rows[0].audio).unsqueeze(0)
     text_ids = tok.text_to_ids(rows[0].text)
     tokens = torch.tensor([[tok.bos_id, *text_ids, tok.eos_id]])
-    batch = standard_batch((wav, torch.tensor([wav.shape[1]]), tokens, torch.tensor([tokens.shape[1]])), "input_signal")
+    batch = adapter.model_batch((wav, torch.tensor([wav.shape[1]]), tokens, torch.tensor([tokens.shape[1]])))
     (e,) = xl.explain(model, batch, targets="labels", methods=("encoder_spes",), n_masks=8)
     assert e.cross_attention.shape[:3] == (2, 4, len(text_ids)) and e.text == rows[0].text
     hyp = adapter.generate(adapter.utterances(batch)[0], max_new_tokens=5)
