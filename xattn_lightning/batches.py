@@ -438,9 +438,17 @@ def shifted_labels(a: Tensor, b: Tensor) -> int | None:
 def _lengths(found: list[Leaf], feats: Leaf, spec: InputSpec, n: int, out: dict[str, Any]) -> None:
     """The features' lengths ``[B]`` (frames or samples, or relative in ``(0, 1]`` beside the features in a
     ``PaddedData``), under ``spec.length_key`` or as an attention mask."""
-    if spec.feature_shape is None or (spec.length_key or "attention_mask") in out:
+    if (spec.length_key or "attention_mask") in out:
         return
-    frames = feats.value.shape[1 + spec.time_dim]
+    frames = feats.value.shape[1 + spec.time_dim] if spec.feature_shape is not None else feats.value.shape[-1]
+    for leaf in found:  # the features' own mask, beside them (a BatchFeature's)
+        x = leaf.value
+        if leaf.name == "attention_mask" and leaf.path[:-1] == feats.path[:-1] and isinstance(x, Tensor):
+            if x.dim() == 2 and x.shape[0] == n and x.shape[1] == frames and not spec.length_key:
+                out["attention_mask"] = x
+                return
+    if spec.feature_shape is None:
+        return
     found_len: Tensor | None = None
     for leaf in found:
         x = leaf.value

@@ -28,10 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from xattn_lightning.adapters import Adapter, adapter_for, is_tokenizer, unwrap_tokenizer
 from xattn_lightning.audio import ManifestRow
+from xattn_lightning.batches import ID_KEYS, leaves
 from xattn_lightning.errors import XAttnError, first_line
 from xattn_lightning.explain import Explanation
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER, RELIABILITY_FLOOR, choose_n_masks
 from xattn_lightning.loading import features_batch, load_hf_model
+from xattn_lightning.monitoring.probes import split_batch
 from xattn_lightning.reading import Probe, ReadingConfig, read
 from xattn_lightning.saliency import perturbation_methods, validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
@@ -258,7 +260,7 @@ def _import_class(spec: str) -> type:
 
 # ---------------------------------------------------------------------------- running
 class _Rows(Dataset):
-    def __init__(self, rows: Sequence[ManifestRow]) -> None:
+    def __init__(self, rows: Sequence[ManifestRow | Any]) -> None:
         self.rows = list(rows)
 
     def __len__(self) -> int:
@@ -285,13 +287,38 @@ class _ExplainerModule(pl.LightningModule):
         idx, rows = batch
         probes = []
         for i, r in zip(idx, rows):
-            feats = features_batch(self.processor, [r])
-            feats = {k: v.to(self.adapter.device) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
-            probes.append(Probe(position=int(i), id=r.id, batch=feats, text=r.text))
+            if isinstance(r, ManifestRow):
+                feats = features_batch(self.processor, [r])
+                probe = Probe(position=int(i), id=r.id, batch=feats, text=r.text)
+            else:  # a probe batch in any layout the monitor reads
+                probe = _batch_probe(int(i), self.adapter.model_batch(r))
+            feats = {k: v.to(self.adapter.device) if isinstance(v, torch.Tensor) else v for k, v in probe.batch.items()}
+            probes.append(dataclasses.replace(probe, batch=feats))
         reading = read(self.adapter, probes, self.config, catch=(XAttnError,))  # a bad probe costs only itself
         position = {p.id: p.position for p in probes}
         self.outputs += [(res.probe.position, res.scores, res.explanation) for res in reading.results]
         self.failures += [(position[pid], pid, cause.removeprefix("XAttnError: ")) for pid, cause in reading.failures]
+
+
+def _probe_id(position: int, row: Any) -> str:
+    """A probe's id: its manifest id, or a batch's own id (``id``, ``ids``...), else ``probe<position>``."""
+    if isinstance(row, ManifestRow):
+        return row.id
+    for leaf in leaves(row):
+        if leaf.name in ID_KEYS and isinstance(leaf.value, (list, tuple)) and len(leaf.value) == 1:
+            return str(leaf.value[0])
+    return f"probe{position}"
+
+
+def _batch_probe(position: int, batch: dict[str, Any]) -> Probe:
+    """The probe of a one-utterance batch given to ``compare`` instead of a manifest row."""
+    items = split_batch(batch)
+    if len(items) != 1:
+        raise XAttnError(
+            f"compare takes probe batches of one utterance each, but probe {position} holds {len(items)}; "
+            "give them one per entry (e.g. a DataLoader with batch_size=1, or a manifest)."
+        )
+    return dataclasses.replace(Probe.from_batch(position, items[0], ""), id=_probe_id(position, batch))
 
 
 def _tokenizer_of(processor: Any) -> Any:
@@ -316,7 +343,7 @@ def _gather(outputs: list) -> list:
 
 def compare_checkpoints(
     checkpoints: Sequence[str | nn.Module | Adapter],
-    rows: Sequence[ManifestRow],
+    rows: Sequence[ManifestRow | Any],
     methods: Sequence[str] = ("encoder_spes",),
     metrics: Sequence[str] = ("pearson", "spearman"),
     targets: str = "generate",
@@ -336,7 +363,8 @@ def compare_checkpoints(
     Args:
         checkpoints: HF directories / hub ids, Lightning ``.ckpt`` paths (with ``module``), or
             already loaded models (then pass ``processor``).
-        rows: probe utterances (``xattn_lightning.audio.read_manifest``).
+        rows: probe utterances: manifest rows (``xattn_lightning.audio.read_manifest``), or batches of one
+            utterance each in any layout the monitor reads (then no processor is needed for features).
         methods: saliency methods, as in :func:`xattn_lightning.explain`.
         metrics: correlation metrics (``pearson``, ``spearman``, ``kendall``).
         targets: ``"generate"`` or ``"labels"``, as in :func:`xattn_lightning.explain`.
@@ -417,7 +445,7 @@ def compare_checkpoints(
         results = run_all(None, report=True)
         n_masks = options.get("n_masks")
     return Comparison(
-        tuple(methods), tuple(metrics), [r.id for r in rows], results, n_masks=n_masks, calibration=calibration
+        tuple(methods), tuple(metrics), [_probe_id(i, r) for i, r in enumerate(rows)], results, n_masks=n_masks, calibration=calibration
     )
 
 
@@ -442,7 +470,7 @@ def comparison_masks(
 
 def _explain_checkpoint(
     ckpt: str | nn.Module | Adapter,
-    rows: Sequence[ManifestRow],
+    rows: Sequence[ManifestRow | Any],
     config: ReadingConfig,
     module: str | None,
     processor: Any,
@@ -459,7 +487,7 @@ def _explain_checkpoint(
         if processor is not None:
             proc = processor
     else:
-        if processor is None:
+        if processor is None and any(isinstance(r, ManifestRow) for r in rows):
             raise XAttnError("A loaded model needs processor=... to turn audio into features.")
         model, proc, name = ckpt, processor, type(ckpt).__name__
     lit = _ExplainerModule(model, proc, config)

@@ -204,7 +204,7 @@ def test_hook_adapter_bad_names():
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
-        (lambda b: {"features": b["input_features"]}, "has no 'input_features'"),
+        (lambda b: {"wave": torch.randn(1, 100)}, r"no features the model takes: a floating-point tensor \[B, 16, 200\]"),
         (lambda b: {**b, "input_features": b["input_features"][0]}, "rank 3"),
         (lambda b: {**b, "input_features": b["input_features"][:, :8]}, "mel bins"),
         (lambda b: {**b, "input_features": b["input_features"][:, :, :100]}, "30-s window"),

@@ -200,3 +200,24 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
 
 
 
+
+
+def test_compare_takes_probe_batches_in_a_scripts_layout(tmp_path):
+    """Batches of one utterance as a script pairs them, (BatchFeature, BatchEncoding), read as the monitor reads
+    them, give the numbers the same utterances give as manifest rows."""
+    from helpers import processor_batch
+
+    rows = read_manifest(noise_manifest(tmp_path))
+    models = [speaking_tiny_whisper(0)]
+    kw = {"methods": ("encoder_spes",), "n_masks": 16, "progress": False}
+    by_rows = compare_checkpoints(models, rows, processor=tiny_extractor(), **kw)
+    from transformers import BatchEncoding
+
+    y = torch.tensor([[51, 5, 6, 50]])
+    batches = [(processor_batch(tiny_extractor(), [r]), BatchEncoding({"input_ids": y})) for r in rows]
+    by_batches = compare_checkpoints(models, batches, **kw)
+    assert by_batches.probe_ids == ["probe0", "probe1", "probe2"]
+    a, b = by_rows.results[0].scalars, by_batches.results[0].scalars
+    assert a["encoder_spes/pearson"] == pytest.approx(b["encoder_spes/pearson"], abs=1e-6)
+    with pytest.raises(XAttnError, match="one utterance each"):
+        compare_checkpoints(models, [(torch.cat([batches[0][0]["input_features"]] * 2), y.repeat(2, 1))], **kw)

@@ -163,10 +163,12 @@ def test_hf_whisper_without_validation_reads_through_probes_and_logs_to_wandb(tm
 
 @pytest.mark.parametrize("ns", NAMESPACES)
 def test_the_same_warnings_in_both_packages(tmp_path, ns):
-    """No validation and no probes: one warning naming the fix (it crashed pytorch_lightning fits)."""
+    """No validation and no probes: one warning naming the fix at fit start (it crashed pytorch_lightning fits),
+    and the count of readings not taken at the end."""
     pl = _import(ns)
     _, said = _fit(pl, tmp_path, MODULES[ns]["TrainOnly"](), [_monitor()], _loader(), max_epochs=1)
-    assert len([m for m in said if "probes=" in m and "validation" in m]) == 1, said
+    told = [m for m in said if "probes=" in m and "validation" in m]
+    assert len(told) == 2 and "nothing will be logged" in told[0] and "1 of the 1 readings due" in told[1], said
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)
@@ -398,7 +400,7 @@ def test_batch_shapes_of_public_scripts_need_no_batch_fn(tmp_path, ns, shape):
 
 def test_an_ambiguous_batch_is_warned_once_with_the_batch_fn_line(tmp_path):
     """Three tensors that are not openai-whisper's layout: one warning (not one per batch) that names
-    the shape and the batch_fn line to write."""
+    what the batch holds and the line to write."""
     pl = _import("lightning.pytorch")
 
     class Module(MODULES["lightning.pytorch"]["WithValidation"]):
@@ -410,9 +412,10 @@ def test_an_ambiguous_batch_is_warned_once_with_the_batch_fn_line(tmp_path):
 
     data = [(f, y, y.flip(1)) for f, y in _loader(8)]
     _, said = _fit(pl, tmp_path, Module(), [_monitor()], _batches(data), _batches(data), max_epochs=2)
-    told = [m for m in said if "batch_fn=lambda b:" in m]
+    told = [m for m in said if "batch_keys=" in m]
     assert len(told) == 1, said
-    assert "tuple of 3 items" in told[0] and "ambiguous" in told[0]
+    assert "Tensor[2, 16, 200] float32 at 0" in told[0] and "ambiguous" in told[0]
+    assert 'batch_keys={"input_features": "0", "labels": "2"}' in told[0] and "batch_fn=" in told[0]
 
 
 # ---------------------------------------------------------------- one step everywhere

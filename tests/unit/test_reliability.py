@@ -325,6 +325,7 @@ def test_injected_faults_skip_and_training_continues(tmp_path, monkeypatch, faul
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels"
     )
+    batch_fn = None
     if fault == "bad_probe":
         # the second probe has NaN features: it fails, the first is still explained and logged
         def batch_fn(batch):
@@ -356,7 +357,7 @@ def test_injected_faults_skip_and_training_continues(tmp_path, monkeypatch, faul
         n_masks=8,
         targets="labels",
         on_error="raise",
-        batch_fn=mon.batch_fn,
+        batch_fn=batch_fn,
     )
     with pytest.raises((xl.XAttnError, torch.OutOfMemoryError, RuntimeError)):
         _fit_demo(tmp_path / "raise", mon_raise)
@@ -421,8 +422,8 @@ def test_bad_input_rows():
         xl.explain(model, batch, targets=[[51, 52, 50]])
     with pytest.raises(xl.XAttnError, match="at most 24"):
         xl.explain(model, batch, targets=[[51] + [5] * 40 + [50]])
-    with pytest.raises(xl.XAttnError, match="input_features"):
-        xl.explain(model, {"features": batch["input_features"]}, targets=[[51, 5, 50]])
+    with pytest.raises(xl.XAttnError, match="no features the model takes"):
+        xl.explain(model, {"wave": torch.randn(1, 100)}, targets=[[51, 5, 50]])
 
 
 def test_probe_set_smaller_than_num_probes_is_warned_and_used(tmp_path):
