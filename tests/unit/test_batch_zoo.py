@@ -355,6 +355,33 @@ def test_a_map_style_dataset_the_monitor_cannot_batch_is_said_before_the_first_s
     module, said = _fit("hf_recipe", _monitor(probes=Waves()))
     assert len(said) == 2 and "the probes= source" in said[0] and "[B, 16, 200]" in said[0], said
     assert module.warned_before_first_step >= 1
+    assert _same_training(module, _baseline("hf_recipe"))
+
+
+class _Words:
+    """Enough of a tokenizer for word timestamps: each id a word."""
+
+    def convert_ids_to_tokens(self, ids):
+        return [f" w{i}" for i in ids]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" w{i}" for i in ids)
+
+
+def test_the_library_takes_the_layouts_the_monitor_takes():
+    """``xl.explain``, ``xl.word_timestamps`` and ``xl.alignment_heads`` read a script's batch as the monitor does."""
+    model = speaking_tiny_whisper()
+    us = _utterances(2)
+    as_dict = LAYOUTS["hf_recipe"][0](us)
+    for layout in ("openai_zero", "unknown_keys", "dataclass", "batchfeature_pair"):
+        batch = LAYOUTS[layout][0](us)
+        a = xl.explain(model, batch, targets="labels")
+        b = xl.explain(model, as_dict, targets="labels")
+        assert all(torch.equal(x.cross_attention, y.cross_attention) for x, y in zip(a, b)), layout
+        words = xl.word_timestamps(model, batch, targets="labels", tokenizer=_Words())
+        assert words == xl.word_timestamps(model, as_dict, targets="labels", tokenizer=_Words()) and words[0]
+    heads = xl.alignment_heads(model, [LAYOUTS["openai_eot"][0](us)], n_masks=8, targets="labels")
+    assert heads == xl.alignment_heads(model, [as_dict], n_masks=8, targets="labels")
 
 
 def test_probes_from_a_streaming_dataset_and_a_shuffled_loader_are_its_first_items_in_order():
