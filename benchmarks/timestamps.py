@@ -27,9 +27,9 @@ import torch
 import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR, alignment_matrix, select_heads_by_agreement
-from xattn_lightning.head_choice import head_agreement, model_alignment_heads, select_heads_supervised
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.timestamps import FUSION_WEIGHT, align, alignment_from, alignment_words, timing_scores
+from xattn_lightning.timestamps.heads import head_agreement, model_alignment_heads, select_heads_supervised
 
 
 def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0, subframe=False, prior=0.0, silence=False):

@@ -7,7 +7,7 @@ True
 
 from typing import TYPE_CHECKING, Any
 
-from xattn_lightning import head_choice, timestamps
+from xattn_lightning import timestamps
 from xattn_lightning.adapters import (
     Adapter,
     HookAdapter,
@@ -16,13 +16,11 @@ from xattn_lightning.adapters import (
     WhisperAdapter,
     adapter_for,
 )
-from xattn_lightning.alignment_loss import AlignmentLoss
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import UnknownNameError, UnsupportedModelError, XAttnError
 from xattn_lightning.explain import Explanation, corpus_agreement, explain
-from xattn_lightning.head_choice import alignment_heads
 from xattn_lightning.saliency import list_methods
-from xattn_lightning.timestamps import word_timestamps
+from xattn_lightning.timestamps import AlignmentLoss, alignment_heads, word_timestamps
 
 if TYPE_CHECKING:  # pragma: no cover
     from xattn_lightning import loggers
@@ -69,7 +67,6 @@ __all__ = [
     "explain",
     "list_methods",
     "loggers",
-    "head_choice",
     "timestamps",
     "word_timestamps",
 ]

@@ -201,10 +201,9 @@ def timestamps(args: argparse.Namespace) -> int:
     WebVTT/SRT file per utterance; with a ``words`` column, their error against it on stderr."""
     from tqdm.auto import tqdm
 
-    from xattn_lightning import captions
     from xattn_lightning.audio import read_manifest
     from xattn_lightning.loading import features_batch, load_hf_model
-    from xattn_lightning.timestamps import timing_scores, word_timestamps
+    from xattn_lightning.timestamps import captions, timing_scores, word_timestamps
 
     rows = read_manifest(args.manifest)
     if not rows:

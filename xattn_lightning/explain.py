@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, Utterance, adapter_for
-from xattn_lightning.adapters.base import check_target_length
+from xattn_lightning.adapters.base import DEFAULT_FRAME_RATE, check_target_length
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.functional import (
@@ -29,7 +29,6 @@ from xattn_lightning.functional import per_token_correlation as _per_token
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.functional.agreement import Metric
 from xattn_lightning.functional.pooling import Pooling
-from xattn_lightning.saliency.options import DEFAULT_FRAME_RATE
 
 TARGET_MODES = ("generate", "labels")
 

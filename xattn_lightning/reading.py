@@ -30,9 +30,8 @@ from xattn_lightning.batches import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.explain import Explanation, explain
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.functional.alignment import Word
 from xattn_lightning.summary import probe_scores
-
-Word = tuple[str, float, float]
 
 
 def _first(batch: Mapping[str, Any], keys: Sequence[str]) -> Any:

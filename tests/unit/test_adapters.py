@@ -295,14 +295,6 @@ def test_a_model_unpickled_in_a_fresh_process_still_gives_its_cross_attention(tm
     assert torch.equal(torch.load(tmp_path / "ca.pt"), here.cross_attention)
 
 
-def test_tiny_s2t_moved_to_testing_and_the_old_name_still_works_with_a_deprecation_warning():
-    from xattn_lightning.testing import TinyS2T as New
-
-    with pytest.warns(DeprecationWarning, match="xattn_lightning.testing"):
-        from xattn_lightning.models import TinyS2T as Old
-    assert Old is New is TinyS2T
-
-
 def test_the_version_is_the_installed_distribution_s():
     from importlib.metadata import version
 

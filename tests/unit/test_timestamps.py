@@ -190,7 +190,7 @@ def test_alignment_heads_label_free_ranks_by_agreement_and_applies():
     heads = xl.alignment_heads(m, [b], n_masks=16, k=2, apply=True)
     assert len(heads) == 2 and all(len(h) == 2 for h in heads)
     assert m.generation_config.alignment_heads == heads
-    grid = xl.head_choice.head_agreement(m, [b], n_masks=16)
+    grid = xl.timestamps.head_agreement(m, [b], n_masks=16)
     assert [list(h) for h in heads] == select_heads_by_agreement(grid, 2)
 
 

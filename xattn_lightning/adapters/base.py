@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from xattn_lightning.batches import InputSpec, standard_batch
 from xattn_lightning.errors import XAttnError
 
+#: input frames per second of features whose model does not say (100: a 10 ms hop, Whisper's and most filterbanks')
+DEFAULT_FRAME_RATE = 100.0
+
 
 def unwrap_tokenizer(obj: Any) -> Any:
     """The tokenizer inside a processor (``.tokenizer``), or ``obj`` itself: the one place that
@@ -167,8 +170,6 @@ class Adapter(ABC):
         """Input feature frames per second: 100 (a 10-ms hop) for every log-mel front end the package knows;
         an adapter whose model says otherwise reads it from the model. SPES segments time and figures and word
         timestamps count seconds with it."""
-        from xattn_lightning.saliency.options import DEFAULT_FRAME_RATE
-
         return DEFAULT_FRAME_RATE
 
     @property

@@ -558,7 +558,7 @@ class Instrument:
             self.messages.warn_once("timestamps", f"word timestamps of the probes could not be made: {cause}")
 
     def _log_media(self, host: Host, rows: list, exps: list, summary: Summary, step: int) -> None:
-        from xattn_lightning.loggers import log_reading_media
+        from xattn_lightning.monitoring.media import log_reading_media  # matplotlib and W&B only when drawing
 
         c = self.config
         loggers = host.media_loggers()

@@ -17,9 +17,6 @@ Sampling = Literal["plain", "antithetic", "balanced", "sobol"]
 SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 Autocast = Literal["bf16", "fp16"]
 BatchSize = int | Literal["auto"]
-#: input frames per second of the log-mel front ends the package knows (a 10-ms hop); ``Adapter.frame_rate``
-#: gives each model's own
-DEFAULT_FRAME_RATE = 100.0
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xattn_lightning.adapters.base import DEFAULT_FRAME_RATE
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.pooling import check_smoothing, smooth_frames
-from xattn_lightning.saliency.options import DEFAULT_FRAME_RATE, SAMPLINGS, EncoderSpesOptions, SpesOptions
+from xattn_lightning.saliency.options import SAMPLINGS, EncoderSpesOptions, SpesOptions
 from xattn_lightning.saliency.result import SaliencyResult
 
 #: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError
+from xattn_lightning.explain import explain
 from xattn_lightning.functional.alignment import Word, boundary_errors, select_heads_by_agreement
-from xattn_lightning.timestamps import Alignment, align, alignment_words
+from xattn_lightning.timestamps.align import Alignment, align, alignment_words
 
 
 def model_alignment_heads(model: nn.Module) -> list[list[int]] | None:
@@ -42,11 +43,9 @@ def head_agreement(
 ) -> Tensor:
     """Mean agreement ρ of each single (layer, head) with ``method``'s saliency, ``[L, H]``, over the
     utterances of ``batches`` (no labels needed)."""
-    import xattn_lightning as xl
-
     grids = []
     for b in batches:
-        for e in xl.explain(model, b, methods=(method,), tokenizer=tokenizer, **explain_options):
+        for e in explain(model, b, methods=(method,), tokenizer=tokenizer, **explain_options):
             grids.append(e.agreement_grid(method))
     if not grids:
         raise XAttnError("No utterances in batches; pass at least one batch.")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-Word = tuple[str, float, float]
+from xattn_lightning.functional.alignment import Word
+
 FORMATS: tuple[str, ...] = ("tsv", "json", "vtt", "srt")
 
 

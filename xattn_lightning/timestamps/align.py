@@ -3,7 +3,7 @@
 ``xl.word_timestamps`` aligns tokens to encoder frames by DTW over the chosen heads (the method of
 openai-whisper's ``timing.py`` and transformers' ``return_token_timestamps``), with a duration prior from
 each token's spelling and boundaries moved to silences of the input; the scores against true word
-timings, also for the monitor's probes. Which heads to use: :mod:`xattn_lightning.head_choice`. Stands
+timings, also for the monitor's probes. Which heads to use: :mod:`xattn_lightning.timestamps.heads`. Stands
 without Lightning.
 """
 
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError, check_choice
+from xattn_lightning.explain import explain
 from xattn_lightning.functional.alignment import (
     DURATION_PRIOR,
     Word,
@@ -32,6 +33,7 @@ from xattn_lightning.functional.alignment import (
     words_from_tokens,
 )
 from xattn_lightning.functional.silence import silent_spans, snap_to_silence
+from xattn_lightning.summary import TIMING_ERRORS, mean_grid
 
 #: ``"transformers"``: transformers' ``return_token_timestamps`` exactly: DTW over the rows where
 #: the generated tokens are the decoder *input*, so a token gets the time of the row that predicts
@@ -107,8 +109,6 @@ def align(
         >>> a[0].cross_attention.shape, a[0].num_prompt
         (torch.Size([2, 2, 3, 4]), 1)
     """
-    from xattn_lightning.explain import explain
-
     return [alignment_from(e, frame_seconds) for e in explain(model, batch, targets=targets, tokenizer=tokenizer)]
 
 
@@ -255,8 +255,6 @@ def word_timestamps(
         xl.word_timestamps(model, batch, tokenizer=processor, heads="model", duration_prior=0, silence=False)
         # plain DTW over the model's own heads, as openai-whisper's transcribe(word_timestamps=True) does
     """
-    from xattn_lightning.explain import explain
-
     adapter = adapter_for(model, tokenizer)
     if isinstance(heads, str):
         check_choice("heads", heads, ("agreement", "model"))
@@ -301,8 +299,6 @@ def score_probes(
 
     Returns the heads and ``(probe id, cause)`` of the probes that could not be timed.
     """
-    from xattn_lightning.summary import TIMING_ERRORS, mean_grid
-
     method = "encoder_spes" if "encoder_spes" in methods else methods[0]
     heads = select_heads_by_agreement(mean_grid(rows, method))
     row_of = {r["id"]: r for r in rows}

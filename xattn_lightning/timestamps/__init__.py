@@ -1,0 +1,54 @@
+"""Word timestamps from cross-attention: timing (:mod:`.align`), which heads (:mod:`.heads`), the alignment loss
+of fine-tunes (:mod:`.loss`) and caption files (:mod:`.captions`). The DTW, prior and silence maths are pure
+functions in :mod:`xattn_lightning.functional.alignment` and :mod:`xattn_lightning.functional.silence`. Stands
+without Lightning.
+
+>>> from xattn_lightning.timestamps import word_timestamps, alignment_heads, AlignmentLoss, captions
+"""
+
+from xattn_lightning.timestamps import captions
+from xattn_lightning.timestamps.align import (
+    DEFAULT_TIMING_METHOD,
+    FUSION_WEIGHT,
+    TIMESTAMP_N_MASKS,
+    TIMING_METHODS,
+    Alignment,
+    align,
+    alignment_from,
+    alignment_token_times,
+    alignment_words,
+    score_probes,
+    timing_scores,
+    word_timestamps,
+)
+from xattn_lightning.timestamps.heads import (
+    alignment_heads,
+    head_agreement,
+    head_errors,
+    model_alignment_heads,
+    select_heads_supervised,
+)
+from xattn_lightning.timestamps.loss import EOS_SECONDS, AlignmentLoss
+
+__all__ = [
+    "DEFAULT_TIMING_METHOD",
+    "EOS_SECONDS",
+    "FUSION_WEIGHT",
+    "TIMESTAMP_N_MASKS",
+    "TIMING_METHODS",
+    "Alignment",
+    "AlignmentLoss",
+    "align",
+    "alignment_from",
+    "alignment_heads",
+    "alignment_token_times",
+    "alignment_words",
+    "captions",
+    "head_agreement",
+    "head_errors",
+    "model_alignment_heads",
+    "score_probes",
+    "select_heads_supervised",
+    "timing_scores",
+    "word_timestamps",
+]
