@@ -118,3 +118,26 @@ def test_a_resumed_training_keeps_the_probes_masks_and_history(tmp_path):
     assert (
         resumed.instrument.history.baseline == first.instrument.history.baseline
     )  # changes since the start of the run
+
+
+def test_without_the_trainer_a_batch_it_cannot_read_is_said_before_the_first_step(tmp_path):
+    """A callback given in ``callbacks=[...]`` sees no eval set until the first evaluation: it reads one training
+    item at train begin, so that a batch it cannot read (here: batch_keys pointing at nothing) is said before the
+    first step, naming what the batch holds."""
+    seen_at_first_step: list[int] = []
+
+    class Probe(integration.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not seen_at_first_step:
+                seen_at_first_step.append(len(rec))
+
+    cb = integration.XAttnSaliencyCallback(
+        num_probes=2, n_masks=8, targets="labels", max_overhead=None, batch_keys={"input_features": "feats"}
+    )
+    trainer = _tiny_trainer(tmp_path, [cb, Probe()])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in rec if "XAttnSaliencyCallback" in str(w.message) and "nothing will be read" in str(w.message)]
+    assert len(said) == 1 and "nothing at 'feats'" in said[0] and "input_features" in said[0], said
+    assert seen_at_first_step and seen_at_first_step[0] >= 1

@@ -124,6 +124,16 @@ def _with_item_facts(batch: Any, item: Any) -> Any:
     return batch
 
 
+def _first_collated(loader: Any) -> Any:
+    """The first item of a DataLoader's dataset, collated alone by its own collator (``None`` without one); the
+    loader's own iterator is never touched."""
+    dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+    if dataset is None or collate is None or iter_once(dataset):
+        return None
+    item = next(iter(first_items(dataset, 1, "the training set")), None)
+    return None if item is None else collate([item])
+
+
 class XAttnSaliencyCallback(TrainerCallback, ExportableState):
     """Attention–saliency agreement on fixed probe utterances during a Hugging Face Trainer fine-tune.
 
@@ -254,7 +264,9 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             adapter = self._adapter(kwargs)
             self.instrument.check_adapter(adapter, type(kwargs.get("model")).__name__, guessed=self.model_fn is None)
             if self.trainer is None and self.instrument.probe_set.source is None:
-                return  # the eval set arrives with the first evaluation
+                # the eval set arrives with the first evaluation: read one training item now, collated alone
+                self.instrument.check_before_training(adapter, lambda: _first_collated(kwargs.get("train_dataloader")))
+                return
             try:
                 self._probe_source(kwargs)
             except XAttnError as err:  # said now, before the first step
