@@ -77,21 +77,12 @@ class Summary:
         grids: method → the probe-averaged layer × head ρ grid.
         below_floor: method → (reliability, masks that would reach the floor) where the corrected
             headline was left out.
-
-    ``summary["scalars"]`` (the former dict form) still works.
     """
 
     scalars: dict[str, float]
     head_ranking: dict[str, list[tuple[int, int, float]]]
     grids: dict[str, list[list[float]]]
     below_floor: dict[str, tuple[float, int]] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Dict-style access, for code written against the former dict form."""
-        return getattr(self, key, default)
 
 
 #: row key of a probe's word-boundary errors (s), when its batch carries word timings

@@ -97,21 +97,21 @@ def _row(pearson, reliability, noise=0.01, n=64):
 
 def test_corrected_headline_only_above_the_reliability_floor_with_intervals():
     good = summarize([_row(0.3, 0.8), _row(0.4, 0.9), _row(0.35, 0.85)], ["m"])
-    s = good["scalars"]
-    assert good["below_floor"] == {}
+    s = good.scalars
+    assert good.below_floor == {}
     assert s["m/pearson_corrected_ci_low"] <= s["m/pearson_corrected"] <= s["m/pearson_corrected_ci_high"]
     assert s["m/pearson_ci_low"] <= s["m/pearson"] <= s["m/pearson_ci_high"]
     assert s["m/pearson_ci_low"] < s["m/pearson_ci_high"]
     noisy = summarize([_row(0.1, 0.1), _row(0.12, 0.2)], ["m"])
-    assert "m/pearson_corrected" not in noisy["scalars"] and "m/pearson_corrected_ci_low" not in noisy["scalars"]
-    rel, needed = noisy["below_floor"]["m"]
+    assert "m/pearson_corrected" not in noisy.scalars and "m/pearson_corrected_ci_low" not in noisy.scalars
+    rel, needed = noisy.below_floor["m"]
     assert rel == pytest.approx(0.15) and needed == masks_for_reliability(64, 0.15, RELIABILITY_FLOOR) > 64
     # Spearman-Brown: the predicted reliability at the suggested count reaches the floor
     k = needed / 64
     assert k * rel / (1 + (k - 1) * rel) >= RELIABILITY_FLOOR - 1e-9
     # one probe still gets an interval, from its mask noise
     (lo, hi) = (lambda s: (s["m/pearson_ci_low"], s["m/pearson_ci_high"]))(
-        summarize([_row(0.3, 0.9)], ["m"])["scalars"]
+        summarize([_row(0.3, 0.9)], ["m"]).scalars
     )
     assert lo < 0.3 < hi
 
@@ -146,6 +146,6 @@ def test_summary_is_typed_and_keeps_the_dict_reading():
     }
     s = summarize([row, dict(row)], ("encoder_spes",), ("pearson", "spearman"))
     assert isinstance(s, Summary)
-    assert s.scalars["encoder_spes/pearson"] == pytest.approx(0.4) == s["scalars"]["encoder_spes/pearson"]
+    assert s.scalars["encoder_spes/pearson"] == pytest.approx(0.4)
     assert s.head_ranking["encoder_spes"][0][:2] == (0, 1)
     assert s.get("below_floor") == s.below_floor

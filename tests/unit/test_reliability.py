@@ -375,7 +375,7 @@ def test_nan_metric_is_never_logged(tmp_path):
             "spes/coverage": 0.0,
         }
     ]
-    scalars = summarize(rows, ("spes",), ("pearson",))["scalars"]
+    scalars = summarize(rows, ("spes",), ("pearson",)).scalars
     assert math.isnan(scalars["spes/pearson"])
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels"

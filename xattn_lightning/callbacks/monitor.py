@@ -31,9 +31,7 @@ from xattn_lightning.monitoring import PREFIX, Instrument, Messages, MonitorConf
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
 
-#: the reading defaults (kept under their old name; they live in :mod:`xattn_lightning.saliency.options`)
-MONITOR_DEFAULTS = READING_DEFAULTS
-__all__ = ["MONITOR_DEFAULTS", "PREFIX", "XAttnSaliencyMonitor"]
+__all__ = ["PREFIX", "XAttnSaliencyMonitor"]
 
 
 def _guarded(hook: str) -> Callable[..., None]:
