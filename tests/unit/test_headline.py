@@ -148,4 +148,3 @@ def test_summary_is_typed_and_keeps_the_dict_reading():
     assert isinstance(s, Summary)
     assert s.scalars["encoder_spes/pearson"] == pytest.approx(0.4)
     assert s.head_ranking["encoder_spes"][0][:2] == (0, 1)
-    assert s.get("below_floor") == s.below_floor
