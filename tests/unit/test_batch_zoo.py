@@ -231,7 +231,7 @@ def _fit(layout: str, monitor) -> tuple[ZooModule, list[str]]:
 
 
 def _monitor(**kw):
-    return xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, n_masks=8, max_new_tokens=4, **kw)
+    return xl.XAttnSaliencyMonitor(**{"max_overhead": None, "num_probes": 2, "n_masks": 8, "max_new_tokens": 4, **kw})
 
 
 def _same_training(a: ZooModule, b: ZooModule) -> bool:
@@ -440,3 +440,28 @@ def test_a_streaming_eval_set_of_a_seq2seq_trainer_reads_with_one_line(tmp_path)
     plain, _, _ = _seq2seq(tmp_path / "b", datasets.IterableDataset.from_generator(lambda: iter(rows)), callback=False)
     a, b = trainer.model.state_dict(), plain.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_takes_the_same_probes_from_a_probes_source(tmp_path):
+    """The probe set of a ``probes=`` source is fixed at fit start; a resume from a checkpoint takes exactly the
+    stored positions again, before the first step."""
+    collate, to_xy = LAYOUTS["unknown_keys"]
+    probes = DataLoader(_ListDataset(_utterances(4, seed=2)), batch_size=2, shuffle=True, collate_fn=collate)
+
+    def run(epochs: int, ckpt=None):
+        pl.seed_everything(0)
+        monitor = _monitor(probes=probes, num_probes=3, targets="labels")
+        module = ZooModule(to_xy, [])
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=[monitor], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+                             num_sanity_val_steps=0)  # fmt: skip
+        train = DataLoader(_ListDataset(_utterances(4)), batch_size=2, collate_fn=collate)
+        trainer.fit(module, train, ckpt_path=ckpt)
+        return monitor, trainer
+
+    first, trainer = run(1)
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, _ = run(2, str(ckpt))
+    assert resumed.probe_positions == first.probe_positions == [0, 1, 2]
+    assert resumed.probe_ids == first.probe_ids and len(resumed.history) == 2
