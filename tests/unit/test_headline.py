@@ -105,10 +105,10 @@ def test_corrected_headline_only_above_the_reliability_floor_with_intervals():
     noisy = summarize([_row(0.1, 0.1), _row(0.12, 0.2)], ["m"])
     assert "m/pearson_corrected" not in noisy.scalars and "m/pearson_corrected_ci_low" not in noisy.scalars
     rel, needed = noisy.below_floor["m"]
-    assert rel == pytest.approx(0.15) and needed == masks_for_reliability(64, 0.15, RELIABILITY_FLOOR) > 64
-    # Spearman-Brown: the predicted reliability at the suggested count reaches the floor
+    assert rel == pytest.approx(0.15) and needed == masks_for_reliability(64, 0.15, 0.5) > 64
+    # Spearman-Brown: the predicted reliability at the suggested count is n_masks='auto''s target, well above the floor
     k = needed / 64
-    assert k * rel / (1 + (k - 1) * rel) >= RELIABILITY_FLOOR - 1e-9
+    assert k * rel / (1 + (k - 1) * rel) >= 0.5 - 1e-9 > RELIABILITY_FLOOR
     # one probe still gets an interval, from its mask noise
     (lo, hi) = (lambda s: (s["m/pearson_ci_low"], s["m/pearson_ci_high"]))(
         summarize([_row(0.3, 0.9)], ["m"]).scalars

@@ -539,7 +539,12 @@ class Instrument:
     def _warn_below_floor(self, summary: Summary) -> None:
         floor = self.config.reliability_floor
         for m, (rel, needed) in summary.below_floor.items():
-            more = f"; about {needed} masks (n_masks={needed}) would reach it" if needed > 0 else "; raise n_masks"
+            more = (
+                f"; about {needed} masks (n_masks={needed}, or n_masks='auto') are predicted to bring it to "
+                f"{max(AUTO_RELIABILITY_TARGET, floor)}, safely above the floor"
+                if needed > 0
+                else "; raise n_masks"
+            )
             level = f"{rel:.2f}" if rel == rel else "undefined: the two half maps do not agree, the maps are noise"
             self.messages.warn_once(
                 f"floor:{m}",
