@@ -88,6 +88,25 @@ def validation_planned(trainer: Any, pl_module: Any) -> bool:
         return True
 
 
+def _first_loader(loaders: Any) -> Any:
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return loaders
+
+
+def training_loader(trainer: Any) -> Any:
+    """A fresh training DataLoader (the first, where there are several), before training starts (``None`` when
+    it cannot be had): asked of the private ``fit_loop._data_source`` as Lightning asks it (the datamodule's or
+    the module's ``train_dataloader()``, or the loaders given to ``fit``), after the datamodule's setup."""
+    try:
+        source = trainer.fit_loop._data_source
+    except AttributeError:  # pragma: no cover - depends on the Lightning version
+        return None
+    return _first_loader(source.dataloader()) if source.is_defined() else None
+
+
 def first_validation_batch(trainer: Any) -> Any:
     """The first batch of a fresh validation DataLoader, before training starts (``None`` when there is no
     validation data). The loader is asked of the private ``val_loop._data_source`` (the datamodule's or the
@@ -99,12 +118,8 @@ def first_validation_batch(trainer: Any) -> Any:
         return None
     if not source.is_defined():
         return None
-    loaders = source.dataloader()
-    if isinstance(loaders, dict):
-        loaders = next(iter(loaders.values()), None)
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    return None if loaders is None else next(iter(loaders), None)
+    loader = _first_loader(source.dataloader())
+    return None if loader is None else next(iter(loader), None)
 
 
 def sharded_stream(trainer: Any) -> tuple[int, int]:

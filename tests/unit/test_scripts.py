@@ -2,6 +2,7 @@
 argument, DDP with Lightning's default sampler; and never silent when it cannot run."""
 
 import glob
+import logging
 import math
 import warnings
 
@@ -106,15 +107,36 @@ def test_readings_run_at_epoch_end_when_validation_skips_that_epoch(tmp_path):
     assert [h["epoch"] for h in mon.history] == [0, 1, 2, 3]
 
 
-def test_without_validation_or_probes_it_warns_at_fit_start_naming_the_fix(tmp_path):
+def test_without_validation_or_probes_the_first_training_utterances_are_read(tmp_path, caplog):
+    """A public script with no validation loop reads with the one added line: its first training utterances (in
+    the dataset's order, whatever the shuffling sampler) are the probes, said once as information."""
+    mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, n_masks=8, targets="labels", tokenizer=FakeTokenizer())
+    with caplog.at_level(logging.INFO):
+        _, warned = fit(tmp_path, TrainOnly(), mon)
+    assert warned == [] and [h["epoch"] for h in mon.history] == [0, 1]
+    assert mon.probe_ids == ["probe0", "probe1"] and mon.probe_positions == [0, 1]
+    assert any("no validation loop: the probes are the first 2 training utterances" in r.getMessage() for r in caplog.records)
+    one = mon.last_explanations[0].token_ids.tolist()
+    assert one == [t for t in tuple_data(8)[0][1].tolist() if t < 50]  # the first training item's labels
+
+
+def test_without_any_data_source_it_says_so_at_fit_start(tmp_path):
+    class Batches:  # an iterable of batches, not a DataLoader: no dataset to take items from
+        def __iter__(self):
+            return iter([tuple(t.unsqueeze(0) for t in tuple_data(2)[i]) for i in range(2)])
+
+        def __len__(self):
+            return 2
+
     mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, n_masks=8, tokenizer=FakeTokenizer())
-    _, warned = fit(tmp_path, TrainOnly(), mon)
-    assert mon.history == []
-    assert len(warned) == 2, warned  # the cause and its fix at fit start, the count at the end of the run
-    assert "nothing will be logged" in warned[0] and "probes=" in warned[0]
-    assert "2 of the 2 readings due in this run were not taken: 2 because no validation ran" in warned[1]
-    with pytest.raises(xl.XAttnError, match="probes="):
-        fit(tmp_path / "r", TrainOnly(), xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, on_error="raise"))
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[mon], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")  # fmt: skip
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(TrainOnly(), Batches())
+    said = [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]
+    assert "nothing will be logged" in said[0] and "probes=" in said[0] and mon.history == []
 
 
 def test_no_model_no_probe_and_no_tokenizer_are_each_warned_once(tmp_path):

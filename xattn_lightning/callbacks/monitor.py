@@ -22,6 +22,7 @@ from xattn_lightning._lightning import (
     namespace_of,
     sharded_stream,
     steps_logged,
+    training_loader,
     validation_planned,
 )
 from xattn_lightning.adapters import Adapter
@@ -228,12 +229,7 @@ class XAttnSaliencyMonitor(Callback):
                 "run a short fit instead: Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2).",
             )
         if self.probes_source is None and not validation_planned(trainer, pl_module):
-            say.warn_once(
-                "no-probes",
-                "nothing will be logged: there is no validation loop (validation_step and val data) to take "
-                "probe utterances from. Pass probes=<a DataLoader, Dataset or list of batches> (a few held-out "
-                "utterances; training batches work too), or add a validation loop.",
-            )
+            self._probes_from_training(trainer)
         try:
             adapter = self._adapter(trainer, pl_module)
         except Exception as err:
@@ -247,6 +243,28 @@ class XAttnSaliencyMonitor(Callback):
         self.instrument.check_adapter(adapter, type(pl_module).__name__, guessed=self.model_fn is None)
         validates = self.probes_source is None and validation_planned(trainer, pl_module)
         self.instrument.check_before_training(adapter, (lambda: first_validation_batch(trainer)) if validates else None)
+
+    def _probes_from_training(self, trainer: Trainer) -> None:
+        """No validation loop and no ``probes=``: the first ``num_probes`` training utterances (items of the
+        training set in its own order, collated alone; its sampler is never drawn from) are the probes."""
+        say = self.instrument.messages
+        try:
+            loader = training_loader(trainer)
+        except Exception:  # the fit itself will say what is wrong with its data
+            loader = None
+        if loader is None or not hasattr(loader, "dataset"):
+            say.warn_once(
+                "no-probes",
+                "nothing will be logged: there is no validation loop (validation_step and val data) to take "
+                "probe utterances from, nor a training DataLoader. Pass probes=<a DataLoader, Dataset or list of "
+                "batches> (a few held-out utterances), or add a validation loop.",
+            )
+            return
+        self.instrument.probe_set.source = loader
+        say.info(
+            f"no validation loop: the probes are the first {self.num_probes} training utterances, read after each "
+            "due epoch's training. For held-out utterances pass probes=<a DataLoader, Dataset or list of batches>."
+        )
 
     on_train_start = _guarded("on_train_start")
 
