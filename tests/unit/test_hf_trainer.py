@@ -141,3 +141,17 @@ def test_without_the_trainer_a_batch_it_cannot_read_is_said_before_the_first_ste
     said = [str(w.message) for w in rec if "XAttnSaliencyCallback" in str(w.message) and "nothing will be read" in str(w.message)]
     assert len(said) == 1 and "nothing at 'feats'" in said[0] and "input_features" in said[0], said
     assert seen_at_first_step and seen_at_first_step[0] >= 1
+
+
+def test_a_trainer_that_never_evaluates_reads_training_items_after_each_epoch(tmp_path):
+    cb = integration.XAttnSaliencyCallback(num_probes=2, n_masks=8, targets="labels", max_overhead=None)
+    trainer = _tiny_trainer(tmp_path, [])
+    trainer.args.eval_strategy, trainer.eval_dataset = "no", None
+    trainer.add_callback(cb)
+    cb.trainer = trainer
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in rec if "XAttnSaliencyCallback" in str(w.message) and "not logged" not in str(w.message)]
+    assert [m for m in said if "tokenizer" not in m] == []
+    assert len(cb.history) == 1 and cb.instrument.probe_set.positions == [0, 1]  # after the one epoch

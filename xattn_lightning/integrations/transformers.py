@@ -144,7 +144,9 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         every_n_steps: read every that many optimizer steps instead of after each evaluation.
         probes: probe utterances (a DataLoader, a map-style or iterable Dataset, or a list of batches); default:
             the first ``num_probes`` items of the eval set (map-style or streaming ``IterableDataset``; the first
-            of several), each collated alone by the Trainer's data collator, from a fresh iterator.
+            of several; without one, of the training set), each collated alone by the Trainer's data collator,
+            from a fresh iterator. Readings follow each evaluation, or each epoch when the Trainer never
+            evaluates, or every ``every_n_steps`` steps.
         model_fn: ``model_fn(model) -> nn.Module | Adapter``; default: the Trainer's model.
         batch_fn, batch_keys, tokenizer, and the reading options (``num_probes``, ``methods``, ``targets``, ``metrics``,
             ``layers``, ``heads``, ``n_masks``, ``seed``, ``max_seconds``, ``saliency_options``, ``log_figures``,
@@ -289,6 +291,12 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             with self.instrument.messages.guard("on_evaluate"):
                 self._scheduled(args, state, kwargs)
 
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Read after each epoch when the Trainer never evaluates (``eval_strategy="no"``, no ``every_n_steps``)."""
+        if self.every_n_steps is None and getattr(args, "eval_strategy", None) == "no":
+            with self.instrument.messages.guard("on_epoch_end"):
+                self._scheduled(args, state, kwargs)
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Read every ``every_n_steps`` optimizer steps."""
         if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
@@ -330,6 +338,12 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         collate = getattr(self.trainer, "data_collator", None)
         if dataset is None and loader is not None:
             dataset = getattr(loader, "dataset", None)
+        if dataset is None and getattr(self.trainer, "train_dataset", None) is not None:  # no eval set at all
+            dataset = self.trainer.train_dataset
+            self.instrument.messages.info(
+                f"no eval set: the probes are the first {self.config.num_probes} training items. For held-out ones "
+                "pass probes=<a list of batches, a Dataset or a DataLoader> or eval_dataset= to the Trainer."
+            )
         if isinstance(dataset, Mapping) and dataset:  # several eval sets: the first
             name, dataset = next(iter(dataset.items()))
             self.instrument.messages.info(f"probes are taken from the first eval set, {name!r}.")
