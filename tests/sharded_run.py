@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import speaking_tiny_whisper  # noqa: E402
 
 import xattn_lightning as xl  # noqa: E402
+from xattn_lightning.adapters.hf import WhisperAdapter  # noqa: E402
+from xattn_lightning.monitoring.sharded import clean_name  # noqa: E402
 
 TIMEOUT = 2.0  # reading_timeout of the fault cases (s); the late rank sleeps 3 times that
 
@@ -42,7 +44,6 @@ class Module(pl.LightningModule):
         super().__init__()
         self.shard = shard
         self.model = speaking_tiny_whisper()
-        self.readings = 0
 
     def configure_model(self) -> None:
         if self.shard == "fsdp":  # wrapped here: torch's FSDP needs device_id=cpu on CPU, which Lightning does not pass
@@ -93,15 +94,26 @@ def strategy(name: str):
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
 
 
+class FaultyAdapter(WhisperAdapter):
+    """Whisper's adapter with a fault on rank 1 at the first reading (epoch 0): ``delay`` makes rank 1 late past
+    ``reading_timeout``; ``raise`` makes its first probe fail."""
+
+    def __init__(self, owner: Module, mode: str) -> None:
+        super().__init__(owner.model)
+        self.owner, self.mode = owner, mode
+
+    def generate(self, *args, **kwargs):
+        if self.owner.global_rank == 1 and self.owner.current_epoch == 0:
+            if self.mode == "delay":
+                time.sleep(3 * TIMEOUT)
+            elif self.mode == "raise":
+                raise RuntimeError("a fault injected on rank 1")
+        return super().generate(*args, **kwargs)
+
+
 def model_fn(mode: str):
     def pick(module: Module):
-        module.readings += 1
-        if module.readings == 1 and module.global_rank == 1:
-            if mode == "delay":
-                time.sleep(3 * TIMEOUT)
-            elif mode == "raise":
-                raise RuntimeError("a fault injected on rank 1")
-        return module.model
+        return FaultyAdapter(module, mode) if mode in ("delay", "raise") else module.model
 
     return pick
 
@@ -110,7 +122,7 @@ def full_weights(trainer: pl.Trainer, module: Module) -> dict[str, torch.Tensor]
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    return {xl.monitoring.sharded.clean_name(k): v.detach().clone() for k, v in state.items()}
+    return {clean_name(k): v.detach().clone() for k, v in state.items()}
 
 
 def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -153,9 +165,9 @@ def main(path: str, cases: list[str]) -> None:
         if base in weights and case != base:
             a, b = weights[case], weights[base]
             results[case]["same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        with open(path, "w") as fh:
-            json.dump(results, fh, indent=1, default=str)
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    with open(path if rank == 0 else f"{path}.rank{rank}", "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -219,11 +219,12 @@ def unsharded_adapter(adapter: Adapter, state: dict[str, torch.Tensor]) -> Adapt
     return out
 
 
-def path_in(root: nn.Module, module: nn.Module) -> str | None:
-    """The clean name of ``module`` inside ``root`` (``""``: the root itself), ``None`` when it is not there."""
+def path_in(root: nn.Module, module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The clean name of ``module`` inside ``root`` (``""``: the root itself) and its outermost wrapper there
+    (an FSDP unit, say), ``None`` when it is not there."""
     for name, m in root.named_modules():
         if m is module or _unwrapped(m) is module:
-            return clean_name(name).rstrip(".")
+            return clean_name(name).rstrip("."), m
     return None
 
 
@@ -398,17 +399,17 @@ def guarded_reading(
         if made:
             return made[0]
         assert root is not None and kind is not None
-        status, size, base = "ready", 0, None
+        status, size, base, where = "ready", 0, None, None
         try:
             base = resolve()
-            prefix = path_in(root, base.model)
-            size = full_bytes(base.model)
+            where = path_in(root, base.model)
+            size = full_bytes(where[1]) if where is not None else 0
             if kind == "DeepSpeed ZeRO-3":
                 status = (
                     "a DeepSpeed ZeRO-3 model is not read: gathering its parameters is untested here (no GPU); "
                     "use ZeRO-2 (whole parameters on each process) or FSDP"
                 )
-            elif prefix is None:
+            elif where is None:
                 status = f"the explained model ({type(base.model).__name__}) is not inside the sharded module"
         except Exception as err:
             status = f"{type(err).__name__}: {err}"
@@ -424,9 +425,9 @@ def guarded_reading(
                 f"on each process, more than max_gathered_gb={max_gathered_gb:g}; readings are skipped. Raise "
                 "max_gathered_gb if the memory is there, or read a smaller model"
             )
-        assert base is not None
+        assert base is not None and where is not None
         t0 = clock()
-        state = gather_full_state(root, path_in(root, base.model) or "")
+        state = gather_full_state(root, where[0])
         made.append(unsharded_adapter(base, state))
         cost["gather_seconds"] = clock() - t0
         return made[0]
