@@ -7,8 +7,8 @@ starts rank 1 by running this script again), so the imports are paid once.
     python tests/sharded_run.py OUT_JSON CASE [CASE ...]
 
 A case is ``STRATEGY-MODE``: ``ddp|fsdp|fsdp2`` and ``with`` (the monitor), ``without``, ``delay`` (rank 1 is
-late past ``reading_timeout`` at the first reading) or ``raise`` (rank 1 cannot resolve the model at the first
-reading). Every fit is 2 epochs of 4 steps; 3 probes of different lengths, so rank 0 explains two, rank 1 one.
+late past ``reading_timeout`` at the first reading), ``raise`` (rank 1's first probe fails at the first reading) or ``small`` (``max_gathered_gb`` below the
+model's size). Every fit is 2 epochs of 4 steps; 3 probes of different lengths, so rank 0 explains two, rank 1 one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import speaking_tiny_whisper  # noqa: E402
+from helpers import speaking_tiny_whisper, tiny_extractor  # noqa: E402
 
 import xattn_lightning as xl  # noqa: E402
 from xattn_lightning.adapters.hf import WhisperAdapter  # noqa: E402
@@ -42,10 +42,14 @@ class CPUFSDP(FSDPStrategy):
 class Module(pl.LightningModule):
     def __init__(self, shard: str) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.shard = shard
         self.model = speaking_tiny_whisper()
+        self.processor = tiny_extractor()
 
     def configure_model(self) -> None:
+        if not torch.distributed.is_initialized():  # loaded from a checkpoint, outside training: a plain model
+            return
         if self.shard == "fsdp":  # wrapped here: torch's FSDP needs device_id=cpu on CPU, which Lightning does not pass
             from torch.distributed.fsdp import FullyShardedDataParallel
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -90,7 +94,7 @@ def strategy(name: str):
     if name == "ddp":
         return DDPStrategy(process_group_backend="gloo")
     if name == "fsdp":
-        return CPUFSDP(process_group_backend="gloo")
+        return CPUFSDP(process_group_backend="gloo", state_dict_type="sharded")
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
 
 
@@ -135,7 +139,7 @@ def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
         callbacks.append(
             xl.XAttnSaliencyMonitor(
                 num_probes=3, n_masks=8, max_overhead=None, log_figures=False, model_fn=model_fn(mode),
-                reading_timeout=timeout,
+                reading_timeout=timeout, max_gathered_gb=1e-6 if mode == "small" else None,
             )  # fmt: skip
         )
     trainer = pl.Trainer(
@@ -147,12 +151,17 @@ def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         trainer.fit(module, train, val)
+    if os.environ.get("SHARDED_RUN_CKPT_DIR") and mode == "with":  # a distributed checkpoint directory (shards)
+        trainer.save_checkpoint(os.path.join(os.environ["SHARDED_RUN_CKPT_DIR"], f"{case}.ckpt"))
     out: dict = {"warnings": [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]}
     if callbacks:
         mon = callbacks[0]
         out["history"] = mon.history
         out["gather_cost"] = mon.instrument.gather_cost
-    return out, full_weights(trainer, module)
+    weights = full_weights(trainer, module)
+    if os.environ.get("SHARDED_RUN_CKPT_DIR") and mode == "with" and trainer.global_rank == 0:
+        torch.save(weights, os.path.join(os.environ["SHARDED_RUN_CKPT_DIR"], f"{case}.weights.pt"))
+    return out, weights
 
 
 def main(path: str, cases: list[str]) -> None:

@@ -258,11 +258,14 @@ class BoundedExchange:
         store: the process group's store (``torch.distributed.distributed_c10d._get_default_store()``).
         world_size, rank: the processes.
         timeout: seconds a process waits for the others at one round.
+        reading: the reading's number, the same on every process (default: this process's count of readings).
     """
 
-    def __init__(self, store: Any, world_size: int, rank: int, timeout: float = READING_TIMEOUT) -> None:
+    def __init__(
+        self, store: Any, world_size: int, rank: int, timeout: float = READING_TIMEOUT, reading: int | None = None
+    ) -> None:
         self.store, self.world_size, self.rank, self.timeout = store, world_size, rank, float(timeout)
-        self.reading = next(_READINGS)
+        self.reading = next(_READINGS) if reading is None else reading  # the keys' namespace
         self.round = 0
         self.failed: str | None = None
 
