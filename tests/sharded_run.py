@@ -138,8 +138,13 @@ def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
         timeout = TIMEOUT if mode in ("delay", "raise") else 60.0
         callbacks.append(
             xl.XAttnSaliencyMonitor(
-                num_probes=3, n_masks=8, max_overhead=None, log_figures=False, model_fn=model_fn(mode),
-                reading_timeout=timeout, max_gathered_gb=1e-6 if mode == "small" else None,
+                num_probes=3,
+                n_masks=8,
+                max_overhead=None,
+                log_figures=False,
+                model_fn=model_fn(mode),
+                reading_timeout=timeout,
+                max_gathered_gb=1e-6 if mode == "small" else None,
             )  # fmt: skip
         )
     trainer = pl.Trainer(

@@ -145,7 +145,9 @@ def consolidate_sharded_checkpoint(path: str | os.PathLike, output_file: str | o
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-        shards = sorted({info.relative_path for info in FileSystemReader(str(folder)).read_metadata().storage_data.values()})
+        shards = sorted(
+            {info.relative_path for info in FileSystemReader(str(folder)).read_metadata().storage_data.values()}
+        )
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise XAttnError(
@@ -166,9 +168,8 @@ def consolidate_sharded_checkpoint(path: str | os.PathLike, output_file: str | o
         return out
     if (folder / "latest").is_file() or (folder / "checkpoint").is_dir():
         try:
-            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
             import deepspeed  # noqa: F401
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
         except ImportError as err:
             raise XAttnError(
                 f"{str(folder)!r} is a DeepSpeed checkpoint; consolidating it needs deepspeed (pip install deepspeed)."

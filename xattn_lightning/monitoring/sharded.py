@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import pickle
@@ -114,11 +115,11 @@ def clean_name(name: str) -> str:
     return name
 
 
-def _plain_class(m: nn.Module) -> type:
+def _plain_class(m: nn.Module) -> type[nn.Module]:
     _, fsdp2 = _fsdp_classes()
-    cls = type(m)
+    cls: type[nn.Module] = type(m)
     if isinstance(m, fsdp2):  # fully_shard made a class FSDP<cls>(FSDPModule, cls)
-        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, fsdp2) and c is not fsdp2)
+        cls = next(c for c in cls.__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, fsdp2))
     return cls
 
 
@@ -133,7 +134,7 @@ def _unwrapped(m: nn.Module) -> nn.Module:
 def _skeleton(m: nn.Module, twins: dict[int, nn.Module]) -> nn.Module:
     """A plain module of ``m``'s class and attributes, no parameters, no hooks; children likewise."""
     m = _unwrapped(m)
-    new = object.__new__(_plain_class(m))
+    new: nn.Module = object.__new__(_plain_class(m))
     nn.Module.__init__(new)  # fresh parameter, buffer, module and hook dicts
     for key, value in vars(m).items():
         if key not in vars(new) and "fsdp" not in key:  # e.g. _is_fsdp_managed_module: HF generate would sync
@@ -174,7 +175,9 @@ def plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[nn.Mo
             owner._buffers[leaf] = tensor
         else:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    missing = [n for n, m in root.named_modules() for leaf in _param_names(_find(module, n)) if leaf not in m._parameters]
+    missing = [
+        n for n, m in root.named_modules() for leaf in _param_names(_find(module, n)) if leaf not in m._parameters
+    ]
     if missing:
         raise XAttnError(f"the gathered parameters miss {len(missing)} of the model's ({missing[:3]}...).")
     return root, twins
@@ -200,7 +203,7 @@ def gather_full_state(root: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in full.items():
         name = clean_name(name)
-        if name.startswith(head):
+        if name.startswith(head) and isinstance(t, torch.Tensor):
             out[name[len(head) :]] = t.detach()
     return out
 
@@ -324,10 +327,8 @@ class BoundedExchange:
     def _forget_previous(self) -> None:
         """Every process posted in this round, so all have read the previous one: drop this process's post there."""
         if self.round > 0:
-            try:
+            with contextlib.suppress(RuntimeError):  # a store without delete_key keeps it
                 self.store.delete_key(self._key(self.rank, self.round - 1))
-            except RuntimeError:  # pragma: no cover - a store without delete_key keeps it
-                pass
 
 
 def _caller() -> str:
