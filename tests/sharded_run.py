@@ -34,6 +34,29 @@ from xattn_lightning.monitoring.sharded import clean_name  # noqa: E402
 TIMEOUT = 2.0  # reading_timeout of the fault cases (s); the late rank sleeps 3 times that
 
 
+def whisper() -> torch.nn.Module:
+    """The tests' tiny random Whisper; ``SHARDED_RUN_SIZE=tiny.en``: whisper-tiny.en's dimensions (37.8 M
+    parameters, random, a 2-s window) for measuring what a reading costs."""
+    if os.environ.get("SHARDED_RUN_SIZE") != "tiny.en":
+        return speaking_tiny_whisper()
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=51864, num_mel_bins=16, d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
+        decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536, max_source_positions=100,
+        max_target_positions=448, decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256,
+        bos_token_id=50256, begin_suppress_tokens=None, suppress_tokens=None,
+    )  # fmt: skip
+    model = WhisperForConditionalGeneration(cfg).eval()
+    gen = model.generation_config
+    gen.decoder_start_token_id, gen.eos_token_id, gen.pad_token_id = 50257, 50256, 50256
+    gen.forced_decoder_ids, gen.max_length, gen.no_timestamps_token_id = None, 20, 50362
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight[50256:] *= 0.01  # tied output projection: specials unlikely
+    return model
+
+
 class CPUFSDP(FSDPStrategy):
     """Lightning refuses the exact class ``FSDPStrategy`` on CPU (a check on ``type(strategy) is FSDPStrategy``);
     FSDP itself runs on CPU with gloo."""
@@ -44,7 +67,7 @@ class Module(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.shard = shard
-        self.model = speaking_tiny_whisper()
+        self.model = whisper()
         self.processor = tiny_extractor()
 
     def configure_model(self) -> None:
