@@ -202,6 +202,10 @@ def main(path: str, cases: list[str]) -> None:
         if base in weights and case != base:
             a, b = weights[case], weights[base]
             results[case]["same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for case in cases:  # how far each strategy's trained weights are from DDP's (float rounding of the reductions)
+        if "ddp-with" in weights and case != "ddp-with" and case.endswith("-with"):
+            a, b = weights[case], weights["ddp-with"]
+            results[case]["weights_vs_ddp"] = max(float((a[k] - b[k]).abs().max()) for k in a)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     with open(path if rank == 0 else f"{path}.rank{rank}", "w") as fh:
         json.dump(results, fh, indent=1, default=str)
