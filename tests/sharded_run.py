@@ -97,7 +97,7 @@ class Module(pl.LightningModule):
         self.log("val_loss", self.model(input_features=batch[0], labels=batch[1]).loss, sync_dist=True)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
+        return torch.optim.SGD(self.parameters(), lr=float(os.environ.get("SHARDED_RUN_LR", "1e-3")))
 
 
 def data(n: int, seed: int, lengths: tuple[int, ...] = (120,)) -> list[tuple[torch.Tensor, torch.Tensor]]:

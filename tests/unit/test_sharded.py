@@ -216,3 +216,28 @@ def test_the_unsharded_copy_has_the_weights_and_no_hooks_and_shares_nothing():
     assert full_bytes(model) == (3 * 4 + 4 + 4 * 2) * 4
     with pytest.raises(XAttnError, match="miss 1"):
         plain_copy(model, {k: v for k, v in state.items() if k != "2.weight"})
+
+
+@pytest.mark.timeout(120)
+def test_a_host_tags_each_exchange_with_its_caller():
+    """Through the host, the exchange carries the name of the function that called it: two processes at
+    different steps of a reading (one gathering rows, one choosing the mask count) fail together."""
+    from xattn_lightning.monitoring.core import SingleProcess
+    from xattn_lightning.monitoring.sharded import ShardedHost
+
+    a, b = _exchanges(reading=3)
+
+    class Proc(SingleProcess):
+        world_size = 2
+
+    ha, hb = ShardedHost(Proc(), a), ShardedHost(Proc(), b)
+
+    def _gather():
+        return ha.all_gather("rows")
+
+    def _options():
+        return hb.all_gather(8)
+
+    outs = _both(_gather, _options)
+    assert all(isinstance(o, ReadingFailed) for o in outs), outs
+    assert "_gather" in str(outs[0]) and "_options" in str(outs[0])

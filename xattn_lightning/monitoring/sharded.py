@@ -332,6 +332,7 @@ class BoundedExchange:
 
 
 def _caller() -> str:
+    """The qualified name of the function that called the caller (``Instrument._gather``, say)."""
     frame = sys._getframe(2)
     return getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
 
@@ -348,17 +349,17 @@ def default_store() -> Any:
 class ShardedHost:
     """A host whose exchanges are bounded (its other methods: the host's)."""
 
-    def __init__(self, host: Any, exchange: BoundedExchange | LocalExchange) -> None:
+    def __init__(self, host: Any, exchange: BoundedExchange) -> None:
         self.host, self.exchange = host, exchange
         self.world_size, self.rank = host.world_size, host.rank
 
     def all_gather(self, obj: Any) -> list[Any]:
-        """Every process's ``obj`` (bounded)."""
-        return self.exchange.all_gather(obj)
+        """Every process's ``obj`` (bounded; the caller's name travels with it)."""
+        return self.exchange.exchange(obj, _caller())
 
     def broadcast(self, obj: Any) -> Any:
-        """Process 0's ``obj`` (bounded)."""
-        return self.exchange.broadcast(obj)
+        """Process 0's ``obj`` (bounded; the caller's name travels with it)."""
+        return self.exchange.exchange(obj, _caller())[0]
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """The host's."""
@@ -393,7 +394,7 @@ def guarded_reading(
     exchange: BoundedExchange | LocalExchange = (
         BoundedExchange(store, host.world_size, host.rank, timeout) if store is not None else LocalExchange()
     )
-    bounded = ShardedHost(host, exchange) if store is not None else host
+    bounded = ShardedHost(host, exchange) if isinstance(exchange, BoundedExchange) else host
     resolve = _resolver(adapter)
     kind = sharding_of(root) if root is not None else None
     cost: dict[str, float] = {}
