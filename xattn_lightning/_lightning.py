@@ -143,6 +143,9 @@ class LightningHost:
     def __init__(self, trainer: Any, messages: Messages) -> None:
         self.trainer, self.messages = trainer, messages
         self.world_size, self.rank = trainer.world_size, trainer.global_rank
+        #: the module the strategy trains (an FSDP wrapper, a ``fully_shard``-ed module): a sharded one is read
+        #: through an unsharded copy (:mod:`xattn_lightning.monitoring.sharded`)
+        self.root = getattr(trainer.strategy, "model", None) or getattr(trainer, "lightning_module", None)
 
     def broadcast(self, obj: Any) -> Any:
         """Process 0's ``obj`` on every process."""

@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from xattn_lightning.batches import ID_KEYS, leaves
 from xattn_lightning.errors import XAttnError, first_line
 from xattn_lightning.explain import Explanation
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER, RELIABILITY_FLOOR, choose_n_masks
-from xattn_lightning.loading import features_batch, load_hf_model
+from xattn_lightning.loading import consolidate_sharded_checkpoint, features_batch, load_hf_model
 from xattn_lightning.monitoring.probes import split_batch
 from xattn_lightning.reading import Probe, ReadingConfig, read
 from xattn_lightning.saliency import perturbation_methods, validate_methods
@@ -194,20 +195,29 @@ def load_checkpoint(
     spec: str, module: str | None = None, processor: str | None = None, base_model: str | None = None
 ) -> tuple[Any, Any, str]:
     """Load ``spec`` (HF directory / hub id, a PEFT adapter directory onto ``base_model`` or the base
-    its config names, or a Lightning ``.ckpt`` with ``module="pkg.mod:Class"``).
+    its config names, or a Lightning ``.ckpt`` with ``module="pkg.mod:Class"``: a file, or a directory of
+    shards as FSDP, ModelParallel and DeepSpeed save it, consolidated by
+    :func:`~xattn_lightning.loading.consolidate_sharded_checkpoint`).
 
     Returns ``(model, processor, name)``; the model is whatever :func:`xattn_lightning.adapter_for`
     accepts (for a LightningModule: its ``xattn_adapter`` or the HF model it wraps).
     """
-    path = Path(spec)
-    if spec.endswith(".ckpt"):
-        if not path.is_file():
+    path = Path(spec.rstrip("/"))
+    if path.suffix == ".ckpt":
+        if not path.exists():
             raise XAttnError(f"Checkpoint {spec!r} does not exist.")
         if module is None:
             raise XAttnError(f"{spec!r} is a Lightning checkpoint; pass --module package.module:Class to load it.")
         cls: Any = _import_class(module)
         try:
-            lit = cls.load_from_checkpoint(str(path), map_location="cpu")
+            if path.is_dir():  # shards (FSDP, ModelParallel, DeepSpeed): consolidated into one file first
+                with tempfile.TemporaryDirectory() as tmp:
+                    whole = consolidate_sharded_checkpoint(path, Path(tmp) / path.name)
+                    lit = cls.load_from_checkpoint(str(whole), map_location="cpu")
+            else:
+                lit = cls.load_from_checkpoint(str(path), map_location="cpu")
+        except XAttnError:
+            raise
         except Exception as err:
             raise XAttnError(f"Cannot load {spec!r} with {module}: {type(err).__name__}: {first_line(err)}") from err
         lit.eval()

@@ -274,7 +274,9 @@ class _HFSeq2SeqAdapter(Adapter):
 
         if encoder_out is None:
             encoder_out = self.encode(utterance.features.unsqueeze(0))
-        kwargs: dict = {"num_beams": num_beams, "do_sample": False}
+        # synced_gpus=False: the monitor generates on each process alone (a sharded model through an unsharded
+        # copy), so generation must never wait on the other processes, whatever marks the model carries
+        kwargs: dict = {"num_beams": num_beams, "do_sample": False, "synced_gpus": False}
         prompt = torch.tensor([self.prompt_ids()], device=self.device)
         if max_new_tokens is not None:  # as max_length: the model's config already sets one
             limit = self.info.max_target_positions or 10**9

@@ -29,6 +29,7 @@ from xattn_lightning.adapters import Adapter
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.monitoring import PREFIX, Instrument, Messages, MonitorConfig, check_probes_source, check_schedule
+from xattn_lightning.monitoring.config import READING_TIMEOUT
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
 
@@ -81,6 +82,11 @@ class XAttnSaliencyMonitor(Callback):
         seed: the masks' seed. max_seconds: a time budget for one whole reading (the mask count that fits is
             calibrated once, then fixed).
         saliency_options: any other :func:`xattn_lightning.explain` option by name (``p_h``, ``frame_rate``...).
+        reading_timeout: several processes: seconds a process waits for the others at one step of a reading;
+            past it the reading fails on every process together, warned once, and training goes on.
+        max_gathered_gb: a sharded model (FSDP, FSDP2, tensor parallel) is read through a copy of its full
+            parameters gathered once per reading; at most this many GiB, else readings are skipped (said once).
+            ``None``: no bound (``docs/sharding.md``).
         **method_options: the same options as flat keywords (kept for existing scripts).
 
         The other arguments (``num_probes``, ``methods``, ``targets``, ``metrics``, ``layers``, ``heads``,
@@ -122,6 +128,8 @@ class XAttnSaliencyMonitor(Callback):
         seed: int = READING_DEFAULTS["seed"],
         max_seconds: float | None = None,
         saliency_options: dict[str, Any] | None = None,
+        reading_timeout: float = READING_TIMEOUT,
+        max_gathered_gb: float | None = None,
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -134,6 +142,7 @@ class XAttnSaliencyMonitor(Callback):
             log_figures=log_figures, max_figures=max_figures, num_beams=num_beams, max_new_tokens=max_new_tokens,
             max_overhead=max_overhead, reliability_floor=float(reliability_floor),
             export_alignment_heads=bool(export_alignment_heads), on_error=on_error, cache_encoder=cache_encoder,
+            reading_timeout=reading_timeout, max_gathered_gb=max_gathered_gb,
             saliency_options=saliency_options,
         )  # fmt: skip
         self.model_fn, self.tokenizer = model_fn, tokenizer

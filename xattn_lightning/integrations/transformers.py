@@ -33,6 +33,7 @@ from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.monitoring import Instrument, Messages, MonitorConfig, check_probes_source
+from xattn_lightning.monitoring.config import READING_TIMEOUT
 from xattn_lightning.monitoring.probes import first_items, iter_once
 from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
@@ -74,6 +75,8 @@ class TrainerHost:
         self.world_size = self._dist.get_world_size() if self._dist else 1
         self.rank = self._dist.get_rank() if self._dist else 0
         self.report_to = list(getattr(args, "report_to", None) or [])
+        #: the wrapped model (accelerate's FSDP wrapper, say): a sharded one is read through an unsharded copy
+        self.root = getattr(trainer, "model_wrapped", None) or getattr(trainer, "model", None)
 
     def broadcast(self, obj: Any) -> Any:
         """Process 0's ``obj`` on every process."""
@@ -151,7 +154,8 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         batch_fn, batch_keys, tokenizer, and the reading options (``num_probes``, ``methods``, ``targets``, ``metrics``,
             ``layers``, ``heads``, ``n_masks``, ``seed``, ``max_seconds``, ``saliency_options``, ``log_figures``,
             ``max_figures``, ``num_beams``, ``max_new_tokens``, ``max_overhead``, ``reliability_floor``,
-            ``export_alignment_heads``, ``on_error``, ``cache_encoder``): as for the Lightning
+            ``export_alignment_heads``, ``on_error``, ``cache_encoder``, ``reading_timeout``,
+            ``max_gathered_gb``): as for the Lightning
             :class:`~xattn_lightning.XAttnSaliencyMonitor`.
 
     Example:
@@ -188,6 +192,8 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         seed: int = READING_DEFAULTS["seed"],
         max_seconds: float | None = None,
         saliency_options: dict[str, Any] | None = None,
+        reading_timeout: float = READING_TIMEOUT,
+        max_gathered_gb: float | None = None,
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise XAttnError(f"Expected every_n_steps to be a positive int or None but got {every_n_steps!r}.")
@@ -197,6 +203,7 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             heads=heads, log_figures=log_figures, max_figures=max_figures, num_beams=num_beams,
             max_new_tokens=max_new_tokens, max_overhead=max_overhead, reliability_floor=float(reliability_floor),
             export_alignment_heads=export_alignment_heads, on_error=on_error, cache_encoder=cache_encoder,
+            reading_timeout=reading_timeout, max_gathered_gb=max_gathered_gb,
             n_masks=n_masks, seed=seed, max_seconds=max_seconds, saliency_options=saliency_options or {},
         )  # fmt: skip
         self.trainer = trainer

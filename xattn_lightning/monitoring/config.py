@@ -25,6 +25,9 @@ from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_la
 from xattn_lightning.saliency import validate_methods
 from xattn_lightning.saliency.options import READING_DEFAULTS
 
+#: seconds a process waits for the others at one exchange of a reading (several processes), by default
+READING_TIMEOUT = 600.0
+
 METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall")
 PREFIX = "xattn/"
 
@@ -83,6 +86,8 @@ class MonitorConfig:
     seed: int = READING_DEFAULTS["seed"]
     max_seconds: float | None = None
     saliency_options: Mapping[str, Any] = field(default_factory=dict)
+    reading_timeout: float = READING_TIMEOUT
+    max_gathered_gb: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods) if not isinstance(self.methods, str) else self.methods)
@@ -110,6 +115,11 @@ class MonitorConfig:
         if self.max_overhead is not None and not self.max_overhead > 0:
             raise XAttnError(
                 f"Expected max_overhead > 0 (a fraction of training time) or None, got {self.max_overhead!r}."
+            )
+        if not self.reading_timeout > 0 or (self.max_gathered_gb is not None and not self.max_gathered_gb > 0):
+            raise XAttnError(
+                f"Expected reading_timeout > 0 (seconds) and max_gathered_gb > 0 (GiB) or None, got "
+                f"{self.reading_timeout!r} and {self.max_gathered_gb!r}."
             )
         resolve_layers(self.layers, 2**16)  # a malformed spec fails now
 

@@ -30,6 +30,7 @@ from xattn_lightning.monitoring.history import History
 from xattn_lightning.monitoring.masks import CALIBRATION_MASKS, MaskCount, calibrated_count
 from xattn_lightning.monitoring.messages import Messages
 from xattn_lightning.monitoring.probes import ProbeSet, split_batch
+from xattn_lightning.monitoring.sharded import guarded_reading
 from xattn_lightning.reading import Probe, ReadingConfig, read
 from xattn_lightning.summary import Summary, summarize
 from xattn_lightning.timestamps import Alignment, alignment_from, score_probes
@@ -176,6 +177,8 @@ class Instrument:
         self.skipped_steps: list[int] = []
         self.last_step = -1
         self._adapter: tuple[int, Adapter] | None = None
+        #: what the last reading's gathered copy of a sharded model cost (``gathered_gb``, ``gather_seconds``)
+        self.gather_cost: dict[str, float] = {}
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -379,7 +382,25 @@ class Instrument:
         epoch: int | None = None,
     ) -> Summary | None:
         """Read the probes now (every process takes part) and log at ``log_step`` (default ``step``);
-        the summary, or ``None`` when nothing could be read (said in a warning)."""
+        the summary, or ``None`` when nothing could be read (said in a warning). Several processes: every
+        exchange is bounded by ``reading_timeout`` and a sharded model (the host's ``root``) is read through
+        an unsharded copy (:mod:`xattn_lightning.monitoring.sharded`)."""
+        c = self.config
+        warn = None if c.on_error == "raise" else self.messages.warn_once
+        root = getattr(host, "root", None)
+        with guarded_reading(host, adapter, root, c.reading_timeout, c.max_gathered_gb, warn, self.clock) as guarded:
+            bounded, resolve, self.gather_cost = guarded
+            return self._read(bounded, resolve, step, log_step, epoch)
+        return None
+
+    def _read(
+        self,
+        host: Host,
+        adapter: Adapter | Callable[[], Adapter],
+        step: int,
+        log_step: int | None,
+        epoch: int | None,
+    ) -> Summary | None:
         start = self.clock()
         self.last_step = step
         mine: list[Probe] = []
