@@ -252,6 +252,7 @@ class XAttnSaliencyMonitor(Callback):
     def _on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from xattn_lightning.loggers import offline_sync_hint
 
+        self.instrument.say_run_end()
         if self.config.export_alignment_heads:
             self.instrument.export_alignment_heads(self._adapter(trainer, pl_module))
         for lg in trainer.loggers:

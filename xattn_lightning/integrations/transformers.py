@@ -272,8 +272,10 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Export the chosen alignment heads (``export_alignment_heads=True``)."""
+        """Say how many readings the overhead budget thinned; export the chosen alignment heads
+        (``export_alignment_heads=True``)."""
         with self.instrument.messages.guard("on_train_end"):
+            self.instrument.say_run_end()
             if self.config.export_alignment_heads:
                 self.instrument.export_alignment_heads(self._adapter(kwargs))
 

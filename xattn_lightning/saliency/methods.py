@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.batching import prepared
 from xattn_lightning.saliency.gradients import GRADIENT_METHODS, batched_attribute, captum_attribute, token_logprob_fn
 from xattn_lightning.saliency.options import EncoderSpesOptions, SpesOptions, as_kwargs, options_for
-from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+from xattn_lightning.saliency.perturbation import MaskState, spes_encoder, spes_input
 from xattn_lightning.saliency.result import SaliencyResult
 
 
@@ -36,6 +36,7 @@ class MethodInputs:
     logp_ref: Tensor
     opts: dict
     bar: Any
+    resume: dict[str, MaskState] = field(default_factory=dict)  # method -> where its masks stopped
 
 
 @torch.no_grad()
@@ -62,6 +63,7 @@ def _spes(method: str, x: MethodInputs) -> SaliencyResult:
             "frame_rate": opts.get("frame_rate") or adapter.frame_rate,
         },
         progress=bar.update if bar else None,
+        resume=x.resume.get(method),
     )
 
 
@@ -85,6 +87,7 @@ def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
         None,  # run and lp_ref hold the explained positions only
         **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
         progress=bar.update if bar else None,
+        resume=x.resume.get(method),
     )
 
 
