@@ -19,6 +19,7 @@ from xattn_lightning.saliency.gradients import GRADIENT_METHODS, batched_attribu
 from xattn_lightning.saliency.options import EncoderSpesOptions, SpesOptions, as_kwargs, options_for
 from xattn_lightning.saliency.perturbation import MaskState, spes_encoder, spes_input
 from xattn_lightning.saliency.result import SaliencyResult
+from xattn_lightning.saliency.vocabulary import with_bf16_vocabulary
 
 
 @dataclass
@@ -77,6 +78,8 @@ def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
     if x.enc is None:
         raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
     masked = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
+    if opts["vocabulary"] == "bf16":  # the vocabulary term in bfloat16, the mass-carrying tokens exact
+        masked = with_bf16_vocabulary(adapter, masked, x.logp_ref[explained])
     run, lp_ref, bs = prepared(
         "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, opts
     )
@@ -85,7 +88,10 @@ def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
         x.t_enc,
         lp_ref,
         None,  # run and lp_ref hold the explained positions only
-        **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
+        **{
+            **as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size", "vocabulary"),
+            "batch_size": bs,
+        },
         progress=bar.update if bar else None,
         resume=x.resume.get(method),
     )
