@@ -35,6 +35,7 @@ from xattn_lightning.audio import read_manifest
 from xattn_lightning.functional import per_token_correlation
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.saliency.perturbation import _Accumulator, draw_keep_masks, kl_per_token, rows_batch_size
+from xattn_lightning.saliency.vocabulary import VOCABULARY_TOP, bf16_logits
 from xattn_lightning.summary import probe_scores, summarize
 
 
@@ -45,14 +46,27 @@ def top_tokens(logp_ref: torch.Tensor, k: int) -> torch.Tensor:
 
 def approx_kl(logp_ref: torch.Tensor, h: torch.Tensor, w16: torch.Tensor, w: torch.Tensor, top: torch.Tensor | None):
     """KL(P_ref || P_masked) per mask and position, ``[B, P]``, from the masked hidden states ``h``
-    ``[B, P, d]``: the logits in bfloat16, the ``top`` tokens' ``[P, k]`` recomputed in float32."""
-    z = torch.matmul(h.to(torch.bfloat16), w16.T)  # [B, P, V] bfloat16
+    ``[B, P, d]``: the logits in bfloat16, the ``top`` tokens' ``[P, k]`` recomputed in float32
+    (:func:`~xattn_lightning.saliency.vocabulary.bf16_logits`, what ``vocabulary="bf16"`` runs)."""
     if top is None or top.numel() == 0:
-        return kl_per_token(logp_ref, z)
-    exact = torch.einsum("bpd,pkd->bpk", h.float(), w[top])  # [B, P, k]
-    z = z.float()
-    z.scatter_(-1, top.unsqueeze(0).expand(z.shape[0], -1, -1), exact)
-    return kl_per_token(logp_ref, z)
+        return kl_per_token(logp_ref, torch.matmul(h.to(torch.bfloat16), w16.T))
+    return kl_per_token(logp_ref, bf16_logits(h, w, w16, top))
+
+
+def time_vocabularies(model, proc, rows, n_masks: int, repeats: int) -> dict:
+    """Mask-loop seconds of ``encoder_spes`` with ``vocabulary="exact"`` and ``"bf16"``, interleaved per probe."""
+    secs: dict[str, float] = {"exact": 0.0, "bf16": 0.0}
+    for _ in range(repeats):
+        for _, row in rows:
+            batch = features_batch(proc, [row])
+            for vocab in ("exact", "bf16"):
+                (e,) = xl.explain(model, batch, methods=("encoder_spes",), n_masks=n_masks, vocabulary=vocab)
+                secs[vocab] += float(e.info["encoder_spes"]["seconds"])
+    masks = n_masks * len(rows) * repeats
+    return {
+        **{f"{k}_ms_per_mask": 1000 * v / masks for k, v in secs.items()},
+        "exact_over_bf16": secs["exact"] / secs["bf16"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--espeak", type=int, default=4, help="espeak probes (the first ones)")
     ap.add_argument("--humans", type=int, default=100, help="human recordings (all by default)")
     ap.add_argument("--n-masks", type=int, default=1024)
-    ap.add_argument("--top", default="0,64", help="exact tokens per position of each variant")
+    ap.add_argument("--top", default=f"0,{VOCABULARY_TOP}", help="exact tokens per position of each variant")
+    ap.add_argument("--time-masks", type=int, default=256, help="masks per probe of the timing (0: no timing)")
+    ap.add_argument("--time-repeats", type=int, default=2)
+    ap.add_argument("--time-probes", type=int, default=4, help="probes of the timing (espeak and human alike)")
+    ap.add_argument("--fidelity", type=int, default=1, help="0: only the timing")
     ap.add_argument("--out", default="benchmarks/results/kl_fidelity_cpu.json")
     args = ap.parse_args(argv)
     if not args.model or not args.manifest:
@@ -82,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {"mask": 0.0, "exact": 0.0, **{f"top{k}": 0.0 for k in tops}}
     probes = []
     t0 = time.perf_counter()
-    for kind, row in rows:
+    half = args.time_probes // 2  # as many espeak as human probes
+    timed = [r for r in rows if r[0] == "espeak"][:half] + [r for r in rows if r[0] == "human"][:half]
+    timing = time_vocabularies(model, proc, timed, args.time_masks, args.time_repeats) if args.time_masks else {}
+    if timing:
+        print(f"  timing: {timing}", flush=True)
+    for kind, row in rows if args.fidelity else []:
         batch = features_batch(proc, [row])
         (e,) = xl.explain(model, batch, targets="generate", tokenizer=proc)
         with torch.inference_mode(False), torch.no_grad():
@@ -93,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             logp = ad.decode(enc, dec_in).logits[0].float().log_softmax(-1)[pos]
             run = ad.masked_decoder(enc, dec_in, positions=pos)
             seen: list[torch.Tensor] = []
-            hook = head.register_forward_hook(lambda m, a, out: seen.append(a[0].detach()))
+            hook = head.register_forward_hook(lambda m, a, out, seen=seen: seen.append(a[0].detach()))
             t = e.num_encoder_frames
             keep_all = draw_keep_masks(args.n_masks, t, 0.7, torch.Generator().manual_seed(0 + 7919))
             accs = {name: _Accumulator(int(pos.numel()), t, torch.device("cpu")) for name in scores}
@@ -133,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind} {row.id}: {int(pos.numel())} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
     n_masks_total = args.n_masks * len(rows)
     headline = {}
+    if not args.fidelity:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"argv": argv or sys.argv[1:], "timing": timing}, indent=1))
+        return 0
     for name, rs in scores.items():
         s = summarize(rs, ("encoder_spes",), ("pearson",)).scalars
         headline[name] = {k: s.get(f"encoder_spes/{k}") for k in ("pearson", "pearson_corrected", "reliability")}
@@ -145,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             f"top{k}": {"median": statistics.median(v), "min": min(v), "tokens": len(v)} for k, v in per_token.items()
         },
         "ms_per_mask": {k: 1000 * v / n_masks_total for k, v in seconds.items()},
+        "timing": timing,
         "seconds": time.perf_counter() - t0,
     }
     print(json.dumps({k: report[k] for k in ("headline", "per_token_pearson", "ms_per_mask")}, indent=1))

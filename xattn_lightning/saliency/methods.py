@@ -77,7 +77,7 @@ def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
     explained = x.positions.to(device)
     if x.enc is None:
         raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
-    masked = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
+    masked: Callable[[Tensor], Any] = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
     if opts["vocabulary"] == "bf16":  # the vocabulary term in bfloat16, the mass-carrying tokens exact
         masked = with_bf16_vocabulary(adapter, masked, x.logp_ref[explained])
     run, lp_ref, bs = prepared(

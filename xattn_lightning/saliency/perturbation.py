@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,7 +72,18 @@ def slic_segments(x: Tensor, n_segments: int, compactness: float = 0.1, sigma: f
 KL_CHUNK_ELEMENTS = {"cpu": 2**19, "cuda": 2**28}
 
 
-def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = None) -> Tensor:
+class PartlyExactLogits(NamedTuple):
+    """Logits ``[B, P, V]`` in bfloat16 (``approx``) but for the ``top`` ``[P, k]`` tokens of each position, whose
+    float32 values are ``exact`` ``[B, P, k]`` (``vocabulary="bf16"``, :mod:`~xattn_lightning.saliency.vocabulary`).
+    :func:`kl_per_token` puts the exact values in a few rows at a time, so the whole batch's logits are never
+    held in float32."""
+
+    approx: Tensor
+    top: Tensor
+    exact: Tensor
+
+
+def kl_per_token(logp_ref: Tensor, logits: Tensor | PartlyExactLogits, positions: Tensor | None = None) -> Tensor:
     """KL(P_ref ‖ P_pert) at the explained decoder ``positions``: ``[B, I]``.
 
     ``logp_ref`` is ``[S, V]`` log-probs of the unperturbed pass, ``logits`` ``[B, S, V]``;
@@ -87,7 +99,12 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = No
     tensor([[0.0000],
             [1.1504]])
     """
-    if positions is not None:
+    exact: PartlyExactLogits | None = None
+    if isinstance(logits, PartlyExactLogits):
+        if positions is not None:
+            raise XAttnError("partly exact logits hold the explained positions only: pass positions=None.")
+        exact, logits = logits, logits.approx
+    elif positions is not None:
         logits, logp_ref = logits[:, positions], logp_ref[positions]
     ref = logp_ref.float()
     p = ref.exp()
@@ -96,8 +113,11 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = No
     limit = KL_CHUNK_ELEMENTS.get(logits.device.type, KL_CHUNK_ELEMENTS["cuda"])
     rows = max(1, limit // max(1, logits[0].numel()))
     parts = []
-    for z in logits.split(rows):
+    for i, z in enumerate(logits.split(rows)):
         z = z.float()
+        if exact is not None:  # the tokens that carry the mass, exact
+            values = exact.exact[i * rows : (i + 1) * rows].float()
+            z.scatter_(-1, exact.top.unsqueeze(0).expand(z.shape[0], -1, -1), values)
         z = z - z.amax(-1, keepdim=True)
         parts.append(z.exp().sum(-1).log() * mass - (z * p).sum(-1))
     return (torch.cat(parts) + neg_entropy).clamp(min=0.0)
