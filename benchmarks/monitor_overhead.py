@@ -27,6 +27,9 @@ import lightning.pytorch as pl
 spec = importlib.util.spec_from_file_location("ft", sys.argv[1] + "/examples/finetune_whisper.py")
 ft = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ft)
+if sys.argv[2] == "bf16":
+    import functools
+    ft.XAttnSaliencyMonitor = functools.partial(ft.XAttnSaliencyMonitor, vocabulary="bf16")
 if sys.argv[2] == "off":
     class Off(pl.Callback):
         history: list = []
@@ -44,9 +47,11 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
 
 
 def run(tree: str, monitor: bool, args: list[str]) -> dict:
+    """One fine-tune in its own process with ``tree``'s package; ``tree@bf16``: the monitor with vocabulary='bf16'."""
+    tree, _, variant = tree.partition("@")
     env = {**os.environ, "PYTHONPATH": tree}
     proc = subprocess.run(
-        [sys.executable, "-c", _RUN, tree, "on" if monitor else "off", *args],
+        [sys.executable, "-c", _RUN, tree, (variant or "on") if monitor else "off", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -61,7 +66,12 @@ def run(tree: str, monitor: bool, args: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trees", required=True, help="comma-separated source trees (each with its own examples/)")
+    ap.add_argument(
+        "--trees", required=True, help="comma-separated source trees (each with its own examples/; tree@bf16: "
+        "its monitor with vocabulary='bf16'); the run without the monitor uses the last"
+    )  # fmt: skip
+    ap.add_argument("--save", help="the first round's run of tree --save-index saves its fine-tuned model here")
+    ap.add_argument("--save-index", type=int, default=0)
     ap.add_argument("--model", default=os.environ.get("XL_WHISPER_PATH"))
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--epochs", type=int, default=2)
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/monitor_overhead_cpu.json")
     args = ap.parse_args(argv)
-    trees = [str(Path(t).resolve()) for t in args.trees.split(",")]
+    trees = [str(Path(t.partition("@")[0]).resolve()) + t[len(t.partition("@")[0]) :] for t in args.trees.split(",")]
     ft_args = [
         "--model", args.model, "--manifest", args.manifest, "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size), "--limit-val-batches", "1", "--num-probes", "4",
@@ -78,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     t0 = time.perf_counter()
     for r in range(args.rounds):
-        base = run(trees[-1], False, ft_args)
+        base = run(trees[-1].partition("@")[0], False, ft_args)
         runs.append({"round": r, "tree": None, **base})
         print(f"round {r}: without the monitor {base['seconds']:.1f} s", flush=True)
-        for tree in trees:
-            res = run(tree, True, ft_args)
+        for i, tree in enumerate(trees):
+            res = run(
+                tree, True, ft_args + (["--save", args.save] if args.save and r == 0 and i == args.save_index else [])
+            )
             res["overhead"] = res["seconds"] / base["seconds"] - 1.0
             runs.append({"round": r, "tree": tree, **res})
             last = res["history"][-1] if res["history"] else {}
