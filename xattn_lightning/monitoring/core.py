@@ -371,7 +371,7 @@ class Instrument:
             mask_seconds=mask_seconds / masks,
             n_masks=n_masks,
             probes=probes,
-            training_seconds=self.budget.training_seconds(),
+            training_seconds=max(self.budget.training_seconds() - seconds, 0.0),  # (this reading is not training)
             max_overhead=self.config.max_overhead,
         )
         self.plan = plan
