@@ -62,6 +62,8 @@ class CheckpointResult:
     seconds: float
     explanations: list[Explanation] = field(default_factory=list, repr=False)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    #: probe id -> explanation, of every probe, where a reading at more masks will continue these maps
+    resume: dict[str, Explanation] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -284,8 +286,11 @@ class _Rows(Dataset):
 class _ExplainerModule(pl.LightningModule):
     """``predict_step`` explains a batch of manifest rows (collected in ``outputs``)."""
 
-    def __init__(self, model: Any, processor: Any, config: ReadingConfig) -> None:
+    def __init__(
+        self, model: Any, processor: Any, config: ReadingConfig, resume: dict[str, Explanation] | None = None
+    ) -> None:
         super().__init__()
+        self.resume = resume
         self.inner = model if isinstance(model, nn.Module) else None
         self.tokenizer = _tokenizer_of(processor)
         self.adapter = adapter_for(model, self.tokenizer)
@@ -305,7 +310,8 @@ class _ExplainerModule(pl.LightningModule):
                 probe = _batch_probe(int(i), self.adapter.model_batch(r))
             feats = {k: v.to(self.adapter.device) if isinstance(v, torch.Tensor) else v for k, v in probe.batch.items()}
             probes.append(dataclasses.replace(probe, batch=feats))
-        reading = read(self.adapter, probes, self.config, catch=(XAttnError,))  # a bad probe costs only itself
+        # a bad probe costs only itself
+        reading = read(self.adapter, probes, self.config, catch=(XAttnError,), resume=self.resume)
         position = {p.id: p.position for p in probes}
         self.outputs += [(res.probe.position, res.scores, res.explanation) for res in reading.results]
         self.failures += [(position[pid], pid, cause.removeprefix("XAttnError: ")) for pid, cause in reading.failures]
@@ -484,15 +490,21 @@ def compare_checkpoints(
     if not perturbation:
         options.pop("n_masks")
 
-    def run_all(n_masks: int | None, report: bool) -> list[CheckpointResult]:
+    def run_all(
+        n_masks: int | None, report: bool, keep: bool = False, resume: Sequence[CheckpointResult] = ()
+    ) -> list[CheckpointResult]:
         config = ReadingConfig(tuple(methods), tuple(metrics), targets=targets, options=dict(options))
         if n_masks is not None:
             config = config.with_options(n_masks=n_masks)
         out = []
         for n, ckpt in enumerate(checkpoints):
             res = _explain_checkpoint(
-                ckpt, rows, config, module, processor, base_model, batch_size, tkw, progress, keep_explanations
-            )
+                ckpt, rows, config, module, processor, base_model, batch_size, tkw, progress, keep_explanations,
+                keep, resume[n].resume if resume else None,
+            )  # fmt: skip
+            if resume:  # the whole cost of the maps: the first rung's masks and the continuation
+                res.seconds += resume[n].seconds
+                resume[n].resume = {}
             if names is not None:
                 res.name = names[n]
             if report and on_checkpoint is not None:
@@ -504,7 +516,7 @@ def compare_checkpoints(
     n_masks: int | None
     if options.get("n_masks") == "auto":  # every checkpoint at the first rung, then all at the count the least
         first = MASK_LADDER[0]  # reliable one needs: the same masks for every checkpoint, a headline for each
-        results = run_all(first, report=False)
+        results = run_all(first, report=False, keep=True)
         n_masks, calibration = comparison_masks(results, methods, first)
         rank_zero_info(
             f"n_masks='auto': split-half reliability at {first} masks "
@@ -513,11 +525,13 @@ def compare_checkpoints(
             )
             + f" -> {n_masks} masks for every checkpoint (predicted to reach {AUTO_RELIABILITY_TARGET})."
         )
-        if n_masks != first:
-            results = run_all(n_masks, report=True)
-        elif on_checkpoint is not None:
+        if n_masks != first:  # the first rung's masks are continued, not computed again
+            results = run_all(n_masks, report=True, resume=results)
+        else:
             for res in results:
-                on_checkpoint(res)
+                res.resume = {}
+                if on_checkpoint is not None:
+                    on_checkpoint(res)
     else:
         results = run_all(None, report=True)
         n_masks = options.get("n_masks")
@@ -556,8 +570,12 @@ def _explain_checkpoint(
     tkw: dict[str, Any],
     progress: bool,
     keep_explanations: int,
+    keep_all: bool = False,
+    resume: dict[str, Explanation] | None = None,
 ) -> CheckpointResult:
-    """One checkpoint through the probes (a Lightning ``predict``, spread over ``tkw``'s devices)."""
+    """One checkpoint through the probes (a Lightning ``predict``, spread over ``tkw``'s devices);
+    ``keep_all``: keep every probe's explanation to continue (:attr:`CheckpointResult.resume`); ``resume``:
+    continue those explanations' maps to the config's mask count."""
     start = time.perf_counter()
     if isinstance(ckpt, (str, Path)):
         model, proc, name = load_checkpoint(str(ckpt), module, None, base_model)
@@ -567,7 +585,7 @@ def _explain_checkpoint(
         if processor is None and any(isinstance(r, ManifestRow) for r in rows):
             raise XAttnError("A loaded model needs processor=... to turn audio into features.")
         model, proc, name = ckpt, processor, type(ckpt).__name__
-    lit = _ExplainerModule(model, proc, config)
+    lit = _ExplainerModule(model, proc, config, resume)
     trainer = pl.Trainer(inference_mode=False, enable_progress_bar=progress, enable_model_summary=False, **tkw)
     loader = DataLoader(_Rows(rows), batch_size=batch_size, collate_fn=_collate)
     trainer.predict(lit, loader, return_predictions=False)
@@ -592,6 +610,7 @@ def _explain_checkpoint(
         seconds=time.perf_counter() - start,
         explanations=[e for _, _, e in outputs[:keep_explanations]],
         failures=[(pid, msg) for _, pid, msg in failures],
+        resume={rows[i].id: e for i, _, e in outputs} if keep_all else {},
     )
 
 

@@ -227,6 +227,7 @@ def explain(
     max_new_tokens: int | None = None,
     progress: bool = False,
     encoder_cache: EncoderCache | None = None,
+    resume: Sequence[Explanation | None] | None = None,
     **method_options: Any,
 ) -> list[Explanation]:
     """Explain every utterance of ``batch``: cross-attention, and the saliency ``methods``.
@@ -245,6 +246,11 @@ def explain(
         progress: show a progress bar over the saliency passes.
         encoder_cache: an :class:`~xattn_lightning.encoder_cache.EncoderCache` to reuse encoder outputs
             across calls while the encoder's weights do not change (e.g. a frozen encoder).
+        resume: one earlier explanation (or ``None``) per utterance, of the same model and options with
+            fewer masks: its tokens are explained again and its perturbation maps continue to ``n_masks``,
+            only the masks they lack drawn (from where their seeded stream stopped), instead of all
+            ``n_masks`` from the start. With the default ``encoder_spes`` options the result is the map of
+            one call at ``n_masks`` up to float rounding.
         **method_options: ``n_masks``, ``seed``, ``p``, ``p_h``, ``batch_size``, ``n_steps``, ... shared by
             every method that takes them. ``max_seconds`` caps each perturbation method per utterance:
             masks stop at the budget (whole batches) and ``e.info[method]["n_masks"]`` says how many ran.
@@ -272,15 +278,32 @@ def explain(
     with grad_allowed(), adapter.capture_context():
         utts = adapter.utterances(batch)
         seqs = _targets_for(adapter, batch, utts, targets)
-        for u, seq in zip(utts, seqs):
+        earlier = _resumed(resume, len(utts))
+        for u, seq, before in zip(utts, seqs, earlier):
+            if before is not None:  # the tokens the earlier maps explain
+                seq = before.decoder_ids
             exp, ref = _explain_one(adapter, u, seq, num_beams, max_new_tokens, encoder_cache)
             exp.frame_rate = float(method_options.get("frame_rate") or adapter.frame_rate)
             if methods:
-                found = compute_saliency(adapter, u, exp, methods, progress=progress, reference=ref, **method_options)
+                states = {m: i["state"] for m, i in (before.info if before is not None else {}).items() if "state" in i}
+                found = compute_saliency(
+                    adapter, u, exp, methods, progress=progress, reference=ref, resume=states, **method_options
+                )
                 for m, r in found.items():
                     exp.saliency[m], exp.info[m] = r.map, r.info()
             results.append(exp)
     return results
+
+
+def _resumed(resume: Sequence[Explanation | None] | None, n: int) -> list[Explanation | None]:
+    """``resume`` checked against the ``n`` utterances: one earlier explanation or ``None`` each."""
+    if resume is None:
+        return [None] * n
+    if isinstance(resume, Explanation):
+        resume = [resume]
+    if len(resume) != n:
+        raise XAttnError(f"Got {len(resume)} explanations to resume for {n} utterances.")
+    return list(resume)
 
 
 def _encode_once(adapter: Adapter, u: Utterance, cache: EncoderCache | None = None) -> Tensor | None:

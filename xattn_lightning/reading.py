@@ -136,9 +136,12 @@ def read(
     config: ReadingConfig,
     encoder_cache: EncoderCache | None = None,
     catch: tuple[type[BaseException], ...] = (Exception,),
+    resume: Mapping[str, Explanation] | None = None,
 ) -> Reading:
     """Explain and score ``probes`` one at a time, so that a bad probe costs only itself: what it
-    raises (of the ``catch`` types) is recorded in :attr:`Reading.failures`; anything else is raised."""
+    raises (of the ``catch`` types) is recorded in :attr:`Reading.failures`; anything else is raised.
+    ``resume`` (probe id -> its explanation from an earlier reading with fewer masks) continues those
+    probes' maps to the config's ``n_masks`` (``resume=`` of :func:`~xattn_lightning.explain`)."""
     results: list[ProbeResult] = []
     failures: list[tuple[str, str]] = []
     for p in probes:
@@ -151,6 +154,7 @@ def read(
                 num_beams=config.num_beams,
                 max_new_tokens=config.max_new_tokens,
                 encoder_cache=encoder_cache,
+                resume=[resume[p.id]] if resume and p.id in resume else None,
                 **config.options,
             )
             scores = probe_scores(e, config.methods, config.metrics, config.layers, config.heads)

@@ -20,14 +20,18 @@ from xattn_lightning.functional import MASK_LADDER, choose_n_masks
 from xattn_lightning.summary import paired_differences
 
 
-def _spy_explain(monkeypatch, module) -> list[tuple[int, float]]:
-    """Record (n_masks, encoder_spes reliability) of every explanation ``module`` makes."""
+def _spy_explain(monkeypatch, module, resumed: list | None = None) -> list[tuple[int, float]]:
+    """Record (n_masks, encoder_spes reliability) of every explanation ``module`` makes (and in ``resumed``,
+    the masks each continued from, 0 for none)."""
     calls: list[tuple[int, float]] = []
     real = module.explain
 
     def spy(*args, **kwargs):
         exps = real(*args, **kwargs)
         calls.extend((kwargs.get("n_masks"), e.reliability("encoder_spes")) for e in exps)
+        if resumed is not None:
+            before = kwargs.get("resume") or [None] * len(exps)
+            resumed.extend(b.info["encoder_spes"]["n_masks"] if b is not None else 0 for b in before)
         return exps
 
     monkeypatch.setattr(module, "explain", spy)
@@ -35,21 +39,47 @@ def _spy_explain(monkeypatch, module) -> list[tuple[int, float]]:
 
 
 def test_auto_masks_measure_once_choose_the_rung_and_freeze_it(tmp_path, monkeypatch):
-    calls = _spy_explain(monkeypatch, reading_module)
+    resumed: list[int] = []
+    calls = _spy_explain(monkeypatch, reading_module, resumed)
     probes = DataLoader(tuple_data(2, seed=1), batch_size=2)
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, probes=probes, targets="labels", tokenizer=FakeTokenizer()
     )  # n_masks is "auto" by default
+    said: list[str] = []
+    mon.instrument.messages.say = said.append
     assert mon.method_options["n_masks"] == "auto"
     fit(tmp_path, TrainOnly(), mon, max_epochs=3)
     n = mon.n_masks_frozen
     first = [rel for masks, rel in calls[:2]]
     assert [masks for masks, _ in calls[:2]] == [MASK_LADDER[0]] * 2  # measured at the first rung
     assert n == choose_n_masks(MASK_LADDER[0], sum(first) / 2 if not any(map(math.isnan, first)) else math.nan)
-    rest = calls[2:] if n != MASK_LADDER[0] else calls
+    rest = calls[2:]
     assert [masks for masks, _ in rest] == [n] * 6  # then every reading at n: 3 readings x 2 probes
     assert len(mon.history) == 3 and all(h["xattn/encoder_spes/n_masks"] == n for h in mon.history)
     assert mon.state_dict()["n_masks_frozen"] == n  # a resume keeps it
+    assert n != MASK_LADDER[0]  # (these maps need more than the first rung)
+    assert resumed == [0, 0, MASK_LADDER[0], MASK_LADDER[0], 0, 0, 0, 0]  # the first reading continued its masks
+    plan = [s for s in said if "a reading will take about" in s]
+    assert len(plan) == 1 and f"{n} masks x" in plan[0] and "max_overhead=None" in plan[0]  # said once
+    assert said.index(plan[0]) < next(i for i, s in enumerate(said) if "reading at step" in s)  # before the masks
+    assert "took 3 reading(s)" in said[-1] and "none thinned" in said[-1]  # the run's end
+
+
+def test_a_continued_first_reading_logs_what_a_reading_at_the_chosen_count_logs(tmp_path):
+    def first_reading(n_masks):
+        mon = xl.XAttnSaliencyMonitor(
+            max_overhead=None, num_probes=2, probes=tuple_data(2, seed=1), targets="labels", n_masks=n_masks
+        )
+        fit(tmp_path, TrainOnly(), mon, max_epochs=1)
+        return mon
+
+    auto = first_reading("auto")
+    n = auto.n_masks_frozen
+    assert n != MASK_LADDER[0]  # (this data's maps need more than the first rung)
+    fixed = first_reading(n)
+    for key, value in fixed.history[0].items():
+        if key.startswith("xattn/encoder_spes/") and "ci_" not in key:
+            assert auto.history[0][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 def test_auto_masks_in_the_checkpoint_survive_a_resume_without_measuring_again(tmp_path, monkeypatch):
@@ -143,7 +173,8 @@ def test_a_paired_difference_has_its_own_interval_and_the_right_sign():
 
 
 def test_compare_auto_reads_every_checkpoint_with_the_count_the_least_reliable_needs(tmp_path, monkeypatch):
-    calls = _spy_explain(monkeypatch, reading_module)
+    resumed: list[int] = []
+    calls = _spy_explain(monkeypatch, reading_module, resumed)
     rows = read_manifest(noise_manifest(tmp_path, n=2))
     comp = compare_checkpoints(
         [speaking_tiny_whisper(0), speaking_tiny_whisper(1)], rows, processor=tiny_extractor(),
@@ -154,7 +185,9 @@ def test_compare_auto_reads_every_checkpoint_with_the_count_the_least_reliable_n
     assert set(measured) == {"a", "b"} and [m for m, _ in calls[:4]] == [MASK_LADDER[0]] * 4
     assert n == max(choose_n_masks(MASK_LADDER[0], rel) for rel in measured.values())
     for r in comp.results:  # the same count for every checkpoint
-        assert r.scalars["encoder_spes/n_masks"] == n
+        assert r.scalars["encoder_spes/n_masks"] == n and not r.resume
+    assert n != MASK_LADDER[0]  # (these maps need more than the first rung)
+    assert resumed == [0] * 4 + [MASK_LADDER[0]] * 4
     data = write_comparison(comp, tmp_path / "out")["json"].read_text()
     assert '"n_masks": ' + str(n) in data and '"differences"' in data
     assert "masks per map" in comp.table() and "change from a" in comp.table()

@@ -104,10 +104,13 @@ def test_a_resumed_training_keeps_the_probes_masks_and_history(tmp_path):
         return integration.XAttnSaliencyCallback(num_probes=2, targets="labels", max_overhead=None)  # n_masks auto
 
     first = callback()
+    said: list[str] = []
+    first.instrument.messages.say = said.append
     trainer = _tiny_trainer(tmp_path, [first], save_strategy="steps", save_steps=2)
     trainer.args.max_steps = 2
     trainer.train()
     assert len(first.history) == 2 and first.instrument.masks.frozen is not None
+    assert "took 2 reading(s)" in said[-1] and "none thinned" in said[-1]  # the end of training says it
     resumed = callback()
     again = _tiny_trainer(tmp_path, [resumed], save_strategy="no")
     again.args.max_steps = 4

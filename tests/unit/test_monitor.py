@@ -105,6 +105,8 @@ def _fit_on_clock(tmp_path, max_overhead, monitor_cost):
         num_probes=2, methods=("encoder_spes",), n_masks=24, targets="labels", max_overhead=max_overhead
     )
     mon.clock = clock
+    mon.said = []  # what the monitor says (information, not warnings)
+    mon.instrument.messages.say = mon.said.append
     real_run = mon.run
 
     def run(*a, **k):
@@ -132,8 +134,11 @@ def test_max_overhead_thins_readings_and_never_changes_them(tmp_path):
     assert [h["step"] for h in fast.history] == [6, 12, 18, 24] and warned_fast == []
     # 30 s against 6 s of training per epoch: later readings wait until training has caught up
     assert [h["step"] for h in slow.history] == [6] and slow.skipped_steps == [12, 18, 24]
-    assert len(warned_slow) == 2 and "thinned" in warned_slow[0]  # when it starts, and the count at the end
-    assert "3 of the 4 readings due in this run were not taken: 3 because the monitor was over" in warned_slow[1]
+    assert len(warned_slow) == 2 and "thinned" in warned_slow[0]  # when it starts, and once at the end
+    end = warned_slow[1]  # the run's end: what was not taken and why, and what the readings cost
+    assert "3 of the 4 readings due in this run were not taken: 3 because the monitor was over" in end
+    assert "took 1 reading(s) in 30 s against 24 s of training" in end and "max_overhead=0.1 thinned 3 due" in end
+    assert "took 4 reading(s)" in fast.said[-1] and "thinned 0 due" in fast.said[-1]  # nothing missed: information
     # what one reading measures does not depend on the machine: the same numbers, the same mask count
     for key, value in fast.history[0].items():
         if key not in ("xattn/seconds",):

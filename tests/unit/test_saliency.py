@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import Oracle, oracle_adapter, tiny_speech2text, tiny_whisper, whisper_batch
+from helpers import Oracle, oracle_adapter, speaking_tiny_whisper, tiny_speech2text, tiny_whisper, whisper_batch
 
 import xattn_lightning as xl
 from xattn_lightning.saliency.perturbation import segment_counts
@@ -375,3 +375,73 @@ def test_encoder_auto_batch_off_cuda_is_sized_by_explained_tokens_and_changes_no
     for tokens, auto in ((4, short), (rows, long)):
         fixed, _, _ = maps(tokens, 1)
         torch.testing.assert_close(auto, fixed, rtol=1e-5, atol=1e-7)
+
+
+def _count_masks(monkeypatch) -> list[int]:
+    """Record how many masked passes every KL of the mask loops scores."""
+    import xattn_lightning.saliency.perturbation as pert
+
+    seen: list[int] = []
+    real = pert.kl_per_token
+
+    def spy(logp_ref, logits, positions=None):
+        seen.append(int(logits.shape[0]))
+        return real(logp_ref, logits, positions)
+
+    monkeypatch.setattr(pert, "kl_per_token", spy)
+    return seen
+
+
+def test_a_map_continued_from_256_masks_to_1024_is_the_map_of_1024_in_one_go(monkeypatch):
+    m = speaking_tiny_whisper()
+    batch = whisper_batch(m, lengths=(60,))
+    kw = {"methods": ("encoder_spes",), "max_new_tokens": 5, "encoder_batch_size": 100}  # 256 = 2 x 100 + 56
+    (whole,) = xl.explain(m, batch, n_masks=1024, **kw)
+    seen = _count_masks(monkeypatch)
+    (first,) = xl.explain(m, batch, n_masks=256, **kw)
+    assert sum(seen) == 256
+    seen.clear()
+    (cont,) = xl.explain(m, batch, n_masks=1024, resume=[first], **kw)
+    assert sum(seen) == 768  # only the masks the first map lacked
+    assert cont.info["encoder_spes"]["n_masks"] == 1024
+    assert torch.equal(cont.decoder_ids, whole.decoder_ids)
+    scale = float(whole.saliency["encoder_spes"].abs().max())  # KLs of a tiny random model: about 1e-5
+    same = {"rtol": 1e-5, "atol": 1e-6 * scale}
+    torch.testing.assert_close(cont.saliency["encoder_spes"], whole.saliency["encoder_spes"], **same)
+    torch.testing.assert_close(cont.info["encoder_spes"]["halves"], whole.info["encoder_spes"]["halves"], **same)
+    assert cont.reliability("encoder_spes") == pytest.approx(whole.reliability("encoder_spes"), abs=1e-5)
+    assert float((first.saliency["encoder_spes"] - whole.saliency["encoder_spes"]).abs().max()) > 1e-3 * scale
+
+
+def test_a_continued_input_spes_map_adds_only_the_missing_masks_and_a_mismatch_is_refused(monkeypatch):
+    m = speaking_tiny_whisper()
+    batch = whisper_batch(m, lengths=(60,))
+    kw = {"methods": ("spes",), "max_new_tokens": 5}
+    (first,) = xl.explain(m, batch, n_masks=12, **kw)
+    seen = _count_masks(monkeypatch)
+    (cont,) = xl.explain(m, batch, n_masks=30, resume=[first], **kw)
+    assert sum(seen) == 18 and cont.info["spes"]["n_masks"] == 30 and cont.info["spes"]["state"].n == 30
+    assert torch.isfinite(cont.saliency["spes"]).all() and cont.saliency["spes"].shape == first.saliency["spes"].shape
+    with pytest.raises(xl.XAttnError, match="Cannot continue a map drawn for"):  # another seed: other masks
+        xl.explain(m, batch, n_masks=30, resume=[first], seed=1, **kw)
+    with pytest.raises(xl.XAttnError, match="to fewer"):
+        xl.explain(m, batch, n_masks=8, resume=[first], **kw)
+
+
+def test_a_bf16_vocabulary_keeps_the_encoder_map_and_is_refused_where_there_is_no_linear_head():
+    from xattn_lightning.functional import map_similarity
+    from xattn_lightning.testing import TinyS2T
+
+    exact = _speaking_explain(n_masks=48)
+    bf16 = _speaking_explain(n_masks=48, vocabulary="bf16")
+    # a near-uniform random model's KLs (1e-5) sit near bfloat16's rounding: 0.94 here; real tiny.en in docs/costs.md
+    assert map_similarity(exact.saliency["encoder_spes"], bf16.saliency["encoder_spes"]) > 0.9
+    assert not torch.equal(exact.saliency["encoder_spes"], bf16.saliency["encoder_spes"])  # it did run in bf16
+    torch.testing.assert_close(exact.saliency["spes"], bf16.saliency["spes"])  # input SPES is unchanged
+    with pytest.raises(xl.XAttnError, match="Unknown vocabulary 'fp8'"):
+        _speaking_explain(n_masks=8, vocabulary="fp8")
+    with pytest.raises(xl.XAttnError, match="linear output head"):
+        xl.explain(
+            TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+            targets=[[1, 5, 6, 2]], methods=("encoder_spes",), n_masks=8, vocabulary="bf16",
+        )  # fmt: skip

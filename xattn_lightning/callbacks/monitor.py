@@ -285,6 +285,7 @@ class XAttnSaliencyMonitor(Callback):
     def _on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from xattn_lightning.loggers import offline_sync_hint
 
+        self.instrument.say_run_end()
         if self.config.export_alignment_heads:
             self.instrument.export_alignment_heads(self._adapter(trainer, pl_module))
         for lg in trainer.loggers:
@@ -294,9 +295,6 @@ class XAttnSaliencyMonitor(Callback):
                 hint = None
             if hint:
                 self.instrument.messages.info(f"the W&B run was logged offline; upload it with: {hint}")
-        summary = self.instrument.end_summary()
-        if summary:
-            self.instrument.messages.warn_once("end-summary", summary)
 
     on_validation_epoch_start = _guarded("on_validation_epoch_start")
 

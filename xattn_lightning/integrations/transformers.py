@@ -313,14 +313,12 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Export the chosen alignment heads (``export_alignment_heads=True``); say how many due readings were
-        not taken, and why."""
+        """Export the chosen alignment heads (``export_alignment_heads=True``); say what the readings cost and,
+        when due readings were not taken, how many and why."""
         with self.instrument.messages.guard("on_train_end"):
+            self.instrument.say_run_end()
             if self.config.export_alignment_heads:
                 self.instrument.export_alignment_heads(self._adapter(kwargs))
-            summary = self.instrument.end_summary()
-            if summary:
-                self.instrument.messages.warn_once("end-summary", summary)
 
     # ------------------------------------------------------------------ a reading
     def _adapter(self, kwargs: dict[str, Any]) -> Adapter:

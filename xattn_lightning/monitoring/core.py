@@ -24,7 +24,7 @@ from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import explain
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET
-from xattn_lightning.monitoring.budget import OverheadBudget
+from xattn_lightning.monitoring.budget import OverheadBudget, ReadingPlan, thinned_summary
 from xattn_lightning.monitoring.config import PREFIX, MonitorConfig
 from xattn_lightning.monitoring.history import History
 from xattn_lightning.monitoring.masks import CALIBRATION_MASKS, MaskCount, calibrated_count
@@ -175,6 +175,8 @@ class Instrument:
         self.last_explanations: list = []
         self.first_explanations: list = []
         self.skipped_steps: list[int] = []
+        #: the cost the first reading planned (``n_masks="auto"``), ``None`` before
+        self.plan: ReadingPlan | None = None
         self.last_step = -1
         self._adapter: tuple[int, Adapter] | None = None
         #: what the last reading's gathered copy of a sharded model cost (``gathered_gb``, ``gather_seconds``)
@@ -425,16 +427,18 @@ class Instrument:
                 if self.config.on_error == "raise":
                     raise
                 share.errors.append(("", f"{type(err).__name__}: {err}"))  # (probe id or "", cause)
+        local = share  # this process's explanations: the maps a re-read at a higher count continues
         share = self._gather(host, share)
         if self.masks.auto_pending() and share.rows and found is not None:  # the first reading chooses the count
             measured_at = int(options.get("n_masks", 0))
             n = self.masks.choose(share.rows, measured_at)
             self._say_auto_choice(share.rows, measured_at, n)
-            if n != measured_at:  # every process has the same rows, so the same n: all re-read
+            self._say_plan(local, len(mine), n, self.clock() - start)
+            if n != measured_at:  # every process has the same rows, so the same n: all continue their maps
                 share = Share()
                 with _IsolatedRng():
                     try:
-                        share = self._explain(found, mine, {**options, "n_masks": n})
+                        share = self._explain(found, mine, {**options, "n_masks": n}, dict(local.explanations))
                     except Exception as err:
                         if self.config.on_error == "raise":
                             raise
@@ -445,6 +449,38 @@ class Instrument:
             self.skip("every probe failed", "see the warning that names the cause")
             return None
         return self._publish(host, share, self.clock() - start, step, step if log_step is None else log_step, epoch)
+
+    def _say_plan(self, calibration: Share, probes: int, n_masks: int, seconds: float) -> None:
+        """Say once, before the masks of the chosen count run, what a reading will cost against the training
+        (:class:`~xattn_lightning.monitoring.budget.ReadingPlan`, from the calibration that took ``seconds``)."""
+        methods = self.masks.perturbation
+        exps = [e for _, e in calibration.explanations]
+        masks = sum(int(e.info[m].get("n_masks", 0)) for e in exps for m in methods[:1])
+        mask_seconds = sum(float(e.info[m].get("seconds", 0.0)) for e in exps for m in methods)
+        if not exps or masks <= 0:
+            return
+        plan = ReadingPlan(
+            fixed_seconds=max(seconds - mask_seconds, 0.0) / len(exps),
+            mask_seconds=mask_seconds / masks,
+            n_masks=n_masks,
+            probes=probes,
+            training_seconds=max(self.budget.training_seconds() - seconds, 0.0),  # (this reading is not training)
+            max_overhead=self.config.max_overhead,
+        )
+        self.plan = plan
+        self.messages.info(plan.message())
+
+    def say_run_end(self) -> None:
+        """One message at the end of a run: what the readings cost against training and how many the budget
+        thinned (:func:`~xattn_lightning.monitoring.budget.thinned_summary`); when due readings were not taken,
+        a warning that also says how many, why and the fix (:meth:`end_summary`)."""
+        started = self.budget.start_time is not None and (self.budget.runs or self.skipped_steps)
+        cost = thinned_summary(self.budget, len(self.skipped_steps)) if started else ""
+        missed = self.end_summary()
+        if missed:
+            self.messages.warn_once("end-summary", f"{missed} In all, {cost}" if cost else missed)
+        elif cost:
+            self.messages.info(cost)
 
     def _say_auto_choice(self, rows: list[dict[str, Any]], measured_at: int, n: int) -> None:
         measured = ", ".join(f"{m} {rel:.2f}" for m, rel in self.masks.reliabilities(rows).items())
@@ -476,15 +512,17 @@ class Instrument:
         mask_seconds = sum(float(e.info[m].get("seconds", 0.0)) for m in methods)
         return calibrated_count(seconds, mask_seconds, float(self.masks.budget or 0.0), per_process, self.masks.upper())
 
-    def _explain(self, adapter: Adapter, probes: list[Probe], options: dict[str, Any]) -> Share:
-        """Explain and score this process's probes (:func:`~xattn_lightning.reading.read`); one bad probe
-        does not cost the others."""
+    def _explain(
+        self, adapter: Adapter, probes: list[Probe], options: dict[str, Any], resume: dict[str, Any] | None = None
+    ) -> Share:
+        """Explain and score this process's probes (:func:`~xattn_lightning.reading.read`; ``resume``: probe id
+        -> an explanation at fewer masks to continue); one bad probe does not cost the others."""
         c = self.config
         config = ReadingConfig(
             c.methods, c.metrics, c.layers, c.heads, c.targets, c.num_beams, c.max_new_tokens, options
         )
         catch: tuple[type[BaseException], ...] = () if c.on_error == "raise" else (Exception,)
-        reading = read(adapter, probes, config, self.encoder_cache, catch=catch)
+        reading = read(adapter, probes, config, self.encoder_cache, catch=catch, resume=resume)
         share = Share(rows=reading.rows, errors=reading.failures)
         for r in reading.results:
             share.explanations.append((r.probe.id, r.explanation))

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xattn_lightning.saliency.perturbation import rows_batch_size
+from xattn_lightning.errors import XAttnError
+from xattn_lightning.saliency.perturbation import PartlyExactLogits, rows_batch_size
 
 #: the batch size that ``batch_size="auto"`` uses off CUDA (``encoder_batch_size="auto"`` off CUDA:
 #: :func:`~xattn_lightning.saliency.perturbation.rows_batch_size`)
@@ -71,9 +72,13 @@ def prepared(
     """What both perturbation families share: the perturbed pass in the asked precision, its
     unperturbed reference and the mask batch size (``"auto"`` resolved)."""
 
+    if opts["autocast"] and opts.get("vocabulary", "exact") != "exact":
+        raise XAttnError("autocast and vocabulary='bf16' both lower the precision of the masked passes: choose one.")
+
     def cast_run(x: Tensor) -> Tensor:
         with autocast(device, opts["autocast"]):
-            return run(x).float()
+            out = run(x)
+        return out if isinstance(out, PartlyExactLogits) else out.float()  # (partly exact: the KL converts rows)
 
     # under autocast the unperturbed reference is taken in the same precision, so that the KL of an
     # unmasked pass stays zero

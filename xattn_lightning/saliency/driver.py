@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from xattn_lightning.adapters import Adapter, ForwardOutput, Utterance
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.methods import MethodInputs
+from xattn_lightning.saliency.perturbation import MaskState
 from xattn_lightning.saliency.registry import METHODS, OPTIONS
 from xattn_lightning.saliency.result import SaliencyResult
 
@@ -21,6 +22,7 @@ def compute_saliency(
     methods: Sequence[str],
     progress: bool = False,
     reference: ForwardOutput | None = None,
+    resume: Mapping[str, MaskState] | None = None,
     **options: Any,
 ) -> dict[str, SaliencyResult]:
     """Compute ``methods`` for one utterance: ``{method: SaliencyResult}``. ``exp`` (its
@@ -28,7 +30,9 @@ def compute_saliency(
     sequence and the number of encoder frames; it is not changed.
 
     ``reference`` is the unperturbed teacher-forced pass (logits and encoder output) when the caller
-    has it already, so that the encoder does not run again."""
+    has it already, so that the encoder does not run again. ``resume`` (method -> the ``state`` of an earlier
+    map of this utterance and sequence) continues those perturbation maps to ``n_masks`` instead of
+    starting them again."""
     opts = {**OPTIONS, **options}
     seq = exp.decoder_ids
     dec_in = seq[:-1]
@@ -37,7 +41,7 @@ def compute_saliency(
     feats = u.features.clone()  # leaves inference-mode tensors behind
     n_frames = u.num_frames
     t_enc = exp.num_encoder_frames
-    bar = _progress_bar(progress, methods, opts, positions.numel())
+    bar = _progress_bar(progress, methods, opts, positions.numel(), resume or {})
     try:
         ref = reference
         if ref is None or ref.encoder_out is None:
@@ -45,7 +49,9 @@ def compute_saliency(
                 ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
         logp_ref = ref.logits[0].float().log_softmax(-1)
         enc = ref.encoder_out
-        inputs = MethodInputs(adapter, feats, n_frames, enc, t_enc, dec_in, predicted, positions, logp_ref, opts, bar)
+        inputs = MethodInputs(
+            adapter, feats, n_frames, enc, t_enc, dec_in, predicted, positions, logp_ref, opts, bar, dict(resume or {})
+        )
         results: dict[str, SaliencyResult] = {}
         for m in methods:
             results[m] = METHODS[m].compute(m, inputs)
@@ -57,12 +63,16 @@ def compute_saliency(
             bar.close()
 
 
-def _progress_bar(enabled: bool, methods: Sequence[str], opts: dict, num_tokens: int):
+def _progress_bar(
+    enabled: bool, methods: Sequence[str], opts: dict, num_tokens: int, resume: Mapping[str, MaskState]
+):  # fmt: skip
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
     total = 0
     for m in methods:
-        total += opts["n_masks"] if METHODS[m].family == "perturbation" else num_tokens
+        total += (
+            opts["n_masks"] - (resume[m].n if m in resume else 0) if METHODS[m].family == "perturbation" else num_tokens
+        )
     return tqdm(total=total, desc="saliency", unit="pass", leave=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.batching import prepared
 from xattn_lightning.saliency.gradients import GRADIENT_METHODS, batched_attribute, captum_attribute, token_logprob_fn
 from xattn_lightning.saliency.options import EncoderSpesOptions, SpesOptions, as_kwargs, options_for
-from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
+from xattn_lightning.saliency.perturbation import MaskState, spes_encoder, spes_input
 from xattn_lightning.saliency.result import SaliencyResult
+from xattn_lightning.saliency.vocabulary import with_bf16_vocabulary
 
 
 @dataclass
@@ -36,6 +37,7 @@ class MethodInputs:
     logp_ref: Tensor
     opts: dict
     bar: Any
+    resume: dict[str, MaskState] = field(default_factory=dict)  # method -> where its masks stopped
 
 
 @torch.no_grad()
@@ -62,6 +64,7 @@ def _spes(method: str, x: MethodInputs) -> SaliencyResult:
             "frame_rate": opts.get("frame_rate") or adapter.frame_rate,
         },
         progress=bar.update if bar else None,
+        resume=x.resume.get(method),
     )
 
 
@@ -74,7 +77,9 @@ def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
     explained = x.positions.to(device)
     if x.enc is None:
         raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
-    masked = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
+    masked: Callable[[Tensor], Any] = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
+    if opts["vocabulary"] == "bf16":  # the vocabulary term in bfloat16, the mass-carrying tokens exact
+        masked = with_bf16_vocabulary(adapter, masked, x.logp_ref[explained])
     run, lp_ref, bs = prepared(
         "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, opts
     )
@@ -83,8 +88,12 @@ def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
         x.t_enc,
         lp_ref,
         None,  # run and lp_ref hold the explained positions only
-        **{**as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size"), "batch_size": bs},
+        **{
+            **as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size", "vocabulary"),
+            "batch_size": bs,
+        },
         progress=bar.update if bar else None,
+        resume=x.resume.get(method),
     )
 
 

@@ -16,6 +16,10 @@ from typing import Any, Literal, TypeVar, get_args
 Sampling = Literal["plain", "antithetic", "balanced", "sobol"]
 SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 Autocast = Literal["bf16", "fp16"]
+#: how a masked pass's logits over the vocabulary are made (``encoder_spes``): ``exact`` (float32) or ``bf16``
+#: (bfloat16, each position's most probable unmasked tokens exact; :mod:`xattn_lightning.saliency.vocabulary`)
+Vocabulary = Literal["exact", "bf16"]
+VOCABULARIES: tuple[str, ...] = get_args(Vocabulary)
 BatchSize = int | Literal["auto"]
 
 
@@ -49,11 +53,13 @@ class EncoderSpesOptions(PerturbationOptions):
     (an odd width, 0 = off, the paper's estimator) filters the map in time
     (:func:`~xattn_lightning.functional.smooth_frames`). ``encoder_batch_size="auto"`` takes as many
     masks per batch as fit :data:`~xattn_lightning.saliency.perturbation.CPU_ROWS_PER_BATCH` explained
-    tokens off CUDA, and as many as fit the free memory on CUDA."""
+    tokens off CUDA, and as many as fit the free memory on CUDA. ``vocabulary`` (:data:`Vocabulary`) says how
+    the masked passes' logits are made."""
 
     p_h: float = 0.7
     encoder_batch_size: BatchSize = "auto"
     smoothing: int = 0
+    vocabulary: Vocabulary = "exact"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,7 +73,18 @@ def slic_segments(x: Tensor, n_segments: int, compactness: float = 0.1, sigma: f
 KL_CHUNK_ELEMENTS = {"cpu": 2**19, "cuda": 2**28}
 
 
-def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = None) -> Tensor:
+class PartlyExactLogits(NamedTuple):
+    """Logits ``[B, P, V]`` in bfloat16 (``approx``) but for the ``top`` ``[P, k]`` tokens of each position, whose
+    float32 values are ``exact`` ``[B, P, k]`` (``vocabulary="bf16"``, :mod:`~xattn_lightning.saliency.vocabulary`).
+    :func:`kl_per_token` puts the exact values in a few rows at a time, so the whole batch's logits are never
+    held in float32."""
+
+    approx: Tensor
+    top: Tensor
+    exact: Tensor
+
+
+def kl_per_token(logp_ref: Tensor, logits: Tensor | PartlyExactLogits, positions: Tensor | None = None) -> Tensor:
     """KL(P_ref ‖ P_pert) at the explained decoder ``positions``: ``[B, I]``.
 
     ``logp_ref`` is ``[S, V]`` log-probs of the unperturbed pass, ``logits`` ``[B, S, V]``;
@@ -87,7 +100,12 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = No
     tensor([[0.0000],
             [1.1504]])
     """
-    if positions is not None:
+    exact: PartlyExactLogits | None = None
+    if isinstance(logits, PartlyExactLogits):
+        if positions is not None:
+            raise XAttnError("partly exact logits hold the explained positions only: pass positions=None.")
+        exact, logits = logits, logits.approx
+    elif positions is not None:
         logits, logp_ref = logits[:, positions], logp_ref[positions]
     ref = logp_ref.float()
     p = ref.exp()
@@ -96,8 +114,11 @@ def kl_per_token(logp_ref: Tensor, logits: Tensor, positions: Tensor | None = No
     limit = KL_CHUNK_ELEMENTS.get(logits.device.type, KL_CHUNK_ELEMENTS["cuda"])
     rows = max(1, limit // max(1, logits[0].numel()))
     parts = []
-    for z in logits.split(rows):
+    for i, z in enumerate(logits.split(rows)):
         z = z.float()
+        if exact is not None:  # the tokens that carry the mass, exact
+            values = exact.exact[i * rows : (i + 1) * rows].float()
+            z.scatter_(-1, exact.top.unsqueeze(0).expand(z.shape[0], -1, -1), values)
         z = z - z.amax(-1, keepdim=True)
         parts.append(z.exp().sum(-1).log() * mass - (z * p).sum(-1))
     return (torch.cat(parts) + neg_entropy).clamp(min=0.0)
@@ -153,6 +174,31 @@ def draw_keep_masks(n: int, num_units: int, p: float, generator: torch.Generator
     return torch.rand(n, num_units, generator=generator) >= p
 
 
+@dataclass
+class MaskState:
+    """Where a perturbation map's masks stopped, so that a later call with more masks continues it instead of
+    starting again: the two half maps' running sums (``num`` ``[2, I, cells]``, ``den`` ``[2, cells]``, float64),
+    the masks ``n`` they hold, the seeded generator's state after drawing them, and ``stream``, what the
+    masks were drawn for (method, seed, occlusion rate, sampling, units), which a continuation must match.
+
+    With the default ``sampling="plain"`` of ``encoder_spes`` the masks ``n+1 ... N`` of a continuation are
+    exactly those of a single call at ``N`` (one uniform stream, drawn in order); other designs continue
+    with a fresh block of the same design from the same stream (see ``resume`` of :func:`spes_encoder`).
+
+    Example:
+        >>> st = MaskState(torch.zeros(2, 1, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), 0,
+        ...                torch.Generator().get_state(), ("encoder_spes", 0))
+        >>> st.n, st.num.shape
+        (0, torch.Size([2, 1, 3]))
+    """
+
+    num: Tensor
+    den: Tensor
+    n: int
+    generator: Tensor
+    stream: tuple
+
+
 class _Accumulator:
     """Running ``Σ_n KL_n·occluded_n`` and ``Σ_n occluded_n`` (paper §6.2 step 7), kept separately
     for even- and odd-numbered masks so that two independent half maps come for free (their
@@ -179,6 +225,32 @@ class _Accumulator:
     def halves(self) -> Tensor:
         """``[2, I, cells]``: the map from the even masks and from the odd masks."""
         return (self.num / self.den.clamp(min=1.0).unsqueeze(1)).float()
+
+    def state(self, generator: torch.Generator, stream: tuple) -> MaskState:
+        """The sums so far (on the CPU) and the generator's state, to continue later."""
+        return MaskState(self.num.cpu(), self.den.cpu(), self.n, generator.get_state(), stream)
+
+
+def _start(
+    stream: tuple, seed: int, num_tokens: int, num_cells: int, device: torch.device, n_masks: int,
+    resume: MaskState | None,
+) -> tuple[torch.Generator, _Accumulator]:  # fmt: skip
+    """The mask generator and the accumulator of a map: fresh from ``seed``, or where ``resume`` stopped
+    (after checking that it was drawn for the same ``stream`` and holds at most ``n_masks`` masks)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    acc = _Accumulator(num_tokens, num_cells, device)
+    if resume is None:
+        return gen, acc
+    if resume.stream != stream or tuple(resume.num.shape) != tuple(acc.num.shape):
+        raise XAttnError(
+            f"Cannot continue a map drawn for {resume.stream} (sums {tuple(resume.num.shape)}) as one for {stream} "
+            f"(sums {tuple(acc.num.shape)}): the utterance, the explained tokens or the mask options differ."
+        )
+    if resume.n > n_masks:
+        raise XAttnError(f"Cannot continue a map of {resume.n} masks to fewer ({n_masks}).")
+    gen.set_state(resume.generator)
+    acc.num, acc.den, acc.n = resume.num.to(device).clone(), resume.den.to(device).clone(), resume.n
+    return gen, acc
 
 
 def _mask_loop(
@@ -219,13 +291,17 @@ def spes_input(
     sampling: str = SpesOptions.sampling,
     max_seconds: float | None = SpesOptions.max_seconds,
     progress: Callable[[int], None] | None = None,
+    resume: MaskState | None = None,
 ) -> SaliencyResult:
     """SPES input saliency ``[I, T, F]`` over the valid ``features[:num_frames]``.
 
     ``run(x [B, T_full, F]) -> logits [B, S, V]`` is a teacher-forced pass. Padding frames beyond
     ``num_frames`` keep their values and get no saliency. Masks are split equally over ``scales``.
     With ``max_seconds`` the loop stops early (at a whole number of chunks) and the info says how
-    many masks were used.
+    many masks were used. ``resume`` (the ``state`` of an earlier result of the same utterance, tokens
+    and options) continues that map to ``n_masks``: the masks it lacks, split equally over the scales,
+    are drawn from where its stream stopped (a valid SPES design, not the masks of one call at
+    ``n_masks``, whose split over the scales differs).
     """
     if n_masks < 1:
         raise XAttnError(f"Expected n_masks >= 1 but got {n_masks}.")
@@ -236,13 +312,16 @@ def spes_input(
     valid = features[:t_valid]
     counts = segment_counts(t_valid, scales, frame_rate)
     labels = [slic_segments(valid, k, compactness, sigma).reshape(-1).to(device) for k in counts]
-    gen = torch.Generator().manual_seed(int(seed))
-    per_scale = [n_masks // len(labels) + (1 if i < n_masks % len(labels) else 0) for i in range(len(labels))]
-    acc = _Accumulator(int(positions.numel()), t_valid * n_bins, device)
+    stream = ("spes", int(seed), float(p), sampling, tuple(counts), float(compactness), float(sigma))
+    gen, acc = _start(stream, seed, int(positions.numel()), t_valid * n_bins, device, n_masks, resume)
+    todo = n_masks - acc.n
+    per_scale = [todo // len(labels) + (1 if i < todo % len(labels) else 0) for i in range(len(labels))]
     x_full = features.to(device)
 
     def batches() -> Iterable[tuple[Tensor, Tensor]]:
         for lab, n_s in zip(labels, per_scale):
+            if n_s == 0:
+                continue
             keep_seg = draw_keep_masks(n_s, int(lab.max()) + 1, p, gen, sampling).to(device)
             for i0 in range(0, n_s, batch_size):
                 keep = keep_seg[i0 : i0 + batch_size][:, lab]  # [b, T*F]
@@ -261,6 +340,7 @@ def spes_input(
         n_masks=acc.n,
         budget_hit=stopped,
         details={"segments": counts, "batch_size": batch_size},
+        state=acc.state(gen, stream),
     )
 
 
@@ -277,14 +357,18 @@ def spes_encoder(
     max_seconds: float | None = EncoderSpesOptions.max_seconds,
     progress: Callable[[int], None] | None = None,
     smoothing: int = EncoderSpesOptions.smoothing,
+    resume: MaskState | None = None,
 ) -> SaliencyResult:
     """Encoder-output saliency ``[I, T']`` (paper §1.4): zero whole valid encoder frames with
     probability ``p_h``; ``run(keep [B, T'_valid]) -> logits [B, S, V]`` re-runs only the decoder
     with the frames where ``keep`` is False occluded (``Adapter.masked_decoder``); ``positions``
     are the explained rows of ``logp_ref`` and the logits (``None``: every row, when ``run``
     returns only the explained positions). ``batch_size="auto"``: :func:`rows_batch_size` masks per
-    batch. ``smoothing``
-    filters the map and its two halves in time (:func:`smooth_frames`; 0: the paper's estimator)."""
+    batch. ``smoothing`` filters the map and its two halves in time (:func:`smooth_frames`; 0: the
+    paper's estimator). ``resume`` (the ``state`` of an earlier result of the same utterance, tokens and
+    options) continues that map to ``n_masks``, drawing only the masks it lacks from where its stream
+    stopped: with ``sampling="plain"`` (the default), the same masks as one call at ``n_masks``, so the
+    same map up to float rounding; the other designs add a block of their design."""
     check_smoothing(smoothing)  # a bad width fails before any mask runs
     if n_masks < 1:
         raise XAttnError(f"Expected n_masks >= 1 but got {n_masks}.")
@@ -294,10 +378,11 @@ def spes_encoder(
     t_valid = num_encoder_frames
     rows = logp_ref.shape[0] if positions is None else int(positions.numel())
     per_batch = rows_batch_size(rows, n_masks) if batch_size == "auto" else int(batch_size)
-    gen = torch.Generator().manual_seed(int(seed) + 7919)
-    keep_all = draw_keep_masks(n_masks, t_valid, p_h, gen, sampling).to(device)
-    acc = _Accumulator(rows, t_valid, device)
-    batches = ((keep, keep) for keep in keep_all.split(per_batch))
+    stream = ("encoder_spes", int(seed), float(p_h), sampling, t_valid)
+    gen, acc = _start(stream, int(seed) + 7919, rows, t_valid, device, n_masks, resume)
+    todo = n_masks - acc.n
+    keep_all = draw_keep_masks(todo, t_valid, p_h, gen, sampling).to(device) if todo else None
+    batches = ((keep, keep) for keep in (keep_all.split(per_batch) if keep_all is not None else ()))
     seconds, stopped = _mask_loop(
         batches, lambda keep: kl_per_token(logp_ref, run(keep), positions), acc, max_seconds, progress
     )
@@ -308,4 +393,5 @@ def spes_encoder(
         n_masks=acc.n,
         budget_hit=stopped,
         details={"batch_size": per_batch, "smoothing": smoothing},
+        state=acc.state(gen, stream),
     )

@@ -10,7 +10,7 @@ from xattn_lightning.errors import UnknownNameError, XAttnError
 from xattn_lightning.functional.pooling import check_smoothing
 from xattn_lightning.saliency.batching import AUTOCAST_DTYPES
 from xattn_lightning.saliency.methods import MethodInputs, _encoder_spes, _gradient, _spes
-from xattn_lightning.saliency.options import SAMPLINGS, default_options
+from xattn_lightning.saliency.options import SAMPLINGS, VOCABULARIES, default_options
 from xattn_lightning.saliency.result import SaliencyResult
 
 MethodName = Literal[
@@ -72,6 +72,8 @@ def validate_methods(methods: Sequence[str], options: dict[str, Any]) -> None:
             raise UnknownNameError("option", k, OPTIONS)
     if options.get("sampling", "plain") not in SAMPLINGS:
         raise UnknownNameError("sampling", options["sampling"], SAMPLINGS)
+    if options.get("vocabulary", "exact") not in VOCABULARIES:
+        raise UnknownNameError("vocabulary", options["vocabulary"], VOCABULARIES)
     if options.get("gradient_engine", "batched") not in ("batched", "captum"):
         raise UnknownNameError("gradient_engine", options["gradient_engine"], ("batched", "captum"))
     if options.get("autocast") is not None and options["autocast"] not in AUTOCAST_DTYPES:

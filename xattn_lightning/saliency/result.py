@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from xattn_lightning.saliency.perturbation import MaskState
 
 
 @dataclass
@@ -15,7 +18,9 @@ class SaliencyResult:
     ``map`` is ``[I, T, F]`` (input space) or ``[I, T']`` (encoder space). Perturbation methods add
     ``halves`` (the maps of the even and of the odd masks, ``[2, ...]``: their agreement measures the
     map's reliability), ``n_masks`` (how many ran) and ``budget_hit`` (``max_seconds`` stopped the loop);
-    ``details`` holds a method's own facts (SLIC segment counts, batch size, smoothing).
+    ``details`` holds a method's own facts (SLIC segment counts, batch size, smoothing); ``state`` is where
+    the masks stopped (:class:`~xattn_lightning.saliency.perturbation.MaskState`), to continue the map
+    with more masks (``resume=`` of :func:`xattn_lightning.explain`).
 
     Example:
         >>> import torch
@@ -30,6 +35,7 @@ class SaliencyResult:
     n_masks: int | None = None
     budget_hit: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    state: MaskState | None = None
 
     def info(self) -> dict[str, Any]:
         """The facts as the flat dict an :class:`~xattn_lightning.Explanation` keeps in ``info[method]``."""
@@ -38,4 +44,6 @@ class SaliencyResult:
             out.update(n_masks=self.n_masks, budget_hit=self.budget_hit)
         if self.halves is not None:
             out["halves"] = self.halves
+        if self.state is not None:
+            out["state"] = self.state
         return out
