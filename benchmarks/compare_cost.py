@@ -34,6 +34,8 @@ print(comp.table())
 def run(setting: str, checkpoints: list[str], manifest: str) -> dict:
     tree, _, variant = setting.partition("@")
     env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+    manifest = str(Path(manifest).resolve())
+    checkpoints = [str(Path(c).resolve()) if Path(c).exists() else c for c in checkpoints]
     with tempfile.TemporaryDirectory() as out:
         if variant == "bf16":
             cmd = [sys.executable, "-c", _BF16, manifest, *checkpoints]
@@ -41,7 +43,8 @@ def run(setting: str, checkpoints: list[str], manifest: str) -> dict:
             cmd = [sys.executable, "-m", "xattn_lightning", "compare", *checkpoints, "--manifest", manifest]
             cmd += ["--out", out] + (["--n-masks", variant] if variant else [])
         t = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        # run elsewhere: Python puts the current directory (a source tree, maybe another one) before PYTHONPATH
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=out)
         seconds = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{setting} failed:\n{proc.stderr[-3000:]}")

@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,14 +50,17 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
 def run(tree: str, monitor: bool, args: list[str]) -> dict:
     """One fine-tune in its own process with ``tree``'s package; ``tree@bf16``: the monitor with vocabulary='bf16'."""
     tree, _, variant = tree.partition("@")
+    tree = str(Path(tree).resolve())
     env = {**os.environ, "PYTHONPATH": tree}
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUN, tree, (variant or "on") if monitor else "off", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    with tempfile.TemporaryDirectory() as elsewhere:  # not the current directory, which Python puts before PYTHONPATH
+        proc = subprocess.run(
+            [sys.executable, "-c", _RUN, tree, (variant or "on") if monitor else "off", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=elsewhere,
+        )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{tree} ({'with' if monitor else 'without'} the monitor) failed:\n{proc.stderr[-3000:]}")
