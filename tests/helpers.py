@@ -280,11 +280,35 @@ def processor_batch(proc, rows):
     return proc(wavs, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
 
 
+def _teardown_group(self, trainer, pl_module, stage):
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+for _ns in ("lightning.pytorch", "pytorch_lightning"):  # module-level classes, so that ddp_spawn can pickle them
+    try:
+        _callback = importlib.import_module(_ns).Callback
+    except ImportError:  # pragma: no cover
+        continue
+    _name = f"CleanExit_{_ns.replace('.', '_')}"
+    globals()[_name] = type(_name, (_callback,), {"teardown": _teardown_group, "__module__": __name__})
+
+
+def clean_exit(pl_namespace=pl):
+    """A callback that destroys the process group as each spawned process's fit ends (after everything that uses
+    it): under torch 2.14 on CPU, a Gloo group left to the interpreter's exit sometimes aborts that process
+    (``terminate called without an active exception``, SIGABRT) after its work, which fails ``ddp_spawn``."""
+    return globals()[f"CleanExit_{pl_namespace.__name__.replace('.', '_')}"]()
+
+
 def cpu_trainer(tmp_path, callbacks, logger=False, devices: int = 1, **kw):
     """A quiet CPU ``lightning.pytorch`` trainer (2 epochs unless told), the tests' common set-up; ``devices=2``:
     two processes (``ddp_spawn``), the distributed tests' set-up."""
     if devices > 1:
         kw.setdefault("strategy", "ddp_spawn")
+        callbacks = [*callbacks, clean_exit()]
     return pl.Trainer(
         max_epochs=kw.pop("max_epochs", 2),
         callbacks=callbacks,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import speaking_tiny_whisper, tuple_data
+from helpers import clean_exit, speaking_tiny_whisper, tuple_data
 from torch.utils.data import DataLoader
 
 import xattn_lightning as xl
@@ -70,6 +70,8 @@ for _ns in NAMESPACES:
 
 
 def cpu_trainer(pl, root: Path, callbacks: list, **kw):
+    if kw.get("devices", 1) > 1:
+        callbacks = [*callbacks, clean_exit(pl)]
     return pl.Trainer(
         max_epochs=kw.pop("max_epochs", 2),
         callbacks=callbacks,
