@@ -14,7 +14,7 @@ FLOORS = {
     "explain": 3, "summary": 3, "faithfulness": 3, "reading": 3, "viz": 3, "loading": 3,
     "timestamps": 4,
     "monitoring": 5,
-    "_lightning": 6, "callbacks": 6, "integrations": 6, "loggers": 6, "compare": 6, "demo": 6,
+    "_lightning": 6, "checkpoints": 6, "callbacks": 6, "integrations": 6, "loggers": 6, "compare": 6, "demo": 6,
     "cli": 7, "__main__": 7, "__init__": 7,
 }  # fmt: skip
 HOSTS = 6  # from this floor up, Lightning may be imported

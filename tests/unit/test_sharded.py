@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from xattn_lightning.compare import consolidate_sharded_checkpoint
+from xattn_lightning.checkpoints import consolidate_sharded_checkpoint
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.monitoring.sharded import BoundedExchange, ReadingFailed, full_bytes, plain_copy
 
