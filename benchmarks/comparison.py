@@ -5,7 +5,7 @@ with the monitor on at its defaults, are compared with the base model on held-ou
 recordings and espeak utterances no fine-tune saw). Every (checkpoint, seed, mask count) reading is
 computed once and cached, and each pair "base against a fine-tune" is then assembled exactly as
 ``xattn-lightning compare`` does it: every checkpoint read at 256 masks, the count the less reliable
-one needs (:func:`xattn_lightning.compare.comparison_masks`), both read with that count, the
+one needs (:func:`comparison_masks`, as ``compare`` chooses it), both read with that count, the
 difference paired over the probes (:func:`xattn_lightning.summary.paired_differences`).
 
     python -m benchmarks.comparison --model $XL_WHISPER_PATH --train $XL_ESPEAK_MANIFEST \
@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 
 from xattn_lightning.audio import read_manifest
-from xattn_lightning.compare import CheckpointResult, compare_checkpoints, comparison_masks
-from xattn_lightning.functional import MASK_LADDER
-from xattn_lightning.summary import paired_differences
+from xattn_lightning.compare import compare_checkpoints
+from xattn_lightning.compare_report import CheckpointResult
+from xattn_lightning.functional import MASK_LADDER, choose_n_masks
+from xattn_lightning.scores import ProbeScores
+from xattn_lightning.summary import Summary, paired_differences
 
 METHOD = "encoder_spes"
 KEY = f"{METHOD}/pearson_corrected"
@@ -80,13 +82,23 @@ def reading(ckpt: str, name: str, rows: list, n: int, seed: int, cache: Path) ->
     path = cache / f"{name.replace(' ', '_')}__n{n}__seed{seed}.json"
     if path.exists():
         d = json.loads(path.read_text())
-        return CheckpointResult(name, d["scalars"], d["wer"], d["rows"], {}, {}, d["seconds"])
+        probes = [ProbeScores.from_dict(p) for p in d["probes"]]
+        return CheckpointResult(name, Summary(d["scalars"], {}, {}, probes=probes), d["wer"], d["seconds"])
     comp = compare_checkpoints([ckpt], rows, methods=(METHOD,), names=[name], n_masks=n, seed=seed, progress=False)
     (r,) = comp.results
-    path.write_text(json.dumps({"scalars": r.scalars, "wer": r.wer, "rows": r.rows, "seconds": r.seconds}))
-    print(f"  {name} N={n} seed={seed}: {KEY}={r.scalars.get(KEY, math.nan):.3f} "
-          f"reliability={r.scalars[f'{METHOD}/reliability']:.2f} ({r.seconds:.0f} s)", flush=True)  # fmt: skip
+    s = r.summary
+    path.write_text(json.dumps({"scalars": s.scalars, "wer": r.wer, "probes": [p.to_dict() for p in s.probes],
+                                "seconds": r.seconds}))  # fmt: skip
+    print(f"  {name} N={n} seed={seed}: {KEY}={s.scalars.get(KEY, math.nan):.3f} "
+          f"reliability={s.scalars[f'{METHOD}/reliability']:.2f} ({r.seconds:.0f} s)", flush=True)  # fmt: skip
     return r
+
+
+def comparison_masks(results: list[CheckpointResult], measured_at: int) -> tuple[int, dict[str, dict[str, float]]]:
+    """``n_masks="auto"`` of a comparison, as ``compare_checkpoints`` makes it: the largest rung any checkpoint's
+    maps need (:func:`~xattn_lightning.functional.choose_n_masks`), and checkpoint -> method -> reliability."""
+    measured = {r.name: {METHOD: r.summary.scalars.get(f"{METHOD}/reliability", math.nan)} for r in results}
+    return max(choose_n_masks(measured_at, rel) for by_m in measured.values() for rel in by_m.values()), measured
 
 
 def _spread(values: list[float]) -> float:
@@ -128,26 +140,26 @@ def main(argv: list[str] | None = None) -> dict:
     ref = {name: get(name, REFERENCE_MASKS, REFERENCE_SEED) for name in names}
     pairs = []
     for other in names[1:]:
-        ref_diff = paired_differences(ref["base"].rows, ref[other].rows, METHOD)
+        ref_diff = paired_differences(ref["base"].summary.probes, ref[other].summary.probes, METHOD)
         per_seed = []
         for seed in args.seeds:
-            n, measured = comparison_masks([get("base", first, seed), get(other, first, seed)], (METHOD,), first)
+            n, measured = comparison_masks([get("base", first, seed), get(other, first, seed)], first)
             a, b = get("base", n, seed), get(other, n, seed)
-            d = paired_differences(a.rows, b.rows, METHOD)
-            raw_default = paired_differences(get("base", first, seed).rows, get(other, first, seed).rows, METHOD)
+            d = paired_differences(a.summary.probes, b.summary.probes, METHOD)
+            raw_default = paired_differences(get("base", first, seed).summary.probes, get(other, first, seed).summary.probes, METHOD)
             per_seed.append({
                 "seed": seed, "n_masks": n, "reliability_at_256": {k: v[METHOD] for k, v in measured.items()},
-                "base": {k: a.scalars.get(f"{METHOD}/{k}", math.nan) for k in ("pearson", "reliability", "pearson_corrected", "pearson_corrected_ci_low", "pearson_corrected_ci_high")},
-                "other": {k: b.scalars.get(f"{METHOD}/{k}", math.nan) for k in ("pearson", "reliability", "pearson_corrected", "pearson_corrected_ci_low", "pearson_corrected_ci_high")},
+                "base": {k: a.summary.scalars.get(f"{METHOD}/{k}", math.nan) for k in ("pearson", "reliability", "pearson_corrected", "pearson_corrected_ci_low", "pearson_corrected_ci_high")},
+                "other": {k: b.summary.scalars.get(f"{METHOD}/{k}", math.nan) for k in ("pearson", "reliability", "pearson_corrected", "pearson_corrected_ci_low", "pearson_corrected_ci_high")},
                 "diff": d["pearson_corrected"].__dict__, "diff_raw": d["pearson"].__dict__,
                 "raw_diff_at_256": raw_default["pearson"].value if raw_default["pearson"].comparable else math.nan,
                 "raw_diff_at_256_unchecked": b_minus_a_raw(get("base", first, seed), get(other, first, seed)),
                 "seconds": a.seconds + b.seconds + get("base", first, seed).seconds + get(other, first, seed).seconds,
             })  # fmt: skip
         pairs.append({"other": other, "reference": {
-            "base": ref["base"].scalars.get(KEY, math.nan), "other": ref[other].scalars.get(KEY, math.nan),
-            "base_reliability": ref["base"].scalars[f"{METHOD}/reliability"],
-            "other_reliability": ref[other].scalars[f"{METHOD}/reliability"],
+            "base": ref["base"].summary.scalars.get(KEY, math.nan), "other": ref[other].summary.scalars.get(KEY, math.nan),
+            "base_reliability": ref["base"].summary.scalars[f"{METHOD}/reliability"],
+            "other_reliability": ref[other].summary.scalars[f"{METHOD}/reliability"],
             "diff": ref_diff["pearson_corrected"].__dict__, "diff_raw": ref_diff["pearson"].__dict__,
         }, "seeds": per_seed})  # fmt: skip
     summary = {"probes": [r.id for r in probes], "checkpoints": ckpts, "pairs": pairs, "goals": goals(pairs)}
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def b_minus_a_raw(a: CheckpointResult, b: CheckpointResult) -> float:
     """What the table at the old default (256 masks) gave: the raw ρ of b minus that of a."""
-    return b.scalars[f"{METHOD}/pearson"] - a.scalars[f"{METHOD}/pearson"]
+    return b.summary.scalars[f"{METHOD}/pearson"] - a.summary.scalars[f"{METHOD}/pearson"]
 
 
 def goals(pairs: list[dict]) -> dict:

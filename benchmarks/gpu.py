@@ -86,12 +86,12 @@ def bench_throughput(model, batch, targets, sizes: dict[str, list], n_masks: dic
             for bs in bss:
                 _explain(model, batch, targets, method, n_masks=min(8, n_masks[method]), **{key: bs}, autocast=autocast)
                 e = _explain(model, batch, targets, method, n_masks=n_masks[method], **{key: bs}, autocast=autocast)
-                info = e.info[method]
+                info = e.results[method]
                 row = {
                     "autocast": autocast or "fp32",
                     "batch_size": bs,
-                    "chosen_batch_size": info["batch_size"],
-                    "masks_per_s": info["n_masks"] / info["seconds"],
+                    "chosen_batch_size": info.details["batch_size"],
+                    "masks_per_s": (info.n_masks or 0) / info.seconds,
                 }
                 if method == "spes" and autocast is None:
                     row["plain_forwards_per_s"] = _plain_per_s(model, batch, targets, info["batch_size"], 3)

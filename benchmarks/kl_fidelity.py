@@ -34,9 +34,11 @@ import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.functional import per_token_correlation
 from xattn_lightning.loading import features_batch, load_hf_model
+from xattn_lightning.saliency import SaliencyResult
 from xattn_lightning.saliency.perturbation import _Accumulator, draw_keep_masks, kl_per_token, rows_batch_size
 from xattn_lightning.saliency.vocabulary import VOCABULARY_TOP, bf16_logits
-from xattn_lightning.summary import probe_scores, summarize
+from xattn_lightning.scores import probe_scores
+from xattn_lightning.summary import summarize
 
 
 def top_tokens(logp_ref: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,7 +63,7 @@ def time_vocabularies(model, proc, rows, n_masks: int, repeats: int) -> dict:
             batch = features_batch(proc, [row])
             for vocab in ("exact", "bf16"):
                 (e,) = xl.explain(model, batch, methods=("encoder_spes",), n_masks=n_masks, vocabulary=vocab)
-                secs[vocab] += float(e.info["encoder_spes"]["seconds"])
+                secs[vocab] += float(e.results["encoder_spes"].seconds)
     masks = n_masks * len(rows) * repeats
     return {
         **{f"{k}_ms_per_mask": 1000 * v / masks for k, v in secs.items()},
@@ -142,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 hook.remove()
         maps = {}
         for name, acc in accs.items():
-            e.saliency["encoder_spes"] = acc.result()
-            e.info["encoder_spes"] = {"halves": acc.halves(), "n_masks": acc.n}
+            e.results["encoder_spes"] = SaliencyResult(acc.result(), 0.0, halves=acc.halves(), n_masks=acc.n)
             maps[name] = e.saliency["encoder_spes"]
-            r = probe_scores(e, ("encoder_spes",), ("pearson",))
-            r["id"] = row.id
+            r = probe_scores(e, ("encoder_spes",), ("pearson",), probe_id=row.id)
             scores[name].append(r)
         for k in tops:
             rho = per_token_correlation(maps[f"top{k}"], maps["exact"], "pearson", normalize=False)

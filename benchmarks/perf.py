@@ -153,7 +153,7 @@ def bench_encoder(model, batch, targets, n_masks: int) -> dict:
     res = {}
     for m, n in (("spes", n_masks), ("encoder_spes", 4 * n_masks)):
         (e,) = xl.explain(model, batch, targets=targets, methods=(m,), n_masks=n, seed=0)
-        res[m] = e.info[m]["seconds"] / e.info[m]["n_masks"]
+        res[m] = e.results[m].seconds / e.results[m].n_masks
     return {
         "spes_s_per_mask": res["spes"],
         "encoder_spes_s_per_mask": res["encoder_spes"],
@@ -257,11 +257,11 @@ def bench_batch(model, batch, targets, n_masks: int, reps: int = 3) -> dict:
             (e,) = xl.explain(
                 model, batch, targets=targets, methods=("encoder_spes",), n_masks=n_masks, encoder_batch_size=bs
             )
-            info = e.info["encoder_spes"]
-            t[key].append(info["seconds"] / n_masks)
+            info = e.results["encoder_spes"]
+            t[key].append(info.seconds / n_masks)
             maps[key] = e.saliency["encoder_spes"]
             if key == "auto":
-                chosen = info["batch_size"]
+                chosen = info.details["batch_size"]
     return {
         "n_masks": n_masks,
         "tokens": int(maps["auto"].shape[0]),
@@ -365,7 +365,7 @@ def bench_costs(model, batch, targets) -> dict:
     for _ in range(2):  # best of two, interleaved
         res["plain_forward_s"] = min(res.get("plain_forward_s", math.inf), plain(8))
         (e,) = xl.explain(model, batch, targets=[seq.tolist()], methods=("spes",), n_masks=64, seed=0)
-        res["spes_s_per_mask"] = min(res.get("spes_s_per_mask", math.inf), e.info["spes"]["seconds"] / 64)
+        res["spes_s_per_mask"] = min(res.get("spes_s_per_mask", math.inf), e.results["spes"].seconds / 64)
         res["explain_spes64_s"] = min(
             res.get("explain_spes64_s", math.inf),
             timed(lambda: xl.explain(model, batch, targets=[seq.tolist()], methods=("spes",), n_masks=64, seed=0)),

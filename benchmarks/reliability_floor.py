@@ -38,7 +38,7 @@ def reading(model, batch, target, n: int, seed: int, sampling: str = "plain", sm
         "raw": e.agreement(METHOD),
         "reliability": e.reliability(METHOD),
         "corrected": e.agreement(METHOD, corrected=True),
-        "seconds": e.info[METHOD]["seconds"],
+        "seconds": e.results[METHOD].seconds,
     }
 
 

@@ -58,8 +58,8 @@ def utterance_scores(e: xl.Explanation, alignment_heads) -> dict:
             "layers": e.layer_agreement(m).tolist(),
             "grid": e.agreement_grid(m).tolist(),
             "alignment_heads": e.agreement(m, pairs=alignment_heads) if alignment_heads else float("nan"),
-            "seconds": e.info[m]["seconds"],
-            "n_masks": e.info[m]["n_masks"],
+            "seconds": e.results[m].seconds,
+            "n_masks": e.results[m].n_masks,
         }
     out["gap"] = out["encoder_spes"]["pearson"] - out["spes"]["pearson"]
     return out
@@ -79,7 +79,7 @@ def stability(model, proc, batch, target, ns, methods, seed_ref: int, base_seed:
                 "per_token_rho_pooled": map_similarity(e.pooled(m), ref.pooled(m)),
                 "flat_rho_pooled": flat_map_rho(e.pooled(m), ref.pooled(m)),
                 "agreement": e.agreement(m),
-                "seconds": e.info[m]["seconds"],
+                "seconds": e.results[m].seconds,
             }
             if e.saliency[m].dim() == 3:
                 row["per_token_rho_full"] = map_similarity(e.saliency[m], ref.saliency[m])
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             **opts,
         )
-        e.saliency.update(eh.saliency)
-        e.info.update(eh.info)
+        e.results.update(eh.results)
         s = utterance_scores(e, heads)
         s["id"], s["reference"] = r.id, r.text
         modes = ("deletion", "insertion") if args.insertion else ("deletion",)

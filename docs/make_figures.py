@@ -50,7 +50,7 @@ def wandb_layout(monitor) -> Figure:
         ax.grid(alpha=0.3)
     e = monitor.last_explanations[0]
     ax = fig.add_subplot(gs[1, :3])
-    ax.imshow(figure_to_array(heatmap_figure(e, monitor.methods, title=f"{monitor.probe_ids[0]}")))
+    ax.imshow(figure_to_array(heatmap_figure(e, monitor.config.methods, title=f"{monitor.probe_ids[0]}")))
     ax.set_title("media: xattn/heatmaps (one image per probe, step slider)", fontsize=8)
     ax.axis("off")
     ax = fig.add_subplot(gs[1, 3])
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor, _, _ = run_demo(demo_args)
     e = monitor.last_explanations[0]
     save_figure(
-        heatmap_figure(e, monitor.methods, title=f"demo probe {monitor.probe_ids[0]}, after training"),
+        heatmap_figure(e, monitor.config.methods, title=f"demo probe {monitor.probe_ids[0]}, after training"),
         out / "demo_heatmaps.png",
     )
     save_figure(wandb_layout(monitor), out / "wandb_layout.png")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         (eh,) = xl.explain(
             model, batch, targets=e.decoder_ids.unsqueeze(0), tokenizer=proc, methods=("encoder_spes",), n_masks=1000
         )
-        e.saliency.update(eh.saliency)
+        e.results.update(eh.results)
         save_figure(
             heatmap_figure(e, ("spes", "encoder_spes"), title=f"Whisper tiny.en, {row.id}: {e.text}"),
             out / "whisper_heatmaps.png",

@@ -326,3 +326,32 @@ def cpu_trainer(tmp_path, callbacks, logger=False, devices: int = 1, **kw):
 def read_csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
+
+
+def scored(
+    pearson: float,
+    method: str = "encoder_spes",
+    reliability: float | None = None,
+    noise: float | None = None,
+    n_masks: int | None = None,
+    pid: str = "",
+    position: int = 0,
+    layers: list[float] | None = None,
+    grid: list[list[float]] | None = None,
+    spearman: float | None = None,
+):
+    """A probe's typed scores with one method, for summaries without a model (the corrected ρ from
+    ``reliability`` when given)."""
+    from xattn_lightning.scores import MethodScores, ProbeScores
+
+    s = MethodScores(
+        agreement={"pearson": pearson, "spearman": pearson if spearman is None else spearman},
+        layers=layers if layers is not None else [pearson],
+        grid=grid if grid is not None else [[pearson]],
+        coverage=0.5,
+        n_masks=n_masks,
+        reliability=reliability,
+        pearson_corrected=None if reliability is None else pearson / reliability**0.5,
+        mask_noise=noise,
+    )
+    return ProbeScores(pid, "", "", 1, 4, {method: s}, position)

@@ -50,7 +50,7 @@ def main(out: str) -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         with open(out, "w") as f:
-            json.dump({"history": callback.history, "probe_ids": callback.instrument.probe_set.ids,
+            json.dump({"history": callback.history, "probe_ids": callback.instrument.collector.probe_set.ids,
                        "log_history": trainer.state.log_history,
                        "world_size": int(os.environ.get("WORLD_SIZE", "1"))}, f)  # fmt: skip
     # a Gloo process group still alive at interpreter exit can abort the process ("terminate called without an

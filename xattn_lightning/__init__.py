@@ -19,7 +19,7 @@ from xattn_lightning.adapters import (
 from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import UnknownNameError, UnsupportedModelError, XAttnError
 from xattn_lightning.explain import Explanation, corpus_agreement, explain
-from xattn_lightning.saliency import list_methods
+from xattn_lightning.saliency import SaliencyOptions, SaliencyResult, list_methods
 from xattn_lightning.timestamps import AlignmentLoss, alignment_heads, word_timestamps
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +55,8 @@ __all__ = [
     "Explanation",
     "HookAdapter",
     "OpenAIWhisperAdapter",
+    "SaliencyOptions",
+    "SaliencyResult",
     "Speech2TextAdapter",
     "UnknownNameError",
     "UnsupportedModelError",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xattn_lightning.errors import XAttnError
-from xattn_lightning.saliency.options import READING_DEFAULTS
+from xattn_lightning.saliency.options import READING_N_MASKS, PerturbationOptions
 from xattn_lightning.timestamps import TIMESTAMP_N_MASKS
 
 
@@ -64,9 +64,9 @@ def write_report(monitor, out: Path, title: str = "xattn_lightning demo") -> Pat
         parts.append(f"<h2>Probe heatmaps, {label}</h2>")
         for i, e in enumerate(exps[:3]):
             parts.append(
-                f'<img src="data:image/png;base64,{_png(heatmap_figure(e, monitor.methods, title=f"probe {i}"))}">'
+                f'<img src="data:image/png;base64,{_png(heatmap_figure(e, monitor.config.methods, title=f"probe {i}"))}">'
             )
-    ranking = monitor.head_ranking.get(monitor.methods[0], [])[:5]
+    ranking = monitor.head_ranking.get(monitor.config.methods[0], [])[:5]
     parts.append(
         "<h2>Heads that agree best with saliency</h2><ol>"
         + "".join(f"<li>layer {li}, head {hi}: ρ={r:.3f}</li>" for li, hi, r in ranking)
@@ -148,7 +148,8 @@ def run_demo(args: argparse.Namespace):
 def compare(args: argparse.Namespace) -> int:
     """Explain the same probes with every checkpoint; table on stdout, CSV/JSON/figures in --out."""
     from xattn_lightning.audio import load_audio, read_manifest
-    from xattn_lightning.compare import compare_checkpoints, log_comparison_to_wandb, write_comparison
+    from xattn_lightning.compare import compare_checkpoints
+    from xattn_lightning.compare_report import log_comparison_to_wandb, write_comparison
 
     rows = read_manifest(args.manifest)[: args.num_probes]
     for r in rows:  # fail on unreadable audio before loading any model
@@ -289,11 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "--n-masks",
         type=lambda v: v if v == "auto" else int(v),
-        default=READING_DEFAULTS["n_masks"],
+        default=READING_N_MASKS,
         help="masks per saliency map, or 'auto' (default): chosen once for all checkpoints so that every one gets "
         "a corrected headline",
     )
-    c.add_argument("--seed", type=int, default=READING_DEFAULTS["seed"])
+    c.add_argument("--seed", type=int, default=PerturbationOptions.seed)
     c.add_argument("--targets", default="generate", choices=("generate", "labels"))
     c.add_argument("--module", help="package.module:Class of the LightningModule, for .ckpt files")
     c.add_argument("--base-model", help="base model of PEFT adapter directories (default: the one each names)")
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--n-masks", type=int, default=TIMESTAMP_N_MASKS, help="masks of the saliency behind --heads agreement (default: %(default)s)"
     )
-    t.add_argument("--seed", type=int, default=READING_DEFAULTS["seed"])
+    t.add_argument("--seed", type=int, default=PerturbationOptions.seed)
     t.add_argument("--device", default="cpu")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

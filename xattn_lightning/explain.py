@@ -29,6 +29,8 @@ from xattn_lightning.functional import per_token_correlation as _per_token
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.functional.agreement import Metric
 from xattn_lightning.functional.pooling import Pooling
+from xattn_lightning.saliency.options import SaliencyOptions
+from xattn_lightning.saliency.result import SaliencyResult
 
 TARGET_MODES = ("generate", "labels")
 
@@ -47,8 +49,8 @@ class Explanation:
         log_probs: ``Tensor[I]`` log-probability of each explained token under teacher forcing.
         decoder_ids: the whole decoder sequence (prompt, tokens, EOS) that was forced.
         text: decoded text of the explained tokens, when a tokenizer is known.
-        saliency: method name → map, ``[I, T, F]`` (input space) or ``[I, T']`` (encoder space).
-        info: per-method facts (masks used, seconds, ...).
+        results: method name → its :class:`~xattn_lightning.saliency.SaliencyResult` (the map, ``[I, T, F]`` in
+            input space or ``[I, T']`` in encoder space; its half maps, masks, seconds and where its masks stopped).
         positions: ``LongTensor[I]`` where each explained token sits in ``decoder_ids``.
         decoder_attention: ``Tensor[L, H, S - 1, T']`` cross-attention of every decoder input
             ``decoder_ids[:-1]`` (prompt and special tokens included): what word timestamps align.
@@ -63,11 +65,15 @@ class Explanation:
     decoder_ids: Tensor
     text: str | None = None
     index: int = 0
-    saliency: dict[str, Tensor] = field(default_factory=dict)
-    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: dict[str, SaliencyResult] = field(default_factory=dict)
     positions: Tensor | None = None
     decoder_attention: Tensor | None = None
     frame_rate: float = DEFAULT_FRAME_RATE
+
+    @property
+    def saliency(self) -> dict[str, Tensor]:
+        """Method name → its map (a view of :attr:`results`)."""
+        return {m: r.map for m, r in self.results.items()}
 
     @property
     def num_frames(self) -> int:
@@ -86,12 +92,17 @@ class Explanation:
     def saliency_map(self, method: str) -> Tensor:
         """The saliency map of ``method`` as computed (``[I, T, F]`` or ``[I, T']``); a clear error
         naming what was computed when it was not."""
-        if method not in self.saliency:
+        return self.result(method).map
+
+    def result(self, method: str) -> SaliencyResult:
+        """The :class:`~xattn_lightning.saliency.SaliencyResult` of ``method``; a clear error naming what was
+        computed when it was not."""
+        if method not in self.results:
             raise XAttnError(
-                f"No saliency {method!r} in this explanation; computed: {sorted(self.saliency) or 'none'}. "
+                f"No saliency {method!r} in this explanation; computed: {sorted(self.results) or 'none'}. "
                 f"Pass methods=({method!r},) to explain()."
             )
-        return self.saliency[method]
+        return self.results[method]
 
     def pooled(self, method: str, mode: Pooling = "max2d") -> Tensor:
         """Saliency of ``method`` at encoder resolution ``[I, T']`` (input-space maps are pooled)."""
@@ -125,8 +136,7 @@ class Explanation:
     def pooled_halves(self, method: str, pooling: Pooling = "max2d") -> Tensor | None:
         """The two half maps of a perturbation method (even and odd masks) at encoder resolution,
         ``[2, I, T']``; ``None`` for exact (gradient) maps."""
-        self.saliency_map(method)
-        halves = self.info.get(method, {}).get("halves")
+        halves = self.result(method).halves
         if halves is None:
             return None
         if halves.dim() == 4:  # input space [2, I, T, F]
@@ -228,6 +238,7 @@ def explain(
     progress: bool = False,
     encoder_cache: EncoderCache | None = None,
     resume: Sequence[Explanation | None] | None = None,
+    options: SaliencyOptions | None = None,
     **method_options: Any,
 ) -> list[Explanation]:
     """Explain every utterance of ``batch``: cross-attention, and the saliency ``methods``.
@@ -251,9 +262,11 @@ def explain(
             only the masks they lack drawn (from where their seeded stream stopped), instead of all
             ``n_masks`` from the start. With the default ``encoder_spes`` options the result is the map of
             one call at ``n_masks`` up to float rounding.
-        **method_options: ``n_masks``, ``seed``, ``p``, ``p_h``, ``batch_size``, ``n_steps``, ... shared by
-            every method that takes them. ``max_seconds`` caps each perturbation method per utterance:
-            masks stop at the budget (whole batches) and ``e.info[method]["n_masks"]`` says how many ran.
+        options: the saliency options as one object (:class:`~xattn_lightning.saliency.SaliencyOptions`), or
+        **method_options: the same as flat keywords: ``n_masks``, ``seed``, ``p``, ``p_h``, ``batch_size``,
+            ``n_steps``, ... each going to every method that takes it. ``max_seconds`` caps each perturbation
+            method per utterance: masks stop at the budget (whole batches) and ``e.results[method].n_masks`` says
+            how many ran.
 
     Example:
         >>> import xattn_lightning as xl
@@ -263,10 +276,13 @@ def explain(
         >>> exps[0].cross_attention.shape
         torch.Size([2, 2, 2, 4])
     """
-    from xattn_lightning.saliency import compute_saliency, validate_methods
+    from xattn_lightning.saliency import compute_saliency, perturbation_methods, validate_methods
 
-    validate_methods(methods, method_options)
-    if method_options.get("n_masks") == "auto":
+    validate_methods(methods)
+    if options is not None and method_options:
+        raise XAttnError(f"Pass options= or flat options ({', '.join(sorted(method_options))}), not both.")
+    options = options if options is not None else SaliencyOptions.from_flat(**method_options)
+    if options.n_masks == "auto" and (perturbation_methods(methods) or "n_masks" in method_options):
         raise XAttnError(
             "n_masks='auto' is chosen from a first reading by the monitor and by compare; xl.explain needs a "
             "number, e.g. n_masks=512 (xl.functional.choose_n_masks gives it from a reliability measured at fewer)."
@@ -283,14 +299,13 @@ def explain(
             if before is not None:  # the tokens the earlier maps explain
                 seq = before.decoder_ids
             exp, ref = _explain_one(adapter, u, seq, num_beams, max_new_tokens, encoder_cache)
-            exp.frame_rate = float(method_options.get("frame_rate") or adapter.frame_rate)
+            exp.frame_rate = float(options.frame_rate or adapter.frame_rate)
             if methods:
-                states = {m: i["state"] for m, i in (before.info if before is not None else {}).items() if "state" in i}
-                found = compute_saliency(
-                    adapter, u, exp, methods, progress=progress, reference=ref, resume=states, **method_options
+                done = before.results if before is not None else {}
+                states = {m: r.state for m, r in done.items() if r.state is not None}
+                exp.results = compute_saliency(
+                    adapter, u, exp, methods, options, progress=progress, reference=ref, resume=states
                 )
-                for m, r in found.items():
-                    exp.saliency[m], exp.info[m] = r.map, r.info()
             results.append(exp)
     return results
 

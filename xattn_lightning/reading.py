@@ -11,14 +11,15 @@ Example:
     >>> from xattn_lightning.testing import TinyS2T
     >>> adapter = TinyS2T.adapter(TinyS2T(vocab_size=12))
     >>> probe = Probe.from_batch(0, {"input_features": torch.randn(1, 16, 8), "text": ["hi"]}, "probe0")
-    >>> reading = read(adapter, [probe], ReadingConfig(methods=("encoder_spes",), targets=[[1, 5, 6, 2]],
-    ...                                                options={"n_masks": 8}))
-    >>> reading.results[0].scores["id"], reading.results[0].scores["text"], reading.failures
+    >>> config = ReadingConfig(methods=("encoder_spes",), targets=[[1, 5, 6, 2]], saliency=SaliencyOptions.from_flat(n_masks=8))
+    >>> reading = read(adapter, [probe], config)
+    >>> reading.results[0].scores.id, reading.results[0].scores.text, reading.failures
     ('probe0', 'hi', [])
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,16 @@ from torch import Tensor
 from xattn_lightning.adapters import Adapter
 from xattn_lightning.batches import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.encoder_cache import EncoderCache
+from xattn_lightning.errors import XAttnError, check_choice
 from xattn_lightning.explain import Explanation, explain
-from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
 from xattn_lightning.functional.alignment import Word
-from xattn_lightning.summary import probe_scores
+from xattn_lightning.saliency import perturbation_methods, validate_methods
+from xattn_lightning.saliency.options import SaliencyOptions
+from xattn_lightning.scores import Failure, ProbeScores, probe_scores
+
+#: the correlation metrics a reading can report
+METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall")
 
 
 def _first(batch: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -86,9 +93,14 @@ class Probe:
 
 @dataclass(frozen=True)
 class ReadingConfig:
-    """What a reading computes: the saliency ``methods`` and their ``options`` (as in
-    :func:`xattn_lightning.explain`; ``n_masks`` a number), the correlation ``metrics``, the
-    attention aggregation behind the headline (``layers`` × ``heads``), and the decoding."""
+    """What a reading computes, checked once when it is made: the saliency ``methods`` and their options
+    (``saliency``: one :class:`~xattn_lightning.saliency.SaliencyOptions`, handed to
+    :func:`~xattn_lightning.explain` as it is), the correlation ``metrics``, the attention aggregation behind the
+    headline (``layers`` × ``heads``), and the decoding (``targets``: ``"generate"``, ``"labels"`` or ids).
+
+    >>> ReadingConfig(saliency=SaliencyOptions.from_flat(n_masks=64)).with_masks(256).saliency.n_masks
+    256
+    """
 
     methods: tuple[str, ...] = ("encoder_spes",)
     metrics: tuple[str, ...] = ("pearson", "spearman")
@@ -97,36 +109,50 @@ class ReadingConfig:
     targets: Any = "generate"
     num_beams: int = 1
     max_new_tokens: int | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    saliency: SaliencyOptions = field(default_factory=SaliencyOptions)
 
-    def with_options(self, **options: Any) -> ReadingConfig:
-        """The same config with some saliency options replaced."""
-        return ReadingConfig(
-            self.methods, self.metrics, self.layers, self.heads, self.targets, self.num_beams,
-            self.max_new_tokens, {**self.options, **options},
-        )  # fmt: skip
+    def __post_init__(self) -> None:
+        validate_methods(self.methods)
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        if not self.methods:
+            raise XAttnError("Expected at least one saliency method; see xl.list_methods().")
+        for m in self.metrics:
+            check_choice("metric", m, METRICS)
+        if isinstance(self.targets, str):
+            check_choice("targets mode", self.targets, ("generate", "labels"))
+        resolve_layers(self.layers, 2**16)  # a malformed spec fails now
+
+    @property
+    def perturbation(self) -> list[str]:
+        """The perturbation (mask) methods read."""
+        return perturbation_methods(self.methods)
+
+    def with_masks(self, n_masks: int) -> ReadingConfig:
+        """The same config at ``n_masks`` masks per perturbation map."""
+        return dataclasses.replace(self, saliency=self.saliency.with_masks(n_masks))
 
 
 @dataclass
 class ProbeResult:
-    """One probe explained and scored: ``scores`` is its row (:func:`~xattn_lightning.summary.probe_scores`
-    with ``id``, ``text`` and ``hypothesis``)."""
+    """One probe explained and scored (:func:`~xattn_lightning.scores.probe_scores`)."""
 
     probe: Probe
-    scores: dict[str, Any]
+    scores: ProbeScores
     explanation: Explanation
 
 
 @dataclass
 class Reading:
-    """The probes of one reading that were explained, and ``(probe id, cause)`` of those that failed."""
+    """The probes of one reading that were explained, and the :class:`~xattn_lightning.scores.Failure` of
+    those that were not."""
 
     results: list[ProbeResult]
-    failures: list[tuple[str, str]]
+    failures: list[Failure]
 
     @property
-    def rows(self) -> list[dict[str, Any]]:
-        """The scored rows, in probe order."""
+    def scores(self) -> list[ProbeScores]:
+        """The probes' scores, in probe order."""
         return [r.scores for r in self.results]
 
 
@@ -143,7 +169,7 @@ def read(
     ``resume`` (probe id -> its explanation from an earlier reading with fewer masks) continues those
     probes' maps to the config's ``n_masks`` (``resume=`` of :func:`~xattn_lightning.explain`)."""
     results: list[ProbeResult] = []
-    failures: list[tuple[str, str]] = []
+    failures: list[Failure] = []
     for p in probes:
         try:
             (e,) = explain(
@@ -155,13 +181,13 @@ def read(
                 max_new_tokens=config.max_new_tokens,
                 encoder_cache=encoder_cache,
                 resume=[resume[p.id]] if resume and p.id in resume else None,
-                **config.options,
+                options=config.saliency,
             )
-            scores = probe_scores(e, config.methods, config.metrics, config.layers, config.heads)
-            scores["id"] = p.id
-            scores["text"] = p.reference_text(adapter)
-            scores["hypothesis"] = e.text or " ".join(e.tokens or map(str, e.token_ids.tolist()))
+            scores = probe_scores(
+                e, config.methods, config.metrics, config.layers, config.heads, p.id, p.reference_text(adapter),
+                p.position,
+            )  # fmt: skip
             results.append(ProbeResult(p, scores, e))
         except catch as err:
-            failures.append((p.id, f"{type(err).__name__}: {err}"))
+            failures.append(Failure(p.id, f"{type(err).__name__}: {err}", p.position))
     return Reading(results, failures)

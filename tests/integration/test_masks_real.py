@@ -21,11 +21,11 @@ def test_a_real_1024_mask_map_made_as_256_plus_768_is_the_map_made_in_one_go(rea
     (whole,) = xl.explain(model, batch, n_masks=1024, **kw)
     (first,) = xl.explain(model, batch, n_masks=256, **kw)
     (cont,) = xl.explain(model, batch, n_masks=1024, resume=[first], **kw)
-    assert cont.info["encoder_spes"]["n_masks"] == 1024 and cont.text == whole.text
+    assert cont.results["encoder_spes"].n_masks == 1024 and cont.text == whole.text
     scale = float(whole.saliency["encoder_spes"].abs().max())
     same = {"rtol": 1e-4, "atol": 1e-5 * scale}
     torch.testing.assert_close(cont.saliency["encoder_spes"], whole.saliency["encoder_spes"], **same)
-    torch.testing.assert_close(cont.info["encoder_spes"]["halves"], whole.info["encoder_spes"]["halves"], **same)
+    torch.testing.assert_close(cont.results["encoder_spes"].halves, whole.results["encoder_spes"].halves, **same)
     assert cont.agreement("encoder_spes") == pytest.approx(whole.agreement("encoder_spes"), abs=1e-5)
 
 

@@ -398,7 +398,7 @@ def test_probes_from_a_streaming_dataset_and_a_shuffled_loader_are_its_first_ite
         monitor = _monitor(probes=probes)
         module, said = _fit("hf_recipe", monitor)
         assert said == [] and len(monitor.history) == 1
-        assert monitor.probe_positions == [0, 1] and monitor.probe_ids == ids
+        assert monitor.instrument.collector.probe_set.positions == [0, 1] and monitor.probe_ids == ids
         assert _same_training(module, _baseline("hf_recipe"))
 
 
@@ -436,7 +436,7 @@ def test_a_streaming_eval_set_of_a_seq2seq_trainer_reads_with_one_line(tmp_path)
     stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
     trainer, cb, said = _seq2seq(tmp_path / "a", stream, callback=True)
     assert [m for m in said if "no tokenizer" not in m] == []
-    assert len(cb.history) == 1 and cb.instrument.probe_set.ids == ["e0", "e1"]
+    assert len(cb.history) == 1 and cb.instrument.collector.probe_set.ids == ["e0", "e1"]
     plain, _, _ = _seq2seq(tmp_path / "b", datasets.IterableDataset.from_generator(lambda: iter(rows)), callback=False)
     a, b = trainer.model.state_dict(), plain.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -463,5 +463,5 @@ def test_a_resumed_run_takes_the_same_probes_from_a_probes_source(tmp_path):
     ckpt = tmp_path / "one.ckpt"
     trainer.save_checkpoint(ckpt)
     resumed, _ = run(2, str(ckpt))
-    assert resumed.probe_positions == first.probe_positions == [0, 1, 2]
+    assert resumed.instrument.collector.probe_set.positions == first.instrument.collector.probe_set.positions == [0, 1, 2]
     assert resumed.probe_ids == first.probe_ids and len(resumed.history) == 2

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 import xattn_lightning as xl
 import xattn_lightning.reading as reading_module
 from xattn_lightning.audio import read_manifest
-from xattn_lightning.compare import CheckpointResult, Comparison, compare_checkpoints, write_comparison
+from xattn_lightning.compare import compare_checkpoints
+from xattn_lightning.compare_report import CheckpointResult, Comparison, write_comparison
 from xattn_lightning.functional import MASK_LADDER, choose_n_masks
 from xattn_lightning.summary import paired_differences
 
@@ -28,10 +29,11 @@ def _spy_explain(monkeypatch, module, resumed: list | None = None) -> list[tuple
 
     def spy(*args, **kwargs):
         exps = real(*args, **kwargs)
-        calls.extend((kwargs.get("n_masks"), e.reliability("encoder_spes")) for e in exps)
+        masks = kwargs["options"].n_masks if kwargs.get("options") is not None else kwargs.get("n_masks")
+        calls.extend((masks, e.reliability("encoder_spes")) for e in exps)
         if resumed is not None:
             before = kwargs.get("resume") or [None] * len(exps)
-            resumed.extend(b.info["encoder_spes"]["n_masks"] if b is not None else 0 for b in before)
+            resumed.extend(b.results["encoder_spes"].n_masks if b is not None else 0 for b in before)
         return exps
 
     monkeypatch.setattr(module, "explain", spy)
@@ -47,9 +49,9 @@ def test_auto_masks_measure_once_choose_the_rung_and_freeze_it(tmp_path, monkeyp
     )  # n_masks is "auto" by default
     said: list[str] = []
     mon.instrument.messages.say = said.append
-    assert mon.method_options["n_masks"] == "auto"
+    assert mon.config.reading.saliency.n_masks == "auto"
     fit(tmp_path, TrainOnly(), mon, max_epochs=3)
-    n = mon.n_masks_frozen
+    n = mon.instrument.reader.masks.frozen
     first = [rel for masks, rel in calls[:2]]
     assert [masks for masks, _ in calls[:2]] == [MASK_LADDER[0]] * 2  # measured at the first rung
     assert n == choose_n_masks(MASK_LADDER[0], sum(first) / 2 if not any(map(math.isnan, first)) else math.nan)
@@ -74,7 +76,7 @@ def test_a_continued_first_reading_logs_what_a_reading_at_the_chosen_count_logs(
         return mon
 
     auto = first_reading("auto")
-    n = auto.n_masks_frozen
+    n = auto.instrument.reader.masks.frozen
     assert n != MASK_LADDER[0]  # (this data's maps need more than the first rung)
     fixed = first_reading(n)
     for key, value in fixed.history[0].items():
@@ -84,10 +86,17 @@ def test_a_continued_first_reading_logs_what_a_reading_at_the_chosen_count_logs(
 
 def test_auto_masks_in_the_checkpoint_survive_a_resume_without_measuring_again(tmp_path, monkeypatch):
     mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, probes=tuple_data(2), targets="labels")
-    mon.load_state_dict({"n_masks_frozen": 512, "baseline": [{"id": "probe0", "encoder_spes/pearson": 0.1}]})
+    from helpers import scored
+
+    mon.load_state_dict({"n_masks_frozen": 512, "baseline": [scored(0.1, pid="probe0").to_dict()]})
     calls = _spy_explain(monkeypatch, reading_module)
     fit(tmp_path, TrainOnly(), mon, max_epochs=1)
-    assert [masks for masks, _ in calls] == [512, 512] and mon.n_masks_frozen == 512
+    assert [masks for masks, _ in calls] == [512, 512] and mon.instrument.reader.masks.frozen == 512
+    # a baseline in a form this version does not read (an older checkpoint's flat rows): the rest of the state
+    # is kept, and the next reading becomes the baseline
+    old = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=2, probes=tuple_data(2), targets="labels")
+    old.load_state_dict({"n_masks_frozen": 512, "baseline": [{"id": "probe0", "encoder_spes/pearson": 0.1}]})
+    assert old.instrument.reader.masks.frozen == 512 and old.instrument.publisher.history.baseline == []
 
 
 def test_explain_asks_for_a_number_instead_of_auto():
@@ -118,26 +127,21 @@ def test_the_monitor_logs_the_change_since_its_first_reading_with_an_interval(tm
 
 
 # ---------------------------------------------------------------- compare
-def _rows(rel: float, rho: float, noise: float = 0.02, n: int = 6, shift: float = 0.0) -> list[dict]:
+def _rows(rel: float, rho: float, noise: float = 0.02, n: int = 6, shift: float = 0.0) -> list:
+    from helpers import scored
+
     g = torch.Generator().manual_seed(int(rel * 1000))
     out = []
     for i in range(n):
         r = rho + shift + 0.05 * float(torch.randn(1, generator=g))
-        out.append({
-            "id": f"p{i}", "encoder_spes/pearson": r, "encoder_spes/reliability": rel,
-            "encoder_spes/pearson_corrected": r / rel**0.5, "encoder_spes/mask_noise": noise,
-        })  # fmt: skip
+        out.append(scored(r, reliability=rel, noise=noise, n_masks=256, pid=f"p{i}", position=i, layers=[0.1], grid=[[0.1]]))
     return out
 
 
-def _result(name: str, rows: list[dict]) -> CheckpointResult:
+def _result(name: str, rows: list) -> CheckpointResult:
     from xattn_lightning.summary import summarize
 
-    for r in rows:
-        r.update({"encoder_spes/spearman": r["encoder_spes/pearson"], "encoder_spes/layers": [0.1],
-                  "encoder_spes/grid": [[0.1]], "encoder_spes/coverage": 0.5, "encoder_spes/n_masks": 256.0})  # fmt: skip
-    s = summarize(rows, ("encoder_spes",))
-    return CheckpointResult(name, s.scalars, math.nan, rows, s.head_ranking, s.grids, 0.0)
+    return CheckpointResult(name, summarize(rows, ("encoder_spes",)), math.nan, 0.0)
 
 
 def test_raw_rho_of_unequally_reliable_maps_is_not_printed_side_by_side():
@@ -167,7 +171,7 @@ def test_a_paired_difference_has_its_own_interval_and_the_right_sign():
     d = comp.differences()["better"]["encoder_spes/pearson_corrected"]
     assert d.comparable and d.value == pytest.approx(0.08 / 0.6**0.5)
     assert 0 < d.ci_low < d.value < d.ci_high  # paired: the probes' own spread cancels
-    unpaired = paired_differences(base.rows, list(reversed(better.rows)), "encoder_spes")["pearson_corrected"]
+    unpaired = paired_differences(base.summary.probes, list(reversed(better.summary.probes)), "encoder_spes")["pearson_corrected"]
     assert unpaired.value == pytest.approx(d.value)  # paired by id, not by position
     assert "better: encoder_spes/pearson_corrected  +0.103 [" in comp.table()
 
@@ -185,7 +189,7 @@ def test_compare_auto_reads_every_checkpoint_with_the_count_the_least_reliable_n
     assert set(measured) == {"a", "b"} and [m for m, _ in calls[:4]] == [MASK_LADDER[0]] * 4
     assert n == max(choose_n_masks(MASK_LADDER[0], rel) for rel in measured.values())
     for r in comp.results:  # the same count for every checkpoint
-        assert r.scalars["encoder_spes/n_masks"] == n and not r.resume
+        assert r.summary.scalars["encoder_spes/n_masks"] == n and not r.resume
     assert n != MASK_LADDER[0]  # (these maps need more than the first rung)
     assert resumed == [0] * 4 + [MASK_LADDER[0]] * 4
     data = write_comparison(comp, tmp_path / "out")["json"].read_text()

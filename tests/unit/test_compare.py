@@ -11,7 +11,8 @@ from helpers import TinyWhisperModule, noise_manifest, speaking_tiny_whisper, ti
 
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.cli import main
-from xattn_lightning.compare import compare_checkpoints, write_comparison
+from xattn_lightning.compare import compare_checkpoints
+from xattn_lightning.compare_report import write_comparison
 from xattn_lightning.errors import XAttnError
 
 
@@ -31,12 +32,12 @@ def test_compare_two_models_side_by_side(tmp_path):
     assert [r.name for r in comp.results] == ["a", "b"]
     assert comp.probe_ids == ["utt0", "utt1", "utt2"]
     for r in comp.results:
-        assert [row["id"] for row in r.rows] == comp.probe_ids
+        assert [p.id for p in r.summary.probes] == comp.probe_ids
         assert math.isnan(r.wer)  # no tokenizer: no text to score
-        assert -1 <= r.scalars["encoder_spes/pearson"] <= 1
-        assert len(r.grids["saliency"]) == 2 and len(r.grids["saliency"][0]) == 4
+        assert -1 <= r.summary.scalars["encoder_spes/pearson"] <= 1
+        assert len(r.summary.grids["saliency"]) == 2 and len(r.summary.grids["saliency"][0]) == 4
     # different weights, different numbers; the same model twice gives the same numbers
-    assert comp.results[0].scalars != comp.results[1].scalars
+    assert comp.results[0].summary.scalars != comp.results[1].summary.scalars
     again = compare_checkpoints(
         [a],
         rows,
@@ -46,14 +47,14 @@ def test_compare_two_models_side_by_side(tmp_path):
         progress=False,
         batch_size=3,
     )
-    assert again.results[0].scalars == pytest.approx(comp.results[0].scalars, nan_ok=True)
+    assert again.results[0].summary.scalars == pytest.approx(comp.results[0].summary.scalars, nan_ok=True)
     table = comp.table()
     assert table.splitlines()[0].split() == ["a", "b"] and "encoder_spes/pearson" in table
     files = write_comparison(comp, tmp_path / "out")
     with files["csv"].open() as fh:
         got = list(csv.DictReader(fh))
     assert [g["checkpoint"] for g in got] == ["a", "b"]
-    assert float(got[1]["encoder_spes/pearson"]) == pytest.approx(comp.results[1].scalars["encoder_spes/pearson"])
+    assert float(got[1]["encoder_spes/pearson"]) == pytest.approx(comp.results[1].summary.scalars["encoder_spes/pearson"])
     data = json.loads(files["json"].read_text())
     assert len(data["checkpoints"][0]["probes"]) == 3
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
@@ -217,7 +218,7 @@ def test_compare_takes_probe_batches_in_a_scripts_layout(tmp_path):
     batches = [(processor_batch(tiny_extractor(), [r]), BatchEncoding({"input_ids": y})) for r in rows]
     by_batches = compare_checkpoints(models, batches, **kw)
     assert by_batches.probe_ids == ["probe0", "probe1", "probe2"]
-    a, b = by_rows.results[0].scalars, by_batches.results[0].scalars
+    a, b = by_rows.results[0].summary.scalars, by_batches.results[0].summary.scalars
     assert a["encoder_spes/pearson"] == pytest.approx(b["encoder_spes/pearson"], abs=1e-6)
     with pytest.raises(XAttnError, match="one utterance each"):
         compare_checkpoints(models, [(torch.cat([batches[0][0]["input_features"]] * 2), y.repeat(2, 1))], **kw)

@@ -116,8 +116,8 @@ def test_monitor_reuses_encoder_outputs_while_the_encoder_is_frozen(tmp_path, mo
         return monitor
 
     cached, uncached = fit(True), fit(False)
-    assert uncached.encoder_cache is None and len(cached.history) == 2
-    assert (cached.encoder_cache.hits, cached.encoder_cache.misses) == ((3, 3) if frozen else (0, 6))
+    assert uncached.instrument.reader.encoder_cache is None and len(cached.history) == 2
+    assert (cached.instrument.reader.encoder_cache.hits, cached.instrument.reader.encoder_cache.misses) == ((3, 3) if frozen else (0, 6))
     for a, b in zip(cached.history, uncached.history):
         keys = [k for k in a if k.startswith("xattn/") and k != "xattn/seconds"]
         assert keys and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in keys)

@@ -1,7 +1,6 @@
 """Issue 12: one encoder pass per probe, the K/V shortcut for encoder-output saliency, the
 reliability floor and the intervals of the headline."""
 
-import math
 
 import pytest
 import torch
@@ -82,17 +81,9 @@ def test_one_encoder_pass_per_probe(name, model, batch):
 
 
 def _row(pearson, reliability, noise=0.01, n=64):
-    return {
-        "m/pearson": pearson,
-        "m/spearman": pearson,
-        "m/layers": [pearson],
-        "m/grid": [[pearson]],
-        "m/coverage": 0.5,
-        "m/n_masks": float(n),
-        "m/reliability": reliability,
-        "m/pearson_corrected": pearson / math.sqrt(reliability),
-        "m/mask_noise": noise,
-    }
+    from helpers import scored
+
+    return scored(pearson, "m", reliability, noise, n)
 
 
 def test_corrected_headline_only_above_the_reliability_floor_with_intervals():
@@ -134,17 +125,30 @@ def test_monitor_warns_once_how_many_masks_reach_the_floor(tmp_path):
     assert "xattn/encoder_spes/pearson_ci_low" in h and "xattn/encoder_spes/pearson_ci_high" in h
 
 
-def test_summary_is_typed_and_keeps_the_dict_reading():
-    from xattn_lightning.summary import Summary, summarize
+def test_summary_is_typed_and_reduced_like_a_metric_across_processes():
+    from helpers import scored
 
-    row = {
-        "encoder_spes/pearson": 0.4,
-        "encoder_spes/spearman": 0.3,
-        "encoder_spes/layers": [0.1, 0.2],
-        "encoder_spes/grid": [[0.1, 0.5], [0.2, 0.3]],
-        "encoder_spes/coverage": 0.5,
-    }
-    s = summarize([row, dict(row)], ("encoder_spes",), ("pearson", "spearman"))
-    assert isinstance(s, Summary)
+    from xattn_lightning.scores import Failure
+    from xattn_lightning.summary import ReadingMetric, Summary, summarize
+
+    probes = [scored(0.4, spearman=0.3, layers=[0.1, 0.2], grid=[[0.1, 0.5], [0.2, 0.3]], pid=f"p{i}", position=i)
+              for i in range(4)]  # fmt: skip
+    s = summarize(probes[:2], ("encoder_spes",), ("pearson", "spearman"))
+    assert isinstance(s, Summary) and s.probes == probes[:2]
     assert s.scalars["encoder_spes/pearson"] == pytest.approx(0.4)
     assert s.head_ranking["encoder_spes"][0][:2] == (0, 1)
+    # two processes' shares (each rank's probes rank::world), one gather: the same summary as one process,
+    # the probes back in their order, the failures counted ("sum") and kept ("cat")
+    shares = []
+    for rank in range(2):
+        m = ReadingMetric(("encoder_spes",))
+        m.update(probes[rank::2], [Failure(f"bad{rank}", "boom", 10 + rank)])
+        shares.append(m.state())
+    merged = ReadingMetric(("encoder_spes",))
+    merged.sync(lambda state: shares)
+    whole = merged.compute()
+    assert [p.id for p in whole.probes] == ["p0", "p1", "p2", "p3"] and merged.failed == 2
+    assert whole.scalars == summarize(probes, ("encoder_spes",)).scalars
+    assert [f.id for f in whole.failures] == ["bad0", "bad1"]
+    with pytest.raises(xl.XAttnError, match="'cat' or 'sum'"):
+        merged.add_state("x", 0, "max")  # type: ignore[arg-type]

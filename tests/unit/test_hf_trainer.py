@@ -109,17 +109,17 @@ def test_a_resumed_training_keeps_the_probes_masks_and_history(tmp_path):
     trainer = _tiny_trainer(tmp_path, [first], save_strategy="steps", save_steps=2)
     trainer.args.max_steps = 2
     trainer.train()
-    assert len(first.history) == 2 and first.instrument.masks.frozen is not None
+    assert len(first.history) == 2 and first.instrument.reader.masks.frozen is not None
     assert "took 2 reading(s)" in said[-1] and "none thinned" in said[-1]  # the end of training says it
     resumed = callback()
     again = _tiny_trainer(tmp_path, [resumed], save_strategy="no")
     again.args.max_steps = 4
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert resumed.instrument.probe_set.ids == first.instrument.probe_set.ids
-    assert resumed.instrument.masks.frozen == first.instrument.masks.frozen  # not chosen again
+    assert resumed.instrument.collector.probe_set.ids == first.instrument.collector.probe_set.ids
+    assert resumed.instrument.reader.masks.frozen == first.instrument.reader.masks.frozen  # not chosen again
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     assert (
-        resumed.instrument.history.baseline == first.instrument.history.baseline
+        resumed.instrument.publisher.history.baseline == first.instrument.publisher.history.baseline
     )  # changes since the start of the run
 
 
@@ -157,4 +157,4 @@ def test_a_trainer_that_never_evaluates_reads_training_items_after_each_epoch(tm
         trainer.train()
     said = [str(w.message) for w in rec if "XAttnSaliencyCallback" in str(w.message) and "not logged" not in str(w.message)]
     assert [m for m in said if "tokenizer" not in m] == []
-    assert len(cb.history) == 1 and cb.instrument.probe_set.positions == [0, 1]  # after the one epoch
+    assert len(cb.history) == 1 and cb.instrument.collector.probe_set.positions == [0, 1]  # after the one epoch

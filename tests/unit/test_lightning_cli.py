@@ -62,8 +62,8 @@ def test_the_monitor_from_a_lightning_cli_yaml(tmp_path):
         DemoModule, DemoData, args=["fit", "--config", str(config)], save_config_kwargs={"overwrite": True}
     )
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, XAttnSaliencyMonitor)]
-    assert (monitor.method_options["n_masks"], monitor.method_options["seed"]) == (16, 3)
-    assert monitor.method_options["p_h"] == 0.6 and monitor.config.layers == "last" and monitor.targets == "labels"
+    assert (monitor.config.reading.saliency.n_masks, monitor.config.seed) == (16, 3)
+    assert monitor.config.reading.saliency.encoder_spes.p_h == 0.6 and monitor.config.layers == "last" and monitor.config.targets == "labels"
     assert len(monitor.history) == 1 and monitor.history[0]["xattn/encoder_spes/n_masks"] == 16.0
 
     (saved,) = [p for p in Path(tmp_path).rglob("config.yaml") if p != config]

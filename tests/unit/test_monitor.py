@@ -75,7 +75,7 @@ def test_max_seconds_calibrates_the_mask_count_once_then_freezes_it(tmp_path, mo
         num_probes=2, methods=("spes", "encoder_spes"), n_masks=100000, max_seconds=0.5, targets="labels"
     )
     _fit(tmp_path, mon, max_epochs=2)
-    n = mon.n_masks_frozen
+    n = mon.instrument.reader.masks.frozen
     assert 8 <= n < 100000 and n % 8 == 0
     for h in mon.history:  # every reading of the run uses the calibrated count, for every method
         assert h["xattn/spes/n_masks"] == h["xattn/encoder_spes/n_masks"] == float(n)

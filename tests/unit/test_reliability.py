@@ -365,17 +365,11 @@ def test_injected_faults_skip_and_training_continues(tmp_path, monkeypatch, faul
 
 def test_nan_metric_is_never_logged(tmp_path):
     # constant saliency (an undefined ρ): the scalar is left out, never logged as NaN
+    from helpers import scored
+
     from xattn_lightning.summary import summarize
 
-    rows = [
-        {
-            "spes/pearson": float("nan"),
-            "spes/layers": [float("nan")],
-            "spes/grid": [[float("nan")]],
-            "spes/coverage": 0.0,
-        }
-    ]
-    scalars = summarize(rows, ("spes",), ("pearson",)).scalars
+    scalars = summarize([scored(float("nan"), "spes")], ("spes",), ("pearson",)).scalars
     assert math.isnan(scalars["spes/pearson"])
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels"

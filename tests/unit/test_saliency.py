@@ -80,7 +80,7 @@ def test_spes_same_seed_same_map_and_info():
     assert torch.equal(e1.saliency["spes"], e2.saliency["spes"])
     assert torch.equal(e1.saliency["encoder_spes"], e2.saliency["encoder_spes"])
     assert not torch.equal(e1.saliency["spes"], e3.saliency["spes"])
-    assert e1.info["spes"]["n_masks"] == 30 and len(e1.info["spes"]["segments"]) == 3
+    assert e1.results["spes"].n_masks == 30 and len(e1.results["spes"].details["segments"]) == 3
 
 
 def test_spes_never_touches_whisper_padding():
@@ -205,7 +205,7 @@ def test_split_half_reliability_and_attenuation_correction(oracle_exp):
         raw.append(e.agreement("encoder_spes"))
         corr.append(e.agreement("encoder_spes", corrected=True))
         rel.append(e.reliability("encoder_spes"))
-        halves = e.info["encoder_spes"]["halves"]
+        halves = e.results["encoder_spes"].halves
         assert halves.shape == (2, *e.saliency["encoder_spes"].shape)
         assert torch.allclose((halves[0] + halves[1]) / 2, e.saliency["encoder_spes"], atol=0.15 * float(halves.max()))
     target = big.agreement("encoder_spes")
@@ -249,8 +249,8 @@ def _speaking_explain(**opts):
 
 def test_auto_batch_sizes_off_cuda_take_the_cpu_defaults_and_give_the_same_maps():
     auto = _speaking_explain(n_masks=12, batch_size="auto", encoder_batch_size="auto")
-    assert auto.info["spes"]["batch_size"] == 8
-    assert auto.info["encoder_spes"]["batch_size"] == 12  # 1,024 rows of a few tokens, capped at n_masks
+    assert auto.results["spes"].details["batch_size"] == 8
+    assert auto.results["encoder_spes"].details["batch_size"] == 12  # 1,024 rows of a few tokens, capped at n_masks
     fixed = _speaking_explain(n_masks=12, batch_size=8, encoder_batch_size=12)
     for m in ("spes", "encoder_spes"):
         torch.testing.assert_close(auto.saliency[m], fixed.saliency[m], rtol=1e-5, atol=1e-7)
@@ -278,24 +278,21 @@ def test_bad_precision_and_batch_size_options_are_refused(opts, match):
 
 
 def test_option_defaults_live_in_one_place():
-    """OPTIONS, the SPES functions' signatures and the gradient engines take their defaults from the
-    typed option families; a family's object is built from the flat options explain() takes."""
+    """The SPES functions' signatures and the gradient engines take their defaults from the typed option
+    families; flat options go to every family that takes them, and each is checked where it is made."""
     import inspect
     from dataclasses import fields
 
-    from xattn_lightning.saliency import OPTIONS
     from xattn_lightning.saliency.gradients import batched_attribute, captum_attribute
     from xattn_lightning.saliency.options import (
         EncoderSpesOptions,
         GradientOptions,
+        SaliencyOptions,
         SpesOptions,
-        options_for,
+        flat_names,
     )
     from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
 
-    for cls in (SpesOptions, EncoderSpesOptions, GradientOptions):
-        for f in fields(cls):
-            assert OPTIONS[f.name] == f.default, f.name
     rename = {"encoder_batch_size": "batch_size"}
     for fn, cls in (
         (spes_input, SpesOptions),
@@ -313,8 +310,19 @@ def test_option_defaults_live_in_one_place():
     from xattn_lightning.saliency import METHODS, MethodName
 
     assert set(get_args(MethodName)) == set(METHODS) == set(ALL)  # the Literal names match the registry
-    o = options_for(EncoderSpesOptions, {"n_masks": 64, "p_h": 0.5, "n_steps": 3})
-    assert (o.n_masks, o.p_h, o.encoder_batch_size) == (64, 0.5, "auto")
+    o = SaliencyOptions.from_flat(n_masks=64, p_h=0.5, n_steps=3)
+    assert (o.encoder_spes.n_masks, o.spes.n_masks, o.encoder_spes.p_h, o.encoder_spes.encoder_batch_size) == (
+        64, 64, 0.5, "auto",
+    )  # fmt: skip
+    assert o.gradient.n_steps == 3 and o.with_masks(128).spes.n_masks == 128
+    assert set(o.flat()) == set(flat_names()) and SaliencyOptions.from_flat(**o.flat()) == o
+    for bad, match in (({"p_h": 1.5}, "p_h"), ({"n_masks": 0}, "n_masks"), ({"sampling": "x"}, "sampling"),
+                       ({"smoothing": 2}, "odd"), ({"n_steps": 0}, "n_steps"), ({"frame_rate": -1}, "frame_rate")):  # fmt: skip
+        with pytest.raises(xl.XAttnError, match=match):
+            SaliencyOptions.from_flat(**bad)
+    # each method is handed its own family's object (the contract of the registry)
+    assert {spec.options for spec in METHODS.values()} == {"spes", "encoder_spes", "gradient"}
+    assert all(isinstance(o.family(spec.options), (SpesOptions, EncoderSpesOptions, GradientOptions)) for spec in METHODS.values())
 
 
 def _smooth_by_loop(x, width):
@@ -340,9 +348,9 @@ def test_smoothing_filters_the_encoder_map_and_its_halves_in_time():
     smooth = _speaking_explain(n_masks=16, smoothing=5)
     torch.testing.assert_close(smooth.saliency["encoder_spes"], smooth_frames(plain.saliency["encoder_spes"], 5))
     torch.testing.assert_close(
-        smooth.info["encoder_spes"]["halves"], smooth_frames(plain.info["encoder_spes"]["halves"], 5)
+        smooth.results["encoder_spes"].halves, smooth_frames(plain.results["encoder_spes"].halves, 5)
     )
-    assert smooth.info["encoder_spes"]["smoothing"] == 5
+    assert smooth.results["encoder_spes"].details["smoothing"] == 5
     torch.testing.assert_close(smooth.saliency["spes"], plain.saliency["spes"])  # input SPES is not filtered
     m = tiny_whisper()
     with pytest.raises(xl.XAttnError, match="odd kernel width"):
@@ -365,7 +373,7 @@ def test_encoder_auto_batch_off_cuda_is_sized_by_explained_tokens_and_changes_no
             return (keep.float() @ weight).unsqueeze(1).expand(-1, tokens, -1) + torch.arange(tokens).view(1, -1, 1)
 
         r = spes_encoder(run, t, logp, None, n_masks=40, batch_size=batch_size, seed=3)
-        return r.map, r.info(), seen
+        return r.map, r.details, seen
 
     short, info_s, seen_s = maps(4, "auto")
     assert info_s["batch_size"] == 40 and seen_s == [40]  # few tokens: every mask in one batch
@@ -403,12 +411,12 @@ def test_a_map_continued_from_256_masks_to_1024_is_the_map_of_1024_in_one_go(mon
     seen.clear()
     (cont,) = xl.explain(m, batch, n_masks=1024, resume=[first], **kw)
     assert sum(seen) == 768  # only the masks the first map lacked
-    assert cont.info["encoder_spes"]["n_masks"] == 1024
+    assert cont.results["encoder_spes"].n_masks == 1024
     assert torch.equal(cont.decoder_ids, whole.decoder_ids)
     scale = float(whole.saliency["encoder_spes"].abs().max())  # KLs of a tiny random model: about 1e-5
     same = {"rtol": 1e-5, "atol": 1e-6 * scale}
     torch.testing.assert_close(cont.saliency["encoder_spes"], whole.saliency["encoder_spes"], **same)
-    torch.testing.assert_close(cont.info["encoder_spes"]["halves"], whole.info["encoder_spes"]["halves"], **same)
+    torch.testing.assert_close(cont.results["encoder_spes"].halves, whole.results["encoder_spes"].halves, **same)
     assert cont.reliability("encoder_spes") == pytest.approx(whole.reliability("encoder_spes"), abs=1e-5)
     assert float((first.saliency["encoder_spes"] - whole.saliency["encoder_spes"]).abs().max()) > 1e-3 * scale
 
@@ -420,7 +428,7 @@ def test_a_continued_input_spes_map_adds_only_the_missing_masks_and_a_mismatch_i
     (first,) = xl.explain(m, batch, n_masks=12, **kw)
     seen = _count_masks(monkeypatch)
     (cont,) = xl.explain(m, batch, n_masks=30, resume=[first], **kw)
-    assert sum(seen) == 18 and cont.info["spes"]["n_masks"] == 30 and cont.info["spes"]["state"].n == 30
+    assert sum(seen) == 18 and cont.results["spes"].n_masks == 30 and cont.results["spes"].state.n == 30
     assert torch.isfinite(cont.saliency["spes"]).all() and cont.saliency["spes"].shape == first.saliency["spes"].shape
     with pytest.raises(xl.XAttnError, match="Cannot continue a map drawn for"):  # another seed: other masks
         xl.explain(m, batch, n_masks=30, resume=[first], seed=1, **kw)

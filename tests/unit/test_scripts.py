@@ -114,7 +114,7 @@ def test_without_validation_or_probes_the_first_training_utterances_are_read(tmp
     with caplog.at_level(logging.INFO):
         _, warned = fit(tmp_path, TrainOnly(), mon)
     assert warned == [] and [h["epoch"] for h in mon.history] == [0, 1]
-    assert mon.probe_ids == ["probe0", "probe1"] and mon.probe_positions == [0, 1]
+    assert mon.probe_ids == ["probe0", "probe1"] and mon.instrument.collector.probe_set.positions == [0, 1]
     assert any("no validation loop: the probes are the first 2 training utterances" in r.getMessage() for r in caplog.records)
     one = mon.last_explanations[0].token_ids.tolist()
     assert one == [t for t in tuple_data(8)[0][1].tolist() if t < 50]  # the first training item's labels
@@ -226,8 +226,8 @@ def test_frame_rate_reaches_spes_segmentation(tmp_path):
     )  # fmt: skip
     fit(tmp_path, TrainOnly(), mon, max_epochs=1)
     e = mon.last_explanations[0]
-    assert mon.frame_rate == 50.0
-    assert e.info["spes"]["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
+    assert mon.config.reading.saliency.frame_rate == 50.0
+    assert e.results["spes"].details["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
 
 
 def test_the_model_frame_rate_is_the_default_of_spes_timestamps_and_figures(tmp_path, monkeypatch):
@@ -241,10 +241,10 @@ def test_the_model_frame_rate_is_the_default_of_spes_timestamps_and_figures(tmp_
     batch = {"input_features": torch.randn(1, 120, 8), "labels": torch.tensor([[1, 5, 6, 7, 2]])}
     (e,) = xl.explain(adapter, batch, targets="labels", methods=("spes",), n_masks=4)
     assert e.frame_rate == 50.0
-    assert e.info["spes"]["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
+    assert e.results["spes"].details["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
     assert alignment_from(e).frame_seconds == e.frames_per_step / 50.0
     (given,) = xl.explain(adapter, batch, targets="labels", methods=("spes",), n_masks=4, frame_rate=25.0)
-    assert given.frame_rate == 25.0  # the option, where given, wins
+    assert given.config.reading.saliency.frame_rate == 25.0  # the option, where given, wins
 
 
 def test_library_api_stands_without_lightning():

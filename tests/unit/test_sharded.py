@@ -112,7 +112,7 @@ def test_compare_loads_a_sharded_checkpoint_directory(run, case, tmp_path):
     """Lightning's distributed-checkpoint directory (ModelParallelStrategy; FSDPStrategy with
     state_dict_type="sharded"), consolidated by torch's dcp_to_torch_save: the trained weights; a missing
     shard is named."""
-    from xattn_lightning.compare import load_checkpoint
+    from xattn_lightning.checkpoints import load_checkpoint
 
     out, _, _ = run
     sys.path.insert(0, str(TESTS))

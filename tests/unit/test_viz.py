@@ -3,6 +3,7 @@
 import torch
 
 from xattn_lightning.explain import Explanation
+from xattn_lightning.saliency import SaliencyResult
 from xattn_lightning.viz.heatmap import comparison_heatmaps, heatmap_figure
 
 
@@ -17,7 +18,7 @@ def _explanation(seed: int = 0) -> Explanation:
         torch.zeros(3),
         torch.tensor([1, 5, 6, 7, 2]),
     )
-    e.saliency["encoder_spes"] = torch.rand(3, 6, generator=g)
+    e.results["encoder_spes"] = SaliencyResult(torch.rand(3, 6, generator=g), 0.0)
     return e
 
 

@@ -20,7 +20,6 @@ accelerate) each process explains its share of the probes and process 0 logs med
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
@@ -30,13 +29,12 @@ from transformers.trainer_callback import ExportableState
 from xattn_lightning.adapters import Adapter
 from xattn_lightning.batches import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.errors import XAttnError
-from xattn_lightning.functional import RELIABILITY_FLOOR
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
-from xattn_lightning.monitoring import Instrument, Messages, MonitorConfig, check_probes_source
-from xattn_lightning.monitoring.config import READING_TIMEOUT
+from xattn_lightning.monitoring import Instrument, InstrumentViews, Messages, MonitorConfig, check_probes_source
 from xattn_lightning.monitoring.probes import first_items, iter_once
-from xattn_lightning.saliency.options import READING_DEFAULTS
 from xattn_lightning.summary import Summary
+
+C = MonitorConfig  # the one home of every reading option's default and documentation
 
 
 class _WandbRunMedia:
@@ -137,7 +135,7 @@ def _first_collated(loader: Any) -> Any:
     return None if item is None else collate([item])
 
 
-class XAttnSaliencyCallback(TrainerCallback, ExportableState):
+class XAttnSaliencyCallback(InstrumentViews, TrainerCallback, ExportableState):
     """Attention–saliency agreement on fixed probe utterances during a Hugging Face Trainer fine-tune.
 
     Args:
@@ -151,16 +149,14 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             from a fresh iterator. Readings follow each evaluation, or each epoch when the Trainer never
             evaluates, or every ``every_n_steps`` steps.
         model_fn: ``model_fn(model) -> nn.Module | Adapter``; default: the Trainer's model.
-        batch_fn, batch_keys, tokenizer, and the reading options (``num_probes``, ``methods``, ``targets``, ``metrics``,
-            ``layers``, ``heads``, ``n_masks``, ``seed``, ``max_seconds``, ``saliency_options``, ``log_figures``,
-            ``max_figures``, ``num_beams``, ``max_new_tokens``, ``max_overhead``, ``reliability_floor``,
-            ``export_alignment_heads``, ``on_error``, ``cache_encoder``, ``reading_timeout``,
-            ``max_gathered_gb``): as for the Lightning
-            :class:`~xattn_lightning.XAttnSaliencyMonitor`.
+        batch_fn, batch_keys, tokenizer: as for the Lightning :class:`~xattn_lightning.XAttnSaliencyMonitor`.
+
+        The reading options are :class:`~xattn_lightning.monitoring.MonitorConfig`'s fields, documented there,
+        with the same defaults (the Lightning monitor takes the same).
 
     Example:
         >>> cb = XAttnSaliencyCallback(num_probes=4, n_masks=64)
-        >>> cb.config.method_options["n_masks"]
+        >>> cb.config.reading.saliency.n_masks
         64
     """
 
@@ -168,51 +164,43 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         self,
         trainer: Any = None,
         every_n_steps: int | None = None,
-        num_probes: int = 8,
-        methods: Sequence[str] = ("encoder_spes",),
-        targets: Literal["generate", "labels"] = "generate",
         probes: Any = None,
         model_fn: Callable[[Any], Any] | None = None,
         batch_fn: Callable[[Any], Any] | str | None = None,
         batch_keys: dict[str, str] | None = None,
         tokenizer: object | None = None,
-        metrics: Sequence[str] = ("pearson", "spearman"),
-        layers: LayerSpec = None,
-        heads: HeadSpec = None,
-        log_figures: bool = True,
-        max_figures: int = 4,
-        num_beams: int = 1,
-        max_new_tokens: int | None = None,
-        max_overhead: float | None = 0.1,
-        reliability_floor: float = RELIABILITY_FLOOR,
-        export_alignment_heads: bool = False,
-        on_error: Literal["warn", "raise"] = "warn",
-        cache_encoder: bool = True,
-        n_masks: int | Literal["auto"] = READING_DEFAULTS["n_masks"],
-        seed: int = READING_DEFAULTS["seed"],
-        max_seconds: float | None = None,
-        saliency_options: dict[str, Any] | None = None,
-        reading_timeout: float = READING_TIMEOUT,
-        max_gathered_gb: float | None = None,
+        num_probes: int = C.num_probes,
+        methods: Sequence[str] = C.methods,
+        targets: Literal["generate", "labels"] = C.targets,
+        metrics: Sequence[str] = C.metrics,
+        layers: LayerSpec = C.layers,
+        heads: HeadSpec = C.heads,
+        log_figures: bool = C.log_figures,
+        max_figures: int = C.max_figures,
+        num_beams: int = C.num_beams,
+        max_new_tokens: int | None = C.max_new_tokens,
+        max_overhead: float | None = C.max_overhead,
+        reliability_floor: float = C.reliability_floor,
+        export_alignment_heads: bool = C.export_alignment_heads,
+        on_error: Literal["warn", "raise"] = C.on_error,
+        cache_encoder: bool = C.cache_encoder,
+        n_masks: int | Literal["auto"] = C.n_masks,
+        seed: int = C.seed,
+        max_seconds: float | None = C.max_seconds,
+        saliency_options: dict[str, Any] | None = C.saliency_options,
+        reading_timeout: float = C.reading_timeout,
+        max_gathered_gb: float | None = C.max_gathered_gb,
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise XAttnError(f"Expected every_n_steps to be a positive int or None but got {every_n_steps!r}.")
         check_probes_source(probes)
-        config = MonitorConfig(
-            num_probes=num_probes, methods=tuple(methods), targets=targets, metrics=tuple(metrics), layers=layers,
-            heads=heads, log_figures=log_figures, max_figures=max_figures, num_beams=num_beams,
-            max_new_tokens=max_new_tokens, max_overhead=max_overhead, reliability_floor=float(reliability_floor),
-            export_alignment_heads=export_alignment_heads, on_error=on_error, cache_encoder=cache_encoder,
-            reading_timeout=reading_timeout, max_gathered_gb=max_gathered_gb,
-            n_masks=n_masks, seed=seed, max_seconds=max_seconds, saliency_options=saliency_options or {},
-        )  # fmt: skip
+        config = MonitorConfig.from_arguments(locals())
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.model_fn, self.tokenizer = model_fn, tokenizer
         self.instrument = Instrument(
             config, probes, Messages(on_error, name="XAttnSaliencyCallback"), batch_fn=batch_fn, batch_keys=batch_keys
         )
-        self.clock: Callable[[], float] = time.perf_counter
         self._resume_checked = False
 
     # ------------------------------------------------------------------ state in the Trainer's checkpoints
@@ -239,21 +227,6 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
                 "readings, the mask count and baseline kept."
             )
 
-    @property
-    def config(self) -> MonitorConfig:
-        """The reading options."""
-        return self.instrument.config
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One dict of logged scalars per reading."""
-        return self.instrument.history.entries
-
-    @property
-    def alignment_heads(self) -> list[list[int]] | None:
-        """The heads the last reading with timed probes chose for word timestamps."""
-        return self.instrument.alignment_heads
-
     # ------------------------------------------------------------------ events
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -261,8 +234,7 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         """Start the overhead budget; say now what cannot work."""
         with self.instrument.messages.guard("on_train_begin"):
             self._resume_checked = False
-            self.instrument.budget.clock = self.clock
-            self.instrument.budget.start()
+            self.instrument.reader.budget.start()
             self.instrument.forget_adapter()
             if self.trainer is None:
                 self.instrument.messages.warn_once(
@@ -272,17 +244,17 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
                 )
             adapter = self._adapter(kwargs)
             self.instrument.check_adapter(adapter, type(kwargs.get("model")).__name__, guessed=self.model_fn is None)
-            if self.trainer is None and self.instrument.probe_set.source is None:
+            if self.trainer is None and self.instrument.collector.probe_set.source is None:
                 # the eval set arrives with the first evaluation: read one training item now, collated alone
-                self.instrument.check_before_training(adapter, lambda: _first_collated(kwargs.get("train_dataloader")))
+                self.instrument.collector.check_before_training(adapter, lambda: _first_collated(kwargs.get("train_dataloader")))
                 return
             try:
                 self._probe_source(kwargs)
             except XAttnError as err:  # said now, before the first step
                 self.instrument.messages.warn_once("probes", f"nothing will be read: {err}")
                 return
-            if self.instrument.probe_set.source is not None:
-                self.instrument.check_before_training(adapter)
+            if self.instrument.collector.probe_set.source is not None:
+                self.instrument.collector.check_before_training(adapter)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -335,7 +307,7 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         """Without ``probes=``: the first ``num_probes`` eval items (map-style or streaming), each collated alone
         by the Trainer's collator, from a fresh iterator (the same on every process, whatever the world size;
         the Trainer's own evaluation iterator is never touched)."""
-        probes = self.instrument.probe_set
+        probes = self.instrument.collector.probe_set
         if probes.source is not None or probes.final:
             return
         loader = kwargs.get("eval_dataloader")
@@ -371,13 +343,13 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         if state.global_step == self.instrument.last_step:
             return
         host = TrainerHost(self.trainer, state, args, self.instrument.messages)
-        if not self.instrument.within_budget(host, state.global_step, state.global_step):
+        if not self.instrument.reader.within_budget(host, state.global_step, state.global_step):
             return
         start = self.clock()
         try:
             self.read(args, state, kwargs, host)
         finally:
-            self.instrument.budget.spent(self.clock() - start)
+            self.instrument.reader.budget.spent(self.clock() - start)
 
     def read(
         self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any], host: TrainerHost | None = None
@@ -387,7 +359,7 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             self._probe_source(kwargs)
         except XAttnError as err:
             self.instrument.messages.warn_once("probes", f"nothing will be read: {err}")
-            self.instrument.skip("no probe utterance could be taken", "see the warning at the start of training")
+            self.instrument.reader.skip("no probe utterance could be taken", "see the warning at the start of training")
             return None
         return self.instrument.read(
             host or TrainerHost(self.trainer, state, args, self.instrument.messages),

@@ -1,11 +1,14 @@
-"""What a monitor reads, in one typed, validated object shared by every host.
+"""What a monitor reads, in one typed, validated object shared by every host: the one definition of the
+options both the Lightning callback and the Hugging Face Trainer callback take (each field documented
+here, once, with its one default).
 
-The Lightning callback and the Hugging Face Trainer callback build a :class:`MonitorConfig` from their
-constructor arguments; it is checked once, there, so a bad argument fails when the callback is made,
-not at the first reading. The schedule (:func:`check_schedule`) is the host's.
+A host builds a :class:`MonitorConfig` from its constructor arguments; it is checked once, there, so a bad
+argument fails when the callback is made, not at the first reading. It holds the
+:class:`~xattn_lightning.reading.ReadingConfig` of its readings (the saliency options inside it), which is
+handed on as it is. The schedule (:func:`check_schedule`) is the host's.
 
 Example:
-    >>> MonitorConfig(num_probes=2, n_masks=64).method_options["n_masks"]
+    >>> MonitorConfig(num_probes=2, n_masks=64).reading.saliency.n_masks
     64
     >>> MonitorConfig(metrics=("pearsn",))
     Traceback (most recent call last):
@@ -16,19 +19,18 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from xattn_lightning.errors import XAttnError, check_choice
+from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional import RELIABILITY_FLOOR
-from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec, resolve_layers
-from xattn_lightning.saliency import validate_methods
-from xattn_lightning.saliency.options import READING_DEFAULTS
+from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
+from xattn_lightning.reading import ReadingConfig
+from xattn_lightning.saliency.options import READING_N_MASKS, PerturbationOptions, SaliencyOptions
 
 #: seconds a process waits for the others at one exchange of a reading (several processes), by default
 READING_TIMEOUT = 600.0
 
-METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall")
 PREFIX = "xattn/"
 
 
@@ -60,11 +62,36 @@ def check_probes_source(probes: Any) -> None:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """The reading options of a monitor (the hosts' constructor arguments of the same names document them).
+    """The reading options of a monitor, the same for every host (their constructors take these names).
 
-    ``n_masks``, ``seed`` and ``max_seconds`` are the mask options a monitor user sets most; any other
-    :func:`xattn_lightning.explain` option goes in ``saliency_options``. :attr:`method_options` merges
-    them, with the reading defaults (:data:`~xattn_lightning.saliency.options.READING_DEFAULTS`).
+    Attributes:
+        num_probes: probe utterances read each time (the first of the validation set or of ``probes=``).
+        methods: saliency methods (``xl.list_methods()``); ``encoder_spes`` is the paper's SM_H.
+        targets: ``"generate"`` (explain the model's own hypothesis) or ``"labels"`` (the batch's labels).
+        metrics: correlations logged (``pearson``, ``spearman``, ``kendall``).
+        layers, heads: the attention aggregated for the headline (default every layer and head).
+        log_figures: heatmaps, the layer × head grid and tables to W&B; max_figures: heatmaps per reading.
+        num_beams, max_new_tokens: decoding of ``targets="generate"``.
+        max_overhead: readings are thinned (never made noisier) while they cost more than this share of the
+            training time (``None``: every due reading is taken).
+        reliability_floor: the corrected headline is logged only where the maps' split-half reliability
+            reaches it.
+        export_alignment_heads: write the heads chosen for word timestamps into the model at the end of the fit.
+        on_error: ``"warn"`` (never stop training) or ``"raise"`` (debugging).
+        cache_encoder: reuse the probes' encoder outputs while the encoder's weights do not change.
+        n_masks: masks per perturbation map; ``"auto"`` chooses 256–2,048 from the first reading's reliability,
+            then fixes it for the run (kept in checkpoints).
+        seed: the masks' seed.
+        max_seconds: a time budget for one whole reading: the mask count that fits is calibrated once, then
+            fixed (unlike ``xl.explain``'s ``max_seconds``, a cap per method and utterance, which a reading
+            never uses).
+        saliency_options: any other saliency option by name (``p_h``, ``frame_rate``, ``vocabulary`` ...:
+            :class:`~xattn_lightning.saliency.SaliencyOptions`).
+        reading_timeout: several processes: seconds a process waits for the others at one step of a reading;
+            past it the reading fails on every process together, warned once, and training goes on.
+        max_gathered_gb: a sharded model is read through a copy of its full parameters gathered once per
+            reading; at most this many GiB, else readings are skipped, said once (``None``: no bound).
+        reading: the :class:`~xattn_lightning.reading.ReadingConfig` these make (derived, not passed).
     """
 
     num_probes: int = 8
@@ -82,32 +109,23 @@ class MonitorConfig:
     export_alignment_heads: bool = False
     on_error: Literal["warn", "raise"] = "warn"
     cache_encoder: bool = True
-    n_masks: int | Literal["auto"] = READING_DEFAULTS["n_masks"]
-    seed: int = READING_DEFAULTS["seed"]
+    n_masks: int | Literal["auto"] = READING_N_MASKS
+    seed: int = PerturbationOptions.seed
     max_seconds: float | None = None
-    saliency_options: Mapping[str, Any] = field(default_factory=dict)
+    saliency_options: dict[str, Any] | None = None
     reading_timeout: float = READING_TIMEOUT
     max_gathered_gb: float | None = None
+    reading: ReadingConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", tuple(self.methods) if not isinstance(self.methods, str) else self.methods)
-        object.__setattr__(self, "metrics", tuple(self.metrics))
-        object.__setattr__(self, "saliency_options", dict(self.saliency_options or {}))
-        if not isinstance(self.num_probes, int) or self.num_probes < 1:
-            raise XAttnError(f"Expected num_probes to be a positive int but got {self.num_probes!r}.")
-        check_choice("targets mode", self.targets, ("generate", "labels"))
-        check_choice("on_error mode", self.on_error, ("warn", "raise"))
-        for m in self.metrics:
-            check_choice("metric", m, METRICS)
+        extra = dict(self.saliency_options or {})
         for name in ("n_masks", "seed", "max_seconds"):
-            if name in self.saliency_options:
+            if name in extra:
                 raise XAttnError(f"Pass {name}= itself, not inside saliency_options.")
-        validate_methods(self.methods, self.method_options)
-        if not self.methods:
-            raise XAttnError("Expected at least one saliency method; see xl.list_methods().")
-        n = self.n_masks
-        if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise XAttnError(f"Expected n_masks to be a positive int or 'auto' but got {n!r}.")
+        if not isinstance(self.num_probes, int) or isinstance(self.num_probes, bool) or self.num_probes < 1:
+            raise XAttnError(f"Expected num_probes to be a positive int but got {self.num_probes!r}.")
+        if self.on_error not in ("warn", "raise"):
+            raise XAttnError(f"Expected on_error 'warn' or 'raise' but got {self.on_error!r}.")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise XAttnError(
                 f"Expected max_seconds > 0 (seconds for a whole reading) or None, got {self.max_seconds!r}."
@@ -121,28 +139,19 @@ class MonitorConfig:
                 f"Expected reading_timeout > 0 (seconds) and max_gathered_gb > 0 (GiB) or None, got "
                 f"{self.reading_timeout!r} and {self.max_gathered_gb!r}."
             )
-        resolve_layers(self.layers, 2**16)  # a malformed spec fails now
-
-    @property
-    def method_options(self) -> dict[str, Any]:
-        """Every explain option of a reading, by name (``max_seconds`` included when set)."""
-        out = {**self.saliency_options, "n_masks": self.n_masks, "seed": self.seed}
-        if self.max_seconds is not None:
-            out["max_seconds"] = self.max_seconds
-        return out
-
-    @property
-    def frame_rate(self) -> float | None:
-        """Input frames per second when set (``saliency_options={"frame_rate": ...}``): SPES segmentation, word
-        timestamps and the figures' seconds axis; ``None``: the model's own (``Adapter.frame_rate``)."""
-        rate = self.saliency_options.get("frame_rate")
-        return None if rate is None else float(rate)
+        if isinstance(self.methods, str):  # the reading config says how to fix it
+            ReadingConfig(methods=self.methods)
+        saliency = SaliencyOptions.from_flat(**extra, n_masks=self.n_masks, seed=self.seed)
+        reading = ReadingConfig(
+            tuple(self.methods), tuple(self.metrics), self.layers, self.heads, self.targets, self.num_beams,
+            self.max_new_tokens, saliency,
+        )  # fmt: skip
+        object.__setattr__(self, "methods", reading.methods)
+        object.__setattr__(self, "metrics", reading.metrics)
+        object.__setattr__(self, "saliency_options", extra)
+        object.__setattr__(self, "reading", reading)
 
     @classmethod
-    def from_flat(cls, method_options: Mapping[str, Any] | None = None, **kwargs: Any) -> MonitorConfig:
-        """The config from the hosts' flat keyword options (``n_masks=...``, ``p_h=...``): the mask
-        options go to their fields, the others to ``saliency_options``."""
-        flat = dict(method_options or {})
-        own = {k: flat.pop(k) for k in ("n_masks", "seed", "max_seconds") if k in flat}
-        merged = {**dict(kwargs.pop("saliency_options", None) or {}), **flat}
-        return cls(**kwargs, **own, saliency_options=merged)
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> MonitorConfig:
+        """The config of a host's constructor ``arguments`` (its ``locals()``): every field by its name."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.init})

@@ -7,25 +7,25 @@ smallest rung predicted to reach :data:`~xattn_lightning.functional.AUTO_RELIABI
 frozen for the run and kept in checkpoints (:attr:`MaskCount.frozen`).
 
 Example:
-    >>> masks = MaskCount(("encoder_spes",), {"n_masks": "auto", "seed": 0})
-    >>> masks.options()["n_masks"], masks.auto_pending()
+    >>> from xattn_lightning.reading import ReadingConfig
+    >>> from xattn_lightning.saliency import SaliencyOptions
+    >>> reading = ReadingConfig(saliency=SaliencyOptions.from_flat(n_masks="auto"))
+    >>> masks = MaskCount(reading)
+    >>> masks.config(reading).saliency.n_masks, masks.auto_pending()
     (256, True)
-    >>> masks.choose([{"encoder_spes/reliability": 0.3}], measured_at=256)
+    >>> masks.choose_from({"encoder_spes": 0.3}, measured_at=256)
     1024
-    >>> masks.options()["n_masks"], masks.auto_pending()
+    >>> masks.config(reading).saliency.n_masks, masks.auto_pending()
     (1024, False)
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from xattn_lightning.functional import MASK_LADDER, choose_n_masks
-from xattn_lightning.saliency import perturbation_methods
-from xattn_lightning.saliency.options import READING_DEFAULTS
-from xattn_lightning.summary import nan_mean
+from xattn_lightning.reading import ReadingConfig
+from xattn_lightning.scores import ProbeScores, nan_mean
 
 #: masks per method of the timing run behind ``max_seconds`` (and the step of the calibrated count)
 CALIBRATION_MASKS = 8
@@ -49,15 +49,14 @@ class MaskCount:
     """The mask count of a run's readings (see the module).
 
     Args:
-        methods: the saliency methods read (only perturbation methods use masks).
-        method_options: the user's explain options (``n_masks``, ``max_seconds``, ...).
+        reading: what a reading computes (its methods, and ``n_masks``: a number or ``"auto"``).
+        budget: ``max_seconds``, seconds for a whole reading (``None``: no calibration).
     """
 
-    def __init__(self, methods: Sequence[str], method_options: Mapping[str, Any]) -> None:
-        self.perturbation = perturbation_methods(methods)
-        self.requested = method_options.get("n_masks", READING_DEFAULTS["n_masks"])
-        self.budget: float | None = method_options.get("max_seconds")
-        self.method_options = {k: v for k, v in method_options.items() if k != "max_seconds"}
+    def __init__(self, reading: ReadingConfig, budget: float | None = None) -> None:
+        self.perturbation = reading.perturbation
+        self.requested = reading.saliency.n_masks
+        self.budget = budget
         #: the count fixed for the run (calibrated or chosen), kept in checkpoints; ``None``: not yet fixed
         self.frozen: int | None = None
 
@@ -73,23 +72,29 @@ class MaskCount:
         """``n_masks="auto"`` and no count chosen yet: the next reading measures and chooses."""
         return self.requested == "auto" and self.frozen is None and bool(self.perturbation)
 
-    def options(self) -> dict[str, Any]:
-        """The explain options of a reading: the user's, with the run's mask count."""
-        options = dict(self.method_options)
+    def count(self) -> int:
+        """The masks of the next reading: the fixed count, else the first rung (``"auto"`` measures there),
+        else the requested number."""
         if self.frozen is not None:
-            options["n_masks"] = self.frozen
-        elif options.get("n_masks") == "auto":
-            options["n_masks"] = MASK_LADDER[0]  # the first reading measures the reliability there
-        if not self.perturbation:
-            options.pop("n_masks", None)
-        return options
+            return self.frozen
+        return MASK_LADDER[0] if self.requested == "auto" else int(self.requested)
 
-    def reliabilities(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        """Each perturbation method's mean split-half reliability over the probes' ``rows``."""
-        return {m: nan_mean([float(r.get(f"{m}/reliability", math.nan)) for r in rows]) for m in self.perturbation}
+    def config(self, reading: ReadingConfig) -> ReadingConfig:
+        """``reading`` at the run's mask count (unchanged without perturbation methods, or at the user's count)."""
+        if not self.perturbation or self.count() == reading.saliency.n_masks:
+            return reading
+        return reading.with_masks(self.count())
 
-    def choose(self, rows: Sequence[Mapping[str, Any]], measured_at: int) -> int:
+    def reliabilities(self, probes: Sequence[ProbeScores]) -> dict[str, float]:
+        """Each perturbation method's mean split-half reliability over the probes."""
+        out = {}
+        for m in self.perturbation:
+            rels = [p.methods[m].reliability for p in probes if m in p.methods]
+            out[m] = nan_mean([r for r in rels if r is not None])
+        return out
+
+    def choose_from(self, reliabilities: Mapping[str, float], measured_at: int) -> int:
         """``n_masks="auto"``: the smallest rung predicted to bring every perturbation method's maps to the
-        target, from a reading at ``measured_at`` masks; frozen for the run."""
-        self.frozen = max(choose_n_masks(measured_at, rel) for rel in self.reliabilities(rows).values())
+        target, from their reliabilities at ``measured_at`` masks; frozen for the run."""
+        self.frozen = max(choose_n_masks(measured_at, rel) for rel in reliabilities.values())
         return self.frozen

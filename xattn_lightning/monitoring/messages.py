@@ -127,6 +127,12 @@ class Messages:
         """Say ``message`` (information, not a warning)."""
         self.say(f"{self.name}: {message}")
 
+    def info_once(self, key: str, message: str) -> None:
+        """Say ``message`` unless ``key`` was said before."""
+        if key not in self.warned:
+            self.warned.add(key)
+            self.info(message)
+
     def report(self, err: BaseException, where: str, key: str | None = None) -> None:
         """``where`` failed with ``err``: warn once per ``key`` (default: the place and the error) that it
         was skipped and training continues; with ``on_error="raise"`` raise it."""

@@ -13,10 +13,10 @@ from xattn_lightning.saliency.batching import (
 )
 from xattn_lightning.saliency.driver import compute_saliency
 from xattn_lightning.saliency.gradients import GRADIENT_METHODS
+from xattn_lightning.saliency.options import SaliencyOptions
 from xattn_lightning.saliency.perturbation import spes_encoder, spes_input
 from xattn_lightning.saliency.registry import (
     METHODS,
-    OPTIONS,
     MethodName,
     MethodSpec,
     list_methods,
@@ -32,7 +32,7 @@ __all__ = [
     "CPU_BATCH_SIZES",
     "GRADIENT_METHODS",
     "METHODS",
-    "OPTIONS",
+    "SaliencyOptions",
     "SaliencyResult",
     "MethodName",
     "MethodSpec",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xattn_lightning.errors import XAttnError
+from xattn_lightning.saliency.options import PerturbationOptions
 from xattn_lightning.saliency.perturbation import PartlyExactLogits, rows_batch_size
 
 #: the batch size that ``batch_size="auto"`` uses off CUDA (``encoder_batch_size="auto"`` off CUDA:
@@ -66,25 +66,23 @@ def prepared(
     run: Callable[[Tensor], Tensor],
     unmasked: Callable[[int], Tensor],
     logp_ref: Tensor,
-    device,
-    opts: dict,
+    device: torch.device,
+    options: PerturbationOptions,
+    batch_size: int | str,
 ) -> tuple[Callable[[Tensor], Tensor], Tensor, int]:
-    """What both perturbation families share: the perturbed pass in the asked precision, its
-    unperturbed reference and the mask batch size (``"auto"`` resolved)."""
-
-    if opts["autocast"] and opts.get("vocabulary", "exact") != "exact":
-        raise XAttnError("autocast and vocabulary='bf16' both lower the precision of the masked passes: choose one.")
+    """What both perturbation families share: the perturbed pass in the asked precision (``options.autocast``),
+    its unperturbed reference and the mask batch size (``batch_size``, ``"auto"`` resolved)."""
 
     def cast_run(x: Tensor) -> Tensor:
-        with autocast(device, opts["autocast"]):
+        with autocast(device, options.autocast):
             out = run(x)
         return out if isinstance(out, PartlyExactLogits) else out.float()  # (partly exact: the KL converts rows)
 
     # under autocast the unperturbed reference is taken in the same precision, so that the KL of an
     # unmasked pass stays zero
-    lp_ref = cast_run(unmasked(1))[0].log_softmax(-1) if opts["autocast"] else logp_ref
-    bs = opts["encoder_batch_size" if method == "encoder_spes" else "batch_size"]
-    if bs == "auto":
-        cpu = rows_batch_size(lp_ref.shape[0], opts["n_masks"]) if method == "encoder_spes" else CPU_BATCH_SIZES[method]
-        bs = auto_batch_size(lambda b: cast_run(unmasked(b)), opts["n_masks"], device, cpu)
-    return cast_run, lp_ref, bs
+    lp_ref = cast_run(unmasked(1))[0].log_softmax(-1) if options.autocast else logp_ref
+    n_masks = int(options.n_masks)
+    if batch_size == "auto":
+        cpu = rows_batch_size(lp_ref.shape[0], n_masks) if method == "encoder_spes" else CPU_BATCH_SIZES[method]
+        return cast_run, lp_ref, auto_batch_size(lambda b: cast_run(unmasked(b)), n_masks, device, cpu)
+    return cast_run, lp_ref, int(batch_size)

@@ -10,8 +10,9 @@ import torch
 from xattn_lightning.adapters import Adapter, ForwardOutput, Utterance
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.methods import MethodInputs
+from xattn_lightning.saliency.options import SaliencyOptions
 from xattn_lightning.saliency.perturbation import MaskState
-from xattn_lightning.saliency.registry import METHODS, OPTIONS
+from xattn_lightning.saliency.registry import METHODS
 from xattn_lightning.saliency.result import SaliencyResult
 
 
@@ -20,12 +21,13 @@ def compute_saliency(
     u: Utterance,
     exp: Any,
     methods: Sequence[str],
+    options: SaliencyOptions | None = None,
     progress: bool = False,
     reference: ForwardOutput | None = None,
     resume: Mapping[str, MaskState] | None = None,
-    **options: Any,
 ) -> dict[str, SaliencyResult]:
-    """Compute ``methods`` for one utterance: ``{method: SaliencyResult}``. ``exp`` (its
+    """Compute ``methods`` for one utterance: ``{method: SaliencyResult}``, each method handed its own family's
+    options (:meth:`SaliencyOptions.family`; default: every default). ``exp`` (its
     :class:`~xattn_lightning.Explanation`, without saliency yet) gives the explained decoder
     sequence and the number of encoder frames; it is not changed.
 
@@ -33,7 +35,7 @@ def compute_saliency(
     has it already, so that the encoder does not run again. ``resume`` (method -> the ``state`` of an earlier
     map of this utterance and sequence) continues those perturbation maps to ``n_masks`` instead of
     starting them again."""
-    opts = {**OPTIONS, **options}
+    options = options or SaliencyOptions()
     seq = exp.decoder_ids
     dec_in = seq[:-1]
     predicted = seq[1:]
@@ -41,7 +43,7 @@ def compute_saliency(
     feats = u.features.clone()  # leaves inference-mode tensors behind
     n_frames = u.num_frames
     t_enc = exp.num_encoder_frames
-    bar = _progress_bar(progress, methods, opts, positions.numel(), resume or {})
+    bar = _progress_bar(progress, methods, options.n_masks, positions.numel(), resume or {})
     try:
         ref = reference
         if ref is None or ref.encoder_out is None:
@@ -49,12 +51,15 @@ def compute_saliency(
                 ref = adapter.forward(feats.unsqueeze(0), dec_in, output_attentions=False)
         logp_ref = ref.logits[0].float().log_softmax(-1)
         enc = ref.encoder_out
+        frame_rate = float(options.frame_rate or adapter.frame_rate)
         inputs = MethodInputs(
-            adapter, feats, n_frames, enc, t_enc, dec_in, predicted, positions, logp_ref, opts, bar, dict(resume or {})
-        )
+            adapter, feats, n_frames, enc, t_enc, dec_in, predicted, positions, logp_ref, frame_rate, bar,
+            dict(resume or {}),
+        )  # fmt: skip
         results: dict[str, SaliencyResult] = {}
         for m in methods:
-            results[m] = METHODS[m].compute(m, inputs)
+            spec = METHODS[m]
+            results[m] = spec.compute(m, inputs, options.family(spec.options))
             if not torch.isfinite(results[m].map).all():
                 raise XAttnError(f"Saliency {m!r} produced NaN/inf values for utterance {u.index}.")
         return results
@@ -64,8 +69,8 @@ def compute_saliency(
 
 
 def _progress_bar(
-    enabled: bool, methods: Sequence[str], opts: dict, num_tokens: int, resume: Mapping[str, MaskState]
-):  # fmt: skip
+    enabled: bool, methods: Sequence[str], n_masks: Any, num_tokens: int, resume: Mapping[str, MaskState]
+) -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -73,6 +78,6 @@ def _progress_bar(
     total = 0
     for m in methods:
         total += (
-            opts["n_masks"] - (resume[m].n if m in resume else 0) if METHODS[m].family == "perturbation" else num_tokens
+            int(n_masks) - (resume[m].n if m in resume else 0) if METHODS[m].family == "perturbation" else num_tokens
         )
     return tqdm(total=total, desc="saliency", unit="pass", leave=False)

@@ -1,5 +1,6 @@
 """The saliency methods' bodies, one call each over what every method of an utterance shares
-(:class:`MethodInputs`); :mod:`~xattn_lightning.saliency.registry` names them."""
+(:class:`MethodInputs`) and the options object of the method's family; :mod:`~xattn_lightning.saliency.registry`
+names them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from xattn_lightning.adapters import Adapter
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.batching import prepared
 from xattn_lightning.saliency.gradients import GRADIENT_METHODS, batched_attribute, captum_attribute, token_logprob_fn
-from xattn_lightning.saliency.options import EncoderSpesOptions, SpesOptions, as_kwargs, options_for
+from xattn_lightning.saliency.options import EncoderSpesOptions, GradientOptions, SpesOptions
 from xattn_lightning.saliency.perturbation import MaskState, spes_encoder, spes_input
 from xattn_lightning.saliency.result import SaliencyResult
 from xattn_lightning.saliency.vocabulary import with_bf16_vocabulary
@@ -35,14 +36,15 @@ class MethodInputs:
     predicted: Tensor
     positions: Tensor
     logp_ref: Tensor
-    opts: dict
+    frame_rate: float  # input frames per second
     bar: Any
     resume: dict[str, MaskState] = field(default_factory=dict)  # method -> where its masks stopped
 
 
 @torch.no_grad()
-def _spes(method: str, x: MethodInputs) -> SaliencyResult:
-    adapter, dec_in, opts, bar = x.adapter, x.dec_in, x.opts, x.bar
+def spes(method: str, x: MethodInputs, options: SpesOptions) -> SaliencyResult:
+    """Input-space SPES of one utterance (:func:`~xattn_lightning.saliency.perturbation.spes_input`)."""
+    adapter, dec_in, bar = x.adapter, x.dec_in, x.bar
     x_in = x.feats.to(adapter.device, adapter.dtype)
     run, lp_ref, bs = prepared(
         "spes",
@@ -50,27 +52,22 @@ def _spes(method: str, x: MethodInputs) -> SaliencyResult:
         lambda b: x_in.unsqueeze(0).expand(b, -1, -1),
         x.logp_ref,
         torch.device(adapter.device),
-        opts,
+        options,
+        options.batch_size,
     )
+    o = options
     return spes_input(
-        run,
-        x_in,
-        x.n_frames,
-        lp_ref,
-        x.positions,
-        **{
-            **as_kwargs(options_for(SpesOptions, opts), "autocast"),
-            "batch_size": bs,
-            "frame_rate": opts.get("frame_rate") or adapter.frame_rate,
-        },
-        progress=bar.update if bar else None,
-        resume=x.resume.get(method),
-    )
+        run, x_in, x.n_frames, lp_ref, x.positions,
+        n_masks=int(o.n_masks), p=o.p, scales=o.scales, batch_size=bs, seed=o.seed, frame_rate=x.frame_rate,
+        compactness=o.compactness, sigma=o.sigma, sampling=o.sampling, max_seconds=o.max_seconds,
+        progress=bar.update if bar else None, resume=x.resume.get(method),
+    )  # fmt: skip
 
 
 @torch.no_grad()
-def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
-    adapter, opts, bar = x.adapter, x.opts, x.bar
+def encoder_spes(method: str, x: MethodInputs, options: EncoderSpesOptions) -> SaliencyResult:
+    """Encoder-output SPES of one utterance (:func:`~xattn_lightning.saliency.perturbation.spes_encoder`)."""
+    adapter, bar = x.adapter, x.bar
     device = torch.device(adapter.device)
     ones = torch.ones(1, x.t_enc, dtype=torch.bool, device=device)
     # the masked passes project only the explained positions onto the vocabulary: logits [B, P, V]
@@ -78,28 +75,25 @@ def _encoder_spes(method: str, x: MethodInputs) -> SaliencyResult:
     if x.enc is None:
         raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
     masked: Callable[[Tensor], Any] = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
-    if opts["vocabulary"] == "bf16":  # the vocabulary term in bfloat16, the mass-carrying tokens exact
+    if options.vocabulary == "bf16":  # the vocabulary term in bfloat16, the mass-carrying tokens exact
         masked = with_bf16_vocabulary(adapter, masked, x.logp_ref[explained])
     run, lp_ref, bs = prepared(
-        "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, opts
-    )
+        "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, options,
+        options.encoder_batch_size,
+    )  # fmt: skip
+    o = options
     return spes_encoder(
-        run,
-        x.t_enc,
-        lp_ref,
-        None,  # run and lp_ref hold the explained positions only
-        **{
-            **as_kwargs(options_for(EncoderSpesOptions, opts), "autocast", "encoder_batch_size", "vocabulary"),
-            "batch_size": bs,
-        },
-        progress=bar.update if bar else None,
-        resume=x.resume.get(method),
-    )
+        run, x.t_enc, lp_ref, None,  # run and lp_ref hold the explained positions only
+        n_masks=int(o.n_masks), p_h=o.p_h, batch_size=bs, seed=o.seed, sampling=o.sampling,
+        max_seconds=o.max_seconds, smoothing=o.smoothing,
+        progress=bar.update if bar else None, resume=x.resume.get(method),
+    )  # fmt: skip
 
 
-def _gradient(method: str, x: MethodInputs) -> SaliencyResult:
+def gradient(method: str, x: MethodInputs, options: GradientOptions) -> SaliencyResult:
+    """A gradient map of one utterance (Captum's attributions, or the batched engine)."""
     adapter, feats, n_frames, enc, t_enc = x.adapter, x.feats, x.n_frames, x.enc, x.t_enc
-    dec_in, predicted, positions, opts, bar = x.dec_in, x.predicted, x.positions, x.opts, x.bar
+    dec_in, predicted, positions, bar = x.dec_in, x.predicted, x.positions, x.bar
     start = time.perf_counter()
     encoder_space = method.startswith("encoder_")  # the registry's "encoder" space
     name = method.removeprefix("encoder_")
@@ -126,7 +120,7 @@ def _gradient(method: str, x: MethodInputs) -> SaliencyResult:
             logits_fn, point = input_logits, full[:, :n_frames].clone().requires_grad_()
         fn = token_logprob_fn(logits_fn, predicted, positions)
         engine: Callable[..., Tensor]
-        if opts["gradient_engine"] == "batched":
+        if options.gradient_engine == "batched":
             # vmap'd VJPs pay off on GPUs and for decoder-only graphs; on CPU a backward per token
             # through the encoder is faster (benchmarks/perf.py)
             vjp = "vmap" if encoder_space or point.device.type == "cuda" else "loop"
@@ -138,8 +132,8 @@ def _gradient(method: str, x: MethodInputs) -> SaliencyResult:
             fn,
             point,
             int(positions.numel()),
-            n_steps=opts["n_steps"],
-            internal_batch_size=opts["internal_batch_size"],
+            n_steps=options.n_steps,
+            internal_batch_size=options.internal_batch_size,
             progress=bar.update if bar else None,
         )
     attr = attr.float()

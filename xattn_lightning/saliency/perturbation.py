@@ -18,7 +18,7 @@ from torch import Tensor
 from xattn_lightning.adapters.base import DEFAULT_FRAME_RATE
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.pooling import check_smoothing, smooth_frames
-from xattn_lightning.saliency.options import SAMPLINGS, EncoderSpesOptions, SpesOptions
+from xattn_lightning.saliency.options import DEFAULT_N_MASKS, SAMPLINGS, EncoderSpesOptions, SpesOptions
 from xattn_lightning.saliency.result import SaliencyResult
 
 #: SPES' three SLIC granularities: segments per 500 input frames (5 s at a 10 ms hop)
@@ -280,7 +280,7 @@ def spes_input(
     num_frames: int,
     logp_ref: Tensor,
     positions: Tensor,
-    n_masks: int = SpesOptions.n_masks,
+    n_masks: int = DEFAULT_N_MASKS,
     p: float = SpesOptions.p,
     scales: Sequence[int] = SpesOptions.scales,
     batch_size: int = 8,  # the driver resolves SpesOptions.batch_size ("auto" included) to a number
@@ -349,7 +349,7 @@ def spes_encoder(
     num_encoder_frames: int,
     logp_ref: Tensor,
     positions: Tensor | None,
-    n_masks: int = EncoderSpesOptions.n_masks,
+    n_masks: int = DEFAULT_N_MASKS,
     p_h: float = EncoderSpesOptions.p_h,
     batch_size: int | str = EncoderSpesOptions.encoder_batch_size,
     seed: int = EncoderSpesOptions.seed,

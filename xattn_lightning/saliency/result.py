@@ -25,8 +25,8 @@ class SaliencyResult:
     Example:
         >>> import torch
         >>> r = SaliencyResult(torch.zeros(2, 5), seconds=0.1, n_masks=8)
-        >>> sorted(r.info())
-        ['budget_hit', 'n_masks', 'seconds']
+        >>> r.n_masks, r.halves is None
+        (8, True)
     """
 
     map: Tensor
@@ -36,14 +36,3 @@ class SaliencyResult:
     budget_hit: bool = False
     details: dict[str, Any] = field(default_factory=dict)
     state: MaskState | None = None
-
-    def info(self) -> dict[str, Any]:
-        """The facts as the flat dict an :class:`~xattn_lightning.Explanation` keeps in ``info[method]``."""
-        out: dict[str, Any] = {"seconds": self.seconds, **self.details}
-        if self.n_masks is not None:
-            out.update(n_masks=self.n_masks, budget_hit=self.budget_hit)
-        if self.halves is not None:
-            out["halves"] = self.halves
-        if self.state is not None:
-            out["state"] = self.state
-        return out

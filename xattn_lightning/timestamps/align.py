@@ -33,7 +33,8 @@ from xattn_lightning.functional.alignment import (
     words_from_tokens,
 )
 from xattn_lightning.functional.silence import silent_spans, snap_to_silence
-from xattn_lightning.summary import TIMING_ERRORS, mean_grid
+from xattn_lightning.scores import ProbeScores
+from xattn_lightning.summary import mean_grid
 
 #: ``"transformers"``: transformers' ``return_token_timestamps`` exactly: DTW over the rows where
 #: the generated tokens are the decoder *input*, so a token gets the time of the row that predicts
@@ -289,19 +290,19 @@ def timing_scores(predicted: Sequence[Sequence[Word]], reference: Sequence[Seque
 
 
 def score_probes(
-    rows: Sequence[dict[str, Any]], timed: Sequence[tuple[str, Alignment, Sequence]], methods: Sequence[str]
+    probes: Sequence[ProbeScores], timed: Sequence[tuple[str, Alignment, Sequence]], methods: Sequence[str]
 ) -> tuple[list[list[int]], list[tuple[str, str]]]:
     """Word-timestamp errors of the probes that carry true word timings, with the heads that agree most
     with saliency in this reading (label-free, as :func:`alignment_heads`; the heads the monitor exports),
     each probe's saliency map fused in as ``word_timestamps(heads="agreement")`` does, with the duration
     prior and silences of :func:`word_timestamps`' default. ``timed`` holds ``(probe id, attention to time, true words)``;
-    each probe's row gets its boundary errors under :data:`~xattn_lightning.summary.TIMING_ERRORS`.
+    each probe's scores get its boundary errors (:attr:`~xattn_lightning.scores.ProbeScores.timing_errors`).
 
     Returns the heads and ``(probe id, cause)`` of the probes that could not be timed.
     """
     method = "encoder_spes" if "encoder_spes" in methods else methods[0]
-    heads = select_heads_by_agreement(mean_grid(rows, method))
-    row_of = {r["id"]: r for r in rows}
+    heads = select_heads_by_agreement(mean_grid(probes, method))
+    scores_of = {p.id: p for p in probes}
     failures: list[tuple[str, str]] = []
     for pid, alignment, words in timed:
         try:
@@ -309,7 +310,7 @@ def score_probes(
             predicted = alignment_words(
                 alignment, heads, fusion=fusion, duration_prior=DURATION_PRIOR, silence=alignment.silences is not None
             )
-            row_of[pid][TIMING_ERRORS] = boundary_errors(predicted, list(words))
+            scores_of[pid].timing_errors = boundary_errors(predicted, list(words))
         except XAttnError as err:
             failures.append((pid, str(err)))
     return heads, failures
