@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import speaking_tiny_whisper, tiny_extractor  # noqa: E402
 
 import xattn_lightning as xl  # noqa: E402
-from xattn_lightning.adapters.hf import WhisperAdapter  # noqa: E402
+from xattn_lightning.adapters.hf_whisper import WhisperAdapter  # noqa: E402
 from xattn_lightning.monitoring.sharded import clean_name  # noqa: E402
 
 TIMEOUT = 2.0  # reading_timeout of the fault cases (s); the late rank sleeps 3 times that

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from xattn_lightning.adapters.base import Adapter, AdapterInfo, ForwardOutput, Utterance, uncompiled, unwrap_tokenizer
-from xattn_lightning.adapters.hf import Speech2TextAdapter, WhisperAdapter
+from xattn_lightning.adapters.base import Adapter, uncompiled, unwrap_tokenizer
+from xattn_lightning.adapters.hf_speech2text import Speech2TextAdapter
+from xattn_lightning.adapters.hf_whisper import WhisperAdapter
 from xattn_lightning.adapters.hooks import HookAdapter
 from xattn_lightning.adapters.openai_whisper import OpenAIWhisperAdapter
+from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance
 from xattn_lightning.errors import UnsupportedModelError
 
 __all__ = [

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from xattn_lightning.adapters.decoding import generic_generate
+from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance
 from xattn_lightning.batches import InputSpec, standard_batch
 from xattn_lightning.errors import XAttnError
 
@@ -53,58 +54,6 @@ def uncompiled(model: Any) -> Any:
     while isinstance(model, OptimizedModule):
         model = model._orig_mod
     return model
-
-
-@dataclass
-class Utterance:
-    """One utterance taken out of a batch.
-
-    Attributes:
-        features: ``[T, F]`` features in canonical layout, padding included where the model
-            needs a fixed window (Whisper's 30 s).
-        num_frames: valid (unpadded) input frames; saliency is computed over ``features[:num_frames]``.
-        index: position in the batch.
-    """
-
-    features: Tensor
-    num_frames: int
-    index: int = 0
-
-
-@dataclass
-class ForwardOutput:
-    """What one teacher-forced pass returns."""
-
-    logits: Tensor  # [B, S, V]
-    cross_attention: Tensor | None = None  # [B, L, H, S, T'] (full encoder length)
-    encoder_out: Tensor | None = None  # [B, T', D]
-
-
-@dataclass
-class AdapterInfo:
-    """Static facts about a model, read from the model."""
-
-    num_layers: int
-    num_heads: int
-    num_mel_bins: int
-    decoder_start_id: int
-    eos_id: int
-    special_ids: frozenset[int] = field(default_factory=frozenset)
-    max_target_positions: int | None = None
-    fixed_num_frames: int | None = None  # Whisper: every input is padded to this many frames
-    vocab_size: int | None = None  # token ids are below it (labels are told from other integers by it)
-
-
-def check_features(x: Tensor, what: str = "input features") -> None:
-    """Reject NaN/inf features with a message that says what to do."""
-    if not torch.is_floating_point(x):
-        raise XAttnError(f"Expected floating-point {what} but got dtype {x.dtype}.")
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).sum())
-        raise XAttnError(
-            f"The {what} contain {bad} NaN/inf values; clean the audio or the feature extraction "
-            "(e.g. silent segments fed to a log without a floor) before explaining."
-        )
 
 
 class Adapter(ABC):
@@ -382,23 +331,6 @@ def _restore_hooks(model: nn.Module, snap: list) -> None:
                 del m.__dict__[f]
 
 
-def occlusion_bias(keep: Tensor, num_frames: int) -> Tensor:
-    """Additive attention bias ``[B, 1, 1, T' + 1]`` that makes attention over the encoder frames
-    plus one appended "occluded frame" equal attention over the frames with the occluded ones
-    (``keep`` False, ``[B, t]``, the first ``t`` frames) replaced by that frame: occluded frames get
-    ``-inf``, the appended one ``log(number occluded)`` (``-inf`` when none is).
-
-    >>> occlusion_bias(torch.tensor([[True, False, False]]), 4).flatten().tolist()[:3]
-    [0.0, -inf, -inf]
-    """
-    b, t = keep.shape
-    bias = keep.new_zeros(b, num_frames + 1, dtype=torch.float32)
-    bias[:, :t] = torch.where(keep, 0.0, -torch.inf)
-    occluded = (~keep).sum(1).float()
-    bias[:, -1] = torch.where(occluded > 0, occluded.clamp(min=1).log(), -torch.inf)
-    return bias[:, None, None, :]
-
-
 def check_target_length(adapter: Adapter, seq: Tensor) -> None:
     """Raise if a decoder sequence is empty or longer than the decoder's positions allow."""
     n_pred = seq.numel() - 1
@@ -410,48 +342,3 @@ def check_target_length(adapter: Adapter, seq: Tensor) -> None:
             f"The target has {seq.numel() - 1} decoder positions but the decoder allows at most {limit}; "
             "shorten or split the utterance."
         )
-
-
-@torch.no_grad()
-def generic_generate(
-    adapter: Adapter,
-    utterance: Utterance,
-    num_beams: int = 1,
-    max_new_tokens: int | None = None,
-    encoder_out: Tensor | None = None,
-) -> Tensor:
-    """Greedy (``num_beams=1``) or beam search over a cached encoder output, for adapters
-    without a generation routine of their own. Returns the sequence including the prompt."""
-    info = adapter.info
-    limit = info.max_target_positions or 128
-    max_new = min(max_new_tokens or min(limit, 200), limit - len(adapter.prompt_ids()))
-    if encoder_out is None:
-        encoder_out = adapter.encode(utterance.features.unsqueeze(0).to(adapter.device, adapter.dtype))
-    enc = encoder_out
-    prompt = torch.tensor(adapter.prompt_ids(), device=adapter.device)
-    beams: list[tuple[float, Tensor]] = [(0.0, prompt)]
-    finished: list[tuple[float, Tensor]] = []
-    for step in range(max(max_new, 0)):
-        seqs = torch.stack([b[1] for b in beams])
-        out = adapter.decode(enc.expand(len(beams), -1, -1), seqs)
-        logp = adapter.suppress(out.logits[:, -1].float().log_softmax(-1), step)
-        cand: list[tuple[float, Tensor]] = []
-        for (score, seq), lp in zip(beams, logp):
-            top = lp.topk(num_beams)
-            for v, i in zip(top.values, top.indices):
-                cand.append((score + float(v), torch.cat([seq, i.view(1)])))
-        cand.sort(key=lambda c: c[0], reverse=True)
-        beams = []
-        for score, seq in cand:
-            if int(seq[-1]) == info.eos_id:
-                finished.append((score / (seq.numel() - len(prompt)), seq))
-            else:
-                beams.append((score, seq))
-            if len(beams) == num_beams:
-                break
-        if len(finished) >= num_beams or not beams:
-            break
-    if not finished:
-        finished = [(s / max(1, q.numel() - len(prompt)), q) for s, q in beams]
-    best = max(finished, key=lambda c: c[0])[1]
-    return best.cpu()

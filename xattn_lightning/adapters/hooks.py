@@ -11,13 +11,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import (
-    Adapter,
-    AdapterInfo,
-    ForwardOutput,
-    Utterance,
-    check_features,
-)
+from xattn_lightning.adapters.base import Adapter
+from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance, check_features
 from xattn_lightning.batches import InputSpec
 from xattn_lightning.errors import XAttnError
 

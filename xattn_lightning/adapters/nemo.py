@@ -19,14 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import (
-    Adapter,
-    AdapterInfo,
-    ForwardOutput,
-    Utterance,
-    check_features,
-    occlusion_bias,
-)
+from xattn_lightning.adapters.base import Adapter
+from xattn_lightning.adapters.decoding import occlusion_bias
+from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance, check_features
 from xattn_lightning.batches import InputSpec
 from xattn_lightning.errors import XAttnError
 
@@ -213,7 +208,7 @@ class NemoAEDAdapter(Adapter):
     ) -> Callable[[Tensor], Tensor]:
         """Frame occlusion without re-projecting the encoder output: each decoder layer's cross-attention keys
         and values are projected once, with one more row, the projection of a zero frame; a mask becomes an
-        additive attention bias (:func:`~xattn_lightning.adapters.base.occlusion_bias`). Equals zeroing the
+        additive attention bias (:func:`~xattn_lightning.adapters.decoding.occlusion_bias`). Equals zeroing the
         frames and decoding (``Adapter.masked_decoder``) up to float rounding; only the explained
         ``positions`` reach the vocabulary."""
         attns = [layer.second_sub_layer for layer in self.model.transf_decoder.decoder.layers]

@@ -14,15 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import (
-    Adapter,
-    AdapterInfo,
-    ForwardOutput,
-    Utterance,
-    occlusion_bias,
-    uncompiled,
-)
-from xattn_lightning.adapters.hf import conv_output_length, whisper_window_utterances
+from xattn_lightning.adapters.base import Adapter, uncompiled
+from xattn_lightning.adapters.decoding import occlusion_bias
+from xattn_lightning.adapters.hf import conv_output_length
+from xattn_lightning.adapters.hf_whisper import whisper_window_utterances
+from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance
 from xattn_lightning.errors import XAttnError
 
 
