@@ -34,7 +34,7 @@ def test_true_ranking_is_more_faithful_than_a_wrong_one(oracle):
     adapter, batch, e = oracle
     ca = torch.zeros_like(e.cross_attention)
     ca[..., 12:] = 1.0 / 8  # attends only to frames no token depends on
-    wrong = xl.Explanation(**{**e.__dict__, "cross_attention": ca, "saliency": {}})
+    wrong = xl.Explanation(**{**e.__dict__, "cross_attention": ca, "results": {}})
     fr = [i / 10 for i in range(11)]
     (good,) = faithfulness_curves(adapter, batch, [e], modes=("deletion", "insertion"), fractions=fr, max_new_tokens=3)
     (bad,) = faithfulness_curves(

@@ -292,6 +292,24 @@ def _reference_weights(pl, root: Path) -> torch.nn.Module:
     return _REFERENCE[pl.__name__]
 
 
+def _inject_fault(monkeypatch, hook: str, message: str) -> None:
+    """A fault at the end of the body of the monitor's hook ``hook`` (inside the guard every hook runs under)."""
+    import contextlib
+
+    from xattn_lightning.monitoring.messages import Messages
+
+    real = Messages.guard
+
+    @contextlib.contextmanager
+    def faulty(self, name):
+        with real(self, name):
+            yield
+            if name == hook:
+                raise RuntimeError(message)
+
+    monkeypatch.setattr(Messages, "guard", faulty)
+
+
 @pytest.mark.parametrize(
     "ns,hook",
     [("lightning.pytorch", h) for h in HOOKS] + [("pytorch_lightning", h) for h in ("on_fit_start", "state_dict")],
@@ -299,10 +317,7 @@ def _reference_weights(pl, root: Path) -> torch.nn.Module:
 def test_a_fault_in_each_hook_is_warned_once_and_training_goes_on(tmp_path, monkeypatch, ns, hook):
     pl = _import(ns)
 
-    def boom(*args, **kwargs):
-        raise RuntimeError(f"injected into {hook}")
-
-    monkeypatch.setattr(XAttnSaliencyMonitor, "_" + hook, boom)
+    _inject_fault(monkeypatch, hook, f"injected into {hook}")
     module, said, mon = _fit_and_resume(pl, tmp_path / "faulty", lambda: _monitor(num_probes=1))
     _same_weights(module, _reference_weights(pl, tmp_path / "reference"))
     told = [[m for m in fit if f"injected into {hook}" in m] for fit in said]
@@ -317,12 +332,12 @@ def test_a_fault_in_each_hook_is_warned_once_and_training_goes_on(tmp_path, monk
 def test_on_error_raise_lets_a_hook_fault_through(tmp_path, monkeypatch, ns):
     pl = _import(ns)
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("injected")
+    _inject_fault(monkeypatch, "on_fit_start", "injected")
+    from test_scripts import FakeTokenizer  # (on_error="raise" makes a missing tokenizer an error too)
 
-    monkeypatch.setattr(XAttnSaliencyMonitor, "_on_fit_start", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        _fit(pl, tmp_path, MODULES[ns]["TrainOnly"](), [_monitor(on_error="raise")], _loader(), max_epochs=1)
+        monitor = _monitor(on_error="raise", tokenizer=FakeTokenizer())
+        _fit(pl, tmp_path, MODULES[ns]["TrainOnly"](), [monitor], _loader(), max_epochs=1)
 
 
 # ---------------------------------------------------------------- batch shapes of public scripts, no batch_fn

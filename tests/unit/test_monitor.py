@@ -84,7 +84,7 @@ def test_max_seconds_calibrates_the_mask_count_once_then_freezes_it(tmp_path, mo
         num_probes=2, methods=("encoder_spes",), n_masks=100000, max_seconds=0.5, targets="labels"
     )
     resumed.load_state_dict(mon.state_dict())
-    monkeypatch.setattr(resumed.instrument, "_calibrate", lambda *a, **k: pytest.fail("a resume must not recalibrate"))
+    monkeypatch.setattr(resumed.instrument.reader, "_calibrate", lambda *a, **k: pytest.fail("a resume must not recalibrate"))
     _fit(tmp_path / "r", resumed, max_epochs=1)
     assert resumed.history[-1]["xattn/encoder_spes/n_masks"] == float(n)
 
@@ -277,8 +277,10 @@ def test_monitor_argument_errors():
         xl.XAttnSaliencyMonitor(every_n_epochs=1, every_n_steps=5)
     with pytest.raises(xl.UnknownNameError, match="spes"):
         xl.XAttnSaliencyMonitor(methods=("gradcam",))
-    with pytest.raises(xl.UnknownNameError, match="n_masks"):
+    with pytest.raises(TypeError, match="nmasks"):  # every option is an explicit parameter
         xl.XAttnSaliencyMonitor(nmasks=4)
+    with pytest.raises(xl.UnknownNameError, match="n_masks"):
+        xl.XAttnSaliencyMonitor(saliency_options={"nmasks": 4})
     with pytest.raises(xl.XAttnError, match="positive"):
         xl.XAttnSaliencyMonitor(num_probes=0)
     with pytest.raises(xl.UnknownNameError, match="labels"):

@@ -184,6 +184,6 @@ def test_the_monitor_exports_heads_into_an_openai_whisper_model():
 
     model = random_whisper()
     inst = Instrument(MonitorConfig())
-    inst.alignment_heads = [[0, 1], [1, 0]]
+    inst.publisher.alignment_heads = [[0, 1], [1, 0]]
     inst.export_alignment_heads(xl.adapter_for(model))
     assert sorted(model.alignment_heads.indices().T.tolist()) == [[0, 1], [1, 0]]

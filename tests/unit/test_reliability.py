@@ -129,7 +129,7 @@ def _run(kind: str, tmp_path, monitor, **kw):
 def test_bit_identical_training_with_and_without_monitor(tmp_path, kind, accumulate, precision):
     methods = ("spes", "encoder_spes", "saliency")
     mon = xl.XAttnSaliencyMonitor(
-        max_overhead=None, num_probes=2, methods=methods, n_masks=8, targets="labels", n_steps=2
+        max_overhead=None, num_probes=2, methods=methods, n_masks=8, targets="labels", saliency_options={"n_steps": 2}
     )
     kw = dict(accumulate_grad_batches=accumulate, precision=precision)
     with_m, t1, before = _run(kind, tmp_path / "a", mon, **kw)
@@ -162,7 +162,7 @@ def test_frozen_encoder_and_train_mode_and_checkpointing_survive(tmp_path):
     module.model.train()  # left in train mode, dropout on
     _, va = _whisper_loaders()
     mon = xl.XAttnSaliencyMonitor(
-        max_overhead=None, num_probes=2, methods=("saliency", "encoder_saliency"), targets="labels", n_steps=2
+        max_overhead=None, num_probes=2, methods=("saliency", "encoder_saliency"), targets="labels", saliency_options={"n_steps": 2}
     )
     trainer = cpu_trainer(tmp_path, [mon], max_epochs=1)
     trainer.validate(module, va)
@@ -378,7 +378,7 @@ def test_nan_metric_is_never_logged(tmp_path):
     _, va = loaders(4, 4, batch_size=4)
     trainer = cpu_trainer(tmp_path, [mon], logger=CSVLogger(tmp_path), max_epochs=1)
     trainer.validate(model, va)
-    import xattn_lightning.monitoring.core as mm
+    import xattn_lightning.summary as mm
 
     orig = mm.summarize
     import dataclasses

@@ -221,7 +221,7 @@ def test_frame_rate_reaches_spes_segmentation(tmp_path):
     from xattn_lightning.saliency.perturbation import segment_counts
 
     mon = xl.XAttnSaliencyMonitor(max_overhead=None,
-        num_probes=1, probes=tuple_data(1), methods=("spes",), targets="labels", n_masks=6, frame_rate=50.0,
+        num_probes=1, probes=tuple_data(1), methods=("spes",), targets="labels", n_masks=6, saliency_options={"frame_rate": 50.0},
         tokenizer=FakeTokenizer(),
     )  # fmt: skip
     fit(tmp_path, TrainOnly(), mon, max_epochs=1)
@@ -244,7 +244,7 @@ def test_the_model_frame_rate_is_the_default_of_spes_timestamps_and_figures(tmp_
     assert e.results["spes"].details["segments"] == segment_counts(e.num_frames, frame_rate=50.0) != segment_counts(e.num_frames)
     assert alignment_from(e).frame_seconds == e.frames_per_step / 50.0
     (given,) = xl.explain(adapter, batch, targets="labels", methods=("spes",), n_masks=4, frame_rate=25.0)
-    assert given.config.reading.saliency.frame_rate == 25.0  # the option, where given, wins
+    assert given.frame_rate == 25.0  # the option, where given, wins
 
 
 def test_library_api_stands_without_lightning():

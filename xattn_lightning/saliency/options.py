@@ -48,7 +48,7 @@ def _positive_int(name: str, v: object, auto: bool = False) -> None:
 
 def _fraction(name: str, v: object) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 < float(v) < 1.0:
-        raise XAttnError(f"Expected {name} to be a probability strictly between 0 and 1 but got {v!r}.")
+        raise XAttnError(f"Expected {name} in (0, 1), a probability, but got {v!r}.")
 
 
 #: masks per perturbation map of ``xl.explain`` (the monitor and ``compare`` choose theirs: :data:`READING_N_MASKS`)
