@@ -31,6 +31,7 @@ from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import Explanation
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER
 from xattn_lightning.loading import features_batch
+from xattn_lightning.monitoring.core import TorchDistributed
 from xattn_lightning.monitoring.masks import MaskCount
 from xattn_lightning.monitoring.probes import split_batch
 from xattn_lightning.reading import Probe, ReadingConfig, read
@@ -120,15 +121,6 @@ def _tokenizer_of(processor: Any) -> Any:
 
 def _collate(items: list) -> tuple[list[int], list[ManifestRow]]:
     return [i for i, _ in items], [r for _, r in items]
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    """Every process's ``obj`` (``[obj]`` in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, obj)
-    return parts
 
 
 def _once(items: list, position: Callable[[Any], int]) -> list:
@@ -283,7 +275,7 @@ def _explain_checkpoint(
     loader = DataLoader(_Rows(rows), batch_size=batch_size, collate_fn=_collate)
     trainer.predict(lit, loader, return_predictions=False)
     metric = lit.metric
-    metric.sync(_all_gather)  # one gather of every process's probes
+    metric.sync(TorchDistributed().all_gather)  # one gather of every process's probes
     metric.probes = _once(metric.probes, lambda p: p.position)
     metric.failures = _once(metric.failures, lambda f: f.position)
     explained = _once(metric.explained, lambda x: x[0])  # type: ignore[attr-defined]

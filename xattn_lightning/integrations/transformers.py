@@ -31,6 +31,7 @@ from xattn_lightning.batches import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.monitoring import Instrument, InstrumentViews, Messages, MonitorConfig, check_probes_source
+from xattn_lightning.monitoring.core import TorchDistributed
 from xattn_lightning.monitoring.probes import first_items, iter_once
 from xattn_lightning.summary import Summary
 
@@ -60,37 +61,18 @@ class _WandbRunMedia:
         self.run.log({"train/" + key: wandb.Table(columns=list[Any](columns), data=data), "train/global_step": step})
 
 
-class TrainerHost:
+class TrainerHost(TorchDistributed):
     """The :class:`~xattn_lightning.monitoring.Host` of a Hugging Face Trainer: ``torch.distributed`` collectives
-    when the Trainer runs several processes, scalars through ``trainer.log`` (or the state's ``log_history``
-    when no trainer was given), media to the active W&B run."""
+    when the Trainer runs several processes (:class:`~xattn_lightning.monitoring.core.TorchDistributed`), scalars
+    through ``trainer.log`` (or the state's ``log_history`` when no trainer was given), media to the active W&B
+    run."""
 
     def __init__(self, trainer: Any, state: TrainerState, args: TrainingArguments, messages: Messages) -> None:
-        import torch.distributed as dist
-
+        super().__init__()
         self.trainer, self.state, self.messages = trainer, state, messages
-        self._dist = dist if dist.is_available() and dist.is_initialized() else None
-        self.world_size = self._dist.get_world_size() if self._dist else 1
-        self.rank = self._dist.get_rank() if self._dist else 0
         self.report_to = list(getattr(args, "report_to", None) or [])
         #: the wrapped model (accelerate's FSDP wrapper, say): a sharded one is read through an unsharded copy
         self.root = getattr(trainer, "model_wrapped", None) or getattr(trainer, "model", None)
-
-    def broadcast(self, obj: Any) -> Any:
-        """Process 0's ``obj`` on every process."""
-        if self._dist is None:
-            return obj
-        box = [obj]
-        self._dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every process's ``obj``, in rank order."""
-        if self._dist is None:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(out, obj)
-        return out
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """Through ``trainer.log`` (else ``log_history`` and the W&B run)."""

@@ -80,6 +80,38 @@ class SingleProcess:
         return self._media
 
 
+class TorchDistributed:
+    """The exchanges of the processes ``torch.distributed`` runs (one process when it is not initialised): what
+    the Hugging Face Trainer's host and ``compare`` gather with.
+
+    >>> TorchDistributed().all_gather("x"), TorchDistributed().broadcast(3)
+    (['x'], 3)
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.world_size = self._dist.get_world_size() if self._dist else 1
+        self.rank = self._dist.get_rank() if self._dist else 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Process 0's ``obj`` on every process."""
+        if self._dist is None:
+            return obj
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order."""
+        if self._dist is None:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj)
+        return out
+
+
 class Instrument:
     """A monitor's parts and state, shared by its hosts.
 
