@@ -87,6 +87,10 @@ class XAttnSaliencyMonitor(Callback):
         max_gathered_gb: a sharded model (FSDP, FSDP2, tensor parallel) is read through a copy of its full
             parameters gathered once per reading; at most this many GiB, else readings are skipped (said once).
             ``None``: no bound (``docs/sharding.md``).
+        lockstep: several processes: ``True``: every process reads every probe, each forward agreed first, for a
+            model whose own forward runs collectives (an ``all_reduce``, hand-written tensor parallelism); ``False``:
+            each process reads its share of the probes; ``"auto"`` (default): ``True`` when a forward of the first
+            probe runs a collective (``docs/sharding.md``).
         **method_options: the same options as flat keywords (kept for existing scripts).
 
         The other arguments (``num_probes``, ``methods``, ``targets``, ``metrics``, ``layers``, ``heads``,
@@ -130,6 +134,7 @@ class XAttnSaliencyMonitor(Callback):
         saliency_options: dict[str, Any] | None = None,
         reading_timeout: float = READING_TIMEOUT,
         max_gathered_gb: float | None = None,
+        lockstep: bool | Literal["auto"] = "auto",
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -142,7 +147,7 @@ class XAttnSaliencyMonitor(Callback):
             log_figures=log_figures, max_figures=max_figures, num_beams=num_beams, max_new_tokens=max_new_tokens,
             max_overhead=max_overhead, reliability_floor=float(reliability_floor),
             export_alignment_heads=bool(export_alignment_heads), on_error=on_error, cache_encoder=cache_encoder,
-            reading_timeout=reading_timeout, max_gathered_gb=max_gathered_gb,
+            reading_timeout=reading_timeout, max_gathered_gb=max_gathered_gb, lockstep=lockstep,
             saliency_options=saliency_options,
         )  # fmt: skip
         self.model_fn, self.tokenizer = model_fn, tokenizer

@@ -155,7 +155,7 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             ``layers``, ``heads``, ``n_masks``, ``seed``, ``max_seconds``, ``saliency_options``, ``log_figures``,
             ``max_figures``, ``num_beams``, ``max_new_tokens``, ``max_overhead``, ``reliability_floor``,
             ``export_alignment_heads``, ``on_error``, ``cache_encoder``, ``reading_timeout``,
-            ``max_gathered_gb``): as for the Lightning
+            ``max_gathered_gb``, ``lockstep``): as for the Lightning
             :class:`~xattn_lightning.XAttnSaliencyMonitor`.
 
     Example:
@@ -194,6 +194,7 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
         saliency_options: dict[str, Any] | None = None,
         reading_timeout: float = READING_TIMEOUT,
         max_gathered_gb: float | None = None,
+        lockstep: bool | Literal["auto"] = "auto",
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise XAttnError(f"Expected every_n_steps to be a positive int or None but got {every_n_steps!r}.")
@@ -203,7 +204,7 @@ class XAttnSaliencyCallback(TrainerCallback, ExportableState):
             heads=heads, log_figures=log_figures, max_figures=max_figures, num_beams=num_beams,
             max_new_tokens=max_new_tokens, max_overhead=max_overhead, reliability_floor=float(reliability_floor),
             export_alignment_heads=export_alignment_heads, on_error=on_error, cache_encoder=cache_encoder,
-            reading_timeout=reading_timeout, max_gathered_gb=max_gathered_gb,
+            reading_timeout=reading_timeout, max_gathered_gb=max_gathered_gb, lockstep=lockstep,
             n_masks=n_masks, seed=seed, max_seconds=max_seconds, saliency_options=saliency_options or {},
         )  # fmt: skip
         self.trainer = trainer

@@ -88,6 +88,7 @@ class MonitorConfig:
     saliency_options: Mapping[str, Any] = field(default_factory=dict)
     reading_timeout: float = READING_TIMEOUT
     max_gathered_gb: float | None = None
+    lockstep: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods) if not isinstance(self.methods, str) else self.methods)
@@ -121,6 +122,8 @@ class MonitorConfig:
                 f"Expected reading_timeout > 0 (seconds) and max_gathered_gb > 0 (GiB) or None, got "
                 f"{self.reading_timeout!r} and {self.max_gathered_gb!r}."
             )
+        if self.lockstep not in (True, False, "auto"):
+            raise XAttnError(f"Expected lockstep to be True, False or 'auto' (docs/sharding.md) but got {self.lockstep!r}.")
         resolve_layers(self.layers, 2**16)  # a malformed spec fails now
 
     @property

@@ -24,6 +24,7 @@ from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import explain
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET
+from xattn_lightning.monitoring import lockstep
 from xattn_lightning.monitoring.budget import OverheadBudget, ReadingPlan, thinned_summary
 from xattn_lightning.monitoring.config import PREFIX, MonitorConfig
 from xattn_lightning.monitoring.history import History
@@ -31,7 +32,7 @@ from xattn_lightning.monitoring.masks import CALIBRATION_MASKS, MaskCount, calib
 from xattn_lightning.monitoring.messages import Messages
 from xattn_lightning.monitoring.probes import ProbeSet, split_batch
 from xattn_lightning.monitoring.sharded import guarded_reading
-from xattn_lightning.reading import Probe, ReadingConfig, read
+from xattn_lightning.reading import Probe, ReadingConfig
 from xattn_lightning.summary import Summary, summarize
 from xattn_lightning.timestamps import Alignment, alignment_from, score_probes
 
@@ -390,7 +391,7 @@ class Instrument:
         c = self.config
         warn = None if c.on_error == "raise" else self.messages.warn_once
         root = getattr(host, "root", None)
-        with guarded_reading(host, adapter, root, c.reading_timeout, c.max_gathered_gb, warn, self.clock) as guarded:
+        with guarded_reading(host, adapter, root, c.reading_timeout, c.max_gathered_gb, warn, self.clock, c.lockstep) as guarded:
             bounded, resolve, self.gather_cost = guarded
             return self._read(bounded, resolve, step, log_step, epoch)
         return None
@@ -420,7 +421,7 @@ class Instrument:
                 return None
             try:
                 found = resolve()
-                mine = probes[host.rank :: host.world_size]
+                mine = lockstep.share_of(probes, host, found)
                 options = self._options(host, found, probes)
                 share = self._explain(found, mine, options)
             except Exception as err:
@@ -522,7 +523,7 @@ class Instrument:
             c.methods, c.metrics, c.layers, c.heads, c.targets, c.num_beams, c.max_new_tokens, options
         )
         catch: tuple[type[BaseException], ...] = () if c.on_error == "raise" else (Exception,)
-        reading = read(adapter, probes, config, self.encoder_cache, catch=catch, resume=resume)
+        reading = lockstep.read(adapter, probes, config, self.encoder_cache, catch=catch, resume=resume)
         share = Share(rows=reading.rows, errors=reading.failures)
         for r in reading.results:
             share.explanations.append((r.probe.id, r.explanation))
@@ -532,7 +533,7 @@ class Instrument:
 
     def _gather(self, host: Host, share: Share) -> Share:
         """Every process gets all rows, errors and timed probes, and the explanations process 0 will draw."""
-        if host.world_size <= 1:
+        if host.world_size <= 1 or lockstep.active() is not None:  # lockstep: every process read every probe
             return share
         draw = set(self.probe_set.ids[: self.config.max_figures]) if self.config.log_figures else set()
         mine = Share(share.rows, share.errors, [x for x in share.explanations if x[0] in draw], share.timed)

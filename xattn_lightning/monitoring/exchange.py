@@ -65,7 +65,7 @@ class BoundedExchange:
     """
 
     def __init__(
-        self, store: Any, world_size: int, rank: int, timeout: float = READING_TIMEOUT, reading: int | None = None
+        self, store: Any, world_size: int, rank: int, timeout: float = READING_TIMEOUT, reading: int | str | None = None
     ) -> None:
         self.store, self.world_size, self.rank, self.timeout = store, world_size, rank, float(timeout)
         self.reading = next(_READINGS) if reading is None else reading  # the keys' namespace
@@ -80,12 +80,17 @@ class BoundedExchange:
         """Process 0's ``obj`` on every process."""
         return self.exchange(obj, _caller())[0]
 
-    def fail(self, why: str) -> None:
-        """This process cannot go on: the current round fails on every process (none waits the bound)."""
+    def fail(self, why: str) -> str:
+        """This process cannot go on: the current round fails on every process (none waits the bound). Returns
+        the round's verdict, the same on every process (``why``, or what another process proposed first)."""
         if self.failed is None:
             self._post(("fail", why, None))
-            self._verdict(b"fail:" + why.encode())
-            self.failed = why
+            verdict = self._verdict(b"fail:" + why.encode())
+            if verdict == b"ok":  # every process had posted: the first fault among the posts, as exchange() reads it
+                parts = [pickle.loads(self.store.get(self._key(r))) for r in range(self.world_size)]
+                verdict = b"fail:" + next(p[1] for p in parts if p[0] == "fail").encode()
+            self.failed = verdict.decode()[5:]
+        return self.failed
 
     def exchange(self, obj: Any, tag: str) -> list[Any]:
         """One round: every process's ``obj`` (posted under ``tag``), or :class:`ReadingFailed` on all."""
@@ -108,7 +113,7 @@ class BoundedExchange:
                 verdict = b"fail:" + faults[0].encode()
             elif len(tags) > 1:
                 verdict = f"fail:the processes were at different steps of the reading ({sorted(tags)})".encode()
-        self._forget_previous()
+        self._forget_previous(everyone_posted=bool(parts))
         self.round += 1
         if verdict != b"ok":
             self.failed = verdict.decode()[5:]
@@ -124,11 +129,14 @@ class BoundedExchange:
     def _verdict(self, proposal: bytes) -> bytes:
         return bytes(self.store.compare_set(f"xattn/{self.reading}/{self.round}/verdict", "", proposal))
 
-    def _forget_previous(self) -> None:
-        """Every process posted in this round, so all have read the previous one: drop this process's post there."""
+    def _forget_previous(self, everyone_posted: bool) -> None:
+        """This process has read the previous round: drop its post there; when every process posted in this round,
+        all have read the previous verdict too, and process 0 drops it (a lockstep reading runs many rounds)."""
         if self.round > 0:
             with contextlib.suppress(RuntimeError):  # a store without delete_key keeps it
                 self.store.delete_key(self._key(self.rank, self.round - 1))
+                if everyone_posted and self.rank == 0:
+                    self.store.delete_key(f"xattn/{self.reading}/{self.round - 1}/verdict")
 
 
 def _caller() -> str:

@@ -47,6 +47,7 @@ from xattn_lightning.monitoring.exchange import (  # noqa: F401  (re-exported: t
     ShardedHost,
     default_store,
 )
+from xattn_lightning.monitoring.lockstep import LockstepMode, lockstep_reading
 
 #: wrapper attributes a sharded or compiled module nests the user's module under (not part of parameter names)
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
@@ -240,12 +241,15 @@ def guarded_reading(
     max_gathered_gb: float | None = None,
     warn: Callable[[str, str], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    lockstep: LockstepMode = False,
 ) -> Iterator[tuple[Any, Callable[[], Adapter], dict[str, float]]]:
     """A reading's host and adapter: exchanges bounded by ``timeout`` when several processes read; when
     ``root`` (the module the strategy trains) is sharded, the adapter is resolved on every process, then over
     an unsharded copy of its model gathered once (at most ``max_gathered_gb`` GiB, else the reading is skipped
     on every process). A :class:`ReadingFailed` inside is warned through ``warn(key, message)`` and ends the
-    reading; the third value says what the copy cost (``gathered_gb``, ``gather_seconds``).
+    reading; the third value says what the copy cost (``gathered_gb``, ``gather_seconds``). ``lockstep``
+    (``True``, ``False``, ``"auto"``): whether every process reads every probe, each forward agreed
+    (:mod:`xattn_lightning.monitoring.lockstep`).
     """
     store = default_store() if host.world_size > 1 else None
     exchange: BoundedExchange | LocalExchange = (
@@ -299,8 +303,10 @@ def guarded_reading(
             exchange.failed = why  # every process saw the same statuses: all fail here, no round needed
         raise ReadingFailed(why)
 
+    namespace = f"{exchange.reading}/lockstep" if isinstance(exchange, BoundedExchange) else ""
     try:
-        yield bounded, (unsharded if kind is not None else resolve), cost
+        with lockstep_reading(lockstep, store, host.world_size, host.rank, timeout, namespace):
+            yield bounded, (unsharded if kind is not None else resolve), cost
     except ReadingFailed as err:
         if warn is None:
             raise
