@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xattn_lightning.monitoring.lockstep import active, lockstep_reading, read, share_of
+from xattn_lightning.monitoring.lockstep import active, first_collective, lockstep_reading, read, share_of
 from xattn_lightning.reading import Probe, ReadingConfig
 from xattn_lightning.reading import read as read_one_process
 from xattn_lightning.testing import TinyS2T
@@ -200,3 +200,26 @@ def test_outside_a_lockstep_reading_each_process_reads_its_share():
     assert share_of([0, 1, 2], _Rank(1), None) == [1]
     with lockstep_reading(False, object(), 2, 1, 1.0, "off") as state:
         assert state is None and active() is None and share_of([0, 1, 2], _Rank(1), None) == [1]
+
+
+def test_the_auto_check_stops_at_the_first_collective_without_running_it():
+    """``lockstep="auto"`` decides on each process alone: the check forward stops at its first collective, before
+    running it, so a process never waits there for others that are not checking (a rank that failed earlier)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ran: list[int] = []
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(x)
+            ran.append(1)
+            return x
+
+        model = collective_s2t(reduce, world=1)
+        adapter = TinyS2T.adapter(model)
+        assert first_collective(adapter, probes()[0]) == ["c10d.allreduce_.default"] and ran == []
+        set_collectives(model, False)
+        assert first_collective(adapter, probes()[0]) == []
+    finally:
+        dist.destroy_process_group()

@@ -20,12 +20,13 @@ What stays unbounded: a process that fails or stalls *inside* a forward, between
 collectives, leaves the others in that collective until the process group's own timeout (``timeout=`` of
 ``init_process_group``; Lightning's default 30 min). Nothing outside the collective can release them.
 
-``"auto"`` (the default of the monitors) decides at each reading: every process runs the same one teacher-forced
-forward of the first probe (a step as above) while watching for ``torch.distributed`` collectives
-(:class:`CollectiveWatch`); lockstep is on when any process saw one. A sharded model read through its
-unsharded copy (:mod:`xattn_lightning.monitoring.sharded`) issues none of FSDP's collectives, so auto stays off
-for plain FSDP/FSDP2/DDP. A model whose collectives run only outside a teacher-forced forward (in its own
-``generate``, say) is not seen: pass ``lockstep=True``.
+``"auto"`` (the default of the monitors) decides at each reading, on each process alone: a teacher-forced forward
+of the first probe runs under :class:`CollectiveWatch` and stops at its first ``torch.distributed`` collective,
+before running it (:func:`first_collective`); lockstep is on when there was one. A sharded model read through
+its unsharded copy (:mod:`xattn_lightning.monitoring.sharded`) issues none of FSDP's collectives, so auto stays
+off for plain FSDP/FSDP2/DDP. A model whose collectives run only outside a teacher-forced forward (in its own
+``generate``, say), or whose check forward fails before its first collective, is not seen: pass
+``lockstep=True``.
 
 Example:
     >>> import torch
@@ -66,20 +67,49 @@ class StepFailed(RuntimeError):
     """A lockstep step (one probe) that failed on every process together, with the same cause on each."""
 
 
+class CollectiveSeen(RuntimeError):
+    """Raised by :class:`CollectiveWatch` ``(stop=True)`` in place of the first collective."""
+
+
 class CollectiveWatch(TorchDispatchMode):
     """Records the ``torch.distributed`` collectives run inside it (:attr:`names`, e.g.
-    ``["c10d.allreduce_.default"]``); everything runs as without it."""
+    ``["c10d.allreduce_.default"]``); everything runs as without it. ``stop=True``: the first collective is not
+    run; :class:`CollectiveSeen` is raised in its place (so no other process needs to take part)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: bool = False) -> None:
         super().__init__()
         self.names: list[str] = []
+        self.stop = stop
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         """Run ``func``, noting it when it is a collective."""
         name = str(func)
         if name.split(".", 1)[0] in COLLECTIVE_NAMESPACES:
             self.names.append(name)
+            if self.stop:
+                raise CollectiveSeen(name)
         return func(*args, **(kwargs or {}))
+
+
+def first_collective(adapter: Adapter, batch: dict[str, Any]) -> list[str]:
+    """The first ``torch.distributed`` collective that a teacher-forced forward of ``batch``'s first utterance (the
+    decoder start prompt as target) runs, stopped there: it is never run, so this process alone decides, whatever
+    the others do. ``[]`` when the forward runs none, or fails before one.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> first_collective(TinyS2T.adapter(TinyS2T()), {"input_features": torch.randn(1, 16, 8)})
+    []
+    """
+    watch = CollectiveWatch(stop=True)
+    try:
+        utt = adapter.utterances(batch)[0]
+        feats = utt.features[None].to(adapter.device, adapter.dtype)
+        ids = torch.tensor([adapter.prompt_ids()], device=adapter.device)
+        with adapter.capture_context(), torch.no_grad(), watch:
+            adapter.forward(feats, ids, output_attentions=False)
+    except Exception:  # CollectiveSeen, or a forward that fails (the reading will say why)
+        pass
+    return watch.names
 
 
 def _shapes(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple:
@@ -140,10 +170,10 @@ class Lockstep:
         #: the collectives the ``"auto"`` check saw (on any process), for the docs and the tests
         self.seen: list[str] = []
 
-    def step(self, model: nn.Module, fn: Callable[[], T], agree: Callable[[T], Any] = lambda _: None) -> tuple[T, list]:
-        """``fn()`` on every process together, and every process's ``agree(result)``: rounds before it, before each
-        outermost call of ``model`` (:func:`gated_forwards`) and after it. Raises :class:`StepFailed` on every
-        process when it failed on one (the first cause, on all), :class:`ReadingFailed` when a process was late."""
+    def step(self, model: nn.Module, fn: Callable[[], T]) -> T:
+        """``fn()`` on every process together: rounds before it, before each outermost call of ``model``
+        (:func:`gated_forwards`) and after it. Raises :class:`StepFailed` on every process when it failed on one
+        (the first cause, on all), :class:`ReadingFailed` when a process was late."""
         ex = BoundedExchange(
             self.store, self.world_size, self.rank, self.timeout, reading=f"{self.reading}/{self.steps}"
         )
@@ -152,7 +182,8 @@ class Lockstep:
             ex.exchange(None, "start")
             with gated_forwards(model, lambda name, shapes: _same_forward(ex, name, shapes)):
                 out = fn()
-            return out, ex.exchange(agree(out), "done")
+            ex.exchange(None, "done")
+            return out
         except Exception as err:
             why = ex.failed if ex.failed is not None else ex.fail(f"process {self.rank}: {type(err).__name__}: {err}")
             if LATE in why:
@@ -160,23 +191,11 @@ class Lockstep:
             raise StepFailed(why) from err
 
     def decide(self, adapter: Adapter, probes: Sequence[Any]) -> bool:
-        """``"auto"``: lockstep when a teacher-forced forward of the first probe, run by every process together,
-        runs a collective on any of them; a check that fails on a process turns lockstep on (the safe side)."""
+        """``"auto"``: lockstep when a teacher-forced forward of the first probe runs a collective
+        (:func:`first_collective`; each process alone, the same model giving the same answer on every one; a
+        process that could not resolve its model never gets here, and the others do not wait for it)."""
         if self.on is None:
-
-            def forward() -> list[str]:
-                utt = adapter.utterances(probes[0].batch)[0]
-                feats = utt.features[None].to(adapter.device, adapter.dtype)
-                ids = torch.tensor([adapter.prompt_ids()], device=adapter.device)
-                with adapter.capture_context(), torch.no_grad(), CollectiveWatch() as watch:
-                    adapter.forward(feats, ids, output_attentions=False)
-                return watch.names
-
-            try:
-                _, seen = self.step(adapter.model, forward, agree=lambda names: sorted(set(names)))
-                self.seen = sorted({n for names in seen for n in names})
-            except StepFailed as err:
-                self.seen = [f"(the check failed on a process: {err})"]
+            self.seen = first_collective(adapter, probes[0].batch)
             self.on = bool(self.seen)
         return self.on
 
@@ -252,7 +271,7 @@ def read(
     out = Reading([], [])
     for p in probes:
         try:
-            one, _ = state.step(adapter.model, partial(read_split, adapter, [p], config, encoder_cache, (), resume))
+            one = state.step(adapter.model, partial(read_split, adapter, [p], config, encoder_cache, (), resume))
         except StepFailed as err:
             if not isinstance(err, catch):
                 raise
