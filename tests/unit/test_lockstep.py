@@ -174,32 +174,69 @@ def test_ranks_about_to_run_different_forwards_fail_that_probe_together_before_t
             mine[1] = {"input_features": torch.randn(1, LENGTHS[1] + 8, 8)}
         items = [Probe.from_batch(i, b, f"probe{i}") for i, b in enumerate(mine)]
         adapter = TinyS2T.adapter(model)
-        with lockstep_reading(True, stores[r], 2, r, 30.0, "divergent"):
-            assert active() is not None
-            shared = share_of(items, _Rank(r), adapter)
-            return len(shared), read(adapter, shared, config)
+        with lockstep_reading(True, stores[r], 2, r, 30.0, "divergent") as state:
+            assert active() is state
+            shared = share_of(items, _Rank(r), lambda: adapter)
+            got = read(adapter, shared, config)
+            return [p.id for p in shared], sorted(state.explanations), got
 
     outs = _as_ranks(rank)
     assert not barrier.broken and all(isinstance(o, tuple) for o in outs), outs
-    (n0, got0), (n1, got1) = outs
-    assert n0 == n1 == 3
-    assert [f[0] for f in got0.failures] == [f[0] for f in got1.failures] == ["probe1"]
-    assert got0.failures[0][1] == got1.failures[0][1] and "different forwards" in got0.failures[0][1]
+    (share0, read0, got0), (share1, read1, got1) = outs
+    assert (share0, share1) == (["probe0", "probe2"], ["probe1"])  # the rows each gathers to the other
+    assert read0 == read1 == ["probe0", "probe2"]  # each rank read every probe, and both failed probe1
+    assert got0.failures == [] and [f[0] for f in got1.failures] == ["probe1"]
+    assert "different forwards" in got1.failures[0][1] and "torch.Size" not in got1.failures[0][1]
     model = collective_s2t()
     set_collectives(model, False)
     alone = read_one_process(
         TinyS2T.adapter(model), [Probe.from_batch(i, b, f"probe{i}") for i, b in enumerate(batches)], config
     )
     expected = [r.scores for r in alone.results if r.scores["id"] != "probe1"]
-    for got in (got0, got1):
-        assert repr([r.scores for r in got.results]) == repr(expected)  # (repr: NaN equal to NaN)
+    assert repr([r.scores for r in got0.results]) == repr(expected)  # (repr: NaN equal to NaN)
+    assert got1.results == []
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_cannot_resolve_its_model_releases_the_lockstep_ranks_at_once():
+    """Rank 1's model_fn raises before the reading begins: rank 0, reading in lockstep, fails the reading at its
+    first step at once instead of waiting reading_timeout for rank 1."""
+    import time
+
+    from xattn_lightning.monitoring.exchange import ReadingFailed
+
+    stores = _stores()
+    adapter = TinyS2T.adapter(collective_s2t(lambda x: x * 2))
+    items = [Probe.from_batch(i, b, f"probe{i}") for i, b in enumerate(probes())]
+    config = ReadingConfig(targets="generate", max_new_tokens=6, options={"n_masks": 8})
+
+    def resolve_on(r: int):
+        if r == 1:
+            raise RuntimeError("no model on rank 1")
+        return adapter
+
+    def rank(r: int):
+        t0 = time.perf_counter()
+        with lockstep_reading(True, stores[r], 2, r, 60.0, "left"):
+            mine = share_of(items, _Rank(r), lambda: resolve_on(r))
+            if r == 0:
+                try:
+                    read(adapter, mine, config)
+                except ReadingFailed as err:
+                    return str(err), time.perf_counter() - t0
+            return mine
+
+    outs = _as_ranks(rank)
+    (why, seconds), mine1 = outs
+    assert "process 1 left the reading before it began (RuntimeError: no model on rank 1)" in why
+    assert seconds < 30 and [p.id for p in mine1] == ["probe1"]
 
 
 def test_outside_a_lockstep_reading_each_process_reads_its_share():
     assert active() is None
-    assert share_of([0, 1, 2], _Rank(1), None) == [1]
+    assert share_of([0, 1, 2], _Rank(1), lambda: None) == [1]
     with lockstep_reading(False, object(), 2, 1, 1.0, "off") as state:
-        assert state is None and active() is None and share_of([0, 1, 2], _Rank(1), None) == [1]
+        assert state is None and active() is None and share_of([0, 1, 2], _Rank(1), lambda: None) == [1]
 
 
 def test_the_auto_check_stops_at_the_first_collective_without_running_it():

@@ -420,8 +420,8 @@ class Instrument:
                 self.skip("no probe utterance could be taken", "see the warning at the start of the run")
                 return None
             try:
+                mine = lockstep.share_of(probes, host, resolve)  # this process's share (lockstep: it reads all)
                 found = resolve()
-                mine = lockstep.share_of(probes, host, found)
                 options = self._options(host, found, probes)
                 share = self._explain(found, mine, options)
             except Exception as err:
@@ -533,7 +533,7 @@ class Instrument:
 
     def _gather(self, host: Host, share: Share) -> Share:
         """Every process gets all rows, errors and timed probes, and the explanations process 0 will draw."""
-        if host.world_size <= 1 or lockstep.active() is not None:  # lockstep: every process read every probe
+        if host.world_size <= 1:
             return share
         draw = set(self.probe_set.ids[: self.config.max_figures]) if self.config.log_figures else set()
         mine = Share(share.rows, share.errors, [x for x in share.explanations if x[0] in draw], share.timed)

@@ -61,6 +61,8 @@ LockstepMode = bool | Literal["auto"]
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd")
 
 _STATE: ContextVar[Lockstep | None] = ContextVar("xattn_lockstep", default=None)
+#: the words of the verdict of a step that a process will not take part in (told apart from a fault in a probe)
+LEFT = "left the reading before it began"
 
 
 class StepFailed(RuntimeError):
@@ -167,8 +169,20 @@ class Lockstep:
         self.on: bool | None = mode if isinstance(mode, bool) else None  # None: "auto", not decided yet
         self.store, self.world_size, self.rank, self.timeout = store, world_size, rank, timeout
         self.reading, self.steps = reading, 0
-        #: the collectives the ``"auto"`` check saw (on any process), for the docs and the tests
+        #: the collectives the ``"auto"`` check saw on this process (``[]``: none)
         self.seen: list[str] = []
+        #: every probe of the reading, which a lockstep reading reads on every process (set by :func:`share_of`)
+        self.probes: list[Any] | None = None
+        #: the explanations of every probe read so far (probe id -> explanation), which a re-read continues
+        self.explanations: dict[str, Any] = {}
+
+    def leave(self, why: str) -> None:
+        """This process will not read (its model could not be resolved): the step the others wait at, or will, fails
+        the whole reading on every process at once (none waits ``reading_timeout`` for it)."""
+        ex = BoundedExchange(
+            self.store, self.world_size, self.rank, self.timeout, reading=f"{self.reading}/{self.steps}"
+        )
+        ex.fail(f"process {self.rank} {LEFT} ({why})")
 
     def step(self, model: nn.Module, fn: Callable[[], T]) -> T:
         """``fn()`` on every process together: rounds before it, before each outermost call of ``model``
@@ -186,7 +200,7 @@ class Lockstep:
             return out
         except Exception as err:
             why = ex.failed if ex.failed is not None else ex.fail(f"process {self.rank}: {type(err).__name__}: {err}")
-            if LATE in why:
+            if LATE in why or LEFT in why:
                 raise ReadingFailed(why) from err
             raise StepFailed(why) from err
 
@@ -233,18 +247,28 @@ def active() -> Lockstep | None:
     return state if state is not None and state.on else None
 
 
-def share_of(probes: list[T], host: Any, adapter: Adapter) -> list[T]:
-    """The probes this process explains: all of them in a lockstep reading (``"auto"`` decides here, every process
-    together), else its share, ``probes[rank::world_size]``.
+def share_of(probes: list[T], host: Any, resolve: Callable[[], Adapter]) -> list[T]:
+    """This process's share of the probes, ``probes[rank::world_size]``, which it gathers to the others. In a
+    lockstep reading (``"auto"`` decides here, on ``resolve()``'s model) every process reads all of them
+    (:func:`read`) and still contributes its share of the rows. A process whose ``resolve()`` fails tells the
+    others it will not take part, so that none waits for it.
 
     >>> class One: world_size, rank = 1, 0
-    >>> share_of([1, 2, 3], One(), None)
+    >>> share_of([1, 2, 3], One(), lambda: None)
     [1, 2, 3]
     """
+    mine = probes[host.rank :: host.world_size]
     state = _STATE.get()
-    if state is None or host.world_size <= 1 or not probes or not state.decide(adapter, probes):
-        return probes[host.rank :: host.world_size]
-    return probes
+    if state is None or host.world_size <= 1 or not probes:
+        return mine
+    try:
+        adapter = resolve()
+    except Exception as err:  # the reading says why on this process (resolve() fails again there)
+        state.leave(f"{type(err).__name__}: {err}")
+        return mine
+    if state.decide(adapter, probes):
+        state.probes = list(probes)
+    return mine
 
 
 def read(
@@ -255,8 +279,11 @@ def read(
     catch: tuple[type[BaseException], ...] = (Exception,),
     resume: Any = None,
 ) -> Reading:
-    """:func:`xattn_lightning.reading.read`; in a lockstep reading, each probe one step of every process together
-    (:meth:`Lockstep.step`): a probe that fails on one process is a failure (of the ``catch`` types) on all.
+    """:func:`xattn_lightning.reading.read` of ``probes`` (this process's share). In a lockstep reading every probe
+    of the reading is read, each one step of every process together (:meth:`Lockstep.step`), and the results and
+    failures of ``probes`` are returned: a probe that fails on one process is a failure (of the ``catch`` types) on
+    all, counted once, by the process whose share it is. ``resume`` (probe id -> explanation) continues every
+    probe's maps, this process's share from ``resume``, the others' from the reading's last read.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> from xattn_lightning.reading import Probe
@@ -266,16 +293,21 @@ def read(
     (['p0'], [])
     """
     state = active()
-    if state is None:
+    if state is None or state.probes is None:
         return read_split(adapter, probes, config, encoder_cache, catch=catch, resume=resume)
+    mine = {p.position for p in probes}
+    every = None if resume is None else {**state.explanations, **resume}
     out = Reading([], [])
-    for p in probes:
+    for p in state.probes:
         try:
-            one = state.step(adapter.model, partial(read_split, adapter, [p], config, encoder_cache, (), resume))
+            one = state.step(adapter.model, partial(read_split, adapter, [p], config, encoder_cache, (), every))
         except StepFailed as err:
             if not isinstance(err, catch):
                 raise
-            out.failures.append((p.id, str(err)))
+            if p.position in mine:
+                out.failures.append((p.id, str(err)))
             continue
-        out.results += one.results
+        state.explanations.update((r.probe.id, r.explanation) for r in one.results)
+        if p.position in mine:
+            out.results += one.results
     return out
