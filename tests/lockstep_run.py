@@ -9,7 +9,8 @@ Cases: ``without`` (no monitor: the weights of training alone), ``true`` (``lock
 (``lockstep=False``: the probes split across ranks, which hangs in the model's all-reduce; not run by the tests), ``auto``
 (``lockstep="auto"``, which must find the all-reduce), ``raise`` (rank 1 raises in the middle of its second probe at
 the first reading, between two forwards), ``delay`` (rank 1 is late past ``reading_timeout`` in the middle of a probe
-at the first reading) and ``plain`` (a model without collectives, ``"auto"``: the probes split across ranks). Every
+at the first reading), ``plain`` (a model without collectives, ``"auto"``: the probes split across ranks) and
+``plain-true`` (that model with ``lockstep=True``: the cost of lockstep against a split reading). Every
 fit is 2 epochs of 4 steps and reads 3 probes of different lengths (split, rank 0 would explain 2 and rank 1 one);
 each reading is also made again on rank 0, in one process, from the weights it read (``reference``).
 """
@@ -171,7 +172,7 @@ def reference(states: list[dict[str, torch.Tensor]]) -> list[dict]:
 
 def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
     pl.seed_everything(0, verbose=False)
-    module = Module(collectives=case != "plain")
+    module = Module(collectives=not case.startswith("plain"))
     module.generated = {}
     snapshot = Snapshot()
     callbacks: list = [snapshot]
@@ -182,7 +183,7 @@ def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
                 probes=probes(),
                 model_fn=lambda m: FaultyAdapter(m, case),
                 reading_timeout=timeout,
-                lockstep={"true": True, "split": False}.get(case, "auto"),
+                lockstep={"true": True, "plain-true": True, "split": False}.get(case, "auto"),
                 **OPTIONS,
             )  # fmt: skip
         )
@@ -210,7 +211,7 @@ def main(path: str, cases: list[str]) -> None:
     for case in cases:
         results[case], weights[case] = fit(case)
     for case in cases:  # training with the monitor, bit for bit the same as without
-        if "without" in weights and case not in ("without", "plain"):
+        if "without" in weights and case != "without" and not case.startswith("plain"):
             a, b = weights[case], weights["without"]
             results[case]["same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rank = int(os.environ.get("LOCAL_RANK", "0"))

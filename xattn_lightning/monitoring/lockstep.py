@@ -14,7 +14,12 @@ every probe with the same masks and seeds, so the same forwards, and:
   at once: every process skips that probe, with the same cause, and goes on with the next one;
 * processes about to run different forwards (other modules, other shapes, more or fewer passes) fail that
   probe on every process *before* entering the forward, instead of meeting in mismatched collectives;
-* a process late past ``reading_timeout`` fails the whole reading on every process (warned once).
+* a process late past ``reading_timeout`` fails the whole reading on every process (warned once);
+* a process that cannot resolve its model (before the reading's first step) says so, and the others fail the
+  reading at their first step at once instead of waiting ``reading_timeout`` for it.
+
+Each process still gathers only its share of the rows (``probes[rank::world_size]``), so the reading's own
+exchanges are the same in every mode and the gathered reading holds each probe once.
 
 What stays unbounded: a process that fails or stalls *inside* a forward, between two of the model's own
 collectives, leaves the others in that collective until the process group's own timeout (``timeout=`` of
