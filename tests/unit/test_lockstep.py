@@ -195,6 +195,7 @@ def test_ranks_about_to_run_different_forwards_fail_that_probe_together_before_t
     expected = [r.scores for r in alone.results if r.scores["id"] != "probe1"]
     assert repr([r.scores for r in got0.results]) == repr(expected)  # (repr: NaN equal to NaN)
     assert got1.results == []
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for x in models for m in x.modules())  # none left
 
 
 @pytest.mark.timeout(120)

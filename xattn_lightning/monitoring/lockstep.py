@@ -30,8 +30,8 @@ of the first probe runs under :class:`CollectiveWatch` and stops at its first ``
 before running it (:func:`first_collective`); lockstep is on when there was one. A sharded model read through
 its unsharded copy (:mod:`xattn_lightning.monitoring.sharded`) issues none of FSDP's collectives, so auto stays
 off for plain FSDP/FSDP2/DDP. A model whose collectives run only outside a teacher-forced forward (in its own
-``generate``, say), or whose check forward fails before its first collective, is not seen: pass
-``lockstep=True``.
+``generate``, say) is not seen: pass ``lockstep=True``. A check forward that fails turns lockstep on (a
+lockstep process never waits in a collective, only in a bounded exchange).
 
 Example:
     >>> import torch
@@ -101,20 +101,20 @@ class CollectiveWatch(TorchDispatchMode):
 def first_collective(adapter: Adapter, batch: dict[str, Any]) -> list[str]:
     """The first ``torch.distributed`` collective that a teacher-forced forward of ``batch``'s first utterance (the
     decoder start prompt as target) runs, stopped there: it is never run, so this process alone decides, whatever
-    the others do. ``[]`` when the forward runs none, or fails before one.
+    the others do. ``[]`` when the forward runs none; what the forward raises otherwise is raised.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> first_collective(TinyS2T.adapter(TinyS2T()), {"input_features": torch.randn(1, 16, 8)})
     []
     """
     watch = CollectiveWatch(stop=True)
+    utt = adapter.utterances(batch)[0]
+    feats = utt.features[None].to(adapter.device, adapter.dtype)
+    ids = torch.tensor([adapter.prompt_ids()], device=adapter.device)
     try:
-        utt = adapter.utterances(batch)[0]
-        feats = utt.features[None].to(adapter.device, adapter.dtype)
-        ids = torch.tensor([adapter.prompt_ids()], device=adapter.device)
         with adapter.capture_context(), torch.no_grad(), watch:
             adapter.forward(feats, ids, output_attentions=False)
-    except Exception:  # CollectiveSeen, or a forward that fails (the reading will say why)
+    except CollectiveSeen:
         pass
     return watch.names
 
@@ -211,10 +211,13 @@ class Lockstep:
 
     def decide(self, adapter: Adapter, probes: Sequence[Any]) -> bool:
         """``"auto"``: lockstep when a teacher-forced forward of the first probe runs a collective
-        (:func:`first_collective`; each process alone, the same model giving the same answer on every one; a
-        process that could not resolve its model never gets here, and the others do not wait for it)."""
+        (:func:`first_collective`; each process alone, the same model giving the same answer on every one), or
+        when that forward fails: a lockstep process never waits in a collective, only in a bounded exchange."""
         if self.on is None:
-            self.seen = first_collective(adapter, probes[0].batch)
+            try:
+                self.seen = first_collective(adapter, probes[0].batch)
+            except Exception as err:
+                self.seen = [f"(the check forward failed: {type(err).__name__}: {err})"]
             self.on = bool(self.seen)
         return self.on
 
