@@ -244,3 +244,14 @@ def test_a_host_tags_each_exchange_with_its_caller():
     outs = _both(_gather, _options)
     assert all(isinstance(o, ReadingFailed) for o in outs), outs
     assert "_gather" in str(outs[0]) and "_options" in str(outs[0])
+
+
+@pytest.mark.timeout(120)
+def test_a_fault_whose_post_another_process_saw_first_is_still_the_verdict_on_both():
+    """The race in ``fail``: process 1 posts its fault, process 0 sees every post and proposes "ok" before process
+    1 proposes "fail". Both still fail with process 1's cause (process 0 from the posts, process 1 likewise)."""
+    a, b = _exchanges(reading=4)
+    b._post(("fail", "rank 1 cannot read", None))  # the first half of b.fail(): its post, not yet its proposal
+    with pytest.raises(ReadingFailed, match="rank 1 cannot read"):
+        a.exchange("x", "t")  # all posts there: a proposes "ok" and wins, then reads the fault among the posts
+    assert b.fail("rank 1 cannot read") == "rank 1 cannot read" and b.failed == "rank 1 cannot read"
