@@ -7,8 +7,8 @@ starts rank 1 by running this script again), so the imports are paid once.
     python tests/sharded_run.py OUT_JSON CASE [CASE ...]
 
 A case is ``STRATEGY-MODE``: ``ddp|fsdp|fsdp2`` and ``with`` (the monitor), ``without``, ``delay`` (rank 1 is
-late past ``reading_timeout`` at the first reading), ``raise`` (rank 1's first probe fails at the first reading) or ``small`` (``max_gathered_gb`` below the
-model's size). Every fit is 2 epochs of 4 steps; 3 probes of different lengths, so rank 0 explains two, rank 1 one.
+late past ``reading_timeout`` at the first reading), ``raise`` (rank 1's first probe fails at the first reading), ``small`` (``max_gathered_gb`` below the
+model's size) or ``lockstep`` (``lockstep=True``: every rank reads every probe, on the unsharded copy). Every fit is 2 epochs of 4 steps; 3 probes of different lengths, so rank 0 explains two, rank 1 one.
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ class FaultyAdapter(WhisperAdapter):
         self.owner, self.mode = owner, mode
 
     def generate(self, *args, **kwargs):
+        self.owner.generated += 1
         if self.owner.global_rank == 1 and self.owner.current_epoch == 0:
             if self.mode == "delay":
                 time.sleep(3 * TIMEOUT)
@@ -140,7 +141,7 @@ class FaultyAdapter(WhisperAdapter):
 
 def model_fn(mode: str):
     def pick(module: Module):
-        return FaultyAdapter(module, mode) if mode in ("delay", "raise") else module.model
+        return FaultyAdapter(module, mode) if mode in ("delay", "raise", "lockstep") else module.model
 
     return pick
 
@@ -156,6 +157,7 @@ def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
     name, mode = case.split("-")
     pl.seed_everything(0, verbose=False)
     module = Module(name)
+    module.generated = 0  # probes explained on this rank (model_fn's adapter counts them)
     callbacks = []
     if mode != "without":
         timeout = TIMEOUT if mode in ("delay", "raise") else 60.0
@@ -168,6 +170,7 @@ def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
                 model_fn=model_fn(mode),
                 reading_timeout=timeout,
                 max_gathered_gb=1e-6 if mode == "small" else None,
+                lockstep=True if mode == "lockstep" else "auto",
             )  # fmt: skip
         )
     trainer = pl.Trainer(
@@ -181,7 +184,7 @@ def fit(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
         trainer.fit(module, train, val)
     if os.environ.get("SHARDED_RUN_CKPT_DIR") and mode == "with":  # a distributed checkpoint directory (shards)
         trainer.save_checkpoint(os.path.join(os.environ["SHARDED_RUN_CKPT_DIR"], f"{case}.ckpt"))
-    out: dict = {"warnings": [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]}
+    out: dict = {"generated": module.generated, "warnings": [str(w.message) for w in rec if "XAttnSaliencyMonitor" in str(w.message)]}
     if callbacks:
         mon = callbacks[0]
         out["history"] = mon.history

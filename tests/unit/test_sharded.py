@@ -24,7 +24,7 @@ from xattn_lightning.monitoring.sharded import BoundedExchange, ReadingFailed, f
 
 TESTS = Path(__file__).resolve().parent.parent
 CASES = ["ddp-with", "fsdp2-with", "fsdp2-without", "fsdp-with", "fsdp-without", "fsdp2-delay", "fsdp2-raise",
-         "fsdp2-small"]  # fmt: skip
+         "fsdp2-small", "fsdp2-lockstep"]  # fmt: skip
 HANG = 240  # seconds: past it the 2-process run is killed and the test fails (a hang is a failure, never a CI stall)
 
 
@@ -59,11 +59,12 @@ def _max_difference(a: list[dict], b: list[dict]) -> float:
 
 
 @pytest.mark.timeout(HANG + 60)
-@pytest.mark.parametrize("case", ["fsdp2-with", "fsdp-with"])
+@pytest.mark.parametrize("case", ["fsdp2-with", "fsdp-with", "fsdp2-lockstep"])
 def test_sharded_readings_equal_ddp_and_training_is_unchanged(run, case):
     """FSDP2 (ModelParallelStrategy + fully_shard) and FSDP (an FSDPStrategy subclass): 3 probes of different
     lengths over 2 ranks (2 and 1, different generated lengths, every forward of the sharded model a
-    collective); the readings are DDP's, on both ranks, and the weights those of the same fit without it."""
+    collective); the readings are DDP's, on both ranks, and the weights those of the same fit without it.
+    ``fsdp2-lockstep``: lockstep=True on the unsharded copy (every rank reads all 3 probes), the same numbers."""
     _, r0, r1 = run
     ddp = r0["ddp-with"]["history"]
     assert [e["epoch"] for e in ddp] == [0, 1] and all(e["xattn/num_probes"] == 3.0 for e in ddp)
@@ -72,6 +73,8 @@ def test_sharded_readings_equal_ddp_and_training_is_unchanged(run, case):
     assert r0[case]["same_weights"] is True and r1[case]["same_weights"] is True
     assert r0[case]["gather_cost"]["gathered_gb"] * 2**30 == 48576  # the tiny Whisper's 12,144 float32 parameters
     assert not [w for w in r0[case]["warnings"] if "failed" in w], r0[case]["warnings"]
+    if case == "fsdp2-lockstep":  # each rank explained all 3 probes at both readings
+        assert r0[case]["generated"] == r1[case]["generated"] == 6
 
 
 @pytest.mark.timeout(HANG + 60)
@@ -241,3 +244,14 @@ def test_a_host_tags_each_exchange_with_its_caller():
     outs = _both(_gather, _options)
     assert all(isinstance(o, ReadingFailed) for o in outs), outs
     assert "_gather" in str(outs[0]) and "_options" in str(outs[0])
+
+
+@pytest.mark.timeout(120)
+def test_a_fault_whose_post_another_process_saw_first_is_still_the_verdict_on_both():
+    """The race in ``fail``: process 1 posts its fault, process 0 sees every post and proposes "ok" before process
+    1 proposes "fail". Both still fail with process 1's cause (process 0 from the posts, process 1 likewise)."""
+    a, b = _exchanges(reading=4)
+    b._post(("fail", "rank 1 cannot read", None))  # the first half of b.fail(): its post, not yet its proposal
+    with pytest.raises(ReadingFailed, match="rank 1 cannot read"):
+        a.exchange("x", "t")  # all posts there: a proposes "ok" and wins, then reads the fault among the posts
+    assert b.fail("rank 1 cannot read") == "rank 1 cannot read" and b.failed == "rank 1 cannot read"

@@ -106,6 +106,7 @@ class XAttnSaliencyMonitor(InstrumentViews, Callback):
         saliency_options: dict[str, Any] | None = C.saliency_options,
         reading_timeout: float = C.reading_timeout,
         max_gathered_gb: float | None = C.max_gathered_gb,
+        lockstep: bool | Literal["auto"] = C.lockstep,
     ) -> None:
         super().__init__()
         self.every_n_epochs = check_schedule(every_n_epochs, every_n_steps)

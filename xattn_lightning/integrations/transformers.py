@@ -172,6 +172,7 @@ class XAttnSaliencyCallback(InstrumentViews, TrainerCallback, ExportableState):
         saliency_options: dict[str, Any] | None = C.saliency_options,
         reading_timeout: float = C.reading_timeout,
         max_gathered_gb: float | None = C.max_gathered_gb,
+        lockstep: bool | Literal["auto"] = C.lockstep,
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise XAttnError(f"Expected every_n_steps to be a positive int or None but got {every_n_steps!r}.")

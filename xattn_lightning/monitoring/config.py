@@ -91,6 +91,10 @@ class MonitorConfig:
             past it the reading fails on every process together, warned once, and training goes on.
         max_gathered_gb: a sharded model is read through a copy of its full parameters gathered once per
             reading; at most this many GiB, else readings are skipped, said once (``None``: no bound).
+        lockstep: several processes: ``True``: every process reads every probe, each forward agreed first, for a
+            model whose own forward runs collectives (an ``all_reduce``, hand-written tensor parallelism);
+            ``False``: each process reads its share of the probes; ``"auto"``: ``True`` when a forward of the
+            first probe runs a collective (``docs/sharding.md``).
         reading: the :class:`~xattn_lightning.reading.ReadingConfig` these make (derived, not passed).
     """
 
@@ -115,6 +119,7 @@ class MonitorConfig:
     saliency_options: dict[str, Any] | None = None
     reading_timeout: float = READING_TIMEOUT
     max_gathered_gb: float | None = None
+    lockstep: bool | Literal["auto"] = "auto"
     reading: ReadingConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +144,8 @@ class MonitorConfig:
                 f"Expected reading_timeout > 0 (seconds) and max_gathered_gb > 0 (GiB) or None, got "
                 f"{self.reading_timeout!r} and {self.max_gathered_gb!r}."
             )
+        if self.lockstep not in (True, False, "auto"):
+            raise XAttnError(f"Expected lockstep to be True, False or 'auto' (docs/sharding.md) but got {self.lockstep!r}.")
         if isinstance(self.methods, str):  # the reading config says how to fix it
             ReadingConfig(methods=self.methods)
         saliency = SaliencyOptions.from_flat(**extra, n_masks=self.n_masks, seed=self.seed)

@@ -264,7 +264,9 @@ class Instrument:
         c = self.config
         warn = None if c.on_error == "raise" else self.messages.warn_once
         root = getattr(host, "root", None)
-        with guarded_reading(host, adapter, root, c.reading_timeout, c.max_gathered_gb, warn, self.reader.clock) as guarded:
+        with guarded_reading(
+            host, adapter, root, c.reading_timeout, c.max_gathered_gb, warn, self.reader.clock, c.lockstep
+        ) as guarded:
             bounded, resolve, self.gather_cost = guarded
             return self._read(bounded, resolve, step, log_step, epoch)
         return None

@@ -29,12 +29,13 @@ from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.explain import Explanation, explain
 from xattn_lightning.functional import AUTO_RELIABILITY_TARGET
 from xattn_lightning.functional.alignment import Word
+from xattn_lightning.monitoring import lockstep
 from xattn_lightning.monitoring.budget import OverheadBudget, ReadingPlan
 from xattn_lightning.monitoring.collector import IsolatedRng, SingleProcessExchange
 from xattn_lightning.monitoring.config import MonitorConfig
 from xattn_lightning.monitoring.masks import CALIBRATION_MASKS, MaskCount, calibrated_count
 from xattn_lightning.monitoring.messages import Messages
-from xattn_lightning.reading import Probe, ReadingConfig, read
+from xattn_lightning.reading import Probe, ReadingConfig
 from xattn_lightning.scores import Failure
 from xattn_lightning.summary import ReadingMetric
 from xattn_lightning.timestamps import Alignment, alignment_from
@@ -127,7 +128,7 @@ class Reader:
         ``broadcast``); under several processes only the explanations of the ids in ``draw`` are gathered. A
         failure is recorded, never raised (``on_error="warn"``)."""
         start = self.clock()
-        mine = list(probes[exchange.rank :: exchange.world_size])
+        mine = lockstep.share_of(list(probes), exchange, adapter)  # this process's share (lockstep: it reads all)
         config = self.masks.config(self.config.reading)
         metric, local = self._explain(exchange, adapter, probes, mine, config)
         self._sync(exchange, metric, draw)
@@ -163,7 +164,7 @@ class Reader:
                 if self.masks.needs_calibration():
                     self._calibrate(exchange, found, probes)
                     config = self.masks.config(self.config.reading)
-                reading = read(found, mine, config, self.encoder_cache, catch=catch, resume=resume)
+                reading = lockstep.read(found, mine, config, self.encoder_cache, catch=catch, resume=resume)
                 metric.update(reading.scores, reading.failures)
                 for r in reading.results:
                     local[r.probe.id] = r.explanation

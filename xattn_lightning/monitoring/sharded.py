@@ -3,7 +3,8 @@
 Two things make a reading safe when training runs on several processes, with or without a sharded model
 (FSDP, FSDP2/``fully_shard``, tensor parallel DTensors):
 
-* **Every exchange of a reading is bounded** (:class:`BoundedExchange`). The processes exchange a reading's
+* **Every exchange of a reading is bounded** (:class:`~xattn_lightning.monitoring.exchange.BoundedExchange`,
+  in :mod:`xattn_lightning.monitoring.exchange`). The processes exchange a reading's
   objects (probe shards, the mask count, the scored rows) through the process group's key-value store, not
   through collectives: a process that does not arrive within ``reading_timeout`` seconds makes the reading
   fail on every process together (one atomic verdict per exchange, first proposal wins), and no collective is
@@ -23,22 +24,14 @@ Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     >>> sharding_of(model) is None, full_bytes(model)
     (True, 24)
-    >>> ex = LocalExchange()
-    >>> ex.all_gather("x"), ex.broadcast(3)
-    (['x'], 3)
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import itertools
-import pickle
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -47,14 +40,17 @@ from torch import nn
 from xattn_lightning.adapters import Adapter
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.monitoring.config import READING_TIMEOUT
+from xattn_lightning.monitoring.exchange import (  # noqa: F401  (re-exported: the names of this module before the split)
+    BoundedExchange,
+    LocalExchange,
+    ReadingFailed,
+    ShardedHost,
+    default_store,
+)
+from xattn_lightning.monitoring.lockstep import LockstepMode, lockstep_reading
 
 #: wrapper attributes a sharded or compiled module nests the user's module under (not part of parameter names)
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
-
-
-class ReadingFailed(RuntimeError):
-    """A reading that failed on every process together (a process late past the bound, or a step that
-    could not be done on one of them); training goes on."""
 
 
 # ---------------------------------------------------------------- what a model's sharding is
@@ -231,145 +227,7 @@ def path_in(root: nn.Module, module: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-# ---------------------------------------------------------------- bounded exchanges
-_READINGS = itertools.count()  # the same sequence on every process: every process reads at the same steps
-
-
-class LocalExchange:
-    """The exchanges of a one-process reading (nothing to wait for)."""
-
-    world_size, rank = 1, 0
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """``[obj]``."""
-        return [obj]
-
-    def broadcast(self, obj: Any) -> Any:
-        """``obj``."""
-        return obj
-
-
-class BoundedExchange:
-    """A reading's exchanges through a ``torch.distributed`` store, each bounded by ``timeout`` seconds of
-    waiting. Each exchange is a round: every process posts its object, waits for the others', and proposes a
-    verdict (``ok``: all arrived; ``fail``: the bound passed or this process failed); the first proposal is
-    every process's verdict (the store's ``compare_set``). After a failed round every later one fails at once,
-    so all processes leave the reading together. The caller's name travels with each object: processes at
-    different exchanges fail the round instead of mixing their objects.
-
-    Args:
-        store: the process group's store (``torch.distributed.distributed_c10d._get_default_store()``).
-        world_size, rank: the processes.
-        timeout: seconds a process waits for the others at one round.
-        reading: the reading's number, the same on every process (default: this process's count of readings).
-    """
-
-    def __init__(
-        self, store: Any, world_size: int, rank: int, timeout: float = READING_TIMEOUT, reading: int | None = None
-    ) -> None:
-        self.store, self.world_size, self.rank, self.timeout = store, world_size, rank, float(timeout)
-        self.reading = next(_READINGS) if reading is None else reading  # the keys' namespace
-        self.round = 0
-        self.failed: str | None = None
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every process's ``obj``, in rank order."""
-        return self.exchange(obj, _caller())
-
-    def broadcast(self, obj: Any) -> Any:
-        """Process 0's ``obj`` on every process."""
-        return self.exchange(obj, _caller())[0]
-
-    def fail(self, why: str) -> None:
-        """This process cannot go on: the current round fails on every process (none waits the bound)."""
-        if self.failed is None:
-            self._post(("fail", why, None))
-            self._verdict(b"fail:" + why.encode())
-            self.failed = why
-
-    def exchange(self, obj: Any, tag: str) -> list[Any]:
-        """One round: every process's ``obj`` (posted under ``tag``), or :class:`ReadingFailed` on all."""
-        if self.failed is not None:
-            raise ReadingFailed(self.failed)
-        self._post(("ok", tag, obj))
-        keys = [self._key(r) for r in range(self.world_size)]
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout))
-            proposal = b"ok"
-        except RuntimeError:  # DistStoreError: the bound passed
-            late = [r for r in range(self.world_size) if not self.store.check([self._key(r)])]
-            proposal = f"fail:process {late} did not reach this step of the reading within reading_timeout={self.timeout:g} s".encode()
-        verdict = self._verdict(proposal)
-        parts = [pickle.loads(self.store.get(k)) for k in keys] if verdict == b"ok" else []
-        if verdict == b"ok":
-            faults = [p[1] for p in parts if p[0] == "fail"]
-            tags = {p[1] for p in parts if p[0] == "ok"}
-            if faults:
-                verdict = b"fail:" + faults[0].encode()
-            elif len(tags) > 1:
-                verdict = f"fail:the processes were at different steps of the reading ({sorted(tags)})".encode()
-        self._forget_previous()
-        self.round += 1
-        if verdict != b"ok":
-            self.failed = verdict.decode()[5:]
-            raise ReadingFailed(self.failed)
-        return [p[2] for p in parts]
-
-    def _key(self, rank: int, round: int | None = None) -> str:
-        return f"xattn/{self.reading}/{self.round if round is None else round}/{rank}"
-
-    def _post(self, part: tuple[str, str, Any]) -> None:
-        self.store.set(self._key(self.rank), pickle.dumps(part))
-
-    def _verdict(self, proposal: bytes) -> bytes:
-        return bytes(self.store.compare_set(f"xattn/{self.reading}/{self.round}/verdict", "", proposal))
-
-    def _forget_previous(self) -> None:
-        """Every process posted in this round, so all have read the previous one: drop this process's post there."""
-        if self.round > 0:
-            with contextlib.suppress(RuntimeError):  # a store without delete_key keeps it
-                self.store.delete_key(self._key(self.rank, self.round - 1))
-
-
-def _caller() -> str:
-    """The qualified name of the function that called the caller (``Instrument._gather``, say)."""
-    frame = sys._getframe(2)
-    return getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
-
-
-def default_store() -> Any:
-    """The store of torch's default process group (torch keeps it private; ``None`` when torch moved it)."""
-    import torch.distributed as dist
-
-    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
-    return getter() if getter is not None and dist.is_initialized() else None
-
-
 # ---------------------------------------------------------------- one guarded reading
-class ShardedHost:
-    """A host whose exchanges are bounded (its other methods: the host's)."""
-
-    def __init__(self, host: Any, exchange: BoundedExchange) -> None:
-        self.host, self.exchange = host, exchange
-        self.world_size, self.rank = host.world_size, host.rank
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every process's ``obj`` (bounded; the caller's name travels with it)."""
-        return self.exchange.exchange(obj, _caller())
-
-    def broadcast(self, obj: Any) -> Any:
-        """Process 0's ``obj`` (bounded; the caller's name travels with it)."""
-        return self.exchange.exchange(obj, _caller())[0]
-
-    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
-        """The host's."""
-        self.host.log_scalars(scalars, step)
-
-    def media_loggers(self) -> list[Any]:
-        """The host's."""
-        return list(self.host.media_loggers())
-
-
 def _resolver(adapter: Adapter | Callable[[], Adapter]) -> Callable[[], Adapter]:
     return adapter if callable(adapter) and not isinstance(adapter, Adapter) else lambda: adapter
 
@@ -383,12 +241,15 @@ def guarded_reading(
     max_gathered_gb: float | None = None,
     warn: Callable[[str, str], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    lockstep: LockstepMode = False,
 ) -> Iterator[tuple[Any, Callable[[], Adapter], dict[str, float]]]:
     """A reading's host and adapter: exchanges bounded by ``timeout`` when several processes read; when
     ``root`` (the module the strategy trains) is sharded, the adapter is resolved on every process, then over
     an unsharded copy of its model gathered once (at most ``max_gathered_gb`` GiB, else the reading is skipped
     on every process). A :class:`ReadingFailed` inside is warned through ``warn(key, message)`` and ends the
-    reading; the third value says what the copy cost (``gathered_gb``, ``gather_seconds``).
+    reading; the third value says what the copy cost (``gathered_gb``, ``gather_seconds``). ``lockstep``
+    (``True``, ``False``, ``"auto"``): whether every process reads every probe, each forward agreed
+    (:mod:`xattn_lightning.monitoring.lockstep`).
     """
     store = default_store() if host.world_size > 1 else None
     exchange: BoundedExchange | LocalExchange = (
@@ -442,8 +303,10 @@ def guarded_reading(
             exchange.failed = why  # every process saw the same statuses: all fail here, no round needed
         raise ReadingFailed(why)
 
+    namespace = f"{exchange.reading}/lockstep" if isinstance(exchange, BoundedExchange) else ""
     try:
-        yield bounded, (unsharded if kind is not None else resolve), cost
+        with lockstep_reading(lockstep, store, host.world_size, host.rank, timeout, namespace):
+            yield bounded, (unsharded if kind is not None else resolve), cost
     except ReadingFailed as err:
         if warn is None:
             raise
