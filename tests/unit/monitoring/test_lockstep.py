@@ -25,7 +25,7 @@ from xattn_lightning.reading import read as read_one_process
 from xattn_lightning.saliency import SaliencyOptions
 from xattn_lightning.testing import TinyS2T
 
-TESTS = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(TESTS))
 from lockstep_run import LENGTHS, collective_s2t, probes, set_collectives  # noqa: E402
 
