@@ -3,13 +3,14 @@ of fine-tunes (:mod:`.loss`) and caption files (:mod:`.captions`). The DTW, prio
 functions in :mod:`xattn_lightning.functional.alignment` and :mod:`xattn_lightning.functional.silence`. Stands
 without Lightning.
 
->>> from xattn_lightning.timestamps import word_timestamps, alignment_heads, AlignmentLoss, captions
+>>> from xattn_lightning.timestamps import word_timestamps, alignment_heads, choose_heads, AlignmentLoss, captions
 """
 
 from xattn_lightning.timestamps import captions
 from xattn_lightning.timestamps.align import (
     DEFAULT_TIMING_METHOD,
     FUSION_WEIGHT,
+    HEAD_RULES,
     TIMESTAMP_N_MASKS,
     TIMING_METHODS,
     Alignment,
@@ -22,7 +23,17 @@ from xattn_lightning.timestamps.align import (
     word_timestamps,
 )
 from xattn_lightning.timestamps.heads import (
+    CHOICE_UTTERANCES,
+    HEAD_SETS,
+    HeadChoice,
     alignment_heads,
+    boundary_energy,
+    cached_heads,
+    candidate_heads,
+    choose_heads,
+    choose_heads_from,
+    consistent_heads,
+    forget_heads,
     head_agreement,
     head_errors,
     model_alignment_heads,
@@ -31,7 +42,18 @@ from xattn_lightning.timestamps.heads import (
 from xattn_lightning.timestamps.loss import EOS_SECONDS, AlignmentLoss
 
 __all__ = [
+    "CHOICE_UTTERANCES",
     "DEFAULT_TIMING_METHOD",
+    "HEAD_RULES",
+    "HEAD_SETS",
+    "HeadChoice",
+    "boundary_energy",
+    "cached_heads",
+    "candidate_heads",
+    "choose_heads",
+    "choose_heads_from",
+    "consistent_heads",
+    "forget_heads",
     "EOS_SECONDS",
     "FUSION_WEIGHT",
     "TIMESTAMP_N_MASKS",
