@@ -122,6 +122,7 @@ def measure(name: str, path: str, args) -> dict:
         "other_criteria": criteria(sel, candidates),
         "plain_ms": {n: score(scored, refs, h, False) for n, h in candidates.items()},
         "default_ms": {n: score(scored, refs, h, True) for n, h in candidates.items()},
+        "boundaries": timing_scores([alignment_words(a) for a in scored], refs)["boundaries"],
         "cost": {
             "greedy_decode_s_per_utt": greedy_s,
             "default_pass_s_per_utt": pass_s,
@@ -201,17 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.models.split(","):
         name, path = spec.split("=", 1)
         models[name] = measure(name, path, args)
-    report = {
-        "argv": argv or sys.argv[1:],
-        "models": models,
-        "leave_one_model_out": leave_one_model_out(models),
-        "leave_one_model_out_plain": leave_one_model_out(models, "plain_ms"),
-        "threads": torch.get_num_threads(),
-    }
+    report: dict = {"argv": argv or sys.argv[1:], "models": models, "threads": torch.get_num_threads()}
+    if len(models) > 1:
+        report["leave_one_model_out"] = leave_one_model_out(models)
+        report["leave_one_model_out_plain"] = leave_one_model_out(models, "plain_ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
-    print(json.dumps(report["leave_one_model_out"]["per_model"], indent=1))
+    if len(models) > 1:
+        print(json.dumps(report["leave_one_model_out"]["per_model"], indent=1))
     return 0
 
 
