@@ -172,9 +172,25 @@ def _boundaries(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: fl
     return alignment_words(a, heads, duration_prior=duration_prior)
 
 
-def consistent_heads(alignments: Sequence[Alignment]) -> list[list[int]]:
+def head_distances(a: Alignment) -> Tensor:
+    """Mean distance (s) of each single head's plain-DTW word boundaries from those of every head averaged, on one
+    utterance, ``[L * H]`` in ``[layer, head]`` order (no labels)."""
+    num_layers, num_heads = a.cross_attention.shape[:2]
+    every = [[li, h] for li in range(num_layers) for h in range(num_heads)]
+
+    def times(heads: list[list[int]]) -> Tensor:
+        return torch.tensor([t for _, s, e in _boundaries(a, heads, 0.0) for t in (s, e)], dtype=torch.float64)
+
+    consensus = times(every)
+    if not len(consensus):
+        return torch.zeros(len(every), dtype=torch.float64)
+    return torch.stack([(times([head]) - consensus).abs().mean() for head in every])
+
+
+def consistent_heads(alignments: Sequence[Alignment], distances: Sequence[Tensor] | None = None) -> list[list[int]]:
     """The half of the heads (rounded up) whose plain-DTW word boundaries lie nearest, on average, to those of
     every head averaged, over ``alignments`` (no labels): the heads that follow the consensus path.
+    ``distances``: their :func:`head_distances`, when already computed.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
@@ -186,21 +202,19 @@ def consistent_heads(alignments: Sequence[Alignment]) -> list[list[int]]:
         raise XAttnError("consistent_heads needs at least one alignment.")
     num_layers, num_heads = alignments[0].cross_attention.shape[:2]
     every = [[li, h] for li in range(num_layers) for h in range(num_heads)]
-    dist = torch.zeros(len(every), dtype=torch.float64)
-    for a in alignments:
-        consensus = torch.tensor([t for _, s, e in _boundaries(a, every, 0.0) for t in (s, e)], dtype=torch.float64)
-        for i, head in enumerate(every):
-            own = torch.tensor([t for _, s, e in _boundaries(a, [head], 0.0) for t in (s, e)], dtype=torch.float64)
-            dist[i] += (own - consensus).abs().mean() if len(own) else 0.0
+    dist = torch.stack(list(distances) if distances is not None else [head_distances(a) for a in alignments]).sum(0)
     order = torch.argsort(dist, stable=True)[: (len(every) + 1) // 2]
     return sorted(every[int(i)] for i in order)
 
 
 def candidate_heads(
-    alignments: Sequence[Alignment], shipped: Sequence[Sequence[int]] | None = None
+    alignments: Sequence[Alignment],
+    shipped: Sequence[Sequence[int]] | None = None,
+    distances: Sequence[Tensor] | None = None,
 ) -> dict[str, list[list[int]]]:
     """The candidate head sets of :data:`HEAD_SETS` for the model behind ``alignments`` (its shape read from
-    their cross-attention); ``shipped``: the model's own ``alignment_heads`` (``"model"`` is left out without).
+    their cross-attention); ``shipped``: the model's own ``alignment_heads`` (``"model"`` is left out without);
+    ``distances``: the alignments' :func:`head_distances`, when already computed.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
@@ -217,7 +231,7 @@ def candidate_heads(
     }
     if shipped:
         out["model"] = [[int(li), int(h)] for li, h in shipped]
-    out["consistent"] = consistent_heads(alignments)
+    out["consistent"] = consistent_heads(alignments, distances)
     return out
 
 
@@ -247,7 +261,9 @@ def boundary_energy(a: Alignment, heads: Sequence[Sequence[int]], duration_prior
 
 
 def choose_heads_from(
-    alignments: Sequence[Alignment], shipped: Sequence[Sequence[int]] | None = None
+    alignments: Sequence[Alignment],
+    shipped: Sequence[Sequence[int]] | None = None,
+    distances: Sequence[Tensor] | None = None,
 ) -> HeadChoice:
     """The candidate of :func:`candidate_heads` whose word boundaries fall, on average, where the input is
     quietest (:func:`boundary_energy`, lowest mean wins; ties go to the earlier of :data:`HEAD_SETS`). No labels:
@@ -259,7 +275,7 @@ def choose_heads_from(
     >>> choose_heads_from(a).name in HEAD_SETS
     True
     """
-    candidates = candidate_heads(alignments, shipped)
+    candidates = candidate_heads(alignments, shipped, distances)
     scores = {}
     for name, heads in candidates.items():
         values = [x for a in alignments for x in boundary_energy(a, heads)]
@@ -271,6 +287,7 @@ def choose_heads_from(
 @dataclass
 class _ModelChoice:
     pool: list[Alignment] = field(default_factory=list)
+    distances: list[Tensor] = field(default_factory=list)  # head_distances of the pool, computed once each
     choice: HeadChoice | None = None
     final: bool = False
 
@@ -296,12 +313,14 @@ def choose_for(adapter: Adapter, alignments: Sequence[Alignment]) -> HeadChoice:
     state = _CHOICES.setdefault(adapter.model, _ModelChoice())
     if state.final and state.choice is not None:
         return state.choice
-    state.pool.extend(list(alignments)[: CHOICE_UTTERANCES - len(state.pool)])
+    new = list(alignments)[: max(CHOICE_UTTERANCES - len(state.pool), 0)]
+    state.pool += new
+    state.distances += [head_distances(a) for a in new]
     if not state.pool:
         raise XAttnError("Choosing a head set needs at least one utterance.")
-    state.choice = choose_heads_from(state.pool, adapter.alignment_heads())
+    state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances)
     if len(state.pool) >= CHOICE_UTTERANCES:
-        state.final, state.pool = True, []
+        state.final, state.pool, state.distances = True, [], []
     return state.choice
 
 
