@@ -58,15 +58,12 @@ def _mean(x: list[float]) -> float:
 
 
 def criteria(sel, candidates) -> dict[str, dict[str, float]]:
-    """Each label-free criterion's value per candidate on the selection utterances (lower is better)."""
+    """Two other label-free criteria's values per candidate on the selection utterances (lower is better)."""
     return {
-        "boundary energy, with the prior (the default)": {
-            n: _mean([x for a in sel for x in boundary_energy(a, h)]) for n, h in candidates.items()
-        },
-        "boundary energy, plain DTW": {
+        "boundary energy, plain DTW, lowest": {
             n: _mean([x for a in sel for x in boundary_energy(a, h, 0.0)]) for n, h in candidates.items()
         },
-        "distance from silences to boundaries": {
+        "distance from silences to boundaries, lowest": {
             n: _mean([x for a in sel for x in silence_distance(a, h)]) for n, h in candidates.items()
         },
     }
@@ -107,19 +104,28 @@ def measure(name: str, path: str, args) -> dict:
     sel = aligns_of(model, proc, sel_rows)
     sel_pass_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    choice = choose_heads_from(sel, getattr(model.generation_config, "alignment_heads", None))
+    shipped = getattr(model.generation_config, "alignment_heads", None)
+    choice = choose_heads_from(sel, shipped)
     choose_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scored = aligns_of(model, proc, scored_rows)
     pass_s = (time.perf_counter() - t0) / len(scored_rows)
     candidates = choice.candidates
+    other = criteria(sel, candidates)
+    picks = {
+        DEFAULT_RULE: choice.name,
+        "boundary energy, lowest": choose_heads_from(sel, shipped, tolerance=0.0).name,
+        **{k: min(v, key=lambda n: (v[n], n)) for k, v in other.items()},
+    }
     out: dict = {
         "path": path,
         "shape": list(sel[0].cross_attention.shape[:2]),
         "chosen": choice.name,
         "candidates": candidates,
         "criterion": choice.scores,
-        "other_criteria": criteria(sel, candidates),
+        "criterion_standard_errors": choice.standard_errors,
+        "other_criteria": other,
+        "rule_picks": picks,
         "plain_ms": {n: score(scored, refs, h, False) for n, h in candidates.items()},
         "default_ms": {n: score(scored, refs, h, True) for n, h in candidates.items()},
         "boundaries": timing_scores([alignment_words(a) for a in scored], refs)["boundaries"],
@@ -145,16 +151,18 @@ def measure(name: str, path: str, args) -> dict:
     return out
 
 
+#: the rule word_timestamps' default follows
+DEFAULT_RULE = "boundary energy, one-SE rule (the default)"
+
+
 def rule_picks(models: dict) -> dict[str, dict[str, str]]:
     """Which candidate each rule picks on each model (fixed rules pick themselves; ``model`` falls back to the
     upper half, as openai-whisper does, on a model without heads)."""
     picks: dict[str, dict[str, str]] = {}
     for fixed in ("all", "upper_half", "model", "consistent"):
-        picks[f"always {fixed}"] = {
-            m: fixed if fixed in r["candidates"] else "upper_half" for m, r in models.items()
-        }
-    for crit in next(iter(models.values()))["other_criteria"]:
-        picks[crit] = {m: min(r["other_criteria"][crit], key=lambda n: (r["other_criteria"][crit][n], n)) for m, r in models.items()}
+        picks[f"always {fixed}"] = {m: fixed if fixed in r["candidates"] else "upper_half" for m, r in models.items()}
+    for rule in next(iter(models.values()))["rule_picks"]:
+        picks[rule] = {m: r["rule_picks"][rule] for m, r in models.items()}
     return picks
 
 

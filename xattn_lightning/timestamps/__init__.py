@@ -24,6 +24,7 @@ from xattn_lightning.timestamps.align import (
     word_timestamps,
 )
 from xattn_lightning.timestamps.heads import (
+    CHOICE_TOLERANCE_SE,
     CHOICE_UTTERANCES,
     HEAD_SETS,
     HeadChoice,
@@ -43,6 +44,7 @@ from xattn_lightning.timestamps.heads import (
 from xattn_lightning.timestamps.loss import EOS_SECONDS, AlignmentLoss
 
 __all__ = [
+    "CHOICE_TOLERANCE_SE",
     "CHOICE_UTTERANCES",
     "DEFAULT_TIMING_METHOD",
     "HEAD_RULES",

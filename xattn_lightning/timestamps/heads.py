@@ -154,18 +154,23 @@ HEAD_SETS = ("all", "upper_half", "model", "consistent")
 #: unlabelled utterances :func:`word_timestamps`' default chooses its head set on, once per model
 #: (docs/timestamps.md, "A head set per model")
 CHOICE_UTTERANCES = 8
+#: the one-standard-error rule of :func:`choose_heads_from`: a candidate with more heads is preferred while its
+#: criterion is within this many standard errors (paired, over boundaries) of the lowest
+CHOICE_TOLERANCE_SE = 1.0
 
 
 @dataclass
 class HeadChoice:
     """The head set :func:`choose_heads` picked: its name in :data:`HEAD_SETS`, its ``[layer, head]`` pairs,
-    every candidate and its criterion (:func:`boundary_energy`, lower is better), on how many utterances."""
+    every candidate and its criterion (:func:`boundary_energy`, lower is better), the standard error of each
+    candidate's difference from the lowest, on how many utterances."""
 
     name: str
     heads: list[list[int]]
     candidates: dict[str, list[list[int]]]
     scores: dict[str, float]
     utterances: int
+    standard_errors: dict[str, float] = field(default_factory=dict)
 
 
 def _boundaries(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float) -> list[Word]:
@@ -264,10 +269,14 @@ def choose_heads_from(
     alignments: Sequence[Alignment],
     shipped: Sequence[Sequence[int]] | None = None,
     distances: Sequence[Tensor] | None = None,
+    tolerance: float = CHOICE_TOLERANCE_SE,
 ) -> HeadChoice:
-    """The candidate of :func:`candidate_heads` whose word boundaries fall, on average, where the input is
-    quietest (:func:`boundary_energy`, lowest mean wins; ties go to the earlier of :data:`HEAD_SETS`). No labels:
-    ``alignments`` are any utterances of the model's speech.
+    """The candidate of :func:`candidate_heads` whose word boundaries fall where the input is quietest
+    (:func:`boundary_energy`, lower mean is better), by the one-standard-error rule: of the candidates whose mean
+    is within ``tolerance`` standard errors of the lowest (the error of the paired difference over the same
+    boundaries), the one with the most heads (an average over more heads varies less; ties go to the earlier of
+    :data:`HEAD_SETS`). ``tolerance=0``: the lowest mean. No labels: ``alignments`` are any utterances of the
+    model's speech.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
@@ -276,12 +285,19 @@ def choose_heads_from(
     True
     """
     candidates = candidate_heads(alignments, shipped, distances)
-    scores = {}
-    for name, heads in candidates.items():
-        values = [x for a in alignments for x in boundary_energy(a, heads)]
-        scores[name] = sum(values) / len(values) if values else 0.0
-    best = min(candidates, key=lambda n: (round(scores[n], 9), HEAD_SETS.index(n)))
-    return HeadChoice(best, candidates[best], candidates, scores, len(alignments))
+    values = {
+        n: torch.tensor([x for a in alignments for x in boundary_energy(a, h)], dtype=torch.float64)
+        for n, h in candidates.items()
+    }
+    scores = {n: float(v.mean()) if len(v) else 0.0 for n, v in values.items()}
+    lowest = min(candidates, key=lambda n: (round(scores[n], 9), HEAD_SETS.index(n)))
+    errors = {}
+    for n, v in values.items():
+        d = v - values[lowest]
+        errors[n] = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    near = [n for n in candidates if scores[n] - scores[lowest] <= tolerance * errors[n] + 1e-12]
+    best = min(near, key=lambda n: (-len(candidates[n]), HEAD_SETS.index(n)))
+    return HeadChoice(best, candidates[best], candidates, scores, len(alignments), errors)
 
 
 @dataclass
