@@ -189,9 +189,52 @@ def leave_one_model_out(models: dict, key: str = "default_ms") -> dict:
     return {"picks": picks, "per_model": out}
 
 
+def markdown(report: dict) -> str:
+    """The tables of docs/timestamps.md ("A head set per model") from a report."""
+    models = report["models"]
+    names = ["all", "upper_half", "model", "consistent"]
+    lines = [
+        "| model | " + " | ".join(f"{n}: plain / default" for n in names) + " | default chose | boundaries |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for m, r in models.items():
+        cells = []
+        for n in names:
+            if n not in r["candidates"]:
+                cells.append("–")
+                continue
+            cell = f"{r['plain_ms'][n]:.1f} / {r['default_ms'][n]:.1f}"
+            cells.append(f"**{cell}**" if n == r["chosen"] else cell)
+        best = min(r["default_ms"][n] for n in ("all", "upper_half", "model") if n in r["default_ms"])
+        gap = r["default_ms"][r["chosen"]] - best
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {r['chosen']} ({gap:+.1f} ms vs the best simple rule) | {r['boundaries']} |")
+    for key in ("leave_one_model_out", "leave_one_model_out_plain"):
+        if key not in report:
+            continue
+        lines += ["", f"{key}:", "", "| held-out model | rule chosen on the others | its pick | error | default's pick | error | best simple rule |", "|---|---|---|---|---|---|---|"]
+        for m, x in report[key]["per_model"].items():
+            lines.append(
+                f"| {m} | {x['rule']} | {x['pick']} | {x['error_ms']:.1f} ms | {x['default_pick']} | {x['default_error_ms']:.1f} ms | {x['best_simple_ms']:.1f} ms |"
+            )
+    conds = sorted({c for r in models.values() for c in r["conditions"]})
+    if conds:
+        lines += ["", "| model | condition | chosen heads: plain DTW | default (prior + silences) |", "|---|---|---|---|"]
+        for m, r in models.items():
+            for c in conds:
+                x = r["conditions"][c][r["chosen"]]
+                lines.append(f"| {m} | {c} | {x['plain_ms']:.1f} ms | {x['default_ms']:.1f} ms |")
+    lines += ["", "| model | greedy decode s/utt | default pass s/utt | choice once (8 passes + criterion) s | criterion alone s |", "|---|---|---|---|---|"]
+    for m, r in models.items():
+        c = r["cost"]
+        lines.append(
+            f"| {m} | {c['greedy_decode_s_per_utt']:.2f} | {c['default_pass_s_per_utt']:.2f} | {c['choice_once_s']:.1f} | {c['choice_criterion_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", required=True, help="comma-separated NAME=PATH (Hugging Face Whisper directories)")
+    ap.add_argument("--models", help="comma-separated NAME=PATH (Hugging Face Whisper directories)")
     ap.add_argument("--timed", default=os.environ.get("XL_TIMED_MANIFEST"), help="manifest with a words column")
     ap.add_argument("--select", type=int, default=8, help="first utterances, unlabelled, to choose on")
     ap.add_argument("--first-scored", type=int, default=12)
@@ -200,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cost-utterances", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/timestamps_models.json")
+    ap.add_argument("--markdown", help="print the tables of an existing report and exit")
     args = ap.parse_args(argv)
-    if not args.timed:
-        ap.error("needs --timed (or XL_TIMED_MANIFEST)")
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if not (args.models and args.timed):
+        ap.error("needs --models and --timed (or XL_TIMED_MANIFEST)")
     if args.select > args.first_scored:
         ap.error("--select must not reach the scored utterances (--first-scored)")
     args.snr_values = [float(x) for x in args.snr.split(",") if x]
@@ -217,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
-    if len(models) > 1:
-        print(json.dumps(report["leave_one_model_out"]["per_model"], indent=1))
+    print(markdown(report))
     return 0
 
 
