@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-utterances", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/timestamps_models.json")
     ap.add_argument("--markdown", help="print the tables of an existing report and exit")
+    ap.add_argument("--previous", help="a report of the same settings whose models are reused, not measured again")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
@@ -253,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.select > args.first_scored:
         ap.error("--select must not reach the scored utterances (--first-scored)")
     args.snr_values = [float(x) for x in args.snr.split(",") if x]
+    previous = json.loads(Path(args.previous).read_text())["models"] if args.previous else {}
     models = {}
     for spec in args.models.split(","):
         name, path = spec.split("=", 1)
-        models[name] = measure(name, path, args)
+        models[name] = previous[name] if name in previous else measure(name, path, args)
     report: dict = {"argv": argv or sys.argv[1:], "models": models, "threads": torch.get_num_threads()}
+    if args.previous:
+        report["reused_from"] = {"path": args.previous, "models": [m for m in models if m in previous]}
     if len(models) > 1:
         report["leave_one_model_out"] = leave_one_model_out(models)
         report["leave_one_model_out_plain"] = leave_one_model_out(models, "plain_ms")
