@@ -227,10 +227,10 @@ def test_subframe_boundaries_stay_ordered_and_within_a_frame_of_the_dtw_ones():
     assert all(abs(a[1] - b_[1]) <= 0.02 + 1e-9 for a, b_ in zip(sub, whole))
 
 
-def _planted_alignment(seed: int):
+def _planted_alignment(seed: int, lower: str = "late"):
     """An utterance of 8 one-token words whose true boundaries are dips of the input's level; layers 2-3 of a
     4-layer × 2-head model attend to each word's true span (planted diagonal heads), layers 0-1 to the span 12
-    frames later (as sharp, but late), all with some noise."""
+    frames later (``lower="late"``: as sharp, but late) or at random (``"noise"``), all with some noise."""
     from xattn_lightning.timestamps import Alignment
 
     g = torch.Generator().manual_seed(seed)
@@ -247,6 +247,8 @@ def _planted_alignment(seed: int):
         ca[:2, :, j, min(s + 12, frames - 1) : min(e + 12, frames)] += 1.0
     ca[2:, :, n_words, edges[-1] : edges[-1] + 5] += 1.0
     ca[:2, :, n_words, edges[-1] + 12 : edges[-1] + 17] += 1.0
+    if lower == "noise":
+        ca[:2] = torch.rand(2, 2, n_words + 1, frames, generator=g)
     ca = ca / ca.sum(-1, keepdim=True)
     true = [(f"w{j}", edges[j] * 0.02, edges[j + 1] * 0.02) for j in range(n_words)]
     a = Alignment(
@@ -261,10 +263,11 @@ def _planted_alignment(seed: int):
     return a, true
 
 
-def test_the_criterion_picks_the_planted_diagonal_heads_over_late_and_noise_heads():
+@pytest.mark.parametrize("lower", ["late", "noise"])
+def test_the_criterion_picks_the_planted_diagonal_heads_over_late_or_noise_heads(lower):
     from xattn_lightning.timestamps import alignment_words, boundary_energy, choose_heads_from
 
-    planted = [_planted_alignment(seed) for seed in range(3)]
+    planted = [_planted_alignment(seed, lower) for seed in range(3)]
     aligns = [a for a, _ in planted]
     choice = choose_heads_from(aligns, shipped=[[0, 0], [1, 1]])
     assert set(choice.candidates) == {"all", "upper_half", "model", "consistent"}
