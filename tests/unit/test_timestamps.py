@@ -269,17 +269,19 @@ def test_the_criterion_picks_the_planted_diagonal_heads_over_late_or_noise_heads
 
     planted = [_planted_alignment(seed, lower) for seed in range(3)]
     aligns = [a for a, _ in planted]
-    choice = choose_heads_from(aligns, shipped=[[0, 0], [1, 1]])
+    choice = choose_heads_from(aligns, shipped=[[0, 0], [1, 1]])  # shipped: two of the lower heads
     assert set(choice.candidates) == {"all", "upper_half", "model", "consistent"}
-    assert choice.name in ("upper_half", "consistent")
-    assert all(li >= 2 for li, _ in choice.heads), choice  # only the planted heads, not the late ones
-    assert choice.scores[choice.name] < min(choice.scores["all"], choice.scores["model"]) - 0.3
-    # and the pick is the better aligner: its boundaries are nearer the truth than every head's
     err = {
         n: xl.timestamps.timing_scores([alignment_words(a, h) for a in aligns], [t for _, t in planted])["mae_ms"]
         for n, h in choice.candidates.items()
     }
-    assert err[choice.name] == min(err.values()) and err[choice.name] < err["all"], err
+    assert choice.name != "model" and err[choice.name] == min(err.values()), (choice, err)  # the best aligner
+    if lower == "late":  # averaged in, late heads move the boundaries: only the planted heads are right
+        assert choice.name in ("upper_half", "consistent") and all(li >= 2 for li, _ in choice.heads), choice
+        assert choice.scores[choice.name] < min(choice.scores["all"], choice.scores["model"]) - 0.3
+        assert err[choice.name] < err["all"], err
+    else:  # noise heads average out (every head is as good here; the one-SE rule prefers more heads)
+        assert choice.scores["model"] > choice.scores[choice.name] + 1.0
     assert all(x < 0 for x in boundary_energy(aligns[0], [[2, 0], [3, 1]], 0.0))  # in the dips
     with pytest.raises(xl.XAttnError, match="frame levels"):
         boundary_energy(type(aligns[0])(**{**aligns[0].__dict__, "energy": None}), [[2, 0]])
