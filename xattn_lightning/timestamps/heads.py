@@ -179,7 +179,14 @@ def _boundaries(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: fl
 
 def head_distances(a: Alignment) -> Tensor:
     """Mean distance (s) of each single head's plain-DTW word boundaries from those of every head averaged, on one
-    utterance, ``[L * H]`` in ``[layer, head]`` order (no labels)."""
+    utterance, ``[L * H]`` in ``[layer, head]`` order (no labels).
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
+    >>> head_distances(a).shape
+    torch.Size([4])
+    """
     num_layers, num_heads = a.cross_attention.shape[:2]
     every = [[li, h] for li in range(num_layers) for h in range(num_heads)]
 
@@ -313,19 +320,43 @@ _CHOICES: weakref.WeakKeyDictionary[nn.Module, _ModelChoice] = weakref.WeakKeyDi
 
 def cached_heads(model: nn.Module | Adapter) -> HeadChoice | None:
     """The head set chosen for ``model`` so far (by :func:`choose_heads` or :func:`word_timestamps`' default),
-    ``None`` before any choice."""
+    ``None`` before any choice.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> cached_heads(m) is None
+    True
+    >>> _ = choose_heads(m, [{"input_features": torch.randn(1, 16, 8)}], tokenizer=lambda i: f" w{i}")
+    >>> cached_heads(m).utterances
+    1
+    """
     state = _CHOICES.get(adapter_for(model).model)
     return state.choice if state else None
 
 
 def forget_heads(model: nn.Module | Adapter) -> None:
-    """Drop ``model``'s cached head choice (after changing its weights), so that the next call chooses again."""
+    """Drop ``model``'s cached head choice (after changing its weights), so that the next call chooses again.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> _ = choose_heads(m, [{"input_features": torch.randn(1, 16, 8)}], tokenizer=lambda i: f" w{i}")
+    >>> forget_heads(m); cached_heads(m) is None
+    True
+    """
     _CHOICES.pop(adapter_for(model).model, None)
 
 
 def choose_for(adapter: Adapter, alignments: Sequence[Alignment]) -> HeadChoice:
     """The cached head set of the adapter's model; until :data:`CHOICE_UTTERANCES` utterances have been seen,
-    chosen again on every utterance seen so far including ``alignments`` (then fixed)."""
+    chosen again on every utterance seen so far including ``alignments`` (then fixed). What
+    :func:`word_timestamps`' default calls with the alignments it has made.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, tokenizer=lambda i: f" w{i}")
+    >>> choose_for(m, a) is cached_heads(m)
+    True
+    """
     state = _CHOICES.setdefault(adapter.model, _ModelChoice())
     if state.final and state.choice is not None:
         return state.choice
