@@ -326,9 +326,9 @@ def cached_heads(model: nn.Module | Adapter) -> HeadChoice | None:
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
     >>> cached_heads(m) is None
     True
-    >>> _ = choose_heads(m, [{"input_features": torch.randn(1, 16, 8)}], tokenizer=lambda i: f" w{i}")
-    >>> cached_heads(m).utterances
-    1
+    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> choose_for(m, a).utterances, cached_heads(m).utterances
+    (1, 1)
     """
     state = _CHOICES.get(adapter_for(model).model)
     return state.choice if state else None
@@ -339,7 +339,8 @@ def forget_heads(model: nn.Module | Adapter) -> None:
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
-    >>> _ = choose_heads(m, [{"input_features": torch.randn(1, 16, 8)}], tokenizer=lambda i: f" w{i}")
+    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> _ = choose_for(m, a)
     >>> forget_heads(m); cached_heads(m) is None
     True
     """
@@ -353,7 +354,7 @@ def choose_for(adapter: Adapter, alignments: Sequence[Alignment]) -> HeadChoice:
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
-    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, tokenizer=lambda i: f" w{i}")
+    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
     >>> choose_for(m, a) is cached_heads(m)
     True
     """
