@@ -223,7 +223,7 @@ def markdown(report: dict) -> str:
             for c in conds:
                 x = r["conditions"][c][r["chosen"]]
                 lines.append(f"| {m} | {c} | {x['plain_ms']:.1f} ms | {x['default_ms']:.1f} ms |")
-    lines += ["", "| model | greedy decode s/utt | default pass s/utt | choice once (8 passes + criterion) s | criterion alone s |", "|---|---|---|---|---|"]
+    lines += ["", "| model | greedy decode s/utt | default pass s/utt | choice once (its passes + criterion) s | criterion alone s |", "|---|---|---|---|---|"]
     for m, r in models.items():
         c = r["cost"]
         lines.append(
