@@ -53,6 +53,34 @@ def silence_distance(a, heads, clip: float = 0.2) -> list[float]:
     return out
 
 
+def energy_after_silences(a, heads) -> list[float]:
+    """An alternative criterion: the input's level (z-scored over the speech) at the middle of each boundary
+    between two words as the default places it (the duration prior, then the move to silences): inside the
+    silence where a boundary moved to one, at the DTW boundary elsewhere."""
+    w = alignment_words(a, heads, duration_prior=DURATION_PRIOR, silence=True)
+    if len(w) < 2 or a.energy is None:
+        return []
+    e, step = a.energy.double(), a.energy_frame_seconds
+    speech = e[int(w[0][1] / step) : max(int(round(w[-1][2] / step)), int(w[0][1] / step) + 2)]
+    mean, std = float(speech.mean()), float(speech.std()) or 1.0
+    mids = [(w[k][2] + w[k + 1][1]) / 2 for k in range(len(w) - 1)]
+    return [(float(e[min(int(round(t / step)), len(e) - 1)]) - mean) / std for t in mids]
+
+
+def one_se_pick(values: dict[str, list[float]], candidates: dict) -> str:
+    """The one-standard-error rule of ``choose_heads_from`` over paired per-boundary values (lower is better)."""
+    v = {n: torch.tensor(x, dtype=torch.float64) for n, x in values.items()}
+    order = ("all", "upper_half", "model", "consistent")
+    lowest = min(v, key=lambda n: (float(v[n].mean()), order.index(n)))
+    near = []
+    for n in v:
+        d = v[n] - v[lowest]
+        se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        if float(d.mean()) <= se + 1e-12:
+            near.append(n)
+    return min(near, key=lambda n: (-len(candidates[n]), order.index(n)))
+
+
 def _mean(x: list[float]) -> float:
     return sum(x) / len(x) if x else float("nan")
 
@@ -116,6 +144,9 @@ def measure(name: str, path: str, args) -> dict:
         DEFAULT_RULE: choice.name,
         "boundary energy, lowest": choose_heads_from(sel, shipped, tolerance=0.0).name,
         **{k: min(v, key=lambda n: (v[n], n)) for k, v in other.items()},
+        "boundary energy after the silences, one-SE rule": one_se_pick(
+            {n: [x for a in sel for x in energy_after_silences(a, h)] for n, h in candidates.items()}, candidates
+        ),
     }
     out: dict = {
         "path": path,
