@@ -14,11 +14,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.options import READING_N_MASKS, PerturbationOptions
-from xattn_lightning.timestamps import TIMESTAMP_N_MASKS
+from xattn_lightning.timestamps import HEAD_RULES, TIMESTAMP_N_MASKS, HeadRule
 
 
 def _png(fig) -> str:
@@ -212,7 +212,7 @@ def timestamps(args: argparse.Namespace) -> int:
     if args.format in ("vtt", "srt") and args.out in (None, "-"):
         raise XAttnError(f"--format {args.format} writes one file per utterance: pass --out DIRECTORY.")
     model, processor = load_hf_model(args.model, device=args.device)
-    heads: Literal["agreement", "model"] | None = None if args.heads == "all" else args.heads
+    heads: HeadRule = args.heads
     options: dict[str, Any] = {"n_masks": args.n_masks, "seed": args.seed} if heads == "agreement" else {}
     if args.plain:
         options.update(duration_prior=0.0, silence=False)
@@ -313,9 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", help="a file for tsv/json (default: stdout), a directory for vtt/srt")
     t.add_argument(
         "--heads",
-        default="all",
-        choices=("all", "agreement", "model"),
-        help="all (default): every head; agreement: the heads that agree most with saliency, per utterance, the map "
+        default="auto",
+        choices=HEAD_RULES,
+        help="auto (default): the model's head set, chosen once without labels on the first utterances "
+        "(docs/timestamps.md); all: every head; upper_half: every head of the upper half of the layers; consistent: "
+        "the heads nearest the consensus; agreement: the heads that agree most with saliency, per utterance, the map "
         "fused in (a saliency computation per utterance); model: the model's own alignment heads",
     )
     t.add_argument(

@@ -68,3 +68,28 @@ def test_default_beats_plain_dtw_over_every_head(timed):
     )
     assert default["boundaries"] == plain["boundaries"] >= 80
     assert default["mae_ms"] < plain["mae_ms"] - 5, (default, plain)  # measured here: 34 against 49 ms
+
+
+@pytest.mark.integration
+def test_head_set_chosen_once_without_labels_is_cached_and_beats_the_shipped_heads(timed):
+    """The default's head set, chosen on 4 unlabelled utterances, times 6 others (docs/timestamps.md, "A head set
+    per model": on 8 utterances of tiny.en it chooses every head, 40.7 ms on the 13 held-out utterances)."""
+    from xattn_lightning.loading import features_batch
+    from xattn_lightning.timestamps import HEAD_SETS, cached_heads, choose_heads, forget_heads, timing_scores
+
+    model, proc, rows = timed
+    forget_heads(model)
+    unlabelled = [{"input_features": features_batch(proc, [r])["input_features"]} for r in rows[:4]]
+    choice = choose_heads(model, unlabelled, tokenizer=proc, max_utterances=4)
+    assert set(choice.candidates) == set(HEAD_SETS) and choice.utterances == 4
+    assert choice.name != "model" and choice.scores["model"] > choice.scores[choice.name]
+    assert cached_heads(model) is choice
+    b = features_batch(proc, rows[12:18])
+    default = timing_scores(xl.word_timestamps(model, b, tokenizer=proc), b["words"])
+    assert cached_heads(model) is choice  # not chosen again
+    shipped = timing_scores(
+        xl.word_timestamps(model, b, tokenizer=proc, heads="model", duration_prior=0, silence=False), b["words"]
+    )
+    assert default["boundaries"] == shipped["boundaries"] >= 80
+    assert default["mae_ms"] < min(60.0, shipped["mae_ms"] - 20), (default, shipped)
+    forget_heads(model)

@@ -3,16 +3,18 @@ of fine-tunes (:mod:`.loss`) and caption files (:mod:`.captions`). The DTW, prio
 functions in :mod:`xattn_lightning.functional.alignment` and :mod:`xattn_lightning.functional.silence`. Stands
 without Lightning.
 
->>> from xattn_lightning.timestamps import word_timestamps, alignment_heads, AlignmentLoss, captions
+>>> from xattn_lightning.timestamps import word_timestamps, alignment_heads, choose_heads, AlignmentLoss, captions
 """
 
 from xattn_lightning.timestamps import captions
 from xattn_lightning.timestamps.align import (
     DEFAULT_TIMING_METHOD,
     FUSION_WEIGHT,
+    HEAD_RULES,
     TIMESTAMP_N_MASKS,
     TIMING_METHODS,
     Alignment,
+    HeadRule,
     align,
     alignment_from,
     alignment_token_times,
@@ -22,7 +24,18 @@ from xattn_lightning.timestamps.align import (
     word_timestamps,
 )
 from xattn_lightning.timestamps.heads import (
+    CHOICE_TOLERANCE_SE,
+    CHOICE_UTTERANCES,
+    HEAD_SETS,
+    HeadChoice,
     alignment_heads,
+    boundary_energy,
+    cached_heads,
+    candidate_heads,
+    choose_heads,
+    choose_heads_from,
+    consistent_heads,
+    forget_heads,
     head_agreement,
     head_errors,
     model_alignment_heads,
@@ -31,7 +44,20 @@ from xattn_lightning.timestamps.heads import (
 from xattn_lightning.timestamps.loss import EOS_SECONDS, AlignmentLoss
 
 __all__ = [
+    "CHOICE_TOLERANCE_SE",
+    "CHOICE_UTTERANCES",
     "DEFAULT_TIMING_METHOD",
+    "HEAD_RULES",
+    "HEAD_SETS",
+    "HeadChoice",
+    "HeadRule",
+    "boundary_energy",
+    "cached_heads",
+    "candidate_heads",
+    "choose_heads",
+    "choose_heads_from",
+    "consistent_heads",
+    "forget_heads",
     "EOS_SECONDS",
     "FUSION_WEIGHT",
     "TIMESTAMP_N_MASKS",

@@ -44,6 +44,12 @@ from xattn_lightning.summary import mean_grid
 TimingMethod = Literal["transformers", "openai"]
 TIMING_METHODS = ("transformers", "openai")
 DEFAULT_TIMING_METHOD: TimingMethod = "openai"
+#: the named head choices of :func:`word_timestamps`: ``"auto"`` (the default) the model's head set chosen once
+#: without labels (:func:`~xattn_lightning.timestamps.heads.choose_heads`); ``"all"``, ``"upper_half"``,
+#: ``"consistent"`` that candidate of :data:`~xattn_lightning.timestamps.heads.HEAD_SETS`; ``"model"`` the shipped
+#: ``alignment_heads``; ``"agreement"`` per utterance by agreement with saliency
+HeadRule = Literal["auto", "all", "upper_half", "consistent", "model", "agreement"]
+HEAD_RULES = ("auto", "all", "upper_half", "consistent", "model", "agreement")
 
 
 @dataclass
@@ -59,6 +65,8 @@ class Alignment:
     num_input_frames: int | None = None  # valid input frames (transformers crops to half of them)
     saliency: Tensor | None = None  # [I, T'] encoder-resolution saliency of the text tokens, when computed
     silences: list[tuple[float, float]] | None = None  # silent spans (s) of the input, from its features
+    energy: Tensor | None = None  # [frames] mean log-mel level of each input frame (the head-set criterion)
+    energy_frame_seconds: float = 0.01  # the length of one of those frames
 
 
 def alignment_from(
@@ -88,6 +96,8 @@ def alignment_from(
         num_input_frames=e.num_frames,
         saliency=e.pooled(saliency_method) if saliency_method else None,
         silences=silent_spans(e.features.float().mean(-1), 1.0 / rate),
+        energy=e.features.float().mean(-1).flatten(),
+        energy_frame_seconds=1.0 / rate,
     )
 
 
@@ -206,7 +216,7 @@ def word_timestamps(
     batch: Any,
     *,
     tokenizer: object | None = None,
-    heads: Sequence[Sequence[int]] | Literal["agreement", "model"] | None = None,
+    heads: Sequence[Sequence[int]] | HeadRule | None = None,
     weights: Sequence[float] | None = None,
     fusion: float | None = None,
     targets: str | Tensor | Sequence = "generate",
@@ -219,16 +229,22 @@ def word_timestamps(
 ) -> list[list[Word]]:
     """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
 
-    The default is the most accurate label-free method measured (docs/timestamps.md): every head
-    averaged, a duration prior from each token's spelling added to the DTW matrix, and word boundaries
-    next to a silence of the input moved to its edges. It needs one pass per utterance and no saliency.
+    The default (docs/timestamps.md): the model's head set chosen once without labels among every head, the
+    upper half of the layers, its shipped ``alignment_heads`` and the heads that follow the consensus, by where
+    their word boundaries fall in the input's level (:func:`~xattn_lightning.timestamps.heads.choose_heads`;
+    on the first :data:`~xattn_lightning.timestamps.heads.CHOICE_UTTERANCES` utterances timed, then cached per
+    model), a duration prior from each token's spelling added to the DTW matrix, and word boundaries next to
+    a silence of the input moved to its edges. It needs one pass per utterance and no saliency.
 
     Args:
         model: a supported model or adapter.
         batch: the model's inputs (e.g. :func:`xattn_lightning.loading.features_batch`) or a training batch in any layout.
         tokenizer: a tokenizer or processor (word timestamps need token strings).
         targets: ``"generate"`` (the model's own transcript), ``"labels"`` or token ids.
-        heads: ``None`` (default): every head averaged; ``[layer, head]`` pairs (e.g. from
+        heads: ``None`` or ``"auto"`` (default): the model's head set, chosen once and cached
+            (:func:`~xattn_lightning.timestamps.heads.choose_heads`); ``"all"``: every head averaged;
+            ``"upper_half"``: every head of the upper half of the layers; ``"consistent"``: the heads nearest the
+            consensus on the choosing speech; ``[layer, head]`` pairs (e.g. from
             :func:`alignment_heads`); ``"model"``: the model's ``generation_config.alignment_heads``;
             ``"agreement"``: per utterance, the heads whose agreement with ``saliency_method``'s map is
             at least the mean of all heads', with that map fused into the DTW matrix (``fusion``; costs
@@ -258,7 +274,8 @@ def word_timestamps(
     """
     adapter = adapter_for(model, tokenizer)
     if isinstance(heads, str):
-        check_choice("heads", heads, ("agreement", "model"))
+        check_choice("heads", heads, HEAD_RULES)
+    heads = "auto" if heads is None else heads
     check_choice("timing method", method, TIMING_METHODS)
     refine = method == "openai"
     duration_prior = (DURATION_PRIOR if refine else 0.0) if duration_prior is None else duration_prior
@@ -274,10 +291,21 @@ def word_timestamps(
     use_saliency = heads == "agreement" or bool(fusion)
     methods = (saliency_method,) if use_saliency else ()
     options = {"n_masks": TIMESTAMP_N_MASKS, **explain_options} if use_saliency else explain_options
+    exps = explain(adapter, batch, targets=targets, methods=methods, **options)
+    aligns = [alignment_from(e, saliency_method=methods[0] if methods else None) for e in exps]
+    fixed: Any = heads
+    if aligns and heads in ("auto", "consistent"):
+        from xattn_lightning.timestamps.heads import choose_for  # heads.py builds on this module
+
+        choice = choose_for(adapter, aligns)
+        fixed = choice.heads if heads == "auto" else choice.candidates["consistent"]
+    elif aligns and heads in ("all", "upper_half"):
+        num_layers, num_heads = aligns[0].cross_attention.shape[:2]
+        first = num_layers // 2 if heads == "upper_half" else 0
+        fixed = [[li, h] for li in range(first, num_layers) for h in range(num_heads)]
     out = []
-    for e in explain(adapter, batch, targets=targets, methods=methods, **options):
-        chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else heads
-        a = alignment_from(e, saliency_method=methods[0] if methods else None)
+    for e, a in zip(exps, aligns):
+        chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else fixed
         out.append(alignment_words(a, chosen, weights, method, fusion, subframe, duration_prior, silence))
     return out
 

@@ -1,0 +1,307 @@
+"""Word-timestamp head sets across models: every candidate of ``xl.timestamps.HEAD_SETS`` on each model, which one
+the default's label-free criterion chose, and leave-one-model-out over the rules that pick a head set.
+
+    python -m benchmarks.timestamps_models --models tiny.en=PATH,ft1=PATH2 --timed data/timed-en/manifest.tsv \\
+        --conditions fast220=fast/manifest.tsv --snr 20,10 --out results/timestamps_models.json
+
+For each model: its alignments of the ``--timed`` utterances; the first ``--select`` of them, read without their
+word timings, are the unlabelled speech the candidates (``candidate_heads``) and the criterion
+(``choose_heads_from``: where the boundaries fall in the input's level) are computed on; the utterances from
+``--first-scored`` on are scored (mean boundary error, ms, of the word units the transcript got right), each
+candidate with plain DTW and with the default's duration prior and silences. Rules that pick a head set per model
+(the fixed candidates, the default's criterion and two other label-free criteria) are compared
+leave-one-model-out: for each model the rule with the lowest mean error on the *other* models is chosen and
+scored on it. ``--conditions`` (more timed manifests, e.g. faster speech, every row scored) and ``--snr`` (white
+noise added to the scored utterances) give, per model, the chosen heads with plain DTW against the default (item 3
+of issue 33: the prior and silences never lose). Costs: seconds per utterance of a greedy decode, of the
+default's pass, and of the choice (made once per model). Writes one JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.timestamps_noise import noisy
+from xattn_lightning.audio import load_audio, read_manifest
+from xattn_lightning.functional.alignment import DURATION_PRIOR
+from xattn_lightning.loading import features_batch, load_hf_model
+from xattn_lightning.timestamps import align, alignment_words, timing_scores
+from xattn_lightning.timestamps.heads import boundary_energy, choose_heads_from
+
+
+def silence_distance(a, heads, clip: float = 0.2) -> list[float]:
+    """An alternative criterion: for each silent span inside the speech, the distance (s, clipped) from it to the
+    nearest word boundary of DTW over ``heads`` with the duration prior (lower is better)."""
+    w = alignment_words(a, heads, duration_prior=DURATION_PRIOR)
+    if len(w) < 2 or not a.silences:
+        return []
+    ends = [e for _, _, e in w[:-1]]
+    lo, hi = w[0][2], w[-1][1]
+    out = []
+    for s0, s1 in a.silences:
+        if s0 >= lo and s1 <= hi:
+            out.append(min(clip, min(0.0 if s0 <= t <= s1 else min(abs(t - s0), abs(t - s1)) for t in ends)))
+    return out
+
+
+def energy_after_silences(a, heads) -> list[float]:
+    """An alternative criterion: the input's level (z-scored over the speech) at the middle of each boundary
+    between two words as the default places it (the duration prior, then the move to silences): inside the
+    silence where a boundary moved to one, at the DTW boundary elsewhere."""
+    w = alignment_words(a, heads, duration_prior=DURATION_PRIOR, silence=True)
+    if len(w) < 2 or a.energy is None:
+        return []
+    e, step = a.energy.double(), a.energy_frame_seconds
+    speech = e[int(w[0][1] / step) : max(int(round(w[-1][2] / step)), int(w[0][1] / step) + 2)]
+    mean, std = float(speech.mean()), float(speech.std()) or 1.0
+    mids = [(w[k][2] + w[k + 1][1]) / 2 for k in range(len(w) - 1)]
+    return [(float(e[min(int(round(t / step)), len(e) - 1)]) - mean) / std for t in mids]
+
+
+def one_se_pick(values: dict[str, list[float]], candidates: dict) -> str:
+    """The one-standard-error rule of ``choose_heads_from`` over paired per-boundary values (lower is better)."""
+    v = {n: torch.tensor(x, dtype=torch.float64) for n, x in values.items()}
+    order = ("all", "upper_half", "model", "consistent")
+    lowest = min(v, key=lambda n: (float(v[n].mean()), order.index(n)))
+    near = []
+    for n in v:
+        d = v[n] - v[lowest]
+        se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        if float(d.mean()) <= se + 1e-12:
+            near.append(n)
+    return min(near, key=lambda n: (-len(candidates[n]), order.index(n)))
+
+
+def _mean(x: list[float]) -> float:
+    return sum(x) / len(x) if x else float("nan")
+
+
+def criteria(sel, candidates) -> dict[str, dict[str, float]]:
+    """Two other label-free criteria's values per candidate on the selection utterances (lower is better)."""
+    return {
+        "boundary energy, plain DTW, lowest": {
+            n: _mean([x for a in sel for x in boundary_energy(a, h, 0.0)]) for n, h in candidates.items()
+        },
+        "distance from silences to boundaries, lowest": {
+            n: _mean([x for a in sel for x in silence_distance(a, h)]) for n, h in candidates.items()
+        },
+    }
+
+
+def score(aligns, refs, heads, refined: bool) -> float:
+    prior, silence = (DURATION_PRIOR, True) if refined else (0.0, False)
+    pred = [alignment_words(a, heads, duration_prior=prior, silence=silence) for a in aligns]
+    return timing_scores(pred, refs)["mae_ms"]
+
+
+def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in rows:
+        if snr is None:
+            b = features_batch(proc, [r])
+        else:
+            wav = noisy(load_audio(r.audio).numpy(), snr, rng)
+            b = dict(proc.feature_extractor(wav, sampling_rate=16000, return_tensors="pt", return_attention_mask=True))
+        with torch.no_grad():
+            out += align(model, b, tokenizer=proc)
+    return out
+
+
+def measure(name: str, path: str, args) -> dict:
+    model, proc = load_hf_model(path)
+    model.eval()
+    rows = read_manifest(args.timed)
+    sel_rows, scored_rows = rows[: args.select], rows[args.first_scored :]
+    refs = [r.words for r in scored_rows]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for r in scored_rows[: args.cost_utterances]:
+            model.generate(features_batch(proc, [r])["input_features"], max_new_tokens=128)
+    greedy_s = (time.perf_counter() - t0) / args.cost_utterances
+    t0 = time.perf_counter()
+    sel = aligns_of(model, proc, sel_rows)
+    sel_pass_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shipped = getattr(model.generation_config, "alignment_heads", None)
+    choice = choose_heads_from(sel, shipped)
+    choose_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scored = aligns_of(model, proc, scored_rows)
+    pass_s = (time.perf_counter() - t0) / len(scored_rows)
+    candidates = choice.candidates
+    other = criteria(sel, candidates)
+    picks = {
+        DEFAULT_RULE: choice.name,
+        "boundary energy, lowest": choose_heads_from(sel, shipped, tolerance=0.0).name,
+        **{k: min(v, key=lambda n: (v[n], n)) for k, v in other.items()},
+        "boundary energy after the silences, one-SE rule": one_se_pick(
+            {n: [x for a in sel for x in energy_after_silences(a, h)] for n, h in candidates.items()}, candidates
+        ),
+    }
+    out: dict = {
+        "path": path,
+        "shape": list(sel[0].cross_attention.shape[:2]),
+        "chosen": choice.name,
+        "candidates": candidates,
+        "criterion": choice.scores,
+        "criterion_standard_errors": choice.standard_errors,
+        "other_criteria": other,
+        "rule_picks": picks,
+        "plain_ms": {n: score(scored, refs, h, False) for n, h in candidates.items()},
+        "default_ms": {n: score(scored, refs, h, True) for n, h in candidates.items()},
+        "boundaries": timing_scores([alignment_words(a) for a in scored], refs)["boundaries"],
+        "cost": {
+            "greedy_decode_s_per_utt": greedy_s,
+            "default_pass_s_per_utt": pass_s,
+            "choice_once_s": sel_pass_s + choose_s,
+            "choice_criterion_s": choose_s,
+            "choice_utterances": len(sel),
+        },
+        "conditions": {},
+    }
+    conds = [(k, read_manifest(m), None) for k, m in (c.split("=", 1) for c in args.conditions.split(",") if c)]
+    conds += [(f"timed-en held out, {snr:g} dB SNR", scored_rows, snr) for snr in args.snr_values]
+    for label, crow, snr in conds:
+        al = aligns_of(model, proc, crow, snr, args.seed)
+        cref = [r.words for r in crow]
+        out["conditions"][label] = {
+            n: {"plain_ms": score(al, cref, h, False), "default_ms": score(al, cref, h, True)}
+            for n, h in candidates.items()
+        }
+    print(name, json.dumps({k: out[k] for k in ("chosen", "criterion", "plain_ms", "default_ms", "cost")}), flush=True)
+    return out
+
+
+#: the rule word_timestamps' default follows
+DEFAULT_RULE = "boundary energy, one-SE rule (the default)"
+
+
+def rule_picks(models: dict) -> dict[str, dict[str, str]]:
+    """Which candidate each rule picks on each model (fixed rules pick themselves; ``model`` falls back to the
+    upper half, as openai-whisper does, on a model without heads)."""
+    picks: dict[str, dict[str, str]] = {}
+    for fixed in ("all", "upper_half", "model", "consistent"):
+        picks[f"always {fixed}"] = {m: fixed if fixed in r["candidates"] else "upper_half" for m, r in models.items()}
+    for rule in next(iter(models.values()))["rule_picks"]:
+        picks[rule] = {m: r["rule_picks"][rule] for m, r in models.items()}
+    return picks
+
+
+def leave_one_model_out(models: dict, key: str = "default_ms") -> dict:
+    """Per model: the rule with the lowest mean error on the other models, its pick and error on this one."""
+    picks = rule_picks(models)
+    out = {}
+    for held in models:
+        others = [m for m in models if m != held]
+
+        def mean_err(rule: str, ms: list[str]) -> float:
+            return sum(models[m][key][picks[rule][m]] for m in ms) / len(ms)
+
+        rule = min(picks, key=lambda r: (mean_err(r, others), r))
+        out[held] = {
+            "rule": rule,
+            "pick": picks[rule][held],
+            "error_ms": models[held][key][picks[rule][held]],
+            "rule_mean_on_others_ms": mean_err(rule, others),
+            "default_pick": models[held]["chosen"],
+            "default_error_ms": models[held][key][models[held]["chosen"]],
+            "best_simple_ms": min(models[held][key][n] for n in ("all", "upper_half", "model") if n in models[held][key]),
+        }
+    return {"picks": picks, "per_model": out}
+
+
+def markdown(report: dict) -> str:
+    """The tables of docs/timestamps.md ("A head set per model") from a report."""
+    models = report["models"]
+    names = ["all", "upper_half", "model", "consistent"]
+    lines = [
+        "| model | " + " | ".join(f"{n}: plain / default" for n in names) + " | default chose | boundaries |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for m, r in models.items():
+        cells = []
+        for n in names:
+            if n not in r["candidates"]:
+                cells.append("–")
+                continue
+            cell = f"{r['plain_ms'][n]:.1f} / {r['default_ms'][n]:.1f}"
+            cells.append(f"**{cell}**" if n == r["chosen"] else cell)
+        best = min(r["default_ms"][n] for n in ("all", "upper_half", "model") if n in r["default_ms"])
+        gap = r["default_ms"][r["chosen"]] - best
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {r['chosen']} ({gap:+.1f} ms vs the best simple rule) | {r['boundaries']} |")
+    for key in ("leave_one_model_out", "leave_one_model_out_plain"):
+        if key not in report:
+            continue
+        lines += ["", f"{key}:", "", "| held-out model | rule chosen on the others | its pick | error | default's pick | error | best simple rule |", "|---|---|---|---|---|---|---|"]
+        for m, x in report[key]["per_model"].items():
+            lines.append(
+                f"| {m} | {x['rule']} | {x['pick']} | {x['error_ms']:.1f} ms | {x['default_pick']} | {x['default_error_ms']:.1f} ms | {x['best_simple_ms']:.1f} ms |"
+            )
+    conds = sorted({c for r in models.values() for c in r["conditions"]})
+    if conds:
+        lines += ["", "| model | condition | chosen heads: plain DTW | default (prior + silences) |", "|---|---|---|---|"]
+        for m, r in models.items():
+            for c in conds:
+                x = r["conditions"][c][r["chosen"]]
+                lines.append(f"| {m} | {c} | {x['plain_ms']:.1f} ms | {x['default_ms']:.1f} ms |")
+    lines += ["", "| model | greedy decode s/utt | default pass s/utt | choice once (its passes + criterion) s | criterion alone s |", "|---|---|---|---|---|"]
+    for m, r in models.items():
+        c = r["cost"]
+        lines.append(
+            f"| {m} | {c['greedy_decode_s_per_utt']:.2f} | {c['default_pass_s_per_utt']:.2f} | {c['choice_once_s']:.1f} | {c['choice_criterion_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", help="comma-separated NAME=PATH (Hugging Face Whisper directories)")
+    ap.add_argument("--timed", default=os.environ.get("XL_TIMED_MANIFEST"), help="manifest with a words column")
+    ap.add_argument("--select", type=int, default=8, help="first utterances, unlabelled, to choose on")
+    ap.add_argument("--first-scored", type=int, default=12)
+    ap.add_argument("--conditions", default="", help="comma-separated NAME=MANIFEST of more timed speech to score")
+    ap.add_argument("--snr", default="", help="comma-separated SNRs (dB) of white noise on the scored utterances")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cost-utterances", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/timestamps_models.json")
+    ap.add_argument("--markdown", help="print the tables of an existing report and exit")
+    ap.add_argument("--previous", help="a report of the same settings whose models are reused, not measured again")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if not (args.models and args.timed):
+        ap.error("needs --models and --timed (or XL_TIMED_MANIFEST)")
+    if args.select > args.first_scored:
+        ap.error("--select must not reach the scored utterances (--first-scored)")
+    args.snr_values = [float(x) for x in args.snr.split(",") if x]
+    previous = json.loads(Path(args.previous).read_text())["models"] if args.previous else {}
+    models = {}
+    for spec in args.models.split(","):
+        name, path = spec.split("=", 1)
+        models[name] = previous[name] if name in previous else measure(name, path, args)
+    report: dict = {"argv": argv or sys.argv[1:], "models": models, "threads": torch.get_num_threads()}
+    if args.previous:
+        report["reused_from"] = {"path": args.previous, "models": [m for m in models if m in previous]}
+    if len(models) > 1:
+        report["leave_one_model_out"] = leave_one_model_out(models)
+        report["leave_one_model_out_plain"] = leave_one_model_out(models, "plain_ms")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
