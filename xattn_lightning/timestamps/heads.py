@@ -19,6 +19,8 @@ from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import explain
 from xattn_lightning.functional.alignment import DURATION_PRIOR, Word, boundary_errors, select_heads_by_agreement
+from xattn_lightning.scores import probe_scores
+from xattn_lightning.summary import mean_grid
 from xattn_lightning.timestamps.align import Alignment, align, alignment_words
 
 
@@ -44,14 +46,17 @@ def head_agreement(
     **explain_options: Any,
 ) -> Tensor:
     """Mean agreement ρ of each single (layer, head) with ``method``'s saliency, ``[L, H]``, over the
-    utterances of ``batches`` (no labels needed)."""
-    grids = []
-    for b in batches:
-        for e in explain(model, b, methods=(method,), tokenizer=tokenizer, **explain_options):
-            grids.append(e.agreement_grid(method))
-    if not grids:
+    utterances of ``batches`` (no labels needed): each utterance scored as a monitor's probe
+    (:func:`~xattn_lightning.scores.probe_scores`) and the grids averaged as a reading's summary does
+    (:func:`~xattn_lightning.summary.mean_grid`)."""
+    probes = [
+        probe_scores(e, (method,), ("pearson",))
+        for b in batches
+        for e in explain(model, b, methods=(method,), tokenizer=tokenizer, **explain_options)
+    ]
+    if not probes:
         raise XAttnError("No utterances in batches; pass at least one batch.")
-    return torch.stack(grids).nanmean(0)
+    return mean_grid(probes, method)
 
 
 def _mean_error(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]], heads: Any) -> float:
