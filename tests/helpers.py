@@ -355,3 +355,65 @@ def scored(
         mask_noise=noise,
     )
     return ProbeScores(pid, "", "", 1, 4, {method: s}, position)
+
+
+#: seconds: past it a 2-process run is killed and its test fails (a hang is a failure, never a CI stall)
+HANG = 240
+
+
+def run_two_processes(script: str, out, cases, env_extra: dict) -> tuple[dict, dict]:
+    """Run ``tests/<script>`` (a 2-process Lightning fit of each of ``cases``) with a hang bound; rank 0's and
+    rank 1's results (the JSON files it writes under ``out``)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(tests / script), str(out / "r.json"), *cases]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        log, _ = proc.communicate(timeout=HANG)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: Lightning's launcher starts rank 1 in the same group
+        pytest.fail(f"the 2-process run did not finish in {HANG} s: a hang")
+    assert proc.returncode == 0, log.decode()[-4000:]
+    return json.loads((out / "r.json").read_text()), json.loads((out / "r.json.rank1").read_text())
+
+
+def logged_numbers(entry: dict) -> dict[str, float]:
+    """A reading's logged numbers, without its seconds."""
+    return {k: v for k, v in entry.items() if k.startswith("xattn/") and k != "xattn/seconds"}
+
+
+def max_difference(a: list[dict], b: list[dict]) -> float:
+    """The largest difference between two runs' logged numbers, reading by reading (the same keys in each)."""
+    assert len(a) == len(b) and a
+    worst = 0.0
+    for x, y in zip(a, b):
+        assert logged_numbers(x).keys() == logged_numbers(y).keys()
+        worst = max([worst, *(abs(logged_numbers(x)[k] - logged_numbers(y)[k]) for k in logged_numbers(x))])
+    return worst
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether two state dicts hold the same tensors, bit for bit."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def write_rank_results(path: str, results: dict) -> None:
+    """A 2-process run's results of this rank: ``path`` on rank 0, ``path.rank<r>`` on the others."""
+    import json
+    import os
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    with open(path if rank == 0 else f"{path}.rank{rank}", "w") as fh:
+        json.dump(results, fh, indent=1, default=str)

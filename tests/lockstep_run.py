@@ -17,7 +17,6 @@ each reading is also made again on rank 0, in one process, from the weights it r
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
+from helpers import same_weights, write_rank_results
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
@@ -213,10 +213,8 @@ def main(path: str, cases: list[str]) -> None:
     for case in cases:  # training with the monitor, bit for bit the same as without
         if "without" in weights and case != "without" and not case.startswith("plain"):
             a, b = weights[case], weights["without"]
-            results[case]["same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
-    with open(path if rank == 0 else f"{path}.rank{rank}", "w") as fh:
-        json.dump(results, fh, indent=1, default=str)
+            results[case]["same_weights"] = same_weights(a, b)
+    write_rank_results(path, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ model's size) or ``lockstep`` (``lockstep=True``: every rank reads every probe, 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from helpers import same_weights, write_rank_results
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 
@@ -204,14 +204,12 @@ def main(path: str, cases: list[str]) -> None:
         base = case.split("-")[0] + "-without"
         if base in weights and case != base:
             a, b = weights[case], weights[base]
-            results[case]["same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            results[case]["same_weights"] = same_weights(a, b)
     for case in cases:  # how far each strategy's trained weights are from DDP's (float rounding of the reductions)
         if "ddp-with" in weights and case != "ddp-with" and case.endswith("-with"):
             a, b = weights[case], weights["ddp-with"]
             results[case]["weights_vs_ddp"] = max(float((a[k] - b[k]).abs().max()) for k in a)
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
-    with open(path if rank == 0 else f"{path}.rank{rank}", "w") as fh:
-        json.dump(results, fh, indent=1, default=str)
+    write_rank_results(path, results)
 
 
 if __name__ == "__main__":

@@ -4,58 +4,29 @@ bit-identical with and without it, no hang when a rank is late or faulty, ``max_
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import HANG, logged_numbers, max_difference, run_two_processes
 from torch import nn
 
 from xattn_lightning.checkpoints import consolidate_sharded_checkpoint
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.monitoring.sharded import BoundedExchange, ReadingFailed, full_bytes, plain_copy
 
-TESTS = Path(__file__).resolve().parent.parent
 CASES = ["ddp-with", "fsdp2-with", "fsdp2-without", "fsdp-with", "fsdp-without", "fsdp2-delay", "fsdp2-raise",
          "fsdp2-small", "fsdp2-lockstep"]  # fmt: skip
-HANG = 240  # seconds: past it the 2-process run is killed and the test fails (a hang is a failure, never a CI stall)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One 2-process run of every case (tests/sharded_run.py); rank 0's and rank 1's results."""
+    """One 2-process run of every case (tests/sharded_run.py); the checkpoints' folder, rank 0's and rank 1's results."""
     out = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ, SHARDED_RUN_CKPT_DIR=str(out), SHARDED_RUN_DUMP_AFTER=str(HANG - 30))
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, str(TESTS / "sharded_run.py"), str(out / "r.json"), *CASES]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        log, _ = proc.communicate(timeout=HANG)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: Lightning's launcher starts rank 1 in the same group
-        pytest.fail(f"the 2-process run did not finish in {HANG} s: a hang")
-    assert proc.returncode == 0, log.decode()[-4000:]
-    return out, json.loads((out / "r.json").read_text()), json.loads((out / "r.json.rank1").read_text())
-
-
-def _numbers(entry: dict) -> dict[str, float]:
-    return {k: v for k, v in entry.items() if k.startswith("xattn/") and k != "xattn/seconds"}
-
-
-def _max_difference(a: list[dict], b: list[dict]) -> float:
-    assert [e["epoch"] for e in a] == [e["epoch"] for e in b]
-    worst = 0.0
-    for x, y in zip(a, b):
-        assert _numbers(x).keys() == _numbers(y).keys()
-        worst = max([worst, *(abs(_numbers(x)[k] - _numbers(y)[k]) for k in _numbers(x))])
-    return worst
+    env = {"SHARDED_RUN_CKPT_DIR": str(out), "SHARDED_RUN_DUMP_AFTER": str(HANG - 30)}
+    return (out, *run_two_processes("sharded_run.py", out, CASES, env))
 
 
 @pytest.mark.timeout(HANG + 60)
@@ -68,8 +39,8 @@ def test_sharded_readings_equal_ddp_and_training_is_unchanged(run, case):
     _, r0, r1 = run
     ddp = r0["ddp-with"]["history"]
     assert [e["epoch"] for e in ddp] == [0, 1] and all(e["xattn/num_probes"] == 3.0 for e in ddp)
-    assert _max_difference(r0[case]["history"], ddp) < 1e-5
-    assert _max_difference(r1[case]["history"], ddp) < 1e-5
+    assert max_difference(r0[case]["history"], ddp) < 1e-5
+    assert max_difference(r1[case]["history"], ddp) < 1e-5
     assert r0[case]["same_weights"] is True and r1[case]["same_weights"] is True
     assert r0[case]["gather_cost"]["gathered_gb"] * 2**30 == 48576  # the tiny Whisper's 12,144 float32 parameters
     assert not [w for w in r0[case]["warnings"] if "failed" in w], r0[case]["warnings"]
@@ -84,7 +55,7 @@ def test_a_late_rank_fails_the_reading_on_every_rank_together_and_training_goes_
     _, r0, r1 = run
     for r in (r0, r1):
         assert [e["epoch"] for e in r["fsdp2-delay"]["history"]] == [1]
-        assert _max_difference(r["fsdp2-delay"]["history"], r["fsdp2-with"]["history"][1:]) < 1e-6
+        assert max_difference(r["fsdp2-delay"]["history"], r["fsdp2-with"]["history"][1:]) < 1e-6
         assert r["fsdp2-delay"]["same_weights"] is True
     said = [w for w in r0["fsdp2-delay"]["warnings"] if "failed on every process together" in w]
     assert len(said) == 1 and "process [1] did not reach" in said[0], r0["fsdp2-delay"]["warnings"]
@@ -96,7 +67,7 @@ def test_a_fault_on_one_rank_costs_its_probe_only(run):
     _, r0, r1 = run
     first = r0["fsdp2-raise"]["history"][0]
     assert (first["epoch"], first["xattn/num_probes"], first["xattn/num_failed"]) == (0, 2.0, 1.0)
-    assert [_numbers(e) for e in r0["fsdp2-raise"]["history"]] == [_numbers(e) for e in r1["fsdp2-raise"]["history"]]
+    assert [logged_numbers(e) for e in r0["fsdp2-raise"]["history"]] == [logged_numbers(e) for e in r1["fsdp2-raise"]["history"]]
     assert r0["fsdp2-raise"]["same_weights"] is True
 
 
@@ -118,11 +89,7 @@ def test_compare_loads_a_sharded_checkpoint_directory(run, case, tmp_path):
     from xattn_lightning.checkpoints import load_checkpoint
 
     out, _, _ = run
-    sys.path.insert(0, str(TESTS))
-    try:
-        module, _, name = load_checkpoint(str(out / f"{case}.ckpt"), module="sharded_run:Module")
-    finally:
-        sys.path.remove(str(TESTS))
+    module, _, name = load_checkpoint(str(out / f"{case}.ckpt"), module="sharded_run:Module")  # (tests/ is on the path)
     trained = torch.load(out / f"{case}.weights.pt")
     state = module.state_dict()
     assert name == case and trained.keys() <= state.keys()

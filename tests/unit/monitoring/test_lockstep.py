@@ -7,17 +7,13 @@ about to run different forwards fail that probe together, before the collective.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import HANG, logged_numbers, max_difference, run_two_processes
+from lockstep_run import LENGTHS, collective_s2t, probes, set_collectives
 
 from xattn_lightning.monitoring.lockstep import active, first_collective, lockstep_reading, read, share_of
 from xattn_lightning.reading import Probe, ReadingConfig
@@ -25,42 +21,14 @@ from xattn_lightning.reading import read as read_one_process
 from xattn_lightning.saliency import SaliencyOptions
 from xattn_lightning.testing import TinyS2T
 
-TESTS = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(TESTS))
-from lockstep_run import LENGTHS, collective_s2t, probes, set_collectives  # noqa: E402
-
 CASES = ["without", "true", "auto", "raise", "delay", "plain"]
-HANG = 240  # seconds: past it the 2-process run is killed and the test fails (a hang is a failure, never a CI stall)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One 2-process run of every case (tests/lockstep_run.py); rank 0's and rank 1's results."""
-    out = tmp_path_factory.mktemp("lockstep")
-    env = dict(os.environ, LOCKSTEP_RUN_DUMP_AFTER=str(HANG - 30))
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, str(TESTS / "lockstep_run.py"), str(out / "r.json"), *CASES]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        log, _ = proc.communicate(timeout=HANG)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: Lightning's launcher starts rank 1 in the same group
-        pytest.fail(f"the 2-process run did not finish in {HANG} s: a hang")
-    assert proc.returncode == 0, log.decode()[-4000:]
-    return json.loads((out / "r.json").read_text()), json.loads((out / "r.json.rank1").read_text())
-
-
-def _numbers(entry: dict) -> dict[str, float]:
-    return {k: v for k, v in entry.items() if k.startswith("xattn/") and k != "xattn/seconds"}
-
-
-def _max_difference(a: list[dict], b: list[dict]) -> float:
-    assert len(a) == len(b) and a
-    worst = 0.0
-    for x, y in zip(a, b):
-        assert _numbers(x).keys() == _numbers(y).keys()
-        worst = max([worst, *(abs(_numbers(x)[k] - _numbers(y)[k]) for k in _numbers(x))])
-    return worst
+    return run_two_processes("lockstep_run.py", tmp_path_factory.mktemp("lockstep"), CASES,
+                             {"LOCKSTEP_RUN_DUMP_AFTER": str(HANG - 30)})  # fmt: skip
 
 
 @pytest.mark.timeout(HANG + 60)
@@ -73,7 +41,7 @@ def test_lockstep_readings_are_one_process_readings_and_training_is_unchanged(ru
         assert r[case]["generated"] == {"0": 3, "1": 3}
         assert [e["epoch"] for e in r[case]["history"]] == [0, 1]
         assert all(e["xattn/num_probes"] == 3.0 and e["xattn/num_failed"] == 0.0 for e in r[case]["history"])
-        assert _max_difference(r[case]["history"], r0[case]["reference"]) < 1e-6
+        assert max_difference(r[case]["history"], r0[case]["reference"]) < 1e-6
         assert r[case]["same_weights"] is True
     assert [w for w in r0[case]["warnings"] if "tokenizer" not in w] == []
 
@@ -92,8 +60,8 @@ def test_a_fault_on_one_rank_in_the_middle_of_a_probe_skips_that_probe_on_every_
     r0, r1 = run
     first = [r["raise"]["history"][0] for r in (r0, r1)]
     assert [(e["epoch"], e["xattn/num_probes"], e["xattn/num_failed"]) for e in first] == [(0, 2.0, 1.0)] * 2
-    assert _numbers(first[0]) == _numbers(first[1])
-    assert _max_difference(r0["raise"]["history"][1:], r0["true"]["history"][1:]) < 1e-6
+    assert logged_numbers(first[0]) == logged_numbers(first[1])
+    assert max_difference(r0["raise"]["history"][1:], r0["true"]["history"][1:]) < 1e-6
     said = [w for w in r0["raise"]["warnings"] if "fault injected" in w]
     assert len(said) == 1 and "probe1" in said[0] and "process 1" in said[0], r0["raise"]["warnings"]
     assert r0["raise"]["same_weights"] is True and r1["raise"]["same_weights"] is True
@@ -107,7 +75,7 @@ def test_a_late_rank_fails_the_reading_on_every_rank_together_and_training_goes_
     for r in (r0, r1):
         assert [e["epoch"] for e in r["delay"]["history"]] == [1]
         undisturbed = [{k: v for k, v in e.items() if "_delta" not in k} for e in r0["true"]["history"][1:]]
-        assert _max_difference(r["delay"]["history"], undisturbed) < 1e-6  # (no change since a first reading)
+        assert max_difference(r["delay"]["history"], undisturbed) < 1e-6  # (no change since a first reading)
         assert r["delay"]["same_weights"] is True
     said = [w for w in r0["delay"]["warnings"] if "did not reach this step" in w]
     assert len(said) == 1 and "process [1]" in said[0], r0["delay"]["warnings"]
