@@ -35,7 +35,7 @@ from xattn_lightning.audio import load_audio, read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.timestamps import align, alignment_words, timing_scores
-from xattn_lightning.timestamps.heads import boundary_energy, choose_heads_from
+from xattn_lightning.timestamps.choice import boundary_energy, choose_heads_from
 
 
 def silence_distance(a, heads, clip: float = 0.2) -> list[float]:

@@ -289,7 +289,7 @@ def test_the_criterion_picks_the_planted_diagonal_heads_over_late_or_noise_heads
 
 def test_the_choice_is_made_once_per_model_cached_and_overridable(monkeypatch):
     from xattn_lightning.timestamps import cached_heads, choose_heads, forget_heads
-    from xattn_lightning.timestamps import heads as heads_module
+    from xattn_lightning.timestamps import choice as heads_module
 
     m = speaking_tiny_whisper()
     b = whisper_batch(m, lengths=(60, 44))

@@ -1,10 +1,7 @@
-"""A monitor, host-independent: :class:`Instrument` composes collecting the probes
-(:class:`~xattn_lightning.monitoring.collector.ProbeCollector`), taking readings
-(:class:`~xattn_lightning.monitoring.reader.Reader`: schedule, budget, mask count) and publishing them
-(:class:`~xattn_lightning.monitoring.publisher.Publisher`: scalars, media, messages), and keeps what a resume
-needs. The Lightning callback and the Hugging Face Trainer callback are hosts over it: they decide *when*
-(their hooks and schedule) and give a :class:`Host` (processes, loggers).
-"""
+"""A monitor, host-independent: :class:`Instrument` composes collecting the probes (:class:`~.collector.ProbeCollector`),
+taking readings (:class:`~.reader.Reader`: schedule, budget, mask count) and publishing them
+(:class:`~.publisher.Publisher`: scalars, media, messages), and keeps what a resume needs. The Lightning and the
+Hugging Face callbacks are hosts over it: they decide *when* (their hooks) and give a :class:`Host`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Word timestamps from cross-attention: timing (:mod:`.align`), which heads (:mod:`.heads`), the alignment loss
-of fine-tunes (:mod:`.loss`) and caption files (:mod:`.captions`). The DTW, prior and silence maths are pure
-functions in :mod:`xattn_lightning.functional.alignment` and :mod:`xattn_lightning.functional.silence`. Stands
-without Lightning.
+"""Word timestamps from cross-attention: timing (:mod:`.align`), which heads (:mod:`.heads`; the default's set,
+chosen once per model: :mod:`.choice`), the alignment loss of fine-tunes (:mod:`.loss`) and caption files
+(:mod:`.captions`). The DTW, prior and silence maths are pure functions in
+:mod:`xattn_lightning.functional.alignment` and :mod:`xattn_lightning.functional.silence`. Stands without Lightning.
 
 >>> from xattn_lightning.timestamps import word_timestamps, alignment_heads, choose_heads, AlignmentLoss, captions
 """
@@ -23,12 +23,11 @@ from xattn_lightning.timestamps.align import (
     timing_scores,
     word_timestamps,
 )
-from xattn_lightning.timestamps.heads import (
+from xattn_lightning.timestamps.choice import (
     CHOICE_TOLERANCE_SE,
     CHOICE_UTTERANCES,
     HEAD_SETS,
     HeadChoice,
-    alignment_heads,
     boundary_energy,
     cached_heads,
     candidate_heads,
@@ -36,6 +35,9 @@ from xattn_lightning.timestamps.heads import (
     choose_heads_from,
     consistent_heads,
     forget_heads,
+)
+from xattn_lightning.timestamps.heads import (
+    alignment_heads,
     head_agreement,
     head_errors,
     model_alignment_heads,

@@ -295,7 +295,7 @@ def word_timestamps(
     aligns = [alignment_from(e, saliency_method=methods[0] if methods else None) for e in exps]
     fixed: Any = heads
     if aligns and heads in ("auto", "consistent"):
-        from xattn_lightning.timestamps.heads import choose_for  # heads.py builds on this module
+        from xattn_lightning.timestamps.choice import choose_for  # choice.py builds on this module
 
         choice = choose_for(adapter, aligns)
         fixed = choice.heads if heads == "auto" else choice.candidates["consistent"]

@@ -1,0 +1,277 @@
+"""The model's head set for word timestamps, chosen once without labels: candidate sets stated relative to the
+model (every head, the upper half of the layers, its shipped heads, the heads that follow the consensus), each
+scored by where its word boundaries fall in the input's level, the set with the most heads within one standard
+error of the best kept and cached per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xattn_lightning.adapters import Adapter, adapter_for
+from xattn_lightning.errors import XAttnError
+from xattn_lightning.functional.alignment import DURATION_PRIOR, Word
+from xattn_lightning.timestamps.align import Alignment, align, alignment_words
+
+#: the head sets :func:`choose_heads` picks from, each stated relative to the model: ``"all"`` every head;
+#: ``"upper_half"`` every head of the upper half of the layers (openai-whisper's fallback); ``"model"`` the model's
+#: shipped ``alignment_heads`` (left out when it has none); ``"consistent"`` the half of the heads whose own DTW
+#: boundaries lie nearest the all-head ones on the choosing speech (:func:`consistent_heads`)
+HEAD_SETS = ("all", "upper_half", "model", "consistent")
+#: unlabelled utterances :func:`word_timestamps`' default chooses its head set on, once per model
+#: (docs/timestamps.md, "A head set per model")
+CHOICE_UTTERANCES = 8
+#: the one-standard-error rule of :func:`choose_heads_from`: a candidate with more heads is preferred while its
+#: criterion is within this many standard errors (paired, over boundaries) of the lowest
+CHOICE_TOLERANCE_SE = 1.0
+
+
+@dataclass
+class HeadChoice:
+    """The head set :func:`choose_heads` picked: its name in :data:`HEAD_SETS`, its ``[layer, head]`` pairs,
+    every candidate and its criterion (:func:`boundary_energy`, lower is better), the standard error of each
+    candidate's difference from the lowest, on how many utterances."""
+
+    name: str
+    heads: list[list[int]]
+    candidates: dict[str, list[list[int]]]
+    scores: dict[str, float]
+    utterances: int
+    standard_errors: dict[str, float] = field(default_factory=dict)
+
+
+def _boundaries(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float) -> list[Word]:
+    return alignment_words(a, heads, duration_prior=duration_prior)
+
+
+def head_distances(a: Alignment) -> Tensor:
+    """Mean distance (s) of each single head's plain-DTW word boundaries from those of every head averaged, on one
+    utterance, ``[L * H]`` in ``[layer, head]`` order (no labels).
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
+    >>> head_distances(a).shape
+    torch.Size([4])
+    """
+    num_layers, num_heads = a.cross_attention.shape[:2]
+    every = [[li, h] for li in range(num_layers) for h in range(num_heads)]
+
+    def times(heads: list[list[int]]) -> Tensor:
+        return torch.tensor([t for _, s, e in _boundaries(a, heads, 0.0) for t in (s, e)], dtype=torch.float64)
+
+    consensus = times(every)
+    if not len(consensus):
+        return torch.zeros(len(every), dtype=torch.float64)
+    return torch.stack([(times([head]) - consensus).abs().mean() for head in every])
+
+
+def consistent_heads(alignments: Sequence[Alignment], distances: Sequence[Tensor] | None = None) -> list[list[int]]:
+    """The half of the heads (rounded up) whose plain-DTW word boundaries lie nearest, on average, to those of
+    every head averaged, over ``alignments`` (no labels): the heads that follow the consensus path.
+    ``distances``: their :func:`head_distances`, when already computed.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> len(consistent_heads(a))
+    2
+    """
+    if not alignments:
+        raise XAttnError("consistent_heads needs at least one alignment.")
+    num_layers, num_heads = alignments[0].cross_attention.shape[:2]
+    every = [[li, h] for li in range(num_layers) for h in range(num_heads)]
+    dist = torch.stack(list(distances) if distances is not None else [head_distances(a) for a in alignments]).sum(0)
+    order = torch.argsort(dist, stable=True)[: (len(every) + 1) // 2]
+    return sorted(every[int(i)] for i in order)
+
+
+def candidate_heads(
+    alignments: Sequence[Alignment],
+    shipped: Sequence[Sequence[int]] | None = None,
+    distances: Sequence[Tensor] | None = None,
+) -> dict[str, list[list[int]]]:
+    """The candidate head sets of :data:`HEAD_SETS` for the model behind ``alignments`` (its shape read from
+    their cross-attention); ``shipped``: the model's own ``alignment_heads`` (``"model"`` is left out without);
+    ``distances``: the alignments' :func:`head_distances`, when already computed.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> candidate_heads(a)["upper_half"]
+    [[1, 0], [1, 1]]
+    """
+    if not alignments:
+        raise XAttnError("candidate_heads needs at least one alignment.")
+    num_layers, num_heads = alignments[0].cross_attention.shape[:2]
+    out = {
+        "all": [[li, h] for li in range(num_layers) for h in range(num_heads)],
+        "upper_half": [[li, h] for li in range(num_layers // 2, num_layers) for h in range(num_heads)],
+    }
+    if shipped:
+        out["model"] = [[int(li), int(h)] for li, h in shipped]
+    out["consistent"] = consistent_heads(alignments, distances)
+    return out
+
+
+def boundary_energy(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float = DURATION_PRIOR) -> list[float]:
+    """The input's level at each boundary between two words that DTW over ``heads`` places (with the duration
+    prior, before any move to silences), z-scored over the speech between the first word's start and the last
+    word's end: negative where a boundary falls in a dip of the signal, as word boundaries tend to. Needs
+    ``a.energy`` (alignments made by :func:`align` or from :func:`xattn_lightning.explain` carry it).
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
+    >>> len(boundary_energy(a, [[0, 0]]))
+    1
+    """
+    if a.energy is None:
+        raise XAttnError("boundary_energy needs the input's frame levels: make the alignment with align().")
+    words = _boundaries(a, heads, duration_prior)
+    if len(words) < 2:
+        return []
+    e, step = a.energy.double(), a.energy_frame_seconds
+    lo, hi = int(words[0][1] / step), int(round(words[-1][2] / step))
+    speech = e[lo : max(hi, lo + 2)]
+    mean, std = float(speech.mean()), float(speech.std())
+    std = std if std > 0 else 1.0
+    return [(float(e[min(int(round(end / step)), len(e) - 1)]) - mean) / std for _, _, end in words[:-1]]
+
+
+def choose_heads_from(
+    alignments: Sequence[Alignment],
+    shipped: Sequence[Sequence[int]] | None = None,
+    distances: Sequence[Tensor] | None = None,
+    tolerance: float = CHOICE_TOLERANCE_SE,
+) -> HeadChoice:
+    """The candidate of :func:`candidate_heads` whose word boundaries fall where the input is quietest
+    (:func:`boundary_energy`, lower mean is better), by the one-standard-error rule: of the candidates whose mean
+    is within ``tolerance`` standard errors of the lowest (the error of the paired difference over the same
+    boundaries), the one with the most heads (an average over more heads varies less; ties go to the earlier of
+    :data:`HEAD_SETS`). ``tolerance=0``: the lowest mean. No labels: ``alignments`` are any utterances of the
+    model's speech.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> choose_heads_from(a).name in HEAD_SETS
+    True
+    """
+    candidates = candidate_heads(alignments, shipped, distances)
+    values = {
+        n: torch.tensor([x for a in alignments for x in boundary_energy(a, h)], dtype=torch.float64)
+        for n, h in candidates.items()
+    }
+    scores = {n: float(v.mean()) if len(v) else 0.0 for n, v in values.items()}
+    lowest = min(candidates, key=lambda n: (round(scores[n], 9), HEAD_SETS.index(n)))
+    errors = {}
+    for n, v in values.items():
+        d = v - values[lowest]
+        errors[n] = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    near = [n for n in candidates if scores[n] - scores[lowest] <= tolerance * errors[n] + 1e-12]
+    best = min(near, key=lambda n: (-len(candidates[n]), HEAD_SETS.index(n)))
+    return HeadChoice(best, candidates[best], candidates, scores, len(alignments), errors)
+
+
+@dataclass
+class _ModelChoice:
+    pool: list[Alignment] = field(default_factory=list)
+    distances: list[Tensor] = field(default_factory=list)  # head_distances of the pool, computed once each
+    choice: HeadChoice | None = None
+    final: bool = False
+
+
+_CHOICES: weakref.WeakKeyDictionary[nn.Module, _ModelChoice] = weakref.WeakKeyDictionary()
+
+
+def cached_heads(model: nn.Module | Adapter) -> HeadChoice | None:
+    """The head set chosen for ``model`` so far (by :func:`choose_heads` or :func:`word_timestamps`' default),
+    ``None`` before any choice.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> cached_heads(m) is None
+    True
+    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> choose_for(m, a).utterances, cached_heads(m).utterances
+    (1, 1)
+    """
+    state = _CHOICES.get(adapter_for(model).model)
+    return state.choice if state else None
+
+
+def forget_heads(model: nn.Module | Adapter) -> None:
+    """Drop ``model``'s cached head choice (after changing its weights), so that the next call chooses again.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> _ = choose_for(m, a)
+    >>> forget_heads(m); cached_heads(m) is None
+    True
+    """
+    _CHOICES.pop(adapter_for(model).model, None)
+
+
+def choose_for(adapter: Adapter, alignments: Sequence[Alignment]) -> HeadChoice:
+    """The cached head set of the adapter's model; until :data:`CHOICE_UTTERANCES` utterances have been seen,
+    chosen again on every utterance seen so far including ``alignments`` (then fixed). What
+    :func:`word_timestamps`' default calls with the alignments it has made.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> choose_for(m, a) is cached_heads(m)
+    True
+    """
+    state = _CHOICES.setdefault(adapter.model, _ModelChoice())
+    if state.final and state.choice is not None:
+        return state.choice
+    new = list(alignments)[: max(CHOICE_UTTERANCES - len(state.pool), 0)]
+    state.pool += new
+    state.distances += [head_distances(a) for a in new]
+    if not state.pool:
+        raise XAttnError("Choosing a head set needs at least one utterance.")
+    state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances)
+    if len(state.pool) >= CHOICE_UTTERANCES:
+        state.final, state.pool, state.distances = True, [], []
+    return state.choice
+
+
+def choose_heads(
+    model: nn.Module | Adapter,
+    batches: Iterable[Any],
+    *,
+    tokenizer: object | None = None,
+    max_utterances: int = CHOICE_UTTERANCES,
+) -> HeadChoice:
+    """Choose the model's head set for word timestamps from unlabelled speech, once, and cache it: the
+    candidate of :data:`HEAD_SETS` whose word boundaries fall where the input is quietest
+    (:func:`choose_heads_from`) on the first ``max_utterances`` utterances of ``batches``. :func:`word_timestamps`
+    uses it by default; without this call it chooses on the first utterances it times.
+    One pass per utterance, as a greedy decode.
+
+    Example (a real Whisper and its processor)::
+
+        choice = xl.timestamps.choose_heads(model, [features_batch(processor, rows[:8])], tokenizer=processor)
+        choice.name, choice.scores  # 'all', {'all': -0.08, 'upper_half': 0.04, 'model': 0.49, 'consistent': -0.17}
+    """
+    adapter = adapter_for(model, tokenizer)
+    aligns: list[Alignment] = []
+    for b in batches:
+        aligns += align(adapter, b)
+        if len(aligns) >= max_utterances:
+            break
+    if not aligns:
+        raise XAttnError("choose_heads needs at least one utterance of speech.")
+    choice = choose_heads_from(aligns[:max_utterances], adapter.alignment_heads())
+    _CHOICES[adapter.model] = _ModelChoice(choice=choice, final=True)
+    return choice
