@@ -417,3 +417,25 @@ def write_rank_results(path: str, results: dict) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     with open(path if rank == 0 else f"{path}.rank{rank}", "w") as fh:
         json.dump(results, fh, indent=1, default=str)
+
+
+#: the oracle's true regions: encoder frames of tokens 0..2 (input frames x2)
+ORACLE_REGIONS = [range(0, 4), range(4, 8), range(8, 12)]
+SALIENCY_METHODS = (
+    "spes",
+    "encoder_spes",
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "encoder_saliency",
+    "encoder_input_x_gradient",
+    "encoder_integrated_gradients",
+)
+
+
+def speaking_explain(**opts):
+    """One explanation of a tiny Whisper that speaks, by both SPES methods."""
+    import xattn_lightning as xl
+
+    m = speaking_tiny_whisper()
+    return xl.explain(m, whisper_batch(m, lengths=(60,)), methods=("spes", "encoder_spes"), max_new_tokens=5, **opts)[0]
