@@ -1,0 +1,96 @@
+"""``xattn_lightning.timestamps.choice``: the default head set, chosen once per model without labels."""
+
+import pytest
+import torch
+from helpers import speaking_tiny_whisper, whisper_batch
+
+import xattn_lightning as xl
+
+
+def _planted_alignment(seed: int, lower: str = "late"):
+    """An utterance of 8 one-token words whose true boundaries are dips of the input's level; layers 2-3 of a
+    4-layer × 2-head model attend to each word's true span (planted diagonal heads), layers 0-1 to the span 12
+    frames later (``lower="late"``: as sharp, but late) or at random (``"noise"``), all with some noise."""
+    from xattn_lightning.timestamps import Alignment
+
+    g = torch.Generator().manual_seed(seed)
+    n_words, frames = 8, 150  # encoder frames of 20 ms
+    lengths = 6 + torch.randint(0, 12, (n_words,), generator=g)
+    edges = [5, *(5 + torch.cumsum(lengths, 0)).tolist()]
+    energy = torch.ones(2 * frames)  # input frames of 10 ms
+    for b in edges[1:-1]:
+        energy[2 * b - 1 : 2 * b + 2] = -1.0  # a dip at every true boundary
+    ca = torch.rand(4, 2, n_words + 1, frames, generator=g) * 0.05
+    for j in range(n_words):
+        s, e = edges[j], edges[j + 1]
+        ca[2:, :, j, s:e] += 1.0
+        ca[:2, :, j, min(s + 12, frames - 1) : min(e + 12, frames)] += 1.0
+    ca[2:, :, n_words, edges[-1] : edges[-1] + 5] += 1.0
+    ca[:2, :, n_words, edges[-1] + 12 : edges[-1] + 17] += 1.0
+    if lower == "noise":
+        ca[:2] = torch.rand(2, 2, n_words + 1, frames, generator=g)
+    ca = ca / ca.sum(-1, keepdim=True)
+    true = [(f"w{j}", edges[j] * 0.02, edges[j + 1] * 0.02) for j in range(n_words)]
+    a = Alignment(
+        decoder_ids=torch.arange(n_words + 2),
+        cross_attention=ca,
+        num_prompt=1,
+        pieces=[f" w{j}" for j in range(n_words)],
+        frame_seconds=0.02,
+        silences=[],
+        energy=energy,
+    )
+    return a, true
+
+
+@pytest.mark.parametrize("lower", ["late", "noise"])
+def test_the_criterion_picks_the_planted_diagonal_heads_over_late_or_noise_heads(lower):
+    from xattn_lightning.timestamps import alignment_words, boundary_energy, choose_heads_from
+
+    planted = [_planted_alignment(seed, lower) for seed in range(3)]
+    aligns = [a for a, _ in planted]
+    choice = choose_heads_from(aligns, shipped=[[0, 0], [1, 1]])  # shipped: two of the lower heads
+    assert set(choice.candidates) == {"all", "upper_half", "model", "consistent"}
+    err = {
+        n: xl.timestamps.timing_scores([alignment_words(a, h) for a in aligns], [t for _, t in planted])["mae_ms"]
+        for n, h in choice.candidates.items()
+    }
+    assert choice.name != "model" and err[choice.name] == min(err.values()), (choice, err)  # the best aligner
+    if lower == "late":  # averaged in, late heads move the boundaries: only the planted heads are right
+        assert choice.name in ("upper_half", "consistent") and all(li >= 2 for li, _ in choice.heads), choice
+        assert choice.scores[choice.name] < min(choice.scores["all"], choice.scores["model"]) - 0.3
+        assert err[choice.name] < err["all"], err
+    else:  # noise heads average out (every head is as good here; the one-SE rule prefers more heads)
+        assert choice.scores["model"] > choice.scores[choice.name] + 1.0
+    assert all(x < 0 for x in boundary_energy(aligns[0], [[2, 0], [3, 1]], 0.0))  # in the dips
+    with pytest.raises(xl.XAttnError, match="frame levels"):
+        boundary_energy(type(aligns[0])(**{**aligns[0].__dict__, "energy": None}), [[2, 0]])
+
+
+def test_the_choice_is_made_once_per_model_cached_and_overridable(monkeypatch):
+    from xattn_lightning.timestamps import cached_heads, choose_heads, forget_heads
+    from xattn_lightning.timestamps import choice as heads_module
+
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60, 44))
+    tok = lambda i: f" w{i}"  # noqa: E731
+    monkeypatch.setattr(heads_module, "CHOICE_UTTERANCES", 2)
+    assert cached_heads(m) is None
+    first = xl.word_timestamps(m, b, tokenizer=tok)
+    choice = cached_heads(m)
+    assert choice is not None and choice.utterances == 2
+
+    def no_second_choice(*args, **kwargs):
+        raise AssertionError("chose again")
+
+    monkeypatch.setattr(heads_module, "choose_heads_from", no_second_choice)
+    assert xl.word_timestamps(m, b, tokenizer=tok) == first  # cached: no new choice
+    explicit = xl.word_timestamps(m, b, tokenizer=tok, heads=[[0, 0]])  # an explicit override still works
+    assert explicit != first or choice.heads == [[0, 0]]
+    monkeypatch.undo()
+    forget_heads(m)
+    assert cached_heads(m) is None
+    c = choose_heads(m, [b], tokenizer=tok)
+    assert cached_heads(m) is c and c.utterances == 2 and c.name in xl.timestamps.HEAD_SETS
+    with pytest.raises(xl.XAttnError, match="heads"):
+        xl.word_timestamps(m, b, tokenizer=tok, heads="best")
