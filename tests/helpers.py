@@ -439,3 +439,13 @@ def speaking_explain(**opts):
 
     m = speaking_tiny_whisper()
     return xl.explain(m, whisper_batch(m, lengths=(60,)), methods=("spes", "encoder_spes"), max_new_tokens=5, **opts)[0]
+
+
+def module_state(model) -> tuple:
+    """What explaining must leave as it was: the attention kernel, every module's train flag, every parameter's
+    ``requires_grad``."""
+    return (
+        getattr(model.config, "_attn_implementation", None) if hasattr(model, "config") else None,
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )

@@ -138,7 +138,7 @@ def test_the_library_takes_nemos_own_mini_batch(tiny, manifests):
 def _finetune(manifests, out: Path, monitor: bool):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "finetune_nemo_aed.py"
+    path = Path(__file__).resolve().parents[3] / "examples" / "finetune_nemo_aed.py"
     spec = importlib.util.spec_from_file_location(f"finetune_nemo_{out.name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
