@@ -449,3 +449,52 @@ def module_state(model) -> tuple:
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
     )
+
+
+#: the English-only Whisper vocabulary: the tokenizer's special ids need all of it
+EN_VOCAB = 51864
+
+
+def tiny_dims(n_audio_ctx: int = 50):
+    """The dimensions of a tiny openai-whisper model."""
+    from whisper.model import ModelDimensions
+
+    return ModelDimensions(
+        n_mels=80, n_audio_ctx=n_audio_ctx, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
+        n_vocab=EN_VOCAB, n_text_ctx=24, n_text_state=16, n_text_head=2, n_text_layer=2,
+    )  # fmt: skip
+
+
+def random_whisper(n_audio_ctx: int = 50, seed: int = 0):
+    """A random openai-whisper model (the package leaves the decoder's positions uninitialised)."""
+    import torch
+    from whisper.model import Whisper
+
+    torch.manual_seed(seed)
+    model = Whisper(tiny_dims(n_audio_ctx))
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0, 0.02)
+    return model.eval()
+
+
+def openai_whisper_checkpoint(tmp_path, n_audio_ctx: int = 1500):
+    """A random openai-whisper checkpoint file, as ``whisper.load_model`` reads it."""
+    import dataclasses
+
+    import torch
+
+    dims = tiny_dims(n_audio_ctx)
+    path = tmp_path / "tiny-random.pt"
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": random_whisper(n_audio_ctx).state_dict()}, path)
+    return path
+
+
+def mel_batch(lengths=(37, 80), window: int = 100, seed: int = 0) -> dict:
+    """openai-whisper's log-mel input: 80 bins, ``window`` frames, each utterance's own length of noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((len(lengths), 80, window), -0.5)
+    for b, n in enumerate(lengths):
+        x[b, :, :n] = torch.randn(80, n, generator=g)
+    return {"input_features": x}

@@ -32,7 +32,7 @@ def _models():
         ("s2t", tiny_speech2text(), s2t_batch),
     ]
     try:
-        from test_openai_whisper import mel_batch, random_whisper
+        from helpers import mel_batch, random_whisper
 
         models.append(("openai", random_whisper(), mel_batch(lengths=(60,))))
     except Exception:  # openai-whisper not installed: the HF adapter alone

@@ -232,13 +232,12 @@ def test_openai_whisper_example_in_both_packages(tmp_path, ns):
     ``import lightning.pytorch as pl`` line as the script has it or as ``import pytorch_lightning as pl``."""
     _import(ns)
     pytest.importorskip("whisper", reason="openai-whisper is in the dev extras")
-    from helpers import load_example, tone_manifest
-    from test_openai_whisper import _whisper_checkpoint
+    from helpers import load_example, openai_whisper_checkpoint, tone_manifest
 
     ex = load_example("finetune_openai_whisper", lightning=ns)
     assert ex.pl.__name__ == ns
     manifest = tone_manifest(tmp_path, n=4)
-    argv = ["--model", str(_whisper_checkpoint(tmp_path)), "--manifest", str(manifest), "--epochs", "2",
+    argv = ["--model", str(openai_whisper_checkpoint(tmp_path)), "--manifest", str(manifest), "--epochs", "2",
             "--batch-size", "2", "--num-probes", "2", "--n-masks", "8", "--lr", "1e-3",
             "--accelerator", "cpu", "--max-overhead", "none"]  # fmt: skip
     with warnings.catch_warnings(record=True) as rec:
@@ -378,7 +377,7 @@ def test_batch_shapes_of_public_scripts_need_no_batch_fn(tmp_path, ns, shape):
     pl = _import(ns)
     if shape.startswith("openai"):
         pytest.importorskip("whisper", reason="openai-whisper is in the dev extras")
-        from test_openai_whisper import random_whisper
+        from helpers import random_whisper
 
         class Module(pl.LightningModule):
             def __init__(self) -> None:

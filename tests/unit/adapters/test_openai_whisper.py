@@ -1,7 +1,6 @@
 """openai-whisper models through xl.adapter_for: cross-attention equal to the Hugging Face model's,
 SDPA switched back, generation, saliency, and the WhisperModelModule-style example."""
 
-import dataclasses
 import warnings
 
 import pytest
@@ -10,27 +9,10 @@ import torch
 import xattn_lightning as xl
 
 whisper = pytest.importorskip("whisper", reason="openai-whisper is an optional extra: pip install openai-whisper")
-from whisper.model import ModelDimensions, MultiHeadAttention, Whisper  # noqa: E402
+from helpers import EN_VOCAB, mel_batch, openai_whisper_checkpoint, random_whisper  # noqa: E402
+from whisper.model import MultiHeadAttention  # noqa: E402
 
 from xattn_lightning.adapters.openai_whisper import OpenAIWhisperAdapter, openai_whisper_from_hf  # noqa: E402
-
-EN_VOCAB = 51864  # English-only Whisper: the tokenizer's special ids need the full vocabulary
-
-
-def tiny_dims(n_audio_ctx: int = 50) -> ModelDimensions:
-    return ModelDimensions(
-        n_mels=80, n_audio_ctx=n_audio_ctx, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
-        n_vocab=EN_VOCAB, n_text_ctx=24, n_text_state=16, n_text_head=2, n_text_layer=2,
-    )  # fmt: skip
-
-
-def random_whisper(n_audio_ctx: int = 50, seed: int = 0) -> Whisper:
-    """A random openai-whisper model (the package leaves the decoder's positions uninitialised)."""
-    torch.manual_seed(seed)
-    model = Whisper(tiny_dims(n_audio_ctx))
-    with torch.no_grad():
-        model.decoder.positional_embedding.normal_(0, 0.02)
-    return model.eval()
 
 
 def tiny_hf_whisper(seed: int = 0):
@@ -44,14 +26,6 @@ def tiny_hf_whisper(seed: int = 0):
         pad_token_id=50256, bos_token_id=50256,
     )  # fmt: skip
     return WhisperForConditionalGeneration(cfg).eval()
-
-
-def mel_batch(lengths=(37, 80), window: int = 100, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.full((len(lengths), 80, window), -0.5)
-    for b, n in enumerate(lengths):
-        x[b, :, :n] = torch.randn(80, n, generator=g)
-    return {"input_features": x}
 
 
 def test_adapter_for_finds_openai_whisper_directly_and_inside_a_module():
@@ -110,21 +84,13 @@ def test_wrong_window_is_a_clear_error():
         xl.explain(model, {"input_features": torch.randn(1, 80, 64)}, targets=[[50257, 11, 50256]])
 
 
-def _whisper_checkpoint(tmp_path, n_audio_ctx: int = 1500):
-    dims = tiny_dims(n_audio_ctx)
-    model = random_whisper(n_audio_ctx)
-    path = tmp_path / "tiny-random.pt"
-    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, path)
-    return path
-
-
 @pytest.mark.parametrize("no_val", [False, True])
 def test_openai_whisper_example_shortened(tmp_path, no_val):
     from helpers import load_example, tone_manifest
 
     ex = load_example("finetune_openai_whisper")
     manifest = tone_manifest(tmp_path, n=4)
-    argv = ["--model", str(_whisper_checkpoint(tmp_path)), "--manifest", str(manifest), "--epochs", "2",
+    argv = ["--model", str(openai_whisper_checkpoint(tmp_path)), "--manifest", str(manifest), "--epochs", "2",
             "--batch-size", "2", "--num-probes", "2", "--n-masks", "8", "--lr", "1e-3", "--out", str(tmp_path / "run"),
             "--accelerator", "cpu", "--max-overhead", "none"] + (["--no-val"] if no_val else [])  # fmt: skip
     with warnings.catch_warnings(record=True) as rec:
