@@ -18,6 +18,10 @@ from xattn_lightning.saliency.options import GradientOptions
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
 
 
+#: the gradient engines' options when none are given (a frozen object: shared safely)
+GRADIENT_DEFAULTS = GradientOptions()
+
+
 def _captum(name: str, fn: Callable[[Tensor], Tensor]):
     from captum.attr import InputXGradient, IntegratedGradients, Saliency
 
@@ -33,11 +37,11 @@ def captum_attribute(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     num_tokens: int,
-    n_steps: int = GradientOptions.n_steps,
-    internal_batch_size: int | None = GradientOptions.internal_batch_size,
+    options: GradientOptions = GRADIENT_DEFAULTS,
     progress: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """Attribute ``fn(x [1, ...]) -> [1, I]`` (log-prob per token) to ``x`` once per token with Captum.
+    """Attribute ``fn(x [1, ...]) -> [1, I]`` (log-prob per token) to ``x`` once per token with Captum
+    (integrated gradients: ``options.n_steps`` steps, ``options.internal_batch_size`` at a time).
 
     Returns ``[I, *x.shape[1:]]`` raw attributions (sign kept).
     """
@@ -49,8 +53,8 @@ def captum_attribute(
             kw["abs"] = False
         if name == "integrated_gradients":
             kw.update(
-                n_steps=n_steps,
-                internal_batch_size=internal_batch_size or n_steps,
+                n_steps=options.n_steps,
+                internal_batch_size=options.internal_batch_size or options.n_steps,
                 baselines=torch.zeros_like(x),
             )
         a = algo.attribute(x, **kw)
@@ -88,8 +92,7 @@ def batched_attribute(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     num_tokens: int,
-    n_steps: int = GradientOptions.n_steps,
-    internal_batch_size: int | None = GradientOptions.internal_batch_size,
+    options: GradientOptions = GRADIENT_DEFAULTS,
     progress: Callable[[int], None] | None = None,
     vjp: str = "vmap",
 ) -> Tensor:
@@ -110,10 +113,11 @@ def batched_attribute(
     from captum.attr._utils.approximation_methods import approximation_parameters
 
     step_sizes_fn, alphas_fn = approximation_parameters("gausslegendre")
+    n_steps = options.n_steps
     weights = torch.tensor(step_sizes_fn(n_steps), dtype=x.dtype, device=x.device)
     alphas = torch.tensor(alphas_fn(n_steps), dtype=x.dtype, device=x.device)
     baseline = torch.zeros_like(x)
-    chunk = internal_batch_size or n_steps
+    chunk = options.internal_batch_size or n_steps
     total = torch.zeros(num_tokens, *x.shape[1:], dtype=x.dtype, device=x.device)
     for s0 in range(0, n_steps, chunk):
         a = alphas[s0 : s0 + chunk].view(-1, *([1] * (x.dim() - 1)))

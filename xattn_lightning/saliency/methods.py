@@ -132,8 +132,7 @@ def gradient(method: str, x: MethodInputs, options: GradientOptions) -> Saliency
             fn,
             point,
             int(positions.numel()),
-            n_steps=options.n_steps,
-            internal_batch_size=options.internal_batch_size,
+            options,
             progress=bar.update if bar else None,
         )
     attr = attr.float()
