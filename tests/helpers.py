@@ -498,3 +498,17 @@ def mel_batch(lengths=(37, 80), window: int = 100, seed: int = 0) -> dict:
     for b, n in enumerate(lengths):
         x[b, :, :n] = torch.randn(80, n, generator=g)
     return {"input_features": x}
+
+
+def fit_demo(tmp_path, monitor=None, logger=False, seed=0, lr=3e-3, **kw):
+    """A short fit of the demo model (48 training and 6 validation utterances) on CPU, with ``monitor``."""
+    import lightning.pytorch as pl
+
+    from xattn_lightning.demo import DemoModule, loaders
+
+    pl.seed_everything(seed)
+    model = DemoModule(lr=lr)
+    tr, va = loaders(48, 6, batch_size=8)
+    trainer = cpu_trainer(tmp_path, [monitor] if monitor else [], logger, **kw)
+    trainer.fit(model, tr, va)
+    return model, trainer

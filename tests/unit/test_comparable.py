@@ -110,10 +110,10 @@ def test_explain_asks_for_a_number_instead_of_auto():
 
 
 def test_the_monitor_logs_the_change_since_its_first_reading_with_an_interval(tmp_path):
-    from test_monitor import _fit
+    from helpers import fit_demo
 
     mon = xl.XAttnSaliencyMonitor(max_overhead=None, num_probes=3, methods=("encoder_spes",), targets="labels")
-    _fit(tmp_path, mon, max_epochs=3)  # the demo's maps are reliable at 256 masks
+    fit_demo(tmp_path, mon, max_epochs=3)  # the demo's maps are reliable at 256 masks
     first, *later = mon.history
     key = "xattn/encoder_spes/pearson_corrected_delta"
     assert key not in first and len(later) == 2

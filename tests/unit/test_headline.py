@@ -85,13 +85,13 @@ def test_one_encoder_pass_per_probe(name, model, batch):
 def test_monitor_warns_once_how_many_masks_reach_the_floor(tmp_path):
     import warnings
 
-    from test_monitor import _fit
+    from helpers import fit_demo
 
     mon = xl.XAttnSaliencyMonitor(num_probes=2, methods=("encoder_spes",), n_masks=8, targets="labels",
                                   max_overhead=None, reliability_floor=0.999)  # fmt: skip
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        _fit(tmp_path, mon, max_epochs=2)
+        fit_demo(tmp_path, mon, max_epochs=2)
     msgs = [str(w.message) for w in rec if "floor" in str(w.message)]
     h = mon.history[-1]
     assert h["xattn/encoder_spes/reliability"] < 0.999 and len(mon.history) == 2

@@ -196,13 +196,13 @@ def test_standard_batch_shapes():
 def test_ddp_with_the_default_sampler_equals_one_process(tmp_path):
     """Lightning's DistributedSampler shards validation (rank 0: items 0, 2, 4; rank 1: 1, 3, 5): the
     probes are put back in order, so probe set and readings equal a single-process run."""
-    from test_monitor import _fit
+    from helpers import fit_demo
 
     from xattn_lightning.demo import DemoModule, loaders
 
     kw = dict(num_probes=3, methods=("encoder_spes",), n_masks=8, targets="labels")
     single = xl.XAttnSaliencyMonitor(max_overhead=None, **kw)
-    _fit(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
+    fit_demo(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=2)
     monitor = xl.XAttnSaliencyMonitor(max_overhead=None, **kw)

@@ -5,7 +5,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import cpu_trainer, read_csv
+from helpers import cpu_trainer, fit_demo, read_csv
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from wandb_reader import history
@@ -14,20 +14,11 @@ import xattn_lightning as xl
 from xattn_lightning.demo import DemoModule, loaders
 
 
-def _fit(tmp_path, monitor=None, logger=False, seed=0, lr=3e-3, **kw):
-    pl.seed_everything(seed)
-    model = DemoModule(lr=lr)
-    tr, va = loaders(48, 6, batch_size=8)
-    trainer = cpu_trainer(tmp_path, [monitor] if monitor else [], logger, **kw)
-    trainer.fit(model, tr, va)
-    return model, trainer
-
-
 def test_csv_logger_gets_scalars(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=3, methods=("encoder_spes", "spes"), n_masks=24, targets="labels"
     )
-    _fit(tmp_path, mon, CSVLogger(tmp_path))
+    fit_demo(tmp_path, mon, CSVLogger(tmp_path))
     rows = read_csv(glob.glob(str(tmp_path / "lightning_logs/*/metrics.csv"))[0])
     xrows = [r for r in rows if r.get("xattn/spes/pearson")]
     # after each epoch's validation, at the step Lightning gives that validation's own metrics
@@ -57,13 +48,13 @@ def test_layers_heads_select_the_headline_aggregation(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers="last"
     )
-    _fit(tmp_path, mon, max_epochs=1)
+    fit_demo(tmp_path, mon, max_epochs=1)
     h = mon.history[-1]
     assert h["xattn/encoder_spes/pearson"] == pytest.approx(h["xattn/encoder_spes/pearson_layer1"])
     mon2 = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels", layers=[0], heads=[1]
     )
-    _fit(tmp_path, mon2, max_epochs=1)
+    fit_demo(tmp_path, mon2, max_epochs=1)
     e = mon2.last_explanations[0]
     assert e.agreement("encoder_spes", layers=[0], heads=[1]) == pytest.approx(e.agreement_grid("encoder_spes")[0, 1])
     with pytest.raises(xl.XAttnError, match="last_k"):
@@ -74,7 +65,7 @@ def test_max_seconds_calibrates_the_mask_count_once_then_freezes_it(tmp_path, mo
     mon = xl.XAttnSaliencyMonitor(
         num_probes=2, methods=("spes", "encoder_spes"), n_masks=100000, max_seconds=0.5, targets="labels"
     )
-    _fit(tmp_path, mon, max_epochs=2)
+    fit_demo(tmp_path, mon, max_epochs=2)
     n = mon.instrument.reader.masks.frozen
     assert 8 <= n < 100000 and n % 8 == 0
     for h in mon.history:  # every reading of the run uses the calibrated count, for every method
@@ -85,7 +76,7 @@ def test_max_seconds_calibrates_the_mask_count_once_then_freezes_it(tmp_path, mo
     )
     resumed.load_state_dict(mon.state_dict())
     monkeypatch.setattr(resumed.instrument.reader, "_calibrate", lambda *a, **k: pytest.fail("a resume must not recalibrate"))
-    _fit(tmp_path / "r", resumed, max_epochs=1)
+    fit_demo(tmp_path / "r", resumed, max_epochs=1)
     assert resumed.history[-1]["xattn/encoder_spes/n_masks"] == float(n)
 
 
@@ -164,7 +155,7 @@ def test_wandb_logger_helper_offline_and_sync_hint(tmp_path, monkeypatch, caplog
         max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=8, targets="labels"
     )
     with caplog.at_level(logging.INFO):
-        _fit(tmp_path, mon, logger, max_epochs=1)
+        fit_demo(tmp_path, mon, logger, max_epochs=1)
     import wandb
 
     wandb.finish()
@@ -177,7 +168,7 @@ def test_wandb_offline_run_readback(tmp_path, monkeypatch):
         max_overhead=None, num_probes=2, methods=("encoder_spes",), n_masks=16, targets="labels"
     )
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="xl-test")
-    _fit(tmp_path, mon, logger)
+    fit_demo(tmp_path, mon, logger)
     import wandb
 
     wandb.finish()
@@ -202,8 +193,8 @@ def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=2, methods=("spes", "encoder_spes", "saliency"), n_masks=16, targets="labels"
     )
-    with_m, t1 = _fit(tmp_path / "a", mon, accumulate_grad_batches=2)
-    without, t2 = _fit(tmp_path / "b", None, accumulate_grad_batches=2)
+    with_m, t1 = fit_demo(tmp_path / "a", mon, accumulate_grad_batches=2)
+    without, t2 = fit_demo(tmp_path / "b", None, accumulate_grad_batches=2)
     for (n, a), (_, b) in zip(with_m.state_dict().items(), without.state_dict().items()):
         assert torch.equal(a, b), n
     o1, o2 = t1.optimizers[0].state_dict(), t2.optimizers[0].state_dict()
@@ -268,7 +259,7 @@ def test_sanity_check_is_skipped_and_schedule(tmp_path):
     mon = xl.XAttnSaliencyMonitor(
         max_overhead=None, every_n_epochs=2, num_probes=1, methods=("encoder_spes",), n_masks=4
     )
-    _fit(tmp_path, mon, max_epochs=4, num_sanity_val_steps=2)
+    fit_demo(tmp_path, mon, max_epochs=4, num_sanity_val_steps=2)
     assert [h["epoch"] for h in mon.history] == [1, 3]
 
 
@@ -295,13 +286,13 @@ def test_fault_in_monitor_is_warned_and_training_continues(tmp_path):
         max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken
     )
     with pytest.warns(UserWarning, match="injected fault"):
-        _, trainer = _fit(tmp_path, mon)
+        _, trainer = fit_demo(tmp_path, mon)
     assert trainer.current_epoch == 2 and mon.history == []
     mon_raise = xl.XAttnSaliencyMonitor(
         max_overhead=None, num_probes=1, methods=("encoder_spes",), n_masks=4, model_fn=broken, on_error="raise"
     )
     with pytest.raises(RuntimeError, match="injected fault"):
-        _fit(tmp_path / "r", mon_raise)
+        fit_demo(tmp_path / "r", mon_raise)
 
 
 @pytest.mark.timeout(300)
@@ -309,7 +300,7 @@ def test_ddp_two_cpu_processes_same_numbers(tmp_path):
     kw = dict(num_probes=4, methods=("encoder_spes",), n_masks=8, targets="labels")
     single = xl.XAttnSaliencyMonitor(max_overhead=None, **kw)
     # lr=0: both runs explain the same (initial) weights, whatever order the ranks saw the data in
-    _fit(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
+    fit_demo(tmp_path / "single", single, CSVLogger(tmp_path / "single"), max_epochs=1, lr=0.0)
     ddp = xl.XAttnSaliencyMonitor(max_overhead=None, **kw)
     pl.seed_everything(0)
     tr, va = loaders(48, 6, batch_size=8)
@@ -385,7 +376,7 @@ def test_export_without_timed_probes_or_config_warns(tmp_path):
         export_alignment_heads=True,
     )
     with pytest.warns(UserWarning, match="export_alignment_heads"):
-        _fit(tmp_path, mon, max_epochs=1)
+        fit_demo(tmp_path, mon, max_epochs=1)
     assert mon.alignment_heads is None
 
 
@@ -399,6 +390,6 @@ def test_timed_probes_without_token_strings_warn_and_log_the_rest(tmp_path):
         probes=_timed_probes(2),
     )
     with pytest.warns(UserWarning, match="word timestamps of the probes could not be made"):
-        _fit(tmp_path, mon, max_epochs=1)
+        fit_demo(tmp_path, mon, max_epochs=1)
     assert mon.history and "xattn/encoder_spes/pearson" in mon.history[-1]
     assert "xattn/timestamps/mae_ms" not in mon.history[-1]

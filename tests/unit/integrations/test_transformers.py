@@ -15,7 +15,7 @@ import torch
 
 import xattn_lightning.integrations.transformers as integration
 
-HERE = Path(__file__).resolve().parent.parent  # tests/, where the torchrun script is
+HERE = Path(__file__).resolve().parents[2]  # tests/, where the torchrun script is
 
 
 
