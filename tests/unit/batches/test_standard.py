@@ -270,8 +270,8 @@ def test_the_decoder_input_padded_with_0_is_told_from_the_labels():
 @pytest.mark.parametrize(
     "layout, fix",
     [
-        ("espnet", {"batch_fn": "test_batch_zoo:espnet_features"}),
-        ("speechbrain", {"batch_fn": "test_batch_zoo.speechbrain_features"}),
+        ("espnet", {"batch_fn": "test_standard:espnet_features"}),
+        ("speechbrain", {"batch_fn": "test_standard.speechbrain_features"}),
         ("ambiguous_ids", "from the warning"),
     ],
 )
