@@ -421,16 +421,16 @@ def write_rank_results(path: str, results: dict) -> None:
 
 #: the oracle's true regions: encoder frames of tokens 0..2 (input frames x2)
 ORACLE_REGIONS = [range(0, 4), range(4, 8), range(8, 12)]
-SALIENCY_METHODS = (
-    "spes",
-    "encoder_spes",
-    "saliency",
-    "input_x_gradient",
-    "integrated_gradients",
-    "encoder_saliency",
-    "encoder_input_x_gradient",
-    "encoder_integrated_gradients",
-)
+def _method_names() -> tuple[str, ...]:
+    from typing import get_args
+
+    from xattn_lightning.saliency import MethodName
+
+    return get_args(MethodName)
+
+
+#: every saliency method, the perturbation ones first (the registry's names)
+SALIENCY_METHODS = _method_names()
 
 
 def speaking_explain(**opts):

@@ -146,11 +146,9 @@ class MonitorConfig:
             )
         if self.lockstep not in (True, False, "auto"):
             raise XAttnError(f"Expected lockstep to be True, False or 'auto' (docs/sharding.md) but got {self.lockstep!r}.")
-        if isinstance(self.methods, str):  # the reading config says how to fix it
-            ReadingConfig(methods=self.methods)
         saliency = SaliencyOptions.from_flat(**extra, n_masks=self.n_masks, seed=self.seed)
         reading = ReadingConfig(
-            tuple(self.methods), tuple(self.metrics), self.layers, self.heads, self.targets, self.num_beams,
+            self.methods, self.metrics, self.layers, self.heads, self.targets, self.num_beams,
             self.max_new_tokens, saliency,
         )  # fmt: skip
         object.__setattr__(self, "methods", reading.methods)

@@ -178,10 +178,6 @@ class SaliencyOptions:
         """The options object of the family ``name`` (``"spes"``, ``"encoder_spes"``, ``"gradient"``)."""
         return getattr(self, name)
 
-    def with_options(self, **options: Any) -> SaliencyOptions:
-        """The same options with some replaced, by their flat names (checked as :meth:`from_flat`)."""
-        return SaliencyOptions.from_flat(**{**self.flat(), **options})
-
     def with_masks(self, n_masks: int) -> SaliencyOptions:
         """The same options at ``n_masks`` masks per perturbation map."""
         return dataclasses.replace(

@@ -86,6 +86,7 @@ def alignment_from(
     pos = e.positions.tolist()
     if pos != list(range(pos[0], pos[0] + len(pos))):
         raise XAttnError(f"Utterance {e.index}: special tokens between the text tokens; cannot time words.")
+    level = e.features.float().mean(-1)  # each input frame's mean log-mel: silences and the head-set criterion
     return Alignment(
         decoder_ids=e.decoder_ids[: pos[-1] + 2],
         cross_attention=e.decoder_attention,
@@ -95,8 +96,8 @@ def alignment_from(
         index=e.index,
         num_input_frames=e.num_frames,
         saliency=e.pooled(saliency_method) if saliency_method else None,
-        silences=silent_spans(e.features.float().mean(-1), 1.0 / rate),
-        energy=e.features.float().mean(-1).flatten(),
+        silences=silent_spans(level, 1.0 / rate),
+        energy=level.flatten(),
         energy_frame_seconds=1.0 / rate,
     )
 
