@@ -194,6 +194,7 @@ class Adapter(ABC):
         return run
 
     # ------------------------------------------------------------------ targets
+    @torch.no_grad()
     def generate(
         self,
         utterance: Utterance,
@@ -202,10 +203,18 @@ class Adapter(ABC):
         encoder_out: Tensor | None = None,
     ) -> Tensor:
         """The model's own hypothesis, as a decoder sequence starting with the start token
-        (over ``encoder_out`` when given, so the encoder does not run again)."""
-        return generic_generate(
-            self, utterance, num_beams=num_beams, max_new_tokens=max_new_tokens, encoder_out=encoder_out
-        )
+        (over ``encoder_out`` when given, so the encoder does not run again): :meth:`generate_from` over
+        the utterance's encoder output."""
+        if encoder_out is None:
+            encoder_out = self.encode(utterance.features.unsqueeze(0).to(self.device, self.dtype))
+        return self.generate_from(encoder_out, num_beams, max_new_tokens)
+
+    def generate_from(self, encoder_out: Tensor, num_beams: int, max_new_tokens: int | None) -> Tensor:
+        """The hypothesis over the encoder output ``[1, T', D]`` of one utterance, prompt included (on the
+        CPU); called by :meth:`generate`, under ``torch.no_grad()``. The default is greedy (``num_beams=1``) or
+        beam search with :meth:`decode` (:func:`~xattn_lightning.adapters.decoding.generic_generate`);
+        adapters whose model has a decoding routine of its own override this."""
+        return generic_generate(self, encoder_out, num_beams=num_beams, max_new_tokens=max_new_tokens)
 
     def prompt_ids(self) -> list[int]:
         """Tokens that begin every decoder sequence (at least the decoder start token)."""

@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from xattn_lightning.adapters.records import Utterance
-
 if TYPE_CHECKING:
     from xattn_lightning.adapters.base import Adapter
 
@@ -34,19 +32,14 @@ def occlusion_bias(keep: Tensor, num_frames: int) -> Tensor:
 
 @torch.no_grad()
 def generic_generate(
-    adapter: Adapter,
-    utterance: Utterance,
-    num_beams: int = 1,
-    max_new_tokens: int | None = None,
-    encoder_out: Tensor | None = None,
+    adapter: Adapter, encoder_out: Tensor, num_beams: int = 1, max_new_tokens: int | None = None
 ) -> Tensor:
-    """Greedy (``num_beams=1``) or beam search over a cached encoder output, for adapters
-    without a generation routine of their own. Returns the sequence including the prompt."""
+    """Greedy (``num_beams=1``) or beam search over an encoder output ``[1, T', D]`` with the adapter's
+    :meth:`~xattn_lightning.adapters.Adapter.decode`, for adapters without a generation routine of their
+    own. Returns the sequence including the prompt."""
     info = adapter.info
     limit = info.max_target_positions or 128
     max_new = min(max_new_tokens or min(limit, 200), limit - len(adapter.prompt_ids()))
-    if encoder_out is None:
-        encoder_out = adapter.encode(utterance.features.unsqueeze(0).to(adapter.device, adapter.dtype))
     enc = encoder_out
     prompt = torch.tensor(adapter.prompt_ids(), device=adapter.device)
     beams: list[tuple[float, Tensor]] = [(0.0, prompt)]

@@ -257,19 +257,11 @@ class _HFSeq2SeqAdapter(Adapter):
 
         return run
 
-    @torch.no_grad()
-    def generate(
-        self,
-        utterance: Utterance,
-        num_beams: int = 1,
-        max_new_tokens: int | None = None,
-        encoder_out: Tensor | None = None,
-    ) -> Tensor:
+    def generate_from(self, encoder_out: Tensor, num_beams: int, max_new_tokens: int | None) -> Tensor:
+        """The model's own ``generate`` (plain seq2seq search from the forced prompt)."""
         from transformers import GenerationMixin
         from transformers.modeling_outputs import BaseModelOutput
 
-        if encoder_out is None:
-            encoder_out = self.encode(utterance.features.unsqueeze(0))
         # synced_gpus=False: the monitor generates on each process alone (a sharded model through an unsharded
         # copy), so generation must never wait on the other processes, whatever marks the model carries
         kwargs: dict = {"num_beams": num_beams, "do_sample": False, "synced_gpus": False}

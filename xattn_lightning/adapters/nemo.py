@@ -291,16 +291,8 @@ class NemoAEDAdapter(Adapter):
             )
         return [int(special[t]) for t in tokens]
 
-    def generate(
-        self,
-        utterance: Utterance,
-        num_beams: int = 1,
-        max_new_tokens: int | None = None,
-        encoder_out: Tensor | None = None,
-    ) -> Tensor:
+    def generate_from(self, encoder_out: Tensor, num_beams: int, max_new_tokens: int | None) -> Tensor:
         """The hypothesis of the model's own decoding (greedy unless its config says beam), prompt included."""
-        if encoder_out is None:
-            encoder_out = self.encode(utterance.features.unsqueeze(0).to(self.device, self.dtype))
         prompt = torch.tensor([self.prompt_ids()], device=self.device)
         mask = torch.ones(encoder_out.shape[:2], device=self.device, dtype=encoder_out.dtype)
         decoding = getattr(self.model, "decoding", None)
