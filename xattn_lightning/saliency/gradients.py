@@ -9,10 +9,12 @@ with the L2 norm, giving ``[I, T']``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from xattn_lightning.errors import check_choice
 from xattn_lightning.saliency.options import GradientOptions
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
@@ -32,20 +34,42 @@ def _captum(name: str, fn: Callable[[Tensor], Tensor]):
     }[name](fn)
 
 
-def captum_attribute(
+def attribute(
     name: str,
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     num_tokens: int,
     options: GradientOptions = GRADIENT_DEFAULTS,
     progress: Callable[[int], None] | None = None,
+    vjp: str = "vmap",
 ) -> Tensor:
-    """Attribute ``fn(x [1, ...]) -> [1, I]`` (log-prob per token) to ``x`` once per token with Captum
-    (integrated gradients: ``options.n_steps`` steps, ``options.internal_batch_size`` at a time).
+    """Attribute ``fn(x [1, ...]) -> [1, I]`` (log-prob per token) to ``x`` with the gradient method ``name``
+    (one of :data:`GRADIENT_METHODS`; integrated gradients: ``options.n_steps`` steps, ``options.internal_batch_size``
+    at a time) and the engine ``options.gradient_engine``: ``"batched"`` (one shared forward and batched
+    backward passes, ``vjp`` ``"vmap"`` or ``"loop"``) or ``"captum"`` (Captum's forward and
+    backward per token). ``progress`` is called with the number of tokens done.
 
     Returns ``[I, *x.shape[1:]]`` raw attributions (sign kept).
+
+    Example:
+        >>> x = torch.ones(1, 3)
+        >>> attribute("input_x_gradient", lambda v: 2 * v[:, :2], x, 2).tolist()
+        [[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
     """
-    algo = _captum(name, fn)
+    check_choice("gradient method", name, GRADIENT_METHODS)
+    check_choice("vjp", vjp, ("vmap", "loop"))
+    if options.gradient_engine == "captum":
+        return _captum_attribute(_captum(name, fn), name, x, num_tokens, options, progress)
+    out = _batched_attribute(name, fn, x.detach(), num_tokens, options, vjp)
+    if progress is not None:
+        progress(num_tokens)
+    return out
+
+
+def _captum_attribute(
+    algo: Any, name: str, x: Tensor, num_tokens: int, options: GradientOptions, progress: Callable[[int], None] | None
+) -> Tensor:
+    """Captum's ``algo`` (made for ``name``) run once per token: ``[I, *x.shape[1:]]``."""
     maps = []
     for i in range(num_tokens):
         kw: dict = {"target": i}
@@ -87,28 +111,19 @@ def _vjp_rows(y: Tensor, x: Tensor, vjp: str = "vmap") -> Tensor:
     return torch.stack(rows)
 
 
-def batched_attribute(
-    name: str,
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    num_tokens: int,
-    options: GradientOptions = GRADIENT_DEFAULTS,
-    progress: Callable[[int], None] | None = None,
-    vjp: str = "vmap",
+def _batched_attribute(
+    name: str, fn: Callable[[Tensor], Tensor], x: Tensor, num_tokens: int, options: GradientOptions, vjp: str
 ) -> Tensor:
     """Captum's Saliency / InputXGradient / IntegratedGradients (Gauss-Legendre, zero baseline) for
-    all ``num_tokens`` targets from one shared forward pass (per chunk of IG steps) and batched
-    backward passes, instead of Captum's forward + backward per target. Same maps as
-    :func:`captum_attribute` (tested to 1e-4); returns ``[I, *x.shape[1:]]``.
+    all ``num_tokens`` targets of ``fn`` at the detached ``x`` from one shared forward pass (per chunk of IG
+    steps) and batched backward passes, instead of Captum's forward + backward per target. Same maps as
+    Captum's (tested to 1e-4); returns ``[I, *x.shape[1:]]``.
     """
-    x = x.detach()
     if name in ("saliency", "input_x_gradient"):
         xi = x.clone().requires_grad_()
         y = fn(xi)
         g = _vjp_rows(y, xi, vjp)[:, 0]
         out = g if name == "saliency" else g * x[0]
-        if progress is not None:
-            progress(num_tokens)
         return out.detach()
     from captum.attr._utils.approximation_methods import approximation_parameters
 
@@ -126,8 +141,6 @@ def batched_attribute(
         g = _vjp_rows(y, xs, vjp)  # [I, steps, ...] (each row: d y[:, i] / d xs)
         w = weights[s0 : s0 + chunk].view(1, -1, *([1] * (x.dim() - 1)))
         total += (g * w).sum(1)
-    if progress is not None:
-        progress(num_tokens)
     return (total * (x - baseline)[0]).detach()
 
 

@@ -4,7 +4,6 @@ names them."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from torch import Tensor
 from xattn_lightning.adapters import Adapter
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.saliency.batching import prepared
-from xattn_lightning.saliency.gradients import GRADIENT_METHODS, batched_attribute, captum_attribute, token_logprob_fn
+from xattn_lightning.saliency.gradients import GRADIENT_METHODS, attribute, token_logprob_fn
 from xattn_lightning.saliency.options import EncoderSpesOptions, GradientOptions, SpesOptions
 from xattn_lightning.saliency.perturbation import MaskState, spes_encoder, spes_input
 from xattn_lightning.saliency.result import SaliencyResult
@@ -119,22 +118,10 @@ def gradient(method: str, x: MethodInputs, options: GradientOptions) -> Saliency
 
             logits_fn, point = input_logits, full[:, :n_frames].clone().requires_grad_()
         fn = token_logprob_fn(logits_fn, predicted, positions)
-        engine: Callable[..., Tensor]
-        if options.gradient_engine == "batched":
-            # vmap'd VJPs pay off on GPUs and for decoder-only graphs; on CPU a backward per token
-            # through the encoder is faster (benchmarks/perf.py)
-            vjp = "vmap" if encoder_space or point.device.type == "cuda" else "loop"
-            engine = functools.partial(batched_attribute, vjp=vjp)
-        else:
-            engine = captum_attribute
-        attr = engine(
-            name,
-            fn,
-            point,
-            int(positions.numel()),
-            options,
-            progress=bar.update if bar else None,
-        )
+        # the batched engine's vmap'd VJPs pay off on GPUs and for decoder-only graphs; on CPU a backward per
+        # token through the encoder is faster (benchmarks/perf.py)
+        vjp = "vmap" if encoder_space or point.device.type == "cuda" else "loop"
+        attr = attribute(name, fn, point, int(positions.numel()), options, bar.update if bar else None, vjp)
     attr = attr.float()
     sm = attr.norm(dim=-1) if encoder_space else attr.abs()
     return SaliencyResult(sm.cpu(), time.perf_counter() - start)

@@ -51,14 +51,14 @@ def test_batched_gradients_equal_captum_per_token(which):
 
 @pytest.mark.parametrize("name", ["saliency", "input_x_gradient", "integrated_gradients"])
 def test_batched_vjp_modes_agree_with_captum(name):
-    from xattn_lightning.saliency.gradients import batched_attribute, captum_attribute, token_logprob_fn
+    from xattn_lightning.saliency.gradients import attribute, token_logprob_fn
     from xattn_lightning.saliency.options import GradientOptions
 
     model = Oracle(ORACLE_REGIONS)
     ids = torch.tensor([1, 5, 6, 7, 2])
     fn = token_logprob_fn(lambda x: model(x, ids[:-1].unsqueeze(0).expand(x.shape[0], -1)), ids[1:], torch.arange(3))
     x = torch.randn(1, 24, 4) + 1
-    ref = captum_attribute(name, fn, x.clone().requires_grad_(), 3, GradientOptions(n_steps=5))
+    ref = attribute(name, fn, x.clone().requires_grad_(), 3, GradientOptions(n_steps=5, gradient_engine="captum"))
     for vjp in ("vmap", "loop"):
-        got = batched_attribute(name, fn, x, 3, GradientOptions(n_steps=5), vjp=vjp)
+        got = attribute(name, fn, x, 3, GradientOptions(n_steps=5), vjp=vjp)
         assert torch.allclose(got, ref, atol=1e-6, rtol=1e-4), vjp

@@ -39,7 +39,7 @@ def test_option_defaults_live_in_one_place():
     import inspect
     from dataclasses import fields
 
-    from xattn_lightning.saliency.gradients import batched_attribute, captum_attribute
+    from xattn_lightning.saliency.gradients import attribute
     from xattn_lightning.saliency.options import (
         EncoderSpesOptions,
         GradientOptions,
@@ -59,8 +59,7 @@ def test_option_defaults_live_in_one_place():
             name = rename.get(f.name, f.name) if fn is spes_encoder else f.name
             if name in params:
                 assert params[name].default == f.default, (fn.__name__, name)
-    for engine in (batched_attribute, captum_attribute):
-        assert inspect.signature(engine).parameters["options"].default == GradientOptions()
+    assert inspect.signature(attribute).parameters["options"].default == GradientOptions()
     from typing import get_args
 
     from xattn_lightning.saliency import METHODS, MethodName
@@ -78,4 +77,7 @@ def test_option_defaults_live_in_one_place():
             SaliencyOptions.from_flat(**bad)
     # each method is handed its own family's object (the contract of the registry)
     assert {spec.options for spec in METHODS.values()} == {"spes", "encoder_spes", "gradient"}
-    assert all(isinstance(o.family(spec.options), (SpesOptions, EncoderSpesOptions, GradientOptions)) for spec in METHODS.values())
+    assert all(
+        isinstance(o.family(spec.options), (SpesOptions, EncoderSpesOptions, GradientOptions))
+        for spec in METHODS.values()
+    )
