@@ -28,21 +28,26 @@ import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR, alignment_matrix, select_heads_by_agreement
 from xattn_lightning.loading import features_batch, load_hf_model
-from xattn_lightning.timestamps import FUSION_WEIGHT, align, alignment_from, alignment_words, timing_scores
+from xattn_lightning.timestamps import (
+    FUSION_WEIGHT,
+    TimingOptions,
+    align,
+    alignment_from,
+    alignment_words,
+    timing_scores,
+)
 from xattn_lightning.timestamps.heads import head_agreement, model_alignment_heads, select_heads_supervised
 
 
 def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0, subframe=False, prior=0.0, silence=False):
+    timing = TimingOptions(method, fusion, subframe, prior, silence)
     if heads == "per-utterance":
         pred = [
-            alignment_words(
-                a, select_heads_by_agreement(e.agreement_grid("encoder_spes")), None, method, fusion, subframe,
-                prior, silence,
-            )
+            alignment_words(a, select_heads_by_agreement(e.agreement_grid("encoder_spes")), None, timing)
             for a, e in aligns
-        ]  # fmt: skip
+        ]
     else:
-        pred = [alignment_words(a, heads, weights, method, fusion, subframe, prior, silence) for a in aligns]
+        pred = [alignment_words(a, heads, weights, timing) for a in aligns]
     return timing_scores(pred, words)
 
 
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for a, e in pairs:
             w = weigh(a, e)
             pred.append(alignment_words(a, every, (w if float(w.sum()) > 0 else torch.ones_like(w)).tolist(),
-                                        "openai", FUSION_WEIGHT))  # fmt: skip
+                                        TimingOptions(fusion=FUSION_WEIGHT)))  # fmt: skip
         s = timing_scores(pred, words[test])
         report["rows"].append({"heads": f"label-free {name}", "method": "openai", **s})
         print(f"{'label-free ' + name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} "

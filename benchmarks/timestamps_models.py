@@ -34,14 +34,14 @@ from benchmarks.timestamps_noise import noisy
 from xattn_lightning.audio import load_audio, read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR
 from xattn_lightning.loading import features_batch, load_hf_model
-from xattn_lightning.timestamps import align, alignment_words, timing_scores
+from xattn_lightning.timestamps import TimingOptions, align, alignment_words, timing_scores
 from xattn_lightning.timestamps.choice import boundary_energy, choose_heads_from
 
 
 def silence_distance(a, heads, clip: float = 0.2) -> list[float]:
     """An alternative criterion: for each silent span inside the speech, the distance (s, clipped) from it to the
     nearest word boundary of DTW over ``heads`` with the duration prior (lower is better)."""
-    w = alignment_words(a, heads, duration_prior=DURATION_PRIOR)
+    w = alignment_words(a, heads, timing=TimingOptions(duration_prior=DURATION_PRIOR))
     if len(w) < 2 or not a.silences:
         return []
     ends = [e for _, _, e in w[:-1]]
@@ -57,7 +57,7 @@ def energy_after_silences(a, heads) -> list[float]:
     """An alternative criterion: the input's level (z-scored over the speech) at the middle of each boundary
     between two words as the default places it (the duration prior, then the move to silences): inside the
     silence where a boundary moved to one, at the DTW boundary elsewhere."""
-    w = alignment_words(a, heads, duration_prior=DURATION_PRIOR, silence=True)
+    w = alignment_words(a, heads, timing=TimingOptions(duration_prior=DURATION_PRIOR, silence=True))
     if len(w) < 2 or a.energy is None:
         return []
     e, step = a.energy.double(), a.energy_frame_seconds
@@ -99,7 +99,8 @@ def criteria(sel, candidates) -> dict[str, dict[str, float]]:
 
 def score(aligns, refs, heads, refined: bool) -> float:
     prior, silence = (DURATION_PRIOR, True) if refined else (0.0, False)
-    pred = [alignment_words(a, heads, duration_prior=prior, silence=silence) for a in aligns]
+    timing = TimingOptions(duration_prior=prior, silence=silence)
+    pred = [alignment_words(a, heads, timing=timing) for a in aligns]
     return timing_scores(pred, refs)["mae_ms"]
 
 

@@ -26,7 +26,7 @@ import torch
 from xattn_lightning.audio import load_audio, read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR
 from xattn_lightning.loading import load_hf_model
-from xattn_lightning.timestamps import align, alignment_words, timing_scores
+from xattn_lightning.timestamps import TimingOptions, align, alignment_words, timing_scores
 
 VARIANTS = {
     "plain DTW, every head": (0.0, False),
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 aligns += align(model, dict(feats), tokenizer=proc)
         spans = float(np.mean([len(a.silences or []) for a in aligns]))
         for name, (prior, silence) in VARIANTS.items():
-            s = timing_scores([alignment_words(a, None, duration_prior=prior, silence=silence) for a in aligns], refs)
+            timing = TimingOptions(duration_prior=prior, silence=silence)
+            s = timing_scores([alignment_words(a, None, timing=timing) for a in aligns], refs)
             report["rows"].append({"snr_db": snr, "variant": name, "silent_spans_per_utterance": spans, **s})
             print(f"SNR {snr:>4} dB  {name:38s} {s['mae_ms']:6.1f} ms  {s['within_50ms']:.2f}  "
                   f"{s['boundaries']:4d} boundaries  {spans:.1f} silent spans/utt", flush=True)  # fmt: skip

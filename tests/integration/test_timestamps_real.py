@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import xattn_lightning as xl
-from xattn_lightning.timestamps import align, alignment_token_times
+from xattn_lightning.timestamps import TimingOptions, align, alignment_token_times
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_dtw_token_timestamps_equal_transformers_generate(timed):
         )
         a = align(model, b, tokenizer=proc)[0]
         assert a.decoder_ids.tolist() == out["sequences"][0].tolist()
-        ours = alignment_token_times(a, heads, method="transformers")
+        ours = alignment_token_times(a, heads, timing=TimingOptions(method="transformers"))
         torch.testing.assert_close(ours.float(), out["token_timestamps"][0].float(), atol=1e-6, rtol=0)
 
 

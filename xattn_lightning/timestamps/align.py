@@ -52,6 +52,51 @@ HeadRule = Literal["auto", "all", "upper_half", "consistent", "model", "agreemen
 HEAD_RULES = ("auto", "all", "upper_half", "consistent", "model", "agreement")
 
 
+@dataclass(frozen=True)
+class TimingOptions:
+    """How the tokens and words of an :class:`Alignment` are timed (:func:`alignment_token_times`,
+    :func:`alignment_words`), checked where it is made. The defaults are plain DTW (what
+    :func:`word_timestamps` adds by default: ``duration_prior=DURATION_PRIOR, silence=True``).
+
+    - ``method``: ``"openai"`` or ``"transformers"`` (:data:`TIMING_METHODS`).
+    - ``fusion`` > 0 adds that weight of the alignment's saliency map (``Alignment.saliency``, z-scored and
+      smoothed as the attention) to the DTW matrix (``"openai"`` method only).
+    - ``subframe``: boundaries inside frames (:func:`~xattn_lightning.functional.alignment.token_times`).
+    - ``duration_prior`` > 0 adds that weight of each token's spelling-length prior to its row of the DTW matrix
+      (:func:`~xattn_lightning.functional.alignment.with_duration_prior`; ``"openai"`` method only, needs token
+      strings).
+    - ``silence``: word boundaries next to a silent span of the input move to its edges
+      (:func:`~xattn_lightning.functional.silence.snap_to_silence`; words only, needs ``Alignment.silences``).
+
+    Example:
+        >>> TimingOptions(duration_prior=DURATION_PRIOR, silence=True).method
+        'openai'
+        >>> TimingOptions(method="transformers", fusion=0.2)
+        Traceback (most recent call last):
+        ...
+        xattn_lightning.errors.XAttnError: fusion=0.2 needs the 'openai' timing method, not 'transformers'.
+    """
+
+    method: TimingMethod = DEFAULT_TIMING_METHOD
+    fusion: float = 0.0
+    subframe: bool = False
+    duration_prior: float = 0.0
+    silence: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("timing method", self.method, TIMING_METHODS)
+        for name in ("fusion", "duration_prior"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise XAttnError(f"Expected {name} >= 0 (a weight), got {value!r}.")
+            if value and self.method != "openai":
+                raise XAttnError(f"{name}={value!r} needs the 'openai' timing method, not {self.method!r}.")
+
+
+#: plain DTW timing (the default of :func:`alignment_token_times` and :func:`alignment_words`; frozen: shared safely)
+PLAIN_TIMING = TimingOptions()
+
+
 @dataclass
 class Alignment:
     """Decoder sequence, its cross-attention and the facts needed to time its tokens."""
@@ -128,26 +173,19 @@ def alignment_token_times(
     a: Alignment,
     heads: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
-    method: TimingMethod = DEFAULT_TIMING_METHOD,
-    fusion: float = 0.0,
-    subframe: bool = False,
-    duration_prior: float = 0.0,
+    timing: TimingOptions = PLAIN_TIMING,
 ) -> Tensor:
-    """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0); see :data:`TIMING_METHODS`.
-
-    ``duration_prior`` > 0 adds that weight of each token's spelling-length prior to its row of the DTW
-    matrix (:func:`~xattn_lightning.functional.alignment.with_duration_prior`; ``"openai"`` method only, needs
-    token strings). ``fusion`` > 0 adds that weight of the alignment's saliency map (``a.saliency``, z-scored and
-    smoothed as the attention) to the DTW matrix (``"openai"`` method only). ``subframe``: boundaries
-    inside frames (:func:`~xattn_lightning.functional.alignment.token_times`).
+    """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0), by DTW over the mean of
+    ``heads``' cross-attention (every head when ``None``; ``weights``: one per head), timed as ``timing`` says
+    (:class:`TimingOptions`; its ``silence`` is for words only).
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
     ...           targets=[[1, 5, 6, 2]])[0]
-    >>> alignment_token_times(a, method="transformers").shape
+    >>> alignment_token_times(a, timing=TimingOptions(method="transformers")).shape
     torch.Size([4])
     """
-    check_choice("timing method", method, TIMING_METHODS)
+    method, fusion, duration_prior = timing.method, timing.fusion, timing.duration_prior
     s, n = len(a.decoder_ids), a.num_prompt
     times = torch.zeros(s, dtype=torch.float64)
     if method == "transformers":  # rows with tokens n .. s-2 as decoder input, num_frames // 2 frames
@@ -158,18 +196,16 @@ def alignment_token_times(
     if rows.shape[2] == 0:
         return times
     m = alignment_matrix(rows, heads, weights)
-    if duration_prior:
-        if method != "openai" or a.pieces is None:
-            raise XAttnError("duration_prior needs the 'openai' timing method and token strings (pass tokenizer=).")
+    if duration_prior:  # the "openai" method (TimingOptions says so)
+        if a.pieces is None:
+            raise XAttnError("duration_prior needs token strings (pass tokenizer=).")
         m = with_duration_prior(m, length_prior(a.pieces[first - n :], rows=m.shape[0]), duration_prior)
     if fusion:
-        if method != "openai" or a.saliency is None:
-            raise XAttnError(
-                "fusion needs the 'openai' timing method and a saliency map (explain with methods=('encoder_spes',))."
-            )
+        if a.saliency is None:
+            raise XAttnError("fusion needs a saliency map (explain with methods=('encoder_spes',)).")
         m = m.clone()
         m[: a.saliency.shape[0]] += fusion * saliency_matrix(a.saliency).to(m.dtype)
-    t = token_times(m, a.frame_seconds, subframe)
+    t = token_times(m, a.frame_seconds, timing.subframe)
     times[first : first + len(t)] = t
     if method == "transformers":
         times[-1] = t[-1]
@@ -180,23 +216,26 @@ def alignment_words(
     a: Alignment,
     heads: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
-    method: TimingMethod = DEFAULT_TIMING_METHOD,
-    fusion: float = 0.0,
-    subframe: bool = False,
-    duration_prior: float = 0.0,
-    silence: bool = False,
+    timing: TimingOptions = PLAIN_TIMING,
 ) -> list[Word]:
-    """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer).
-    ``silence``: boundaries next to a silent span of the input move to its edges
-    (:func:`~xattn_lightning.functional.silence.snap_to_silence`; needs ``a.silences``)."""
+    """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer), from
+    :func:`alignment_token_times`; with ``timing.silence``, boundaries next to a silent span of the input move to
+    its edges (:func:`~xattn_lightning.functional.silence.snap_to_silence`; needs ``a.silences``).
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           tokenizer=lambda i: f" w{i}", targets=[[1, 5, 6, 2]])[0]
+    >>> [w for w, _, _ in alignment_words(a, timing=TimingOptions(duration_prior=0.5, silence=True))]
+    ['w5', 'w6']
+    """
     if a.pieces is None:
         raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
-    times = alignment_token_times(a, heads, weights, method, fusion, subframe, duration_prior)
+    times = alignment_token_times(a, heads, weights, timing)
     n = a.num_prompt
     stop = n + len(a.pieces)
     end = float(times[stop]) if stop < len(times) else float(times[-1])
     words = words_from_tokens(a.pieces, times[n:stop], end)
-    if silence:
+    if timing.silence:
         if a.silences is None:
             raise XAttnError("silence=True needs the input's silent spans: make the alignment with align() or from xl.explain().")
         words = snap_to_silence(words, a.silences)
@@ -285,6 +324,7 @@ def word_timestamps(
         raise XAttnError("method='transformers' reproduces transformers' timestamps: it takes no duration_prior or silence.")
     if fusion is None:
         fusion = FUSION_WEIGHT if heads == "agreement" else 0.0
+    timing = TimingOptions(method, fusion, subframe, duration_prior, silence)
     if heads == "model":
         heads = adapter.alignment_heads()
         if heads is None:
@@ -307,7 +347,7 @@ def word_timestamps(
     out = []
     for e, a in zip(exps, aligns):
         chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else fixed
-        out.append(alignment_words(a, chosen, weights, method, fusion, subframe, duration_prior, silence))
+        out.append(alignment_words(a, chosen, weights, timing))
     return out
 
 
@@ -336,9 +376,8 @@ def score_probes(
     for pid, alignment, words in timed:
         try:
             fusion = FUSION_WEIGHT if alignment.saliency is not None else 0.0
-            predicted = alignment_words(
-                alignment, heads, fusion=fusion, duration_prior=DURATION_PRIOR, silence=alignment.silences is not None
-            )
+            timing = TimingOptions(fusion=fusion, duration_prior=DURATION_PRIOR, silence=alignment.silences is not None)
+            predicted = alignment_words(alignment, heads, timing=timing)
             scores_of[pid].timing_errors = boundary_errors(predicted, list(words))
         except XAttnError as err:
             failures.append((pid, str(err)))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.alignment import DURATION_PRIOR, Word
-from xattn_lightning.timestamps.align import Alignment, align, alignment_words
+from xattn_lightning.timestamps.align import Alignment, TimingOptions, align, alignment_words
 
 #: the head sets :func:`choose_heads` picks from, each stated relative to the model: ``"all"`` every head;
 #: ``"upper_half"`` every head of the upper half of the layers (openai-whisper's fallback); ``"model"`` the model's
@@ -48,7 +48,7 @@ class HeadChoice:
 
 
 def _boundaries(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float) -> list[Word]:
-    return alignment_words(a, heads, duration_prior=duration_prior)
+    return alignment_words(a, heads, timing=TimingOptions(duration_prior=duration_prior))
 
 
 def head_distances(a: Alignment) -> Tensor:

@@ -8,7 +8,7 @@ from xattn_lightning.functional.alignment import (
     DURATION_PRIOR,
     select_heads_by_agreement,
 )
-from xattn_lightning.timestamps import align, alignment_token_times
+from xattn_lightning.timestamps import TimingOptions, align, alignment_token_times
 
 
 def test_word_timestamps_on_a_tiny_model_are_ordered_and_inside_the_audio():
@@ -21,7 +21,7 @@ def test_word_timestamps_on_a_tiny_model_are_ordered_and_inside_the_audio():
     assert starts == sorted(starts)
     assert all(0.0 <= s <= e <= 60 / 2 * 0.02 + 1e-9 for _, s, e in words)
     a = align(m, b, tokenizer=tok)[0]
-    t = alignment_token_times(a, [[0, 0]], method="transformers")
+    t = alignment_token_times(a, [[0, 0]], timing=TimingOptions(method="transformers"))
     assert float(t[-1]) == float(t[-2])  # transformers' convention: EOS repeats the last token's time
 
 
@@ -39,9 +39,10 @@ def test_default_word_timestamps_use_the_chosen_heads_with_the_prior_and_silence
     assert (0.2, 0.3) in alignments[0].silences  # input frames 20-30 at 100 per second
     choice = choose_heads_from(alignments, xl.adapter_for(m).alignment_heads())
     assert cached_heads(m) == choice  # chosen on these two utterances (not yet final: fewer than 8)
-    want = [alignment_words(a, choice.heads, duration_prior=DURATION_PRIOR, silence=True) for a in alignments]
+    default = TimingOptions(duration_prior=DURATION_PRIOR, silence=True)
+    want = [alignment_words(a, choice.heads, timing=default) for a in alignments]
     assert got == want
-    every = [alignment_words(a, None, duration_prior=DURATION_PRIOR, silence=True) for a in alignments]
+    every = [alignment_words(a, None, timing=default) for a in alignments]
     assert xl.word_timestamps(m, b, tokenizer=tok, heads="all") == every
     plain = [alignment_words(a, None) for a in alignments]
     assert plain != every  # the prior and the silences change something here
@@ -60,15 +61,15 @@ def test_agreement_heads_choose_per_utterance_and_fuse_saliency():
         alignment_words(
             alignment_from(e),
             select_heads_by_agreement(e.agreement_grid("encoder_spes")),
-            fusion=FUSION_WEIGHT,
-            duration_prior=DURATION_PRIOR,
-            silence=True,
+            timing=TimingOptions(fusion=FUSION_WEIGHT, duration_prior=DURATION_PRIOR, silence=True),
         )
         for e in exps
     ]
     assert got == want
     with pytest.raises(xl.XAttnError, match="fusion"):
-        alignment_token_times(alignment_from(exps[0]), method="transformers", fusion=0.2)
+        TimingOptions(method="transformers", fusion=0.2)
+    with pytest.raises(xl.XAttnError, match="saliency map"):
+        alignment_token_times(alignment_from(xl.explain(m, b, tokenizer=tok)[0]), timing=TimingOptions(fusion=0.2))
 
 
 def test_transformers_method_takes_no_prior_or_silences():
@@ -77,11 +78,14 @@ def test_transformers_method_takes_no_prior_or_silences():
     tok = lambda i: f" w{i}"  # noqa: E731
     a = align(m, b, tokenizer=tok)[0]
     (words,) = xl.word_timestamps(m, b, tokenizer=tok, method="transformers")
-    assert words == xl.timestamps.alignment_words(a, None, method="transformers")
+    assert words == xl.timestamps.alignment_words(a, None, timing=TimingOptions(method="transformers"))
     with pytest.raises(xl.XAttnError, match="duration_prior or silence"):
         xl.word_timestamps(m, b, tokenizer=tok, method="transformers", silence=True)
-    with pytest.raises(xl.XAttnError, match="openai"):
-        alignment_token_times(a, method="transformers", duration_prior=0.5)
+    for bad, match in (({"duration_prior": 0.5}, "openai"), ({"method": "dtw"}, "timing method")):
+        with pytest.raises(xl.XAttnError, match=match):
+            TimingOptions(**{"method": "transformers", **bad})
+    with pytest.raises(xl.XAttnError, match="duration_prior >= 0"):
+        TimingOptions(duration_prior=-1.0)
 
 
 def test_subframe_boundaries_stay_ordered_and_within_a_frame_of_the_dtw_ones():
