@@ -136,18 +136,25 @@ def canary_config(tokenizer_dir: str | Path, train_manifest: str | None = None, 
     }
 
 
+def _sentencepiece(texts: Sequence[str], out: Path, name: str, vocab_size: int, **special: bool) -> None:
+    """Train a BPE SentencePiece model on ``texts`` into ``out / name`` unless one is there (``special``: ``bos``,
+    ``eos``, ``pad`` of ``create_spt_model``); the corpus is ``out / f"text_{name}.txt"``."""
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / f"text_{name}.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    if not (out / name / "tokenizer.model").exists():
+        create_spt_model(str(corpus), vocab_size=vocab_size, sample_size=-1, do_lower_case=False,
+                         tokenizer_type="bpe", output_dir=str(out / name), **special)  # fmt: skip
+
+
 def build_tokenizers(texts: Sequence[str], out: str | Path, vocab_size: int = 128) -> Path:
     """Train the English SentencePiece model on ``texts`` and build Canary's special-token tokenizer in ``out``."""
     from nemo.collections.common.tokenizers.canary_tokenizer import CanaryTokenizer
-    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "text.txt"
-    corpus.write_text("\n".join(texts) + "\n")
-    if not (out / "en" / "tokenizer.model").exists():
-        create_spt_model(str(corpus), vocab_size=vocab_size, sample_size=-1, do_lower_case=False,
-                         tokenizer_type="bpe", output_dir=str(out / "en"))  # fmt: skip
+    _sentencepiece(texts, out, "en", vocab_size)
     if not (out / "spl" / "tokenizer.model").exists():
         CanaryTokenizer.build_special_tokenizer(["translate", "transcribe", "en"], str(out / "spl"))
     return out
@@ -205,15 +212,9 @@ def tiny_transf_bpe(texts: Sequence[str], out: str | Path, seed: int = 0) -> Any
     """An ``EncDecTransfModelBPE`` with random weights, its tokenizer trained on ``texts`` in ``out``."""
     import torch
     from nemo.collections.asr.models import EncDecTransfModelBPE
-    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
     from omegaconf import OmegaConf
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "text_bpe.txt"
-    corpus.write_text("\n".join(texts) + "\n")
-    if not (out / "bpe" / "tokenizer.model").exists():
-        create_spt_model(str(corpus), vocab_size=96, sample_size=-1, do_lower_case=False, tokenizer_type="bpe",
-                         output_dir=str(out / "bpe"), bos=True, eos=True, pad=True)  # fmt: skip
+    _sentencepiece(texts, out, "bpe", 96, bos=True, eos=True, pad=True)
     torch.manual_seed(seed)
     return EncDecTransfModelBPE(cfg=OmegaConf.create(transf_bpe_config(out)))
