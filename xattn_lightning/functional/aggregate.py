@@ -55,28 +55,26 @@ def resolve_layers(layers: LayerSpec, num_layers: int) -> list[int]:
         raise XAttnError(
             f"Unknown layer preset {layers!r}. Use 'all', 'last', 'last_k' (e.g. 'last_2'), an int or a list of ints."
         )
-    idx = [layers] if isinstance(layers, int) else list(layers)
-    if not idx:
-        raise XAttnError("Expected a non-empty layer selection but got an empty list.")
-    out = set()
-    for i in idx:
-        if not isinstance(i, int) or not -num_layers <= i < num_layers:
-            raise XAttnError(f"Layer index {i!r} is out of range for a decoder with {num_layers} layers.")
-        out.add(i % num_layers)
-    return sorted(out)
+    return _indices(layers, num_layers, "layer", f"a decoder with {num_layers} layers")
 
 
 def _resolve_heads(heads: HeadSpec, num_heads: int) -> list[int]:
     if heads is None or heads == "all":
         return list(range(num_heads))
-    idx = [heads] if isinstance(heads, int) else list(heads)
+    return _indices(heads, num_heads, "head", f"layers with {num_heads} heads")
+
+
+def _indices(spec: int | Sequence[int], count: int, kind: str, within: str) -> list[int]:
+    """The sorted non-negative indices of ``spec`` (an int or ints, negative from the end) among ``count``
+    ``kind``s (``within`` names them in the error)."""
+    idx = [spec] if isinstance(spec, int) else list(spec)
     if not idx:
-        raise XAttnError("Expected a non-empty head selection but got an empty list.")
+        raise XAttnError(f"Expected a non-empty {kind} selection but got an empty list.")
     out = set()
-    for h in idx:
-        if not isinstance(h, int) or not -num_heads <= h < num_heads:
-            raise XAttnError(f"Head index {h!r} is out of range for layers with {num_heads} heads.")
-        out.add(h % num_heads)
+    for i in idx:
+        if not isinstance(i, int) or not -count <= i < count:
+            raise XAttnError(f"{kind.capitalize()} index {i!r} is out of range for {within}.")
+        out.add(i % count)
     return sorted(out)
 
 
