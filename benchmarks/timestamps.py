@@ -43,11 +43,11 @@ def _score(aligns, words, heads, weights=None, method="openai", fusion=0.0, subf
     timing = TimingOptions(method, fusion, subframe, prior, silence)
     if heads == "per-utterance":
         pred = [
-            alignment_words(a, select_heads_by_agreement(e.agreement_grid("encoder_spes")), None, timing)
+            alignment_words(a, select_heads_by_agreement(e.agreement_grid("encoder_spes")), timing=timing)
             for a, e in aligns
         ]
     else:
-        pred = [alignment_words(a, heads, weights, timing) for a in aligns]
+        pred = [alignment_words(a, heads, weights, timing=timing) for a in aligns]
     return timing_scores(pred, words)
 
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for a, e in pairs:
             w = weigh(a, e)
             pred.append(alignment_words(a, every, (w if float(w.sum()) > 0 else torch.ones_like(w)).tolist(),
-                                        TimingOptions(fusion=FUSION_WEIGHT)))  # fmt: skip
+                                        timing=TimingOptions(fusion=FUSION_WEIGHT)))  # fmt: skip
         s = timing_scores(pred, words[test])
         report["rows"].append({"heads": f"label-free {name}", "method": "openai", **s})
         print(f"{'label-free ' + name:55s} {'openai':12s} {s['mae_ms']:7.1f} {s['within_50ms']:7.2f} "

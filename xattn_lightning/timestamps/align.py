@@ -173,6 +173,7 @@ def alignment_token_times(
     a: Alignment,
     heads: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
+    *,
     timing: TimingOptions = PLAIN_TIMING,
 ) -> Tensor:
     """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0), by DTW over the mean of
@@ -216,6 +217,7 @@ def alignment_words(
     a: Alignment,
     heads: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
+    *,
     timing: TimingOptions = PLAIN_TIMING,
 ) -> list[Word]:
     """Words with start and end (s) of one :class:`Alignment` (needs token strings: pass a tokenizer), from
@@ -230,7 +232,7 @@ def alignment_words(
     """
     if a.pieces is None:
         raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
-    times = alignment_token_times(a, heads, weights, timing)
+    times = alignment_token_times(a, heads, weights, timing=timing)
     n = a.num_prompt
     stop = n + len(a.pieces)
     end = float(times[stop]) if stop < len(times) else float(times[-1])
@@ -347,7 +349,7 @@ def word_timestamps(
     out = []
     for e, a in zip(exps, aligns):
         chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else fixed
-        out.append(alignment_words(a, chosen, weights, timing))
+        out.append(alignment_words(a, chosen, weights, timing=timing))
     return out
 
 
