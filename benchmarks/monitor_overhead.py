@@ -28,9 +28,17 @@ import lightning.pytorch as pl
 spec = importlib.util.spec_from_file_location("ft", sys.argv[1] + "/examples/finetune_whisper.py")
 ft = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ft)
-if sys.argv[2] == "bf16":
+if sys.argv[2] not in ("on", "off"):  # variant parts joined by "+": bf16 / exact (the vocabulary), n<count>
     import functools
-    ft.XAttnSaliencyMonitor = functools.partial(ft.XAttnSaliencyMonitor, vocabulary="bf16")
+    kw, extra = {}, []
+    for part in sys.argv[2].split("+"):
+        if part in ("bf16", "exact"):
+            kw["saliency_options"] = {"vocabulary": part}
+        elif part.startswith("n") and part[1:].isdigit():
+            extra += ["--n-masks", part[1:]]
+        else:
+            raise SystemExit(f"unknown variant {part!r}")
+    ft.XAttnSaliencyMonitor = functools.partial(ft.XAttnSaliencyMonitor, **kw)
 if sys.argv[2] == "off":
     class Off(pl.Callback):
         history: list = []
@@ -39,7 +47,7 @@ if sys.argv[2] == "off":
             pass
     ft.XAttnSaliencyMonitor = Off
 t = time.perf_counter()
-out = ft.main(sys.argv[3:])
+out = ft.main(sys.argv[3:] + (extra if sys.argv[2] not in ("on", "off") else []))
 keys = ("xattn/seconds", "xattn/encoder_spes/pearson", "xattn/encoder_spes/pearson_corrected",
         "xattn/encoder_spes/n_masks", "xattn/encoder_spes/reliability")
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
@@ -48,7 +56,8 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
 
 
 def run(tree: str, monitor: bool, args: list[str]) -> dict:
-    """One fine-tune in its own process with ``tree``'s package; ``tree@bf16``: the monitor with vocabulary='bf16'."""
+    """One fine-tune in its own process with ``tree``'s package; ``tree@VARIANT``: the monitor with
+    ``VARIANT``'s settings, parts joined by ``+``: ``bf16`` or ``exact`` (the vocabulary), ``n768`` (``n_masks``)."""
     tree, _, variant = tree.partition("@")
     tree = str(Path(tree).resolve())
     env = {**os.environ, "PYTHONPATH": tree}
@@ -71,8 +80,8 @@ def run(tree: str, monitor: bool, args: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--trees", required=True, help="comma-separated source trees (each with its own examples/; tree@bf16: "
-        "its monitor with vocabulary='bf16'); the run without the monitor uses the last"
+        "--trees", required=True, help="comma-separated source trees (each with its own examples/; tree@bf16+n768: "
+        "its monitor with vocabulary='bf16' and n_masks=768); the run without the monitor uses the last"
     )  # fmt: skip
     ap.add_argument("--save", help="the first round's run of tree --save-index saves its fine-tuned model here")
     ap.add_argument("--save-index", type=int, default=0)
