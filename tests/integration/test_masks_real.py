@@ -39,7 +39,7 @@ def test_the_bf16_vocabulary_keeps_real_maps_above_the_adoption_bar(real_whisper
     for row in rows:
         batch = processor_batch(proc, [row])
         kw = {"methods": ("encoder_spes",), "tokenizer": proc, "n_masks": 256}
-        (exact,) = xl.explain(model, batch, **kw)
+        (exact,) = xl.explain(model, batch, vocabulary="exact", **kw)
         (bf16,) = xl.explain(model, batch, vocabulary="bf16", **kw)
         assert not torch.equal(exact.saliency["encoder_spes"], bf16.saliency["encoder_spes"])
         rho = per_token_correlation(bf16.saliency["encoder_spes"], exact.saliency["encoder_spes"], normalize=False)

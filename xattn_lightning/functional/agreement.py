@@ -214,9 +214,11 @@ def masks_for_reliability(n_masks: int, reliability: float, target: float = RELI
     return int(math.ceil(n_masks * k - 1e-9))
 
 
-#: the mask counts ``n_masks="auto"`` chooses from (each twice the last: a rung costs at most twice the
-#: masks the target needs)
-MASK_LADDER: tuple[int, ...] = (256, 512, 1024, 2048)
+#: the mask counts ``n_masks="auto"`` chooses from: steps of the 256 masks it measures at, up to 2,048 (a
+#: rung costs at most 255 masks more than the target needs; the monitor and ``compare`` continue the 256
+#: they measured with, so every step is a whole block of the same mask stream). Until issue 34 each rung was
+#: twice the last (256, 512, 1,024, 2,048), which cost up to twice the masks needed.
+MASK_LADDER: tuple[int, ...] = tuple(range(256, 2049, 256))
 #: the split-half reliability ``n_masks="auto"`` aims at: well above :data:`RELIABILITY_FLOOR`, so that
 #: every checkpoint and reading gets a corrected headline (validated in ``docs/comparison.md``)
 AUTO_RELIABILITY_TARGET = 0.5
@@ -232,8 +234,8 @@ def choose_n_masks(
     are predicted (:func:`masks_for_reliability`) to reach ``target``; the top rung when none is, or
     when the reliability is undefined (the maps were noise).
 
-    >>> choose_n_masks(256, 0.34), choose_n_masks(256, 0.24), choose_n_masks(256, 0.6), choose_n_masks(256, 0.05)
-    (512, 1024, 256, 2048)
+    >>> choose_n_masks(256, 0.34), choose_n_masks(256, 0.3), choose_n_masks(256, 0.6), choose_n_masks(256, 0.05)
+    (512, 768, 256, 2048)
     """
     if not ladder:
         raise XAttnError("Expected a non-empty ladder of mask counts.")

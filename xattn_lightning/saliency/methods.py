@@ -19,7 +19,7 @@ from xattn_lightning.saliency.gradients import GRADIENT_METHODS, attribute, toke
 from xattn_lightning.saliency.options import EncoderSpesOptions, GradientOptions, SpesOptions
 from xattn_lightning.saliency.perturbation import MaskState, spes_encoder, spes_input
 from xattn_lightning.saliency.result import SaliencyResult
-from xattn_lightning.saliency.vocabulary import with_bf16_vocabulary
+from xattn_lightning.saliency.vocabulary import resolve_vocabulary, with_bf16_vocabulary
 
 
 @dataclass
@@ -73,20 +73,25 @@ def encoder_spes(method: str, x: MethodInputs, options: EncoderSpesOptions) -> S
     explained = x.positions.to(device)
     if x.enc is None:
         raise XAttnError(f"{type(adapter).__name__} gave no encoder output for {method!r}.")
-    masked: Callable[[Tensor], Any] = adapter.masked_decoder(x.enc, x.dec_in, positions=explained)
-    if options.vocabulary == "bf16":  # the vocabulary term in bfloat16, the mass-carrying tokens exact
+    # a causal decoder: the positions after the last explained one change nothing there, so they are not run
+    dec_in = x.dec_in[..., : int(explained.max()) + 1] if explained.numel() else x.dec_in
+    masked: Callable[[Tensor], Any] = adapter.masked_decoder(x.enc, dec_in, positions=explained)
+    vocabulary = resolve_vocabulary(options.vocabulary, adapter, options.autocast)
+    if vocabulary == "bf16":  # the vocabulary term in bfloat16, the mass-carrying tokens exact
         masked = with_bf16_vocabulary(adapter, masked, x.logp_ref[explained])
     run, lp_ref, bs = prepared(
         "encoder_spes", masked, lambda b: ones.expand(b, -1), x.logp_ref[explained], device, options,
         options.encoder_batch_size,
     )  # fmt: skip
     o = options
-    return spes_encoder(
+    result = spes_encoder(
         run, x.t_enc, lp_ref, None,  # run and lp_ref hold the explained positions only
         n_masks=int(o.n_masks), p_h=o.p_h, batch_size=bs, seed=o.seed, sampling=o.sampling,
         max_seconds=o.max_seconds, smoothing=o.smoothing,
         progress=bar.update if bar else None, resume=x.resume.get(method),
     )  # fmt: skip
+    result.details["vocabulary"] = vocabulary  # the term taken ("auto" resolved)
+    return result
 
 
 def gradient(method: str, x: MethodInputs, options: GradientOptions) -> SaliencyResult:

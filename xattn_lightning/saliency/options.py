@@ -30,9 +30,11 @@ Sampling = Literal["plain", "antithetic", "balanced", "sobol"]
 SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 Autocast = Literal["bf16", "fp16"]
 AUTOCASTS: tuple[str, ...] = get_args(Autocast)
-#: how a masked pass's logits over the vocabulary are made (``encoder_spes``): ``exact`` (float32) or ``bf16``
+#: how a masked pass's logits over the vocabulary are made (``encoder_spes``): ``exact`` (float32), ``bf16``
 #: (bfloat16, each position's most probable unmasked tokens exact; :mod:`xattn_lightning.saliency.vocabulary`)
-Vocabulary = Literal["exact", "bf16"]
+#: or ``auto`` (the default: ``bf16`` where it was measured to pay, a CPU with AMX units and a linear output
+#: head, else ``exact``; :func:`~xattn_lightning.saliency.vocabulary.resolve_vocabulary`)
+Vocabulary = Literal["auto", "exact", "bf16"]
 VOCABULARIES: tuple[str, ...] = get_args(Vocabulary)
 GradientEngine = Literal["batched", "captum"]
 BatchSize = int | Literal["auto"]
@@ -107,7 +109,7 @@ class EncoderSpesOptions(PerturbationOptions):
     p_h: float = 0.7
     encoder_batch_size: BatchSize = "auto"
     smoothing: int = 0
-    vocabulary: Vocabulary = "exact"
+    vocabulary: Vocabulary = "auto"
 
     def __post_init__(self) -> None:
         from xattn_lightning.functional.pooling import check_smoothing
@@ -117,7 +119,7 @@ class EncoderSpesOptions(PerturbationOptions):
         _positive_int("encoder_batch_size", self.encoder_batch_size, auto=True)
         check_smoothing(self.smoothing)
         check_choice("vocabulary", self.vocabulary, VOCABULARIES)
-        if self.autocast is not None and self.vocabulary != "exact":
+        if self.autocast is not None and self.vocabulary == "bf16":
             raise XAttnError("autocast and vocabulary='bf16' both lower the precision of the masked passes: choose one.")
 
 
@@ -211,7 +213,7 @@ def flat_names() -> list[str]:
 
 
 #: what a monitor reading and ``xattn-lightning compare`` use where ``explain`` defaults differ: the mask
-#: count chosen once from a first reading at 256 masks, as the smallest of 256, 512, 1,024 and 2,048 whose
+#: count chosen once from a first reading at 256 masks, as the smallest multiple of 256 up to 2,048 whose
 #: maps reach a split-half reliability of 0.5 (:func:`xattn_lightning.functional.choose_n_masks`), then
 #: fixed, so that every reading gets a corrected headline and readings stay comparable
 READING_N_MASKS: MaskCount = "auto"

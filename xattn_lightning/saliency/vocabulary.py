@@ -1,5 +1,6 @@
 """The vocabulary term of a masked pass in bfloat16, with the tokens that carry the mass exact
-(``vocabulary="bf16"``, an option of ``encoder_spes``; issue 34, fidelity in ``docs/costs.md``).
+(``vocabulary="bf16"``, an option of ``encoder_spes``, and what ``vocabulary="auto"``, the default, takes on a
+CPU with AMX units; issue 34, fidelity in ``docs/costs.md``).
 
 A mask's decoder pass spends about half its time projecting the explained positions onto the
 vocabulary (51,864 words for Whisper), which the KL normalises over. With ``vocabulary="bf16"`` the
@@ -48,6 +49,37 @@ def bf16_logits(
         approx = approx + bias.to(approx.dtype)
         exact = exact + bias.float()[top]
     return PartlyExactLogits(approx, top, exact)
+
+
+def has_bf16_units(device: torch.device | str) -> bool:
+    """Whether ``vocabulary="auto"`` takes the bfloat16 vocabulary term on ``device``: a CPU with AMX tile units
+    (where it was measured: 1.3–2.2× faster masks, ``docs/costs.md``). CUDA and CPUs without AMX keep the
+    float32 term: there a bfloat16 product was not measured to pay (emulated on CPUs without bfloat16 units).
+
+    >>> has_bf16_units("meta")
+    False
+    """
+    if torch.device(device).type != "cpu":
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx()) if callable(amx) else False
+
+
+def resolve_vocabulary(vocabulary: str, adapter: Any, autocast: str | None = None) -> str:
+    """The vocabulary term a masked pass takes: ``"exact"`` or ``"bf16"`` as asked; ``"auto"``: ``"bf16"`` where
+    :func:`has_bf16_units` on the adapter's device, the model has a linear output head and the pass is not
+    under ``autocast``, else ``"exact"``.
+
+    >>> resolve_vocabulary("exact", None)
+    'exact'
+    """
+    if vocabulary != "auto":
+        return vocabulary
+    if autocast is not None or not has_bf16_units(getattr(adapter, "device", "cpu")):
+        return "exact"
+    model: Any = getattr(adapter, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return "bf16" if isinstance(head, nn.Linear) else "exact"
 
 
 def output_head(adapter: Any) -> nn.Linear:
