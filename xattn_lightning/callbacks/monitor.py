@@ -5,9 +5,10 @@ decides *when* (its hooks and schedule) and keeps the state in checkpoints; a re
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
@@ -24,13 +25,13 @@ from xattn_lightning._lightning import (
     validation_planned,
 )
 from xattn_lightning.adapters import Adapter
-from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
 from xattn_lightning.monitoring import (
     PREFIX,
     Instrument,
     InstrumentViews,
     Messages,
     MonitorConfig,
+    MonitorOptions,
     check_probes_source,
     check_schedule,
 )
@@ -38,10 +39,8 @@ from xattn_lightning.summary import Summary
 
 __all__ = ["PREFIX", "XAttnSaliencyMonitor"]
 
-C = MonitorConfig  # the one home of every reading option's default and documentation
-
-
-class XAttnSaliencyMonitor(InstrumentViews, Callback):
+@dataclass(eq=False)  # eq=False: compared and hashed by identity, as Lightning's callbacks are
+class XAttnSaliencyMonitor(InstrumentViews, MonitorOptions, Callback):
     """Tracks how far cross-attention agrees with saliency on fixed probe utterances.
 
     Every ``every_n_epochs`` epochs or ``every_n_steps`` optimizer steps (never in the sanity check), explains
@@ -67,8 +66,10 @@ class XAttnSaliencyMonitor(InstrumentViews, Callback):
             (``{"input_features": "net_input.src_tokens", "labels": "target"}``; YAML-friendly).
         tokenizer: for token labels and text; default: found on the module, its model or the DataModule.
 
-        The other arguments, the reading options, are :class:`~xattn_lightning.monitoring.MonitorConfig`'s
-        fields, documented there with their defaults; the Hugging Face callback takes the same.
+        The other arguments, the reading options (keyword-only), are the fields of
+        :class:`~xattn_lightning.monitoring.MonitorOptions`, documented there with their defaults; the Hugging Face
+        callback takes the same. ``monitor.config`` holds them checked (a
+        :class:`~xattn_lightning.monitoring.MonitorConfig`), read when the monitor is made.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -76,46 +77,23 @@ class XAttnSaliencyMonitor(InstrumentViews, Callback):
         >>> trainer = Trainer(callbacks=[monitor], logger=False, enable_progress_bar=False)
     """
 
-    def __init__(
-        self,
-        every_n_epochs: int | None = None,
-        every_n_steps: int | None = None,
-        probes: Any = None,
-        model_fn: Callable[[LightningModule], nn.Module | Adapter] | None = None,
-        batch_fn: Callable[[Any], Any] | str | None = None,
-        batch_keys: dict[str, str] | None = None,
-        tokenizer: object | None = None,
-        num_probes: int = C.num_probes,
-        methods: Sequence[str] = C.methods,
-        targets: Literal["generate", "labels"] = C.targets,
-        metrics: Sequence[str] = C.metrics,
-        layers: LayerSpec = C.layers,
-        heads: HeadSpec = C.heads,
-        log_figures: bool = C.log_figures,
-        max_figures: int = C.max_figures,
-        num_beams: int = C.num_beams,
-        max_new_tokens: int | None = C.max_new_tokens,
-        max_overhead: float | None = C.max_overhead,
-        reliability_floor: float = C.reliability_floor,
-        export_alignment_heads: bool = C.export_alignment_heads,
-        on_error: Literal["warn", "raise"] = C.on_error,
-        cache_encoder: bool = C.cache_encoder,
-        n_masks: int | Literal["auto"] = C.n_masks,
-        seed: int = C.seed,
-        max_seconds: float | None = C.max_seconds,
-        saliency_options: dict[str, Any] | None = C.saliency_options,
-        reading_timeout: float = C.reading_timeout,
-        max_gathered_gb: float | None = C.max_gathered_gb,
-        lockstep: bool | Literal["auto"] = C.lockstep,
-    ) -> None:
-        super().__init__()
-        self.every_n_epochs = check_schedule(every_n_epochs, every_n_steps)
-        self.every_n_steps = every_n_steps
-        check_probes_source(probes)
-        config = MonitorConfig.from_arguments(locals())
-        self.model_fn, self.tokenizer = model_fn, tokenizer
+    every_n_epochs: int | None = None
+    every_n_steps: int | None = None
+    probes: Any = field(default=None, repr=False)
+    model_fn: Callable[[LightningModule], nn.Module | Adapter] | None = field(default=None, repr=False)
+    batch_fn: Callable[[Any], Any] | str | None = field(default=None, repr=False)
+    batch_keys: dict[str, str] | None = None
+    tokenizer: object | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.every_n_epochs = check_schedule(self.every_n_epochs, self.every_n_steps)
+        check_probes_source(self.probes)
         self.instrument = Instrument(
-            config, probes, Messages(on_error, info=self._say), batch_fn=batch_fn, batch_keys=batch_keys
+            MonitorConfig.of(self),
+            self.probes,
+            Messages(self.on_error, info=self._say),
+            batch_fn=self.batch_fn,
+            batch_keys=self.batch_keys,
         )
         self._validated_epoch = -1
         #: the Lightning package of the trainer (set at setup): a name, so that the monitor pickles (ddp_spawn)

@@ -20,8 +20,9 @@ accelerate) each process explains its share of the probes and process 0 logs med
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -29,13 +30,11 @@ from transformers.trainer_callback import ExportableState
 from xattn_lightning.adapters import Adapter
 from xattn_lightning.batches import ID_KEYS, TEXT_KEYS, WORDS_KEY
 from xattn_lightning.errors import XAttnError
-from xattn_lightning.functional.aggregate import HeadSpec, LayerSpec
-from xattn_lightning.monitoring import Instrument, InstrumentViews, Messages, MonitorConfig, check_probes_source
+from xattn_lightning.monitoring import Instrument, InstrumentViews, Messages, check_probes_source
+from xattn_lightning.monitoring.config import MonitorConfig, MonitorOptions
 from xattn_lightning.monitoring.core import TorchDistributed
 from xattn_lightning.monitoring.probes import first_items, iter_once
 from xattn_lightning.summary import Summary
-
-C = MonitorConfig  # the one home of every reading option's default and documentation
 
 
 class _WandbRunMedia:
@@ -117,7 +116,8 @@ def _first_collated(loader: Any) -> Any:
     return None if item is None else collate([item])
 
 
-class XAttnSaliencyCallback(InstrumentViews, TrainerCallback, ExportableState):
+@dataclass(eq=False)  # eq=False: compared and hashed by identity, as the Trainer's callbacks are
+class XAttnSaliencyCallback(InstrumentViews, MonitorOptions, TrainerCallback, ExportableState):
     """Attention–saliency agreement on fixed probe utterances during a Hugging Face Trainer fine-tune.
 
     Args:
@@ -133,8 +133,10 @@ class XAttnSaliencyCallback(InstrumentViews, TrainerCallback, ExportableState):
         model_fn: ``model_fn(model) -> nn.Module | Adapter``; default: the Trainer's model.
         batch_fn, batch_keys, tokenizer: as for the Lightning :class:`~xattn_lightning.XAttnSaliencyMonitor`.
 
-        The reading options are :class:`~xattn_lightning.monitoring.MonitorConfig`'s fields, documented there,
-        with the same defaults (the Lightning monitor takes the same).
+        The other arguments, the reading options (keyword-only), are the fields of
+        :class:`~xattn_lightning.monitoring.MonitorOptions`, documented there with their defaults; the Lightning
+        monitor takes the same. ``callback.config`` holds them checked (a
+        :class:`~xattn_lightning.monitoring.MonitorConfig`), read when the callback is made.
 
     Example:
         >>> cb = XAttnSaliencyCallback(num_probes=4, n_masks=64)
@@ -142,47 +144,25 @@ class XAttnSaliencyCallback(InstrumentViews, TrainerCallback, ExportableState):
         64
     """
 
-    def __init__(
-        self,
-        trainer: Any = None,
-        every_n_steps: int | None = None,
-        probes: Any = None,
-        model_fn: Callable[[Any], Any] | None = None,
-        batch_fn: Callable[[Any], Any] | str | None = None,
-        batch_keys: dict[str, str] | None = None,
-        tokenizer: object | None = None,
-        num_probes: int = C.num_probes,
-        methods: Sequence[str] = C.methods,
-        targets: Literal["generate", "labels"] = C.targets,
-        metrics: Sequence[str] = C.metrics,
-        layers: LayerSpec = C.layers,
-        heads: HeadSpec = C.heads,
-        log_figures: bool = C.log_figures,
-        max_figures: int = C.max_figures,
-        num_beams: int = C.num_beams,
-        max_new_tokens: int | None = C.max_new_tokens,
-        max_overhead: float | None = C.max_overhead,
-        reliability_floor: float = C.reliability_floor,
-        export_alignment_heads: bool = C.export_alignment_heads,
-        on_error: Literal["warn", "raise"] = C.on_error,
-        cache_encoder: bool = C.cache_encoder,
-        n_masks: int | Literal["auto"] = C.n_masks,
-        seed: int = C.seed,
-        max_seconds: float | None = C.max_seconds,
-        saliency_options: dict[str, Any] | None = C.saliency_options,
-        reading_timeout: float = C.reading_timeout,
-        max_gathered_gb: float | None = C.max_gathered_gb,
-        lockstep: bool | Literal["auto"] = C.lockstep,
-    ) -> None:
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise XAttnError(f"Expected every_n_steps to be a positive int or None but got {every_n_steps!r}.")
-        check_probes_source(probes)
-        config = MonitorConfig.from_arguments(locals())
-        self.trainer = trainer
-        self.every_n_steps = every_n_steps
-        self.model_fn, self.tokenizer = model_fn, tokenizer
+    trainer: Any = field(default=None, repr=False)
+    every_n_steps: int | None = None
+    probes: Any = field(default=None, repr=False)
+    model_fn: Callable[[Any], Any] | None = field(default=None, repr=False)
+    batch_fn: Callable[[Any], Any] | str | None = field(default=None, repr=False)
+    batch_keys: dict[str, str] | None = None
+    tokenizer: object | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        n = self.every_n_steps
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise XAttnError(f"Expected every_n_steps to be a positive int or None but got {n!r}.")
+        check_probes_source(self.probes)
         self.instrument = Instrument(
-            config, probes, Messages(on_error, name="XAttnSaliencyCallback"), batch_fn=batch_fn, batch_keys=batch_keys
+            MonitorConfig.of(self),
+            self.probes,
+            Messages(self.on_error, name="XAttnSaliencyCallback"),
+            batch_fn=self.batch_fn,
+            batch_keys=self.batch_keys,
         )
         self._resume_checked = False
 

@@ -8,7 +8,7 @@ decide when to read and give a :class:`Host`; :class:`Instrument` does the rest,
 
 from xattn_lightning.monitoring.budget import OverheadBudget
 from xattn_lightning.monitoring.collector import ProbeCollector
-from xattn_lightning.monitoring.config import PREFIX, MonitorConfig, check_probes_source, check_schedule
+from xattn_lightning.monitoring.config import PREFIX, MonitorConfig, MonitorOptions, check_probes_source, check_schedule
 from xattn_lightning.monitoring.core import Host, Instrument, SingleProcess
 from xattn_lightning.monitoring.history import History
 from xattn_lightning.monitoring.masks import MaskCount
@@ -26,6 +26,7 @@ __all__ = [
     "MaskCount",
     "Messages",
     "MonitorConfig",
+    "MonitorOptions",
     "OverheadBudget",
     "ProbeCollector",
     "Publisher",

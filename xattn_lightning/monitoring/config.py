@@ -1,9 +1,10 @@
-"""What a monitor reads, in one typed, validated object shared by every host: the one definition of the
-options both the Lightning callback and the Hugging Face Trainer callback take (each field documented
-here, once, with its one default).
+"""What a monitor reads: :class:`MonitorOptions`, the one definition of the options both the Lightning callback
+and the Hugging Face Trainer callback take (each field documented here, once, with its one default; both hosts
+are dataclasses that inherit these fields as typed keyword-only constructor arguments), and
+:class:`MonitorConfig`, the same fields checked, in one typed, validated object shared by every host.
 
-A host builds a :class:`MonitorConfig` from its constructor arguments; it is checked once, there, so a bad
-argument fails when the callback is made, not at the first reading. It holds the
+A host builds its :class:`MonitorConfig` from its options (:meth:`MonitorConfig.of`); it is checked once, there,
+so a bad argument fails when the callback is made, not at the first reading. It holds the
 :class:`~xattn_lightning.reading.ReadingConfig` of its readings (the saliency options inside it), which is
 handed on as it is. The schedule (:func:`check_schedule`) is the host's.
 
@@ -16,11 +17,13 @@ Example:
     xattn_lightning.errors.UnknownNameError: Unknown metric 'pearsn'. Valid metrics are: kendall, pearson, spearman.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: the hosts' generated ``__init__`` carries these fields' annotations,
+# which must be objects (not names of this module) for ``typing.get_type_hints`` and LightningCLI in the hosts' modules.
+from collections.abc import Mapping, Sequence
+from dataclasses import FrozenInstanceError, dataclass, field, fields
+from typing import Any, Literal, cast
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing_extensions import Self
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional import RELIABILITY_FLOOR
@@ -60,9 +63,10 @@ def check_probes_source(probes: Any) -> None:
         )
 
 
-@dataclass(frozen=True)
-class MonitorConfig:
-    """The reading options of a monitor, the same for every host (their constructors take these names).
+@dataclass(kw_only=True, eq=False)
+class MonitorOptions:
+    """The reading options of a monitor, the same for every host: both hosts inherit these fields, so each is a
+    typed keyword-only argument of their constructors, with the default written here.
 
     Attributes:
         num_probes: probe utterances read each time (the first of the validation set or of ``probes=``).
@@ -95,13 +99,12 @@ class MonitorConfig:
             model whose own forward runs collectives (an ``all_reduce``, hand-written tensor parallelism);
             ``False``: each process reads its share of the probes; ``"auto"``: ``True`` when a forward of the
             first probe runs a collective (``docs/sharding.md``).
-        reading: the :class:`~xattn_lightning.reading.ReadingConfig` these make (derived, not passed).
     """
 
     num_probes: int = 8
-    methods: tuple[str, ...] = ("encoder_spes",)
+    methods: Sequence[str] = ("encoder_spes",)
     targets: Literal["generate", "labels"] = "generate"
-    metrics: tuple[str, ...] = ("pearson", "spearman")
+    metrics: Sequence[str] = ("pearson", "spearman")
     layers: LayerSpec = None
     heads: HeadSpec = None
     log_figures: bool = True
@@ -120,6 +123,17 @@ class MonitorConfig:
     reading_timeout: float = READING_TIMEOUT
     max_gathered_gb: float | None = None
     lockstep: bool | Literal["auto"] = "auto"
+
+
+@dataclass(kw_only=True)
+class MonitorConfig(MonitorOptions):
+    """:class:`MonitorOptions` checked, once, and made into the reading config they describe; frozen (an option
+    changed afterwards would not reach ``reading``). ``methods`` and ``metrics`` are tuples here.
+
+    Attributes:
+        reading: the :class:`~xattn_lightning.reading.ReadingConfig` these make (derived, not passed).
+    """
+
     reading: ReadingConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -147,16 +161,22 @@ class MonitorConfig:
         if self.lockstep not in (True, False, "auto"):
             raise XAttnError(f"Expected lockstep to be True, False or 'auto' (docs/sharding.md) but got {self.lockstep!r}.")
         saliency = SaliencyOptions.from_flat(**extra, n_masks=self.n_masks, seed=self.seed)
-        reading = ReadingConfig(
-            self.methods, self.metrics, self.layers, self.heads, self.targets, self.num_beams,
-            self.max_new_tokens, saliency,
-        )  # fmt: skip
-        object.__setattr__(self, "methods", reading.methods)
-        object.__setattr__(self, "metrics", reading.metrics)
-        object.__setattr__(self, "saliency_options", extra)
-        object.__setattr__(self, "reading", reading)
+        methods, metrics = cast(tuple[str, ...], self.methods), cast(tuple[str, ...], self.metrics)
+        reading = ReadingConfig(  # it checks methods and metrics and makes them tuples
+            methods, metrics, self.layers, self.heads, self.targets, self.num_beams, self.max_new_tokens, saliency
+        )
+        self.methods, self.metrics, self.saliency_options = reading.methods, reading.metrics, extra
+        self.reading = reading  # set last: from here on the config is frozen
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "reading" in self.__dict__:
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
 
     @classmethod
-    def from_arguments(cls, arguments: Mapping[str, Any]) -> MonitorConfig:
-        """The config of a host's constructor ``arguments`` (its ``locals()``): every field by its name."""
-        return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.init})
+    def of(cls, options: MonitorOptions) -> Self:
+        """The checked config of ``options`` (a host, say): every :class:`MonitorOptions` field by its name."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(MonitorOptions)})

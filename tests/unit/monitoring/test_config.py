@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError
+
 import pytest
 
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.monitoring import (
     MonitorConfig,
+    MonitorOptions,
     check_schedule,
 )
 
@@ -41,27 +44,42 @@ def test_config_checks_once_and_carries_one_reading_config():
 
 
 def test_both_hosts_take_the_options_of_one_definition_with_its_defaults():
-    """Every MonitorConfig field is an explicit, typed parameter of both hosts (for LightningCLI and IDEs), with
-    MonitorConfig's default; the options' page lists every one."""
+    """MonitorOptions is the one definition of the options: both hosts inherit every field as an explicit, typed,
+    keyword-only parameter (for LightningCLI and IDEs) with its default and annotation, MonitorConfig checks the
+    same fields, and the options' table of docs/monitor.md lists exactly these."""
     import inspect
+    import re
     import typing
-    from dataclasses import MISSING, fields
+    from dataclasses import fields
     from pathlib import Path
 
     from xattn_lightning.callbacks.monitor import XAttnSaliencyMonitor
     from xattn_lightning.integrations.transformers import XAttnSaliencyCallback
 
+    options = fields(MonitorOptions)
+    names = [f.name for f in options]
+    assert [f.name for f in fields(MonitorConfig) if f.init] == names
+    types = typing.get_type_hints(MonitorOptions)
+    host_args = {
+        XAttnSaliencyMonitor: ["every_n_epochs", "every_n_steps", "probes", "model_fn", "batch_fn", "batch_keys", "tokenizer"],
+        XAttnSaliencyCallback: ["trainer", "every_n_steps", "probes", "model_fn", "batch_fn", "batch_keys", "tokenizer"],
+    }
+    for host, own in host_args.items():
+        params = inspect.signature(host).parameters
+        hints = typing.get_type_hints(host.__init__)
+        assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == own, host.__name__
+        assert all(params[n].default is None and n in hints for n in own), host.__name__
+        for f in options:
+            param = params[f.name]
+            assert param.kind is param.KEYWORD_ONLY and param.default == f.default, (host.__name__, f.name)
+            assert hints[f.name] == types[f.name], (host.__name__, f.name)
     docs = (Path(__file__).parents[3] / "docs" / "monitor.md").read_text()
-    for f in fields(MonitorConfig):
-        if not f.init:
-            continue
-        assert f"`{f.name}`" in docs, f.name
-        for host in (XAttnSaliencyMonitor, XAttnSaliencyCallback):
-            param = inspect.signature(host.__init__).parameters[f.name]
-            default = f.default if f.default is not MISSING else None
-            assert param.default == default, (host.__name__, f.name)
-            hints = typing.get_type_hints(host.__init__)
-            assert param.kind is param.POSITIONAL_OR_KEYWORD and f.name in hints, (host.__name__, f.name)
+    section = docs.split("## Its options", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    assert sorted(n for row in rows for n in re.findall(r"`(\w+)`", row)) == sorted(names)
+
     cb = XAttnSaliencyCallback(num_probes=3, n_masks=64, saliency_options={"p_h": 0.5})
     mon = XAttnSaliencyMonitor(num_probes=3, n_masks=64, saliency_options={"p_h": 0.5})
-    assert cb.config == mon.config and mon.config.reading.saliency.encoder_spes.p_h == 0.5
+    assert cb.config == mon.config == MonitorConfig.of(mon) and mon.config.reading.saliency.encoder_spes.p_h == 0.5
+    with pytest.raises(FrozenInstanceError):
+        mon.config.n_masks = 8  # frozen, as before
