@@ -83,8 +83,8 @@ class MonitorOptions:
         export_alignment_heads: write the heads chosen for word timestamps into the model at the end of the fit.
         on_error: ``"warn"`` (never stop training) or ``"raise"`` (debugging).
         cache_encoder: reuse the probes' encoder outputs while the encoder's weights do not change.
-        n_masks: masks per perturbation map; ``"auto"`` chooses 256–2,048 from the first reading's reliability,
-            then fixes it for the run (kept in checkpoints).
+        n_masks: masks per perturbation map; ``"auto"`` chooses a multiple of 256 up to 2,048 from the first
+            reading's reliability, then fixes it for the run (kept in checkpoints).
         seed: the masks' seed.
         max_seconds: a time budget for one whole reading: the mask count that fits is calibrated once, then
             fixed (unlike ``xl.explain``'s ``max_seconds``, a cap per method and utterance, which a reading
