@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         configs["shipped alignment_heads"] = (shipped, None)
     above = select_heads_by_agreement(grid)
     configs[f"label-free: above-mean agreement ({len(above)})"] = (above, None)
-    configs["label-free: above-mean, weighted"] = (above, [float(grid[li, h]) for li, h in above])
+    above_w = [max(float(grid[li, h]), 0.0) for li, h in above]  # a head's ρ may be negative (a random model)
+    configs["label-free: above-mean, weighted"] = (above, above_w if sum(above_w) > 0 else None)
     for k in [int(x) for x in args.ks.split(",")]:
         hk = select_heads_by_agreement(grid, k)
         configs[f"label-free: top {k}"] = (hk, None)
