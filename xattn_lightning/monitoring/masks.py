@@ -14,9 +14,9 @@ Example:
     >>> masks.config(reading).saliency.n_masks, masks.auto_pending()
     (256, True)
     >>> masks.choose_from({"encoder_spes": 0.3}, measured_at=256)
-    1024
+    768
     >>> masks.config(reading).saliency.n_masks, masks.auto_pending()
-    (1024, False)
+    (768, False)
 """
 
 from __future__ import annotations
