@@ -1,12 +1,12 @@
-"""Word-timestamp head sets across models: every candidate of ``xl.timestamps.HEAD_SETS`` on each model, which one
-the default's label-free criterion chose, and leave-one-model-out over the rules that pick a head set.
+"""Word-timestamp head sets across models: every candidate of ``xl.timestamps.HEAD_SETS`` and ``ENSEMBLES`` on each
+model, which one the default's label-free criterion chose, and leave-one-model-out over the rules that pick a head set.
 
     python -m benchmarks.timestamps_models --models tiny.en=PATH,ft1=PATH2 --timed data/timed-en/manifest.tsv \\
         --conditions fast220=fast/manifest.tsv --snr 20,10 --out results/timestamps_models.json
 
 For each model: its alignments of the ``--timed`` utterances; the first ``--select`` of them, read without their
-word timings, are the unlabelled speech the candidates (``candidate_heads``) and the criterion
-(``choose_heads_from``: where the boundaries fall in the input's level) are computed on; the utterances from
+word timings, are the unlabelled speech the candidates (``candidate_heads``, ``candidate_sets``) and the criterion
+(``choose_heads_from``: where the plain-DTW boundaries fall in the input's level) are computed on; the utterances from
 ``--first-scored`` on are scored (mean boundary error, ms, of the word units the transcript got right), each
 candidate with plain DTW and with the default's duration prior and silences. Rules that pick a head set per model
 (the fixed candidates, the default's criterion and two other label-free criteria) are compared
@@ -34,14 +34,15 @@ from benchmarks.timestamps_noise import noisy
 from xattn_lightning.audio import load_audio, read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR
 from xattn_lightning.loading import features_batch, load_hf_model
-from xattn_lightning.timestamps import TimingOptions, align, alignment_words, timing_scores
-from xattn_lightning.timestamps.choice import boundary_energy, choose_heads_from
+from xattn_lightning.timestamps import TimingOptions, align, alignment_words, ensemble_words, timing_scores
+from xattn_lightning.timestamps.choice import ENSEMBLES, HEAD_SETS, boundary_levels, candidate_sets, choose_heads_from
 
 
-def silence_distance(a, heads, clip: float = 0.2) -> list[float]:
+def silence_distance(a, head_sets, clip: float = 0.2) -> list[float]:
     """An alternative criterion: for each silent span inside the speech, the distance (s, clipped) from it to the
-    nearest word boundary of DTW over ``heads`` with the duration prior (lower is better)."""
-    w = alignment_words(a, heads, timing=TimingOptions(duration_prior=DURATION_PRIOR))
+    nearest word boundary of DTW over ``head_sets`` (their boundaries averaged) with the duration prior (lower is
+    better)."""
+    w = ensemble_words(a, head_sets, timing=TimingOptions(duration_prior=DURATION_PRIOR))
     if len(w) < 2 or not a.silences:
         return []
     ends = [e for _, _, e in w[:-1]]
@@ -53,11 +54,11 @@ def silence_distance(a, heads, clip: float = 0.2) -> list[float]:
     return out
 
 
-def energy_after_silences(a, heads) -> list[float]:
+def energy_after_silences(a, head_sets) -> list[float]:
     """An alternative criterion: the input's level (z-scored over the speech) at the middle of each boundary
     between two words as the default places it (the duration prior, then the move to silences): inside the
     silence where a boundary moved to one, at the DTW boundary elsewhere."""
-    w = alignment_words(a, heads, timing=TimingOptions(duration_prior=DURATION_PRIOR, silence=True))
+    w = ensemble_words(a, head_sets, timing=TimingOptions(duration_prior=DURATION_PRIOR, silence=True))
     if len(w) < 2 or a.energy is None:
         return []
     e, step = a.energy.double(), a.energy_frame_seconds
@@ -67,10 +68,11 @@ def energy_after_silences(a, heads) -> list[float]:
     return [(float(e[min(int(round(t / step)), len(e) - 1)]) - mean) / std for t in mids]
 
 
-def one_se_pick(values: dict[str, list[float]], candidates: dict) -> str:
-    """The one-standard-error rule of ``choose_heads_from`` over paired per-boundary values (lower is better)."""
+def one_se_pick(values: dict[str, list[float]], sets: dict) -> str:
+    """The one-standard-error rule of ``choose_heads_from`` over paired per-boundary values (lower is better) of
+    the candidates ``sets`` (name: the head sets whose boundaries it averages)."""
     v = {n: torch.tensor(x, dtype=torch.float64) for n, x in values.items()}
-    order = ("all", "upper_half", "model", "consistent")
+    order = list(sets)
     lowest = min(v, key=lambda n: (float(v[n].mean()), order.index(n)))
     near = []
     for n in v:
@@ -78,29 +80,31 @@ def one_se_pick(values: dict[str, list[float]], candidates: dict) -> str:
         se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
         if float(d.mean()) <= se + 1e-12:
             near.append(n)
-    return min(near, key=lambda n: (-len(candidates[n]), order.index(n)))
+    return min(near, key=lambda n: (-sum(len(h) for h in sets[n]), order.index(n)))
 
 
 def _mean(x: list[float]) -> float:
     return sum(x) / len(x) if x else float("nan")
 
 
-def criteria(sel, candidates) -> dict[str, dict[str, float]]:
-    """Two other label-free criteria's values per candidate on the selection utterances (lower is better)."""
+def prior_energy(a, head_sets) -> list[float]:
+    """The former default's criterion: the input's level at the boundaries of DTW with the duration prior."""
+    return boundary_levels(a, ensemble_words(a, head_sets, timing=TimingOptions(duration_prior=DURATION_PRIOR)))
+
+
+def criteria(sel, sets) -> dict[str, dict[str, float]]:
+    """Another label-free criterion's values per candidate on the selection utterances (lower is better)."""
     return {
-        "boundary energy, plain DTW, lowest": {
-            n: _mean([x for a in sel for x in boundary_energy(a, h, 0.0)]) for n, h in candidates.items()
-        },
         "distance from silences to boundaries, lowest": {
-            n: _mean([x for a in sel for x in silence_distance(a, h)]) for n, h in candidates.items()
+            n: _mean([x for a in sel for x in silence_distance(a, hs)]) for n, hs in sets.items()
         },
     }
 
 
-def score(aligns, refs, heads, refined: bool) -> float:
+def score(aligns, refs, head_sets, refined: bool) -> float:
     prior, silence = (DURATION_PRIOR, True) if refined else (0.0, False)
     timing = TimingOptions(duration_prior=prior, silence=silence)
-    pred = [alignment_words(a, heads, timing=timing) for a in aligns]
+    pred = [ensemble_words(a, head_sets, timing=timing) for a in aligns]
     return timing_scores(pred, refs)["mae_ms"]
 
 
@@ -140,13 +144,24 @@ def measure(name: str, path: str, args) -> dict:
     scored = aligns_of(model, proc, scored_rows)
     pass_s = (time.perf_counter() - t0) / len(scored_rows)
     candidates = choice.candidates
-    other = criteria(sel, candidates)
+    sets = candidate_sets(candidates)
+    t0 = time.perf_counter()
+    timing = TimingOptions(duration_prior=DURATION_PRIOR, silence=True)
+    for a in scored:
+        ensemble_words(a, choice.head_sets, timing=timing)
+    timing_s = (time.perf_counter() - t0) / len(scored)
+    other = criteria(sel, sets)
+    former = {n: sets[n] for n in HEAD_SETS if n in sets}
     picks = {
         DEFAULT_RULE: choice.name,
         "boundary energy, lowest": choose_heads_from(sel, shipped, tolerance=0.0).name,
         **{k: min(v, key=lambda n: (v[n], n)) for k, v in other.items()},
+        "boundary energy with the duration prior, one-SE rule": one_se_pick(
+            {n: [x for a in sel for x in prior_energy(a, hs)] for n, hs in sets.items()}, sets
+        ),
+        FORMER_RULE: one_se_pick({n: [x for a in sel for x in prior_energy(a, hs)] for n, hs in former.items()}, former),
         "boundary energy after the silences, one-SE rule": one_se_pick(
-            {n: [x for a in sel for x in energy_after_silences(a, h)] for n, h in candidates.items()}, candidates
+            {n: [x for a in sel for x in energy_after_silences(a, hs)] for n, hs in sets.items()}, sets
         ),
     }
     out: dict = {
@@ -154,16 +169,18 @@ def measure(name: str, path: str, args) -> dict:
         "shape": list(sel[0].cross_attention.shape[:2]),
         "chosen": choice.name,
         "candidates": candidates,
+        "ensembles": {n: list(parts) for n, parts in ENSEMBLES.items() if n in sets},
         "criterion": choice.scores,
         "criterion_standard_errors": choice.standard_errors,
         "other_criteria": other,
         "rule_picks": picks,
-        "plain_ms": {n: score(scored, refs, h, False) for n, h in candidates.items()},
-        "default_ms": {n: score(scored, refs, h, True) for n, h in candidates.items()},
+        "plain_ms": {n: score(scored, refs, hs, False) for n, hs in sets.items()},
+        "default_ms": {n: score(scored, refs, hs, True) for n, hs in sets.items()},
         "boundaries": timing_scores([alignment_words(a) for a in scored], refs)["boundaries"],
         "cost": {
             "greedy_decode_s_per_utt": greedy_s,
             "default_pass_s_per_utt": pass_s,
+            "default_timing_s_per_utt": timing_s,
             "choice_once_s": sel_pass_s + choose_s,
             "choice_criterion_s": choose_s,
             "choice_utterances": len(sel),
@@ -176,8 +193,8 @@ def measure(name: str, path: str, args) -> dict:
         al = aligns_of(model, proc, crow, snr, args.seed)
         cref = [r.words for r in crow]
         out["conditions"][label] = {
-            n: {"plain_ms": score(al, cref, h, False), "default_ms": score(al, cref, h, True)}
-            for n, h in candidates.items()
+            n: {"plain_ms": score(al, cref, hs, False), "default_ms": score(al, cref, hs, True)}
+            for n, hs in sets.items()
         }
     print(name, json.dumps({k: out[k] for k in ("chosen", "criterion", "plain_ms", "default_ms", "cost")}), flush=True)
     return out
@@ -185,14 +202,16 @@ def measure(name: str, path: str, args) -> dict:
 
 #: the rule word_timestamps' default follows
 DEFAULT_RULE = "boundary energy, one-SE rule (the default)"
+#: the default before the ensemble: the four head sets, the level at the boundaries of DTW with the duration prior
+FORMER_RULE = "the former default: head sets only, boundary energy with the prior, one-SE rule"
 
 
 def rule_picks(models: dict) -> dict[str, dict[str, str]]:
     """Which candidate each rule picks on each model (fixed rules pick themselves; ``model`` falls back to the
     upper half, as openai-whisper does, on a model without heads)."""
     picks: dict[str, dict[str, str]] = {}
-    for fixed in ("all", "upper_half", "model", "consistent"):
-        picks[f"always {fixed}"] = {m: fixed if fixed in r["candidates"] else "upper_half" for m, r in models.items()}
+    for fixed in next(iter(models.values()))["default_ms"]:
+        picks[f"always {fixed}"] = {m: fixed if fixed in r["default_ms"] else "upper_half" for m, r in models.items()}
     for rule in next(iter(models.values()))["rule_picks"]:
         picks[rule] = {m: r["rule_picks"][rule] for m, r in models.items()}
     return picks
@@ -224,7 +243,7 @@ def leave_one_model_out(models: dict, key: str = "default_ms") -> dict:
 def markdown(report: dict) -> str:
     """The tables of docs/timestamps.md ("A head set per model") from a report."""
     models = report["models"]
-    names = ["all", "upper_half", "model", "consistent"]
+    names = list(dict.fromkeys(n for r in models.values() for n in r["default_ms"]))
     lines = [
         "| model | " + " | ".join(f"{n}: plain / default" for n in names) + " | default chose | boundaries |",
         "|---" * (len(names) + 3) + "|",
@@ -232,7 +251,7 @@ def markdown(report: dict) -> str:
     for m, r in models.items():
         cells = []
         for n in names:
-            if n not in r["candidates"]:
+            if n not in r["default_ms"]:
                 cells.append("–")
                 continue
             cell = f"{r['plain_ms'][n]:.1f} / {r['default_ms'][n]:.1f}"
@@ -240,6 +259,11 @@ def markdown(report: dict) -> str:
         best = min(r["default_ms"][n] for n in ("all", "upper_half", "model") if n in r["default_ms"])
         gap = r["default_ms"][r["chosen"]] - best
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {r['chosen']} ({gap:+.1f} ms vs the best simple rule) | {r['boundaries']} |")
+    means = [sum(r["default_ms"][n] for r in models.values()) / len(models) for n in names if all(n in r["default_ms"] for r in models.values())]
+    if len(means) == len(names):
+        chosen = sum(r["default_ms"][r["chosen"]] for r in models.values()) / len(models)
+        best = sum(min(r["default_ms"][n] for n in ("all", "upper_half", "model") if n in r["default_ms"]) for r in models.values()) / len(models)
+        lines.append("| mean | " + " | ".join(f"{x:.1f}" for x in means) + f" | {chosen:.1f} (best simple rule of each: {best:.1f}) | |")
     for key in ("leave_one_model_out", "leave_one_model_out_plain"):
         if key not in report:
             continue

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=HEAD_RULES,
         help="auto (default): the model's head set, chosen once without labels on the first utterances "
         "(docs/timestamps.md); all: every head; upper_half: every head of the upper half of the layers; consistent: "
-        "the heads nearest the consensus; agreement: the heads that agree most with saliency, per utterance, the map "
+        "the heads nearest the consensus; all+consistent: the boundaries of every head and of those averaged; agreement: the heads that agree most with saliency, per utterance, the map "
         "fused in (a saliency computation per utterance); model: the model's own alignment heads",
     )
     t.add_argument(

@@ -10,7 +10,7 @@ without Lightning.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -46,10 +46,12 @@ TIMING_METHODS = ("transformers", "openai")
 DEFAULT_TIMING_METHOD: TimingMethod = "openai"
 #: the named head choices of :func:`word_timestamps`: ``"auto"`` (the default) the model's head set chosen once
 #: without labels (:func:`~xattn_lightning.timestamps.heads.choose_heads`); ``"all"``, ``"upper_half"``,
-#: ``"consistent"`` that candidate of :data:`~xattn_lightning.timestamps.heads.HEAD_SETS`; ``"model"`` the shipped
-#: ``alignment_heads``; ``"agreement"`` per utterance by agreement with saliency
-HeadRule = Literal["auto", "all", "upper_half", "consistent", "model", "agreement"]
-HEAD_RULES = ("auto", "all", "upper_half", "consistent", "model", "agreement")
+#: ``"consistent"`` that candidate of :data:`~xattn_lightning.timestamps.heads.HEAD_SETS`; ``"all+consistent"`` the
+#: average of the boundaries of every head and of the consistent heads (that candidate of
+#: :data:`~xattn_lightning.timestamps.choice.ENSEMBLES`); ``"model"`` the shipped ``alignment_heads``;
+#: ``"agreement"`` per utterance by agreement with saliency
+HeadRule = Literal["auto", "all", "upper_half", "consistent", "all+consistent", "model", "agreement"]
+HEAD_RULES = ("auto", "all", "upper_half", "consistent", "all+consistent", "model", "agreement")
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,35 @@ def alignment_words(
     return words
 
 
+
+def ensemble_words(
+    a: Alignment,
+    head_sets: Sequence[Sequence[Sequence[int]]],
+    *,
+    timing: TimingOptions = PLAIN_TIMING,
+) -> list[Word]:
+    """Words whose start and end are the mean of those that DTW over each of ``head_sets`` gives
+    (:func:`alignment_words` with ``timing``, before any move to silences), then, with ``timing.silence``, moved to
+    the silences' edges once. One head set gives exactly :func:`alignment_words`' words. An ensemble of
+    boundaries: the default's ``"all+consistent"`` candidate (docs/timestamps.md, "A head set per model").
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           tokenizer=lambda i: f" w{i}", targets=[[1, 5, 6, 2]])[0]
+    >>> [w for w, _, _ in ensemble_words(a, [[[0, 0]], [[1, 0], [1, 1]]])]
+    ['w5', 'w6']
+    """
+    if not head_sets:
+        raise XAttnError("ensemble_words needs at least one head set.")
+    each = replace(timing, silence=False)
+    runs = [alignment_words(a, heads, timing=each) for heads in head_sets]
+    words = [(w[0][0], sum(x[1] for x in w) / len(w), sum(x[2] for x in w) / len(w)) for w in zip(*runs)]
+    if timing.silence:
+        if a.silences is None:
+            raise XAttnError("silence=True needs the input's silent spans: make the alignment with align() or from xl.explain().")
+        words = snap_to_silence(words, a.silences)
+    return words
+
 #: weight of the saliency map in the DTW matrix of :func:`word_timestamps` with ``heads="agreement"``: chosen on
 #: the first 12 timed-en utterances (0.1-0.3 all help). Its gain is a per-token constant, a duration prior.
 FUSION_WEIGHT = 0.2
@@ -272,8 +303,9 @@ def word_timestamps(
     """Words with start and end in seconds, per utterance: DTW over the ``heads``' cross-attention.
 
     The default (docs/timestamps.md): the model's head set chosen once without labels among every head, the
-    upper half of the layers, its shipped ``alignment_heads`` and the heads that follow the consensus, by where
-    their word boundaries fall in the input's level (:func:`~xattn_lightning.timestamps.heads.choose_heads`;
+    upper half of the layers, its shipped ``alignment_heads``, the heads that follow the consensus and the average
+    of the boundaries of every head and of those (:func:`ensemble_words`), by where their word boundaries fall in
+    the input's level (:func:`~xattn_lightning.timestamps.heads.choose_heads`;
     on the first :data:`~xattn_lightning.timestamps.heads.CHOICE_UTTERANCES` utterances timed, then cached per
     model), a duration prior from each token's spelling added to the DTW matrix, and word boundaries next to
     a silence of the input moved to its edges. It needs one pass per utterance and no saliency.
@@ -286,7 +318,8 @@ def word_timestamps(
         heads: ``None`` or ``"auto"`` (default): the model's head set, chosen once and cached
             (:func:`~xattn_lightning.timestamps.heads.choose_heads`); ``"all"``: every head averaged;
             ``"upper_half"``: every head of the upper half of the layers; ``"consistent"``: the heads nearest the
-            consensus on the choosing speech; ``[layer, head]`` pairs (e.g. from
+            consensus on the choosing speech; ``"all+consistent"``: the mean of the boundaries of every head and of
+            the consistent heads (:func:`ensemble_words`); ``[layer, head]`` pairs (e.g. from
             :func:`alignment_heads`); ``"model"``: the model's ``generation_config.alignment_heads``;
             ``"agreement"``: per utterance, the heads whose agreement with ``saliency_method``'s map is
             at least the mean of all heads', with that map fused into the DTW matrix (``fusion``; costs
@@ -337,17 +370,27 @@ def word_timestamps(
     exps = explain(adapter, batch, targets=targets, methods=methods, **options)
     aligns = [alignment_from(e, saliency_method=methods[0] if methods else None) for e in exps]
     fixed: Any = heads
-    if aligns and heads in ("auto", "consistent"):
-        from xattn_lightning.timestamps.choice import choose_for  # choice.py builds on this module
+    ensemble: list[list[list[int]]] = []  # the chosen candidate's head sets, when it averages several
+    if aligns and heads in ("auto", "consistent", "all+consistent"):
+        from xattn_lightning.timestamps.choice import candidate_sets, choose_for  # choice.py builds on this module
 
         choice = choose_for(adapter, aligns)
-        fixed = choice.heads if heads == "auto" else choice.candidates["consistent"]
+        sets = choice.head_sets if heads == "auto" else candidate_sets(choice.candidates)[heads]
+        if len(sets) > 1:
+            if weights is not None:
+                name = choice.name if heads == "auto" else heads
+                raise XAttnError(f"weights= needs one head set; {name!r} averages several: pass heads=.")
+            ensemble = sets
+        fixed = sets[0]
     elif aligns and heads in ("all", "upper_half"):
         num_layers, num_heads = aligns[0].cross_attention.shape[:2]
         first = num_layers // 2 if heads == "upper_half" else 0
         fixed = [[li, h] for li in range(first, num_layers) for h in range(num_heads)]
     out = []
     for e, a in zip(exps, aligns):
+        if ensemble:
+            out.append(ensemble_words(a, ensemble, timing=timing))
+            continue
         chosen = select_heads_by_agreement(e.agreement_grid(saliency_method)) if heads == "agreement" else fixed
         out.append(alignment_words(a, chosen, weights, timing=timing))
     return out

@@ -1,7 +1,8 @@
 """The model's head set for word timestamps, chosen once without labels: candidate sets stated relative to the
-model (every head, the upper half of the layers, its shipped heads, the heads that follow the consensus), each
-scored by where its word boundaries fall in the input's level, the set with the most heads within one standard
-error of the best kept and cached per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
+model (every head, the upper half of the layers, its shipped heads, the heads that follow the consensus, and the
+average of the boundaries of every head and of the consistent heads), each scored by where its plain-DTW word
+boundaries fall in the input's level, the candidate with the most heads within one standard error of the best kept
+and cached per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
 """
 
 from __future__ import annotations
@@ -17,27 +18,37 @@ from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError
-from xattn_lightning.functional.alignment import DURATION_PRIOR, Word
-from xattn_lightning.timestamps.align import Alignment, TimingOptions, align, alignment_words
+from xattn_lightning.functional.alignment import Word
+from xattn_lightning.timestamps.align import Alignment, TimingOptions, align, alignment_words, ensemble_words
 
 #: the head sets :func:`choose_heads` picks from, each stated relative to the model: ``"all"`` every head;
 #: ``"upper_half"`` every head of the upper half of the layers (openai-whisper's fallback); ``"model"`` the model's
 #: shipped ``alignment_heads`` (left out when it has none); ``"consistent"`` the half of the heads whose own DTW
 #: boundaries lie nearest the all-head ones on the choosing speech (:func:`consistent_heads`)
 HEAD_SETS = ("all", "upper_half", "model", "consistent")
+#: candidates of :func:`choose_heads_from` that average the word boundaries of several head sets of
+#: :data:`HEAD_SETS` (:func:`~xattn_lightning.timestamps.align.ensemble_words`): ``"all+consistent"`` those of every
+#: head and of the consistent heads (an ensemble that leans toward the consensus without leaving every head)
+ENSEMBLES: dict[str, tuple[str, ...]] = {"all+consistent": ("all", "consistent")}
 #: unlabelled utterances :func:`word_timestamps`' default chooses its head set on, once per model
 #: (docs/timestamps.md, "A head set per model")
 CHOICE_UTTERANCES = 8
 #: the one-standard-error rule of :func:`choose_heads_from`: a candidate with more heads is preferred while its
 #: criterion is within this many standard errors (paired, over boundaries) of the lowest
 CHOICE_TOLERANCE_SE = 1.0
+#: the duration prior of the DTW whose boundaries :func:`choose_heads_from` reads the input's level at: 0, plain DTW
+#: (docs/timestamps.md: chosen leave-one-model-out over 9 models; with the default's prior the same rule was at or
+#: below the best simple head rule on 5 of them, on plain-DTW boundaries on 8)
+CHOICE_DURATION_PRIOR = 0.0
 
 
 @dataclass
 class HeadChoice:
-    """The head set :func:`choose_heads` picked: its name in :data:`HEAD_SETS`, its ``[layer, head]`` pairs,
-    every candidate and its criterion (:func:`boundary_energy`, lower is better), the standard error of each
-    candidate's difference from the lowest, on how many utterances."""
+    """The candidate :func:`choose_heads` picked: its name (in :data:`HEAD_SETS` or :data:`ENSEMBLES`), its
+    ``[layer, head]`` pairs (every head it uses), the head sets whose word boundaries it averages (``[heads]`` for
+    a single set; :func:`~xattn_lightning.timestamps.align.ensemble_words`), every head set of :data:`HEAD_SETS`,
+    each candidate's criterion (the mean of :func:`boundary_levels`, lower is better), the standard error of each candidate's
+    difference from the lowest, on how many utterances."""
 
     name: str
     heads: list[list[int]]
@@ -45,6 +56,11 @@ class HeadChoice:
     scores: dict[str, float]
     utterances: int
     standard_errors: dict[str, float] = field(default_factory=dict)
+    head_sets: list[list[list[int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.head_sets:
+            self.head_sets = [self.heads]
 
 
 def _boundaries(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float) -> list[Word]:
@@ -121,21 +137,35 @@ def candidate_heads(
     return out
 
 
-def boundary_energy(a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float = DURATION_PRIOR) -> list[float]:
-    """The input's level at each boundary between two words that DTW over ``heads`` places (with the duration
-    prior, before any move to silences), z-scored over the speech between the first word's start and the last
-    word's end: negative where a boundary falls in a dip of the signal, as word boundaries tend to. Needs
-    ``a.energy`` (alignments made by :func:`align` or from :func:`xattn_lightning.explain` carry it).
+def candidate_sets(candidates: dict[str, list[list[int]]]) -> dict[str, list[list[list[int]]]]:
+    """Every candidate :func:`choose_heads_from` picks from, as the head sets whose word boundaries it averages:
+    each head set of ``candidates`` (:func:`candidate_heads`) alone, then each of :data:`ENSEMBLES` whose head sets
+    are there.
+
+    >>> candidate_sets({"all": [[0, 0], [0, 1]], "consistent": [[0, 1]]})
+    {'all': [[[0, 0], [0, 1]]], 'consistent': [[[0, 1]]], 'all+consistent': [[[0, 0], [0, 1]], [[0, 1]]]}
+    """
+    out = {n: [h] for n, h in candidates.items()}
+    for name, parts in ENSEMBLES.items():
+        if all(p in candidates for p in parts):
+            out[name] = [candidates[p] for p in parts]
+    return out
+
+
+def boundary_levels(a: Alignment, words: Sequence[Word]) -> list[float]:
+    """The input's level at each boundary between two of ``words`` (the end of each but the last), z-scored over
+    the speech between the first word's start and the last word's end: negative where a boundary falls in a dip of
+    the signal, as word boundaries tend to. Needs ``a.energy`` (alignments made by :func:`align` or from
+    :func:`xattn_lightning.explain` carry it).
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
     ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
-    >>> len(boundary_energy(a, [[0, 0]]))
+    >>> len(boundary_levels(a, [("a", 0.0, 0.02), ("b", 0.02, 0.06)]))
     1
     """
     if a.energy is None:
         raise XAttnError("boundary_energy needs the input's frame levels: make the alignment with align().")
-    words = _boundaries(a, heads, duration_prior)
     if len(words) < 2:
         return []
     e, step = a.energy.double(), a.energy_frame_seconds
@@ -146,39 +176,63 @@ def boundary_energy(a: Alignment, heads: Sequence[Sequence[int]], duration_prior
     return [(float(e[min(int(round(end / step)), len(e) - 1)]) - mean) / std for _, _, end in words[:-1]]
 
 
+def boundary_energy(
+    a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float = CHOICE_DURATION_PRIOR
+) -> list[float]:
+    """The input's level (:func:`boundary_levels`) at each boundary between two words that DTW over ``heads``
+    places (with ``duration_prior``, by default the criterion's :data:`CHOICE_DURATION_PRIOR`; before any move to
+    silences). Needs ``a.energy``.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
+    >>> len(boundary_energy(a, [[0, 0]]))
+    1
+    """
+    if a.energy is None:
+        raise XAttnError("boundary_energy needs the input's frame levels: make the alignment with align().")
+    return boundary_levels(a, _boundaries(a, heads, duration_prior))
+
+
 def choose_heads_from(
     alignments: Sequence[Alignment],
     shipped: Sequence[Sequence[int]] | None = None,
     distances: Sequence[Tensor] | None = None,
     tolerance: float = CHOICE_TOLERANCE_SE,
 ) -> HeadChoice:
-    """The candidate of :func:`candidate_heads` whose word boundaries fall where the input is quietest
-    (:func:`boundary_energy`, lower mean is better), by the one-standard-error rule: of the candidates whose mean
-    is within ``tolerance`` standard errors of the lowest (the error of the paired difference over the same
-    boundaries), the one with the most heads (an average over more heads varies less; ties go to the earlier of
-    :data:`HEAD_SETS`). ``tolerance=0``: the lowest mean. No labels: ``alignments`` are any utterances of the
-    model's speech.
+    """The candidate (:func:`candidate_sets`: the head sets of :func:`candidate_heads` and the ensembles of
+    :data:`ENSEMBLES`) whose plain-DTW word boundaries fall where the input is quietest (:func:`boundary_levels`
+    at the boundaries of :func:`~xattn_lightning.timestamps.align.ensemble_words` with
+    :data:`CHOICE_DURATION_PRIOR`; lower mean is better), by the one-standard-error rule: of the candidates whose
+    mean is within ``tolerance`` standard errors of the lowest (the error of the paired difference over the same
+    boundaries), the one with the most heads, counted over the head sets it averages (an average over more heads
+    varies less; ties go to the earlier of :data:`HEAD_SETS`, then :data:`ENSEMBLES`). ``tolerance=0``: the
+    lowest mean. No labels: ``alignments`` are any utterances of the model's speech.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
     ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
-    >>> choose_heads_from(a).name in HEAD_SETS
+    >>> choose_heads_from(a).name in (*HEAD_SETS, *ENSEMBLES)
     True
     """
     candidates = candidate_heads(alignments, shipped, distances)
+    sets = candidate_sets(candidates)
+    order = [*HEAD_SETS, *ENSEMBLES]
+    timing = TimingOptions(duration_prior=CHOICE_DURATION_PRIOR)
     values = {
-        n: torch.tensor([x for a in alignments for x in boundary_energy(a, h)], dtype=torch.float64)
-        for n, h in candidates.items()
+        n: torch.tensor([x for a in alignments for x in boundary_levels(a, ensemble_words(a, hs, timing=timing))], dtype=torch.float64)
+        for n, hs in sets.items()
     }
     scores = {n: float(v.mean()) if len(v) else 0.0 for n, v in values.items()}
-    lowest = min(candidates, key=lambda n: (round(scores[n], 9), HEAD_SETS.index(n)))
+    lowest = min(sets, key=lambda n: (round(scores[n], 9), order.index(n)))
     errors = {}
     for n, v in values.items():
         d = v - values[lowest]
         errors[n] = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    near = [n for n in candidates if scores[n] - scores[lowest] <= tolerance * errors[n] + 1e-12]
-    best = min(near, key=lambda n: (-len(candidates[n]), HEAD_SETS.index(n)))
-    return HeadChoice(best, candidates[best], candidates, scores, len(alignments), errors)
+    near = [n for n in sets if scores[n] - scores[lowest] <= tolerance * errors[n] + 1e-12]
+    best = min(near, key=lambda n: (-sum(len(h) for h in sets[n]), order.index(n)))
+    heads = sorted({(li, h) for hs in sets[best] for li, h in hs})
+    return HeadChoice(best, [[li, h] for li, h in heads], candidates, scores, len(alignments), errors, sets[best])
 
 
 @dataclass

@@ -26,7 +26,13 @@ def test_word_timestamps_on_a_tiny_model_are_ordered_and_inside_the_audio():
 
 
 def test_default_word_timestamps_use_the_chosen_heads_with_the_prior_and_silences_and_no_saliency():
-    from xattn_lightning.timestamps import alignment_from, alignment_words, cached_heads, choose_heads_from
+    from xattn_lightning.timestamps import (
+        alignment_from,
+        alignment_words,
+        cached_heads,
+        choose_heads_from,
+        ensemble_words,
+    )
 
     m = speaking_tiny_whisper()
     b = whisper_batch(m, lengths=(60, 44))
@@ -40,7 +46,7 @@ def test_default_word_timestamps_use_the_chosen_heads_with_the_prior_and_silence
     choice = choose_heads_from(alignments, xl.adapter_for(m).alignment_heads())
     assert cached_heads(m) == choice  # chosen on these two utterances (not yet final: fewer than 8)
     default = TimingOptions(duration_prior=DURATION_PRIOR, silence=True)
-    want = [alignment_words(a, choice.heads, timing=default) for a in alignments]
+    want = [ensemble_words(a, choice.head_sets, timing=default) for a in alignments]
     assert got == want
     every = [alignment_words(a, None, timing=default) for a in alignments]
     assert xl.word_timestamps(m, b, tokenizer=tok, heads="all") == every

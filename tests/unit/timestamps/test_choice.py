@@ -45,21 +45,23 @@ def _planted_alignment(seed: int, lower: str = "late"):
 
 @pytest.mark.parametrize("lower", ["late", "noise"])
 def test_the_criterion_picks_the_planted_diagonal_heads_over_late_or_noise_heads(lower):
-    from xattn_lightning.timestamps import alignment_words, boundary_energy, choose_heads_from
+    from xattn_lightning.timestamps import boundary_energy, choose_heads_from, ensemble_words
 
     planted = [_planted_alignment(seed, lower) for seed in range(3)]
     aligns = [a for a, _ in planted]
     choice = choose_heads_from(aligns, shipped=[[0, 0], [1, 1]])  # shipped: two of the lower heads
     assert set(choice.candidates) == {"all", "upper_half", "model", "consistent"}
-    err = {
-        n: xl.timestamps.timing_scores([alignment_words(a, h) for a in aligns], [t for _, t in planted])["mae_ms"]
-        for n, h in choice.candidates.items()
-    }
+    sets = xl.timestamps.candidate_sets(choice.candidates)
+    assert set(choice.scores) == set(sets) == {*choice.candidates, "all+consistent"}
+    assert sets["all+consistent"] == [choice.candidates["all"], choice.candidates["consistent"]]
+    truth = [t for _, t in planted]
+    err = {n: xl.timestamps.timing_scores([ensemble_words(a, hs) for a in aligns], truth)["mae_ms"] for n, hs in sets.items()}
     assert choice.name != "model" and err[choice.name] == min(err.values()), (choice, err)  # the best aligner
+    assert choice.head_sets == sets[choice.name]
     if lower == "late":  # averaged in, late heads move the boundaries: only the planted heads are right
         assert choice.name in ("upper_half", "consistent") and all(li >= 2 for li, _ in choice.heads), choice
         assert choice.scores[choice.name] < min(choice.scores["all"], choice.scores["model"]) - 0.3
-        assert err[choice.name] < err["all"], err
+        assert err[choice.name] < min(err["all"], err["all+consistent"]), err
     else:  # noise heads average out (every head is as good here; the one-SE rule prefers more heads)
         assert choice.scores["model"] > choice.scores[choice.name] + 1.0
     assert all(x < 0 for x in boundary_energy(aligns[0], [[2, 0], [3, 1]], 0.0))  # in the dips
@@ -91,6 +93,49 @@ def test_the_choice_is_made_once_per_model_cached_and_overridable(monkeypatch):
     forget_heads(m)
     assert cached_heads(m) is None
     c = choose_heads(m, [b], tokenizer=tok)
-    assert cached_heads(m) is c and c.utterances == 2 and c.name in xl.timestamps.HEAD_SETS
+    assert cached_heads(m) is c and c.utterances == 2 and c.name in (*xl.timestamps.HEAD_SETS, *xl.timestamps.ENSEMBLES)
     with pytest.raises(xl.XAttnError, match="heads"):
         xl.word_timestamps(m, b, tokenizer=tok, heads="best")
+
+
+def test_an_ensemble_averages_the_boundaries_of_its_head_sets_then_moves_them_to_silences_once():
+    from xattn_lightning.timestamps import TimingOptions, alignment_words, ensemble_words
+
+    a, _ = _planted_alignment(0)
+    a.silences = [(0.4, 0.5)]
+    refined = TimingOptions(duration_prior=0.5, silence=True)
+    upper, lower = [[2, 0], [3, 1]], [[0, 0], [1, 1]]
+    for timing in (TimingOptions(), refined):
+        assert ensemble_words(a, [upper], timing=timing) == alignment_words(a, upper, timing=timing)  # one set: the same
+    each = [alignment_words(a, h) for h in (upper, lower)]
+    mean = ensemble_words(a, [upper, lower])
+    assert [w for w, _, _ in mean] == [w for w, _, _ in each[0]]
+    for k, (_, s, e) in enumerate(mean):
+        assert s == pytest.approx((each[0][k][1] + each[1][k][1]) / 2) and e == pytest.approx((each[0][k][2] + each[1][k][2]) / 2)
+    from xattn_lightning.functional.silence import snap_to_silence
+
+    unsnapped = ensemble_words(a, [upper, lower], timing=TimingOptions(duration_prior=0.5))
+    assert ensemble_words(a, [upper, lower], timing=refined) == snap_to_silence(unsnapped, a.silences)
+    with pytest.raises(xl.XAttnError, match="head set"):
+        ensemble_words(a, [])
+
+
+def test_the_default_times_with_every_head_set_of_a_chosen_ensemble(monkeypatch):
+    from xattn_lightning.functional.alignment import DURATION_PRIOR
+    from xattn_lightning.timestamps import HeadChoice, TimingOptions, align, ensemble_words, forget_heads
+    from xattn_lightning.timestamps import choice as heads_module
+
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60, 44))
+    tok = lambda i: f" w{i}"  # noqa: E731
+    forget_heads(m)
+    every = [[0, 0], [0, 1], [1, 0], [1, 1]]
+    ens = HeadChoice("all+consistent", every, {"all": every, "consistent": [[1, 0]]}, {}, 2, head_sets=[every, [[1, 0]]])
+    monkeypatch.setattr(heads_module, "choose_for", lambda adapter, aligns: ens)
+    got = xl.word_timestamps(m, b, tokenizer=tok)
+    timing = TimingOptions(duration_prior=DURATION_PRIOR, silence=True)
+    assert got == [ensemble_words(a, [every, [[1, 0]]], timing=timing) for a in align(m, b, tokenizer=tok)]
+    assert xl.word_timestamps(m, b, tokenizer=tok, heads="all+consistent") == got
+    with pytest.raises(xl.XAttnError, match="weights"):
+        xl.word_timestamps(m, b, tokenizer=tok, weights=[1.0, 1.0, 1.0, 1.0])
+    assert HeadChoice("all", every, {"all": every}, {}, 1).head_sets == [every]  # a single set: itself
