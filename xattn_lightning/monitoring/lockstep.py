@@ -54,10 +54,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xattn_lightning.adapters import Adapter
-from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.monitoring.exchange import LATE, BoundedExchange, ReadingFailed
-from xattn_lightning.reading import Reading, ReadingConfig
-from xattn_lightning.reading import read as read_split
+from xattn_lightning.reading import Reading
 from xattn_lightning.scores import Failure
 
 T = TypeVar("T")
@@ -280,38 +278,47 @@ def share_of(probes: list[T], host: Any, resolve: Callable[[], Adapter]) -> list
     return mine
 
 
+#: reads probes one process alone: ``read_probes(probes, catch=..., resume=...)`` (a partial of
+#: :func:`xattn_lightning.reading.read` over the adapter, the config and the encoder cache)
+ProbeReader = Callable[..., Reading]
+
+
 def read(
-    adapter: Adapter,
+    read_probes: ProbeReader,
+    model: nn.Module,
     probes: Sequence[Any],
-    config: ReadingConfig,
-    encoder_cache: EncoderCache | None = None,
+    *,
     catch: tuple[type[BaseException], ...] = (Exception,),
     resume: Any = None,
 ) -> Reading:
-    """:func:`xattn_lightning.reading.read` of ``probes`` (this process's share). In a lockstep reading every probe
-    of the reading is read, each one step of every process together (:meth:`Lockstep.step`), and the results and
-    failures of ``probes`` are returned: a probe that fails on one process is a failure (of the ``catch`` types) on
-    all, counted once, by the process whose share it is. ``resume`` (probe id -> explanation) continues every
-    probe's maps, this process's share from ``resume``, the others' from the reading's last read.
+    """``read_probes`` of ``probes`` (this process's share), in lockstep where a lockstep reading is active. There every
+    probe of the reading is read, each one step of every process together (:meth:`Lockstep.step`, which watches
+    ``model``'s forward), and the results and failures of ``probes`` are returned: a probe that fails on one process
+    is a failure (of the ``catch`` types) on all, counted once, by the process whose share it is. ``resume`` (probe
+    id -> explanation) continues every probe's maps, this process's share from ``resume``, the others' from the
+    reading's last read. Outside a lockstep reading it is ``read_probes(probes, catch=catch, resume=resume)``.
 
+    >>> from functools import partial
     >>> from xattn_lightning.testing import TinyS2T
-    >>> from xattn_lightning.reading import Probe
-    >>> probe = Probe.from_batch(0, {"input_features": torch.randn(1, 16, 8)}, "p0")
+    >>> from xattn_lightning.reading import Probe, ReadingConfig
+    >>> from xattn_lightning.reading import read as read_alone
     >>> from xattn_lightning.saliency import SaliencyOptions
+    >>> probe = Probe.from_batch(0, {"input_features": torch.randn(1, 16, 8)}, "p0")
     >>> config = ReadingConfig(targets=[[1, 5, 2]], saliency=SaliencyOptions.from_flat(n_masks=8))
-    >>> r = read(TinyS2T.adapter(TinyS2T()), [probe], config)
+    >>> adapter = TinyS2T.adapter(TinyS2T())
+    >>> r = read(partial(read_alone, adapter, config=config), adapter.model, [probe])
     >>> [x.scores.id for x in r.results], r.failures
     (['p0'], [])
     """
     state = active()
     if state is None or state.probes is None:
-        return read_split(adapter, probes, config, encoder_cache, catch=catch, resume=resume)
+        return read_probes(probes, catch=catch, resume=resume)
     mine = {p.position for p in probes}
     every = None if resume is None else {**state.explanations, **resume}
     out = Reading([], [])
     for p in state.probes:
         try:
-            one = state.step(adapter.model, partial(read_split, adapter, [p], config, encoder_cache, (), every))
+            one = state.step(model, partial(read_probes, [p], catch=(), resume=every))
         except StepFailed as err:
             if not isinstance(err, catch):
                 raise

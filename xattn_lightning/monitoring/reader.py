@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from xattn_lightning.adapters import Adapter
@@ -36,6 +37,7 @@ from xattn_lightning.monitoring.config import MonitorConfig
 from xattn_lightning.monitoring.masks import CALIBRATION_MASKS, MaskCount, calibrated_count
 from xattn_lightning.monitoring.messages import Messages
 from xattn_lightning.reading import Probe, ReadingConfig
+from xattn_lightning.reading import read as read_alone
 from xattn_lightning.scores import Failure
 from xattn_lightning.summary import ReadingMetric
 from xattn_lightning.timestamps import Alignment, alignment_from
@@ -164,7 +166,8 @@ class Reader:
                 if self.masks.needs_calibration():
                     self._calibrate(exchange, found, probes)
                     config = self.masks.config(self.config.reading)
-                reading = lockstep.read(found, mine, config, self.encoder_cache, catch=catch, resume=resume)
+                read_probes = partial(read_alone, found, config=config, encoder_cache=self.encoder_cache)
+                reading = lockstep.read(read_probes, found.model, mine, catch=catch, resume=resume)
                 metric.update(reading.scores, reading.failures)
                 for r in reading.results:
                     local[r.probe.id] = r.explanation

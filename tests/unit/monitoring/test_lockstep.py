@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from functools import partial
 
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_ranks_about_to_run_different_forwards_fail_that_probe_together_before_t
         with lockstep_reading(True, stores[r], 2, r, 30.0, "divergent") as state:
             assert active() is state
             shared = share_of(items, _Rank(r), lambda: adapter)
-            got = read(adapter, shared, config)
+            got = read(partial(read_one_process, adapter, config=config), adapter.model, shared)
             return [p.id for p in shared], sorted(state.explanations), got
 
     outs = _as_ranks(rank)
@@ -191,7 +192,7 @@ def test_a_rank_that_cannot_resolve_its_model_releases_the_lockstep_ranks_at_onc
             mine = share_of(items, _Rank(r), lambda: resolve_on(r))
             if r == 0:
                 try:
-                    read(adapter, mine, config)
+                    read(partial(read_one_process, adapter, config=config), adapter.model, mine)
                 except ReadingFailed as err:
                     return str(err), time.perf_counter() - t0
             return mine
