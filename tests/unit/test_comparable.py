@@ -41,6 +41,8 @@ def _spy_explain(monkeypatch, module, resumed: list | None = None) -> list[tuple
 
 
 def test_auto_masks_measure_once_choose_the_rung_and_freeze_it(tmp_path, monkeypatch):
+    from xattn_lightning.saliency.vocabulary import has_bf16_units
+
     resumed: list[int] = []
     calls = _spy_explain(monkeypatch, reading_module, resumed)
     probes = DataLoader(tuple_data(2, seed=1), batch_size=2)
@@ -63,6 +65,7 @@ def test_auto_masks_measure_once_choose_the_rung_and_freeze_it(tmp_path, monkeyp
     assert resumed == [0, 0, MASK_LADDER[0], MASK_LADDER[0], 0, 0, 0, 0]  # the first reading continued its masks
     plan = [s for s in said if "a reading will take about" in s]
     assert len(plan) == 1 and f"{n} masks x" in plan[0] and "max_overhead=None" in plan[0]  # said once
+    assert ("bfloat16" in plan[0]) is has_bf16_units("cpu")  # the default vocabulary term, said where it is taken
     assert said.index(plan[0]) < next(i for i, s in enumerate(said) if "reading at step" in s)  # before the masks
     assert "took 3 reading(s)" in said[-1] and "none thinned" in said[-1]  # the run's end
 

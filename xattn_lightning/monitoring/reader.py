@@ -220,7 +220,14 @@ class Reader:
             training_seconds=max(self.budget.training_seconds() - seconds, 0.0),  # (this reading is not training)
             max_overhead=self.config.max_overhead,
         )
-        self.messages.info(self.plan.message())
+        terms = {e.results[m].details.get("vocabulary") for e in exps for m in methods} - {None}
+        bf16 = (
+            " The masks' vocabulary term is in bfloat16 (vocabulary='auto' on a CPU with AMX units: the same maps to "
+            "per-token ρ ≥ 0.9999; saliency_options={'vocabulary': 'exact'} for float32)."
+            if "bf16" in terms and self.config.reading.saliency.encoder_spes.vocabulary == "auto"
+            else ""
+        )
+        self.messages.info(self.plan.message() + bf16)
 
     def _say_auto_choice(self, reliabilities: Mapping[str, float], measured_at: int, n: int) -> None:
         measured = ", ".join(f"{m} {rel:.2f}" for m, rel in reliabilities.items())
