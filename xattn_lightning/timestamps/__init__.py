@@ -1,6 +1,6 @@
-"""Word timestamps from cross-attention: timing (:mod:`.align`), which heads (:mod:`.heads`; the default's set,
-chosen once per model: :mod:`.choice`), the alignment loss of fine-tunes (:mod:`.loss`) and caption files
-(:mod:`.captions`). The DTW, prior and silence maths are pure functions in
+"""Word timestamps from cross-attention: ``word_timestamps`` (:mod:`.words`), timing (:mod:`.align`), which
+heads (:mod:`.heads`; the default's set, chosen once per model: :mod:`.choice`), the alignment loss of fine-tunes
+(:mod:`.loss`) and caption files (:mod:`.captions`). The DTW, prior and silence maths are pure functions in
 :mod:`xattn_lightning.functional.alignment` and :mod:`xattn_lightning.functional.silence`. Stands without Lightning.
 
 >>> from xattn_lightning.timestamps import word_timestamps, alignment_heads, choose_heads, AlignmentLoss, captions
@@ -12,7 +12,6 @@ from xattn_lightning.timestamps.align import (
     FUSION_WEIGHT,
     HEAD_RULES,
     PLAIN_TIMING,
-    TIMESTAMP_N_MASKS,
     TIMING_METHODS,
     Alignment,
     HeadRule,
@@ -24,7 +23,6 @@ from xattn_lightning.timestamps.align import (
     ensemble_words,
     score_probes,
     timing_scores,
-    word_timestamps,
 )
 from xattn_lightning.timestamps.choice import (
     CHOICE_DURATION_PRIOR,
@@ -51,6 +49,7 @@ from xattn_lightning.timestamps.heads import (
     select_heads_supervised,
 )
 from xattn_lightning.timestamps.loss import EOS_SECONDS, AlignmentLoss
+from xattn_lightning.timestamps.words import TIMESTAMP_N_MASKS, word_timestamps
 
 __all__ = [
     "CHOICE_DURATION_PRIOR",
