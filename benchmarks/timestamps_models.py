@@ -240,6 +240,34 @@ def leave_one_model_out(models: dict, key: str = "default_ms") -> dict:
     return {"picks": picks, "per_model": out}
 
 
+def tolerance_pick(r: dict, tolerance: float) -> str:
+    """What ``choose_heads_from`` picks at ``tolerance`` standard errors, from one model's recorded criterion."""
+    c, se = r["criterion"], r["criterion_standard_errors"]
+    sizes = {n: len(h) for n, h in r["candidates"].items()}
+    sizes.update({n: sum(sizes[m] for m in members) for n, members in r.get("ensembles", {}).items()})
+    order = list(c)
+    if math.isinf(tolerance):
+        return min(c, key=lambda n: (-sizes[n], order.index(n)))
+    lowest = min(c, key=lambda n: (round(c[n], 9), order.index(n)))
+    near = [n for n in c if c[n] - c[lowest] <= tolerance * se[n] + 1e-12]
+    return min(near, key=lambda n: (-sizes[n], order.index(n)))
+
+
+def tolerance_table(reports: dict[str, dict], tolerances: tuple[float, ...] = (0, 1, 1.5, 2, 3, math.inf)) -> str:
+    """Per tolerance of the one-SE rule and per report (models on some speech): models at or below their best simple
+    rule, the mean error of the picks, and their mean gap to the best simple rule (prior + silences)."""
+    lines = ["| tolerance (SE) | " + " | ".join(reports) + " |", "|---" * (len(reports) + 1) + "|"]
+    for tol in tolerances:
+        cells = []
+        for report in reports.values():
+            models = report["models"].values()
+            picks = [(r["default_ms"][tolerance_pick(r, tol)], min(r["default_ms"][n] for n in ("all", "upper_half", "model") if n in r["default_ms"])) for r in models]
+            ok = sum(e <= b + 1e-9 for e, b in picks)
+            cells.append(f"{ok} of {len(picks)}; {sum(e for e, _ in picks) / len(picks):.1f} ms ({sum(e - b for e, b in picks) / len(picks):+.1f})")
+        lines.append(f"| {'always the candidate with most heads' if tol == math.inf else f'{tol:g}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     """The tables of docs/timestamps.md ("A head set per model") from a report."""
     models = report["models"]
@@ -300,10 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-utterances", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/timestamps_models.json")
     ap.add_argument("--markdown", help="print the tables of an existing report and exit")
+    ap.add_argument("--tolerances", help="comma-separated NAME=REPORT: the one-SE rule's picks at other tolerances, and exit")
     ap.add_argument("--previous", help="a report of the same settings whose models are reused, not measured again")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if args.tolerances:
+        reports = {k: json.loads(Path(v).read_text()) for k, v in (x.split("=", 1) for x in args.tolerances.split(","))}
+        print(tolerance_table(reports))
         return 0
     if not (args.models and args.timed):
         ap.error("needs --models and --timed (or XL_TIMED_MANIFEST)")
