@@ -113,3 +113,29 @@ def test_comparison_goals_count_spreads_signs_and_coverage():
     assert g["difference_seed_spread"]["tuned"] == pytest.approx(0.01)
     assert g["sign_right"] == "2/2" and g["sign_agrees_old_default"] == "1/2"
     assert g["intervals_holding_reference"] == pytest.approx(5 / 6)  # the second difference's interval misses 0.03
+
+
+def test_tolerance_table_reproduces_the_recorded_choices_and_moves_with_the_tolerance():
+    from pathlib import Path
+
+    from benchmarks.timestamps_models import tolerance_pick, tolerance_table
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    for name in ("timestamps_models_cpu", "timestamps_models_blind_f4_cpu", "timestamps_models_blind_gbclan_m2_cpu"):
+        report = json.loads((results / f"{name}.json").read_text())
+        for model in report["models"].values():  # the package's rule at its tolerance, from the recorded criterion
+            assert tolerance_pick(model, 1.0) == model["chosen"]
+    sets = {"all": [[0, 0], [0, 1], [1, 0], [1, 1]], "upper_half": [[1, 0], [1, 1]], "consistent": [[0, 0], [1, 1]]}
+    model = {
+        "candidates": sets,
+        "ensembles": {"all+consistent": ["all", "consistent"]},
+        "criterion": {"all": 0.1, "upper_half": -0.3, "consistent": 0.0, "all+consistent": 0.05},
+        "criterion_standard_errors": {"all": 0.2, "upper_half": 0.0, "consistent": 0.1, "all+consistent": 0.1},
+        "default_ms": {"all": 50.0, "upper_half": 40.0, "model": 90.0, "consistent": 45.0, "all+consistent": 48.0},
+    }
+    assert tolerance_pick(model, 0.0) == "upper_half"  # the lowest criterion
+    assert tolerance_pick(model, 2.0) == "all"  # 0.4 <= 2 x 0.2, and the ensemble (3.5 SE) is out
+    assert tolerance_pick(model, 4.0) == "all+consistent"  # the most heads (6) within 4 SE
+    assert tolerance_pick(model, float("inf")) == "all+consistent"
+    table = tolerance_table({"speech": {"models": {"m": model}}}, (0.0, 4.0))
+    assert "| 0 | 1 of 1; 40.0 ms (+0.0) |" in table and "| 4 | 0 of 1; 48.0 ms (+8.0) |" in table
