@@ -221,13 +221,30 @@ def compare_checkpoints(
         first = MASK_LADDER[0]  # reliable one needs: the same masks for every checkpoint, a headline for each
         results = run_all(first, report=False, keep=True)
         calibration = {r.name: masks.reliabilities(r.summary.probes) for r in results}
-        n_masks = masks.choose_from({f"{c}/{m}": rel for c, by_m in calibration.items() for m, rel in by_m.items()}, first)
+        n_masks = masks.choose_from(
+            {f"{c}/{m}": rel for c, by_m in calibration.items() for m, rel in by_m.items()}, first
+        )
+        cost = ""
+        if n_masks != first:  # the continuation's masks at the calibration's pace, said before they run
+            mask_s = sum(
+                float(e.results[m].seconds)
+                for r in results
+                for e in r.resume.values()
+                for m in masks.perturbation
+                if m in e.results
+            )
+            cost = (
+                f" The {first} took {sum(r.seconds for r in results):.0f} s ({mask_s:.0f} s of masks); the "
+                f"{n_masks - first} more will take about {mask_s * (n_masks - first) / first:.0f} s (n_masks={first} "
+                "reads without them, with no corrected headline where the maps stay below the floor)."
+            )
         rank_zero_info(
             f"n_masks='auto': split-half reliability at {first} masks "
             + "; ".join(
                 f"{name}: " + ", ".join(f"{rel:.2f}" for rel in by_m.values()) for name, by_m in calibration.items()
             )
             + f" -> {n_masks} masks for every checkpoint (predicted to reach {AUTO_RELIABILITY_TARGET})."
+            + cost
         )
         if n_masks != first:  # the first rung's masks are continued, not computed again
             results = run_all(n_masks, report=True, resume=results)
@@ -240,7 +257,12 @@ def compare_checkpoints(
         results = run_all(masks.count() if masks.perturbation else None, report=True)
         n_masks = masks.count() if masks.perturbation else None
     return Comparison(
-        tuple(methods), tuple(metrics), [_probe_id(i, r) for i, r in enumerate(rows)], results, n_masks=n_masks, calibration=calibration
+        tuple(methods),
+        tuple(metrics),
+        [_probe_id(i, r) for i, r in enumerate(rows)],
+        results,
+        n_masks=n_masks,
+        calibration=calibration,
     )
 
 
@@ -285,7 +307,9 @@ def _explain_checkpoint(
     summary = metric.compute()
     if summary.failures:
         first = summary.failures[0]
-        rank_zero_warn(f"{name}: {len(summary.failures)} probe(s) could not be explained, e.g. {first.id}: {first.cause}")
+        rank_zero_warn(
+            f"{name}: {len(summary.failures)} probe(s) could not be explained, e.g. {first.id}: {first.cause}"
+        )
     explanations = [e for _, _, e in explained]
     return CheckpointResult(
         name=name,

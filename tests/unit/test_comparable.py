@@ -4,7 +4,9 @@ first reading with their own paired intervals, and numbers that are not comparab
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -179,14 +181,20 @@ def test_a_paired_difference_has_its_own_interval_and_the_right_sign():
     assert "better: encoder_spes/pearson_corrected  +0.103 [" in comp.table()
 
 
-def test_compare_auto_reads_every_checkpoint_with_the_count_the_least_reliable_needs(tmp_path, monkeypatch):
+def test_compare_auto_reads_every_checkpoint_with_the_count_the_least_reliable_needs(tmp_path, monkeypatch, caplog):
     resumed: list[int] = []
     calls = _spy_explain(monkeypatch, reading_module, resumed)
     rows = read_manifest(noise_manifest(tmp_path, n=2))
-    comp = compare_checkpoints(
-        [speaking_tiny_whisper(0), speaking_tiny_whisper(1)], rows, processor=tiny_extractor(),
-        names=["a", "b"], progress=False, batch_size=2,
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        comp = compare_checkpoints(
+            [speaking_tiny_whisper(0), speaking_tiny_whisper(1)], rows, processor=tiny_extractor(),
+            names=["a", "b"], progress=False, batch_size=2,
+        )  # fmt: skip
+    # the rest of the cost is said once, after the calibration and before its masks run
+    said = [r.getMessage() for r in caplog.records if "n_masks='auto'" in r.getMessage()]
+    assert len(said) == 1
+    more = re.search(r"the (\d+) more will take about \d+ s", said[0])
+    assert more and int(more.group(1)) == comp.n_masks - MASK_LADDER[0]
     n = comp.n_masks
     measured = {name: by_m["encoder_spes"] for name, by_m in comp.calibration.items()}
     assert set(measured) == {"a", "b"} and [m for m, _ in calls[:4]] == [MASK_LADDER[0]] * 4
