@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from xattn_lightning.functional import AUTO_RELIABILITY_TARGET
+from xattn_lightning.functional import AUTO_RELIABILITY_TARGET, MASK_LADDER
 from xattn_lightning.monitoring.config import PREFIX, MonitorConfig
 from xattn_lightning.monitoring.history import History
 from xattn_lightning.monitoring.messages import Messages
@@ -106,9 +106,15 @@ class Publisher:
     def _warn_below_floor(self, summary: Summary) -> None:
         floor = self.config.reliability_floor
         for m, (rel, needed) in summary.below_floor.items():
+            rung = next((n for n in MASK_LADDER if n >= needed), None)
+            auto = (
+                f"n_masks='auto' measures this at the first reading and would take {rung} here"
+                if rung is not None
+                else f"n_masks='auto' takes at most {max(MASK_LADDER)}, short of it"
+            )
             more = (
-                f"; about {needed} masks (n_masks={needed}, or n_masks='auto') are predicted to bring it to "
-                f"{max(AUTO_RELIABILITY_TARGET, floor)}, safely above the floor"
+                f"; about {needed} masks are predicted to bring it to {max(AUTO_RELIABILITY_TARGET, floor)}, safely "
+                f"above the floor (n_masks={needed}; {auto})"
                 if needed > 0
                 else "; raise n_masks"
             )
