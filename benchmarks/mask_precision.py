@@ -10,6 +10,9 @@ Each probe is read with ``encoder_spes`` (the same seeded masks every time) four
   attention products stay float32). A prototype patched in here, not an option of the package;
 - ``autocast``: ``autocast="bf16"`` (the whole masked pass under ``torch.autocast``).
 
+``--openai``: the same weights as an openai-whisper model (built from the Hugging Face one, nothing downloaded),
+``exact`` and ``bf16_vocabulary`` only (its output head is the tied token embedding).
+
 Reported: milliseconds per mask of the mask loops (``SaliencyResult.seconds``), the per-token Pearson of each map
 with the exact one (median, minimum), and the mean ``pearson_corrected`` and reliability of each.
 
@@ -87,22 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", required=True, help="the probes (id audio text)")
     ap.add_argument("--n-masks", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the probes (timing only; maps are seeded)")
+    ap.add_argument("--openai", action="store_true", help="the same weights as an openai-whisper model")
     ap.add_argument("--out", default="benchmarks/results/mask_precision_cpu.json")
     args = ap.parse_args(argv)
     if not args.model:
         ap.error("needs --model (or XL_WHISPER_PATH)")
     model, proc = load_hf_model(args.model)
-    switch = with_bf16_linears(model, xl.adapter_for(model, proc))
+    variants = VARIANTS
+    if args.openai:
+        from xattn_lightning.adapters.openai_whisper import openai_whisper_from_hf
+
+        model = openai_whisper_from_hf(model).eval()
+        variants = {k: VARIANTS[k] for k in ("exact", "bf16_vocabulary")}
+
+        def switch(value: bool) -> None:
+            pass
+    else:
+        switch = with_bf16_linears(model, xl.adapter_for(model, proc))
     rows = read_manifest(args.manifest)
-    seconds = dict.fromkeys(VARIANTS, 0.0)
+    seconds = dict.fromkeys(variants, 0.0)
     maps: dict[tuple[str, str], torch.Tensor] = {}
-    scores: dict[str, list] = {v: [] for v in VARIANTS}
+    scores: dict[str, list] = {v: [] for v in variants}
     for rep in range(args.repeats):
         for row in rows:
             batch = features_batch(proc, [row])
-            for name, kw in VARIANTS.items():
+            for name, kw in variants.items():
                 switch(name == "bf16_linears")
-                (e,) = xl.explain(model, batch, methods=("encoder_spes",), n_masks=args.n_masks, tokenizer=proc, **kw)
+                tok = None if args.openai else proc
+                (e,) = xl.explain(model, batch, methods=("encoder_spes",), n_masks=args.n_masks, tokenizer=tok, **kw)
                 seconds[name] += float(e.results["encoder_spes"].seconds)
                 if rep == 0:
                     maps[(row.id, name)] = e.saliency["encoder_spes"]
@@ -111,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     switch(False)
     masks = args.n_masks * len(rows) * args.repeats
     report: dict = {"argv": argv or sys.argv[1:], "probes": [r.id for r in rows], "variants": {}}
-    for name in VARIANTS:
+    for name in variants:
         rho = torch.cat(
             [per_token_correlation(maps[(r.id, "exact")], maps[(r.id, name)], "pearson", False) for r in rows]
         )

@@ -172,6 +172,20 @@ class Adapter(ABC):
         """Decoder-only pass over a given encoder output ``[B, T', D]``."""
         raise NotImplementedError(f"{type(self).__name__} does not support decoder-only passes (split_passes=False).")
 
+    def output_head(self) -> nn.Linear | None:
+        """The linear layer that projects the decoder's last hidden states onto the vocabulary in
+        :meth:`masked_decoder`'s passes, called as a module (so that ``vocabulary="bf16"`` can take its place while
+        the masks run: :mod:`~xattn_lightning.saliency.vocabulary`); ``None`` when the model has none. The default:
+        a Hugging Face model's ``get_output_embeddings()``, when it is an ``nn.Linear``.
+
+        >>> from xattn_lightning.testing import TinyS2T
+        >>> TinyS2T.adapter(TinyS2T(vocab_size=12)).output_head() is None
+        True
+        """
+        model: Any = self.model
+        head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+        return head if isinstance(head, nn.Linear) else None
+
     def masked_decoder(
         self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
     ) -> Callable[[Tensor], Tensor]:

@@ -209,6 +209,17 @@ class OpenAIWhisperAdapter(Adapter):
     def decode(self, encoder_out: Tensor, decoder_ids: Tensor, output_attentions: bool = False) -> ForwardOutput:
         return self._decode(encoder_out, self._ids(decoder_ids, encoder_out.shape[0]), output_attentions)
 
+    def output_head(self) -> nn.Linear:
+        """The decoder's output projection as a linear layer: openai-whisper multiplies by the token embedding
+        (tied weights); this layer holds that same parameter (no copy), so it follows training and ``.to()``."""
+        emb = self.model.decoder.token_embedding.weight
+        head = getattr(self, "_head", None)
+        if head is None or head.weight is not emb:
+            head = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device="meta")
+            head.weight = emb
+            self._head = head
+        return head
+
     def masked_decoder(
         self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
     ) -> Callable[[Tensor], Tensor]:
@@ -227,6 +238,7 @@ class OpenAIWhisperAdapter(Adapter):
             v = torch.cat([ca.value(encoder_out), ca.value(zero)], 1)
             projected.append(tuple(x.view(1, x.shape[1], heads, -1).transpose(1, 2) for x in (k, v)))
         num_frames = encoder_out.shape[1]
+        head = self.output_head()
 
         def run(keep: Tensor) -> Tensor:
             ids = self._ids(decoder_ids, keep.shape[0])
@@ -241,7 +253,10 @@ class OpenAIWhisperAdapter(Adapter):
                 x = x + ca.out(o.transpose(1, 2).flatten(2))
                 x = x + block.mlp(block.mlp_ln(x))
             x = dec.ln(x if positions is None else x[:, positions])
-            return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
+            if x.dtype != head.weight.dtype and "forward" not in vars(head):  # the head as loaded, in x's precision
+                return F.linear(x, head.weight.to(x.dtype)).float()
+            out = head(x)  # through the module: vocabulary="bf16" swaps its forward while masks run
+            return out if out.dtype in (torch.float32, torch.bfloat16) else out.float()  # the KL reads bf16 itself
 
         return run
 

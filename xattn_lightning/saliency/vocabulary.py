@@ -77,18 +77,21 @@ def resolve_vocabulary(vocabulary: str, adapter: Any, autocast: str | None = Non
         return vocabulary
     if autocast is not None or not has_bf16_units(getattr(adapter, "device", "cpu")):
         return "exact"
-    model: Any = getattr(adapter, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return "bf16" if isinstance(head, nn.Linear) else "exact"
+    return "bf16" if _head_of(adapter) is not None else "exact"
+
+
+def _head_of(adapter: Any) -> nn.Linear | None:
+    head = adapter.output_head() if callable(getattr(adapter, "output_head", None)) else None
+    return head if isinstance(head, nn.Linear) else None
 
 
 def output_head(adapter: Any) -> nn.Linear:
-    """The linear output head of ``adapter``'s model (Hugging Face models), or an error that says why not."""
-    model: Any = getattr(adapter, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
+    """The linear output head of ``adapter``'s masked passes (:meth:`~xattn_lightning.Adapter.output_head`: Hugging
+    Face models, openai-whisper), or an error that says why not."""
+    head = _head_of(adapter)
+    if head is None:
         raise XAttnError(
-            f"vocabulary='bf16' needs a model with a linear output head (get_output_embeddings()); "
+            f"vocabulary='bf16' needs a model with a linear output head (Adapter.output_head()); "
             f"{type(adapter).__name__} has none. Use vocabulary='exact'."
         )
     return head

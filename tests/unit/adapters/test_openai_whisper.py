@@ -153,3 +153,21 @@ def test_the_monitor_exports_heads_into_an_openai_whisper_model():
     inst.publisher.alignment_heads = [[0, 1], [1, 0]]
     inst.export_alignment_heads(xl.adapter_for(model))
     assert sorted(model.alignment_heads.indices().T.tolist()) == [[0, 1], [1, 0]]
+
+
+def test_the_bf16_vocabulary_term_reaches_openai_whisper_through_its_tied_head(monkeypatch):
+    from xattn_lightning.functional import map_similarity
+    from xattn_lightning.saliency import vocabulary
+
+    model = random_whisper()
+    head = xl.adapter_for(model).output_head()
+    assert head.weight is model.decoder.token_embedding.weight  # the tied embedding itself, no copy
+    batch, kw = mel_batch(lengths=(60,)), {"targets": [[50257, 50362, 11, 12, 13, 50256]], "n_masks": 48}
+    (exact,) = xl.explain(model, batch, methods=("encoder_spes",), vocabulary="exact", **kw)
+    (bf16,) = xl.explain(model, batch, methods=("encoder_spes",), vocabulary="bf16", **kw)
+    monkeypatch.setattr(vocabulary, "has_bf16_units", lambda device: True)
+    (auto,) = xl.explain(model, batch, methods=("encoder_spes",), **kw)
+    assert [e.results["encoder_spes"].details["vocabulary"] for e in (exact, bf16, auto)] == ["exact", "bf16", "bf16"]
+    torch.testing.assert_close(auto.saliency["encoder_spes"], bf16.saliency["encoder_spes"], rtol=0, atol=0)
+    assert not torch.equal(exact.saliency["encoder_spes"], bf16.saliency["encoder_spes"])  # it did run in bf16
+    assert map_similarity(exact.saliency["encoder_spes"], bf16.saliency["encoder_spes"]) > 0.9
