@@ -139,3 +139,17 @@ def test_tolerance_table_reproduces_the_recorded_choices_and_moves_with_the_tole
     assert tolerance_pick(model, float("inf")) == "all+consistent"
     table = tolerance_table({"speech": {"models": {"m": model}}}, (0.0, 4.0))
     assert "| 0 | 1 of 1; 40.0 ms (+0.0) |" in table and "| 4 | 0 of 1; 48.0 ms (+8.0) |" in table
+
+
+def test_the_large_model_gpu_benchmark_runs_on_a_tiny_shape_on_cpu(tmp_path):
+    from benchmarks import gpu_large
+
+    argv = ["--device", "cpu", "--shape", "tiny", "--train-seconds", "0.5", "--probes", "2", "--probe-seconds", "1",
+            "--tokens", "4", "--out", str(tmp_path)]  # fmt: skip
+    assert gpu_large.main(argv) == 0
+    rep = json.loads((tmp_path / "gpu_large.json").read_text())
+    assert rep["training"]["steps"] >= 1 and rep["reading"]["calibration_s"] > 0
+    reading = rep["reading"]
+    assert reading["n_masks_chosen"] in (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
+    assert (reading["continuation_s"] > 0) == (reading["n_masks_chosen"] != 256)
+    assert rep["reading_share_of_training"] == reading["reading_s"] / rep["training"]["seconds"]
