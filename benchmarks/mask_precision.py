@@ -91,16 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-masks", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the probes (timing only; maps are seeded)")
     ap.add_argument("--openai", action="store_true", help="the same weights as an openai-whisper model")
+    ap.add_argument("--device", default="cpu", help="e.g. cuda: the same comparison on an accelerator")
     ap.add_argument("--out", default="benchmarks/results/mask_precision_cpu.json")
     args = ap.parse_args(argv)
     if not args.model:
         ap.error("needs --model (or XL_WHISPER_PATH)")
-    model, proc = load_hf_model(args.model)
+    model, proc = load_hf_model(args.model, device=args.device)
     variants = VARIANTS
     if args.openai:
         from xattn_lightning.adapters.openai_whisper import openai_whisper_from_hf
 
-        model = openai_whisper_from_hf(model).eval()
+        model = openai_whisper_from_hf(model).to(args.device).eval()
         variants = {k: VARIANTS[k] for k in ("exact", "bf16_vocabulary")}
 
         def switch(value: bool) -> None:
