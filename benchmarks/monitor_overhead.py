@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-index", type=int, default=0)
     ap.add_argument("--model", default=os.environ.get("XL_WHISPER_PATH"))
     ap.add_argument("--manifest", required=True)
+    ap.add_argument("--val-manifest", help="validation utterances, where the 4 probes come from (default: --manifest)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", args.model, "--manifest", args.manifest, "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size), "--limit-val-batches", "1", "--num-probes", "4",
         "--no-wandb", "--max-overhead", "none", "--out", "/tmp/xl_monitor_overhead",
-    ]  # fmt: skip
+    ] + (["--val-manifest", args.val_manifest] if args.val_manifest else [])  # fmt: skip
     runs: list[dict] = []
     t0 = time.perf_counter()
     for r in range(args.rounds):
