@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import xattn_lightning as xl
+from benchmarks.gpu import _sync
 from xattn_lightning.functional import MASK_LADDER, choose_n_masks
 
 SHAPES = {
@@ -53,11 +54,6 @@ def build(shape: str, device: str) -> torch.nn.Module:
     cfg = WhisperConfig(**SHAPES[shape], max_source_positions=1500, max_target_positions=448)
     torch.manual_seed(0)
     return WhisperForConditionalGeneration(cfg).to(device)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _peak_gib(device: str) -> float | None:
@@ -87,12 +83,12 @@ def train(model: torch.nn.Module, device: str, seconds: float, batch_size: int, 
 
     for _ in range(2):
         step()
-    _sync(device)
+    _sync()
     _reset_peak(device)
     t0, steps = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         step()
-        _sync(device)
+        _sync()
         steps += 1
     elapsed = time.perf_counter() - t0
     opt.zero_grad(set_to_none=True)
@@ -116,14 +112,14 @@ def read(model: torch.nn.Module, device: str, probes: int, probe_seconds: float,
     first = MASK_LADDER[0]
 
     def run(n_masks: int, resume: list | None = None) -> tuple[list, float, float | None]:
-        _sync(device)
+        _sync()
         _reset_peak(device)
         t0, out = time.perf_counter(), []
         for i, (b, t) in enumerate(zip(batches, targets)):
             (e,) = xl.explain(model, b, targets=[t], methods=("encoder_spes",), n_masks=n_masks,
                               resume=[resume[i]] if resume else None)  # fmt: skip
             out.append(e)
-        _sync(device)
+        _sync()
         return out, time.perf_counter() - t0, _peak_gib(device)
 
     run(8)  # warm-up (kernels, the automatic batch size's measurement)

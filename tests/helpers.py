@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -359,6 +361,25 @@ def scored(
 
 #: seconds: past it a 2-process run is killed and its test fails (a hang is a failure, never a CI stall)
 HANG = 240
+
+
+def side_by_side(fns: list[Callable[[], object]], timeout: float) -> list:
+    """Call each of ``fns`` in its own thread, as processes of one job would run; each one's result or the exception
+    it raised (each process's outcome is what a test checks), in order."""
+    out: list = [None] * len(fns)
+
+    def call(i: int) -> None:
+        try:
+            out[i] = fns[i]()
+        except Exception as err:
+            out[i] = err
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out
 
 
 def run_two_processes(script: str, out, cases, env_extra: dict) -> tuple[dict, dict]:

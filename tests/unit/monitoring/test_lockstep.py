@@ -105,20 +105,9 @@ _SERVERS: list = []
 
 
 def _as_ranks(fn) -> list:
-    out: list = [None, None]
+    from helpers import side_by_side
 
-    def call(i):
-        try:
-            out[i] = fn(i)
-        except Exception as err:  # each rank's outcome is what is checked
-            out[i] = err
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return out
+    return side_by_side([lambda: fn(0), lambda: fn(1)], timeout=120)
 
 
 @pytest.mark.timeout(180)

@@ -5,7 +5,6 @@ bit-identical with and without it, no hang when a rank is late or faulty, ``max_
 from __future__ import annotations
 
 import shutil
-import threading
 from datetime import timedelta
 
 import pytest
@@ -131,20 +130,9 @@ _SERVERS: list = []
 
 
 def _both(fn0, fn1) -> list:
-    out: list = [None, None]
+    from helpers import side_by_side
 
-    def call(i, fn):
-        try:
-            out[i] = fn()
-        except Exception as err:  # the outcome of each process is what is checked
-            out[i] = err
-
-    threads = [threading.Thread(target=call, args=(i, fn)) for i, fn in enumerate((fn0, fn1))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return out
+    return side_by_side([fn0, fn1], timeout=60)
 
 
 @pytest.mark.timeout(120)
