@@ -6,7 +6,7 @@ model, which one the default's label-free criterion chose, and leave-one-model-o
 
 For each model: its alignments of the ``--timed`` utterances; the first ``--select`` of them, read without their
 word timings, are the unlabelled speech the candidates (``candidate_heads``, ``candidate_sets``) and the criterion
-(``choose_heads_from``: where the plain-DTW boundaries fall in the input's level) are computed on; the utterances from
+(``choose_heads_from``: each word's log-probability drop when its plain-DTW span is occluded) are computed on; the utterances from
 ``--first-scored`` on are scored (mean boundary error, ms, of the word units the transcript got right), each
 candidate with plain DTW and with the default's duration prior and silences. Rules that pick a head set per model
 (the fixed candidates, the default's criterion and two other label-free criteria) are compared
@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import xattn_lightning as xl
 from benchmarks.timestamps_noise import noisy
 from xattn_lightning.audio import load_audio, read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.timestamps import TimingOptions, align, alignment_words, ensemble_words, timing_scores
-from xattn_lightning.timestamps.choice import ENSEMBLES, HEAD_SETS, boundary_levels, candidate_sets, choose_heads_from
+from xattn_lightning.timestamps.choice import ENSEMBLES, HEAD_SETS, candidate_sets, choose_heads_from, span_occluder
 
 
 def silence_distance(a, head_sets, clip: float = 0.2) -> list[float]:
@@ -87,6 +88,24 @@ def _mean(x: list[float]) -> float:
     return sum(x) / len(x) if x else float("nan")
 
 
+def boundary_levels(a, words) -> list[float]:
+    """The former default's criterion (before the span occlusion): the input's level (mean log-mel of each 10-ms
+    frame, z-scored over the speech) at each boundary between two of ``words``; lower is better."""
+    if len(words) < 2:
+        return []
+    e, step = a.energy.double(), a.energy_frame_seconds
+    lo, hi = int(words[0][1] / step), int(round(words[-1][2] / step))
+    speech = e[lo : max(hi, lo + 2)]
+    mean, std = float(speech.mean()), float(speech.std())
+    std = std if std > 0 else 1.0
+    return [(float(e[min(int(round(end / step)), len(e) - 1)]) - mean) / std for _, _, end in words[:-1]]
+
+
+def plain_energy(a, head_sets) -> list[float]:
+    """The level at the boundaries of plain DTW (the criterion of the default before the span occlusion)."""
+    return boundary_levels(a, ensemble_words(a, head_sets))
+
+
 def prior_energy(a, head_sets) -> list[float]:
     """The former default's criterion: the input's level at the boundaries of DTW with the duration prior."""
     return boundary_levels(a, ensemble_words(a, head_sets, timing=TimingOptions(duration_prior=DURATION_PRIOR)))
@@ -108,7 +127,8 @@ def score(aligns, refs, head_sets, refined: bool) -> float:
     return timing_scores(pred, refs)["mae_ms"]
 
 
-def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0):
+def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0, features: list | None = None):
+    """Each row's alignment (one pass); with ``features`` (a list), each utterance's model input is appended to it."""
     rng = np.random.default_rng(seed)
     out = []
     for r in rows:
@@ -119,6 +139,8 @@ def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0):
             b = dict(proc.feature_extractor(wav, sampling_rate=16000, return_tensors="pt", return_attention_mask=True))
         with torch.no_grad():
             out += align(model, b, tokenizer=proc)
+        if features is not None:
+            features.append(b["input_features"][0])
     return out
 
 
@@ -134,11 +156,13 @@ def measure(name: str, path: str, args) -> dict:
             model.generate(features_batch(proc, [r])["input_features"], max_new_tokens=128)
     greedy_s = (time.perf_counter() - t0) / args.cost_utterances
     t0 = time.perf_counter()
-    sel = aligns_of(model, proc, sel_rows)
+    sel_features: list = []
+    sel = aligns_of(model, proc, sel_rows, features=sel_features)
     sel_pass_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     shipped = getattr(model.generation_config, "alignment_heads", None)
-    choice = choose_heads_from(sel, shipped)
+    drops = span_occluder(xl.adapter_for(model, proc), sel, sel_features)
+    choice = choose_heads_from(sel, shipped, drops=drops)
     choose_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scored = aligns_of(model, proc, scored_rows)
@@ -154,7 +178,8 @@ def measure(name: str, path: str, args) -> dict:
     former = {n: sets[n] for n in HEAD_SETS if n in sets}
     picks = {
         DEFAULT_RULE: choice.name,
-        "boundary energy, lowest": choose_heads_from(sel, shipped, tolerance=0.0).name,
+        "span occlusion, highest": choose_heads_from(sel, shipped, tolerance=0.0, drops=drops).name,
+        FORMER_LEVEL_RULE: one_se_pick({n: [x for a in sel for x in plain_energy(a, hs)] for n, hs in sets.items()}, sets),
         **{k: min(v, key=lambda n: (v[n], n)) for k, v in other.items()},
         "boundary energy with the duration prior, one-SE rule": one_se_pick(
             {n: [x for a in sel for x in prior_energy(a, hs)] for n, hs in sets.items()}, sets
@@ -171,6 +196,7 @@ def measure(name: str, path: str, args) -> dict:
         "candidates": candidates,
         "ensembles": {n: list(parts) for n, parts in ENSEMBLES.items() if n in sets},
         "criterion": choice.scores,
+        "criterion_higher_is_better": True,
         "criterion_standard_errors": choice.standard_errors,
         "other_criteria": other,
         "rule_picks": picks,
@@ -201,7 +227,9 @@ def measure(name: str, path: str, args) -> dict:
 
 
 #: the rule word_timestamps' default follows
-DEFAULT_RULE = "boundary energy, one-SE rule (the default)"
+DEFAULT_RULE = "span occlusion, one-SE rule (the default)"
+#: the default before the span occlusion: the input's level at the plain-DTW boundaries, one-SE rule
+FORMER_LEVEL_RULE = "boundary energy, one-SE rule (the default before the span occlusion)"
 #: the default before the ensemble: the four head sets, the level at the boundaries of DTW with the duration prior
 FORMER_RULE = "the former default: head sets only, boundary energy with the prior, one-SE rule"
 
@@ -248,8 +276,9 @@ def tolerance_pick(r: dict, tolerance: float) -> str:
     order = list(c)
     if math.isinf(tolerance):
         return min(c, key=lambda n: (-sizes[n], order.index(n)))
-    lowest = min(c, key=lambda n: (round(c[n], 9), order.index(n)))
-    near = [n for n in c if c[n] - c[lowest] <= tolerance * se[n] + 1e-12]
+    sign = -1.0 if r.get("criterion_higher_is_better") else 1.0  # reports before the span occlusion: lower is better
+    best = min(c, key=lambda n: (round(sign * c[n], 9), order.index(n)))
+    near = [n for n in c if sign * (c[n] - c[best]) <= tolerance * se[n] + 1e-12]
     return min(near, key=lambda n: (-sizes[n], order.index(n)))
 
 

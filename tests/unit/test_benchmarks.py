@@ -137,6 +137,8 @@ def test_tolerance_table_reproduces_the_recorded_choices_and_moves_with_the_tole
     assert tolerance_pick(model, 2.0) == "all"  # 0.4 <= 2 x 0.2, and the ensemble (3.5 SE) is out
     assert tolerance_pick(model, 4.0) == "all+consistent"  # the most heads (6) within 4 SE
     assert tolerance_pick(model, float("inf")) == "all+consistent"
+    drops = {**model, "criterion": {n: -v for n, v in model["criterion"].items()}, "criterion_higher_is_better": True}
+    assert [tolerance_pick(drops, t) for t in (0.0, 2.0, 4.0)] == ["upper_half", "all", "all+consistent"]  # span drops
     table = tolerance_table({"speech": {"models": {"m": model}}}, (0.0, 4.0))
     assert "| 0 | 1 of 1; 40.0 ms (+0.0) |" in table and "| 4 | 0 of 1; 48.0 ms (+8.0) |" in table
 

@@ -26,13 +26,12 @@ from xattn_lightning.timestamps.align import (
 )
 from xattn_lightning.timestamps.choice import (
     CHOICE_DURATION_PRIOR,
+    CHOICE_MAX_WORDS,
     CHOICE_TOLERANCE_SE,
     CHOICE_UTTERANCES,
     ENSEMBLES,
     HEAD_SETS,
     HeadChoice,
-    boundary_energy,
-    boundary_levels,
     cached_heads,
     candidate_heads,
     candidate_sets,
@@ -40,6 +39,8 @@ from xattn_lightning.timestamps.choice import (
     choose_heads_from,
     consistent_heads,
     forget_heads,
+    span_drops,
+    span_occluder,
 )
 from xattn_lightning.timestamps.heads import (
     alignment_heads,
@@ -53,6 +54,7 @@ from xattn_lightning.timestamps.words import TIMESTAMP_N_MASKS, word_timestamps
 
 __all__ = [
     "CHOICE_DURATION_PRIOR",
+    "CHOICE_MAX_WORDS",
     "CHOICE_TOLERANCE_SE",
     "CHOICE_UTTERANCES",
     "DEFAULT_TIMING_METHOD",
@@ -61,8 +63,6 @@ __all__ = [
     "HEAD_SETS",
     "HeadChoice",
     "HeadRule",
-    "boundary_energy",
-    "boundary_levels",
     "cached_heads",
     "candidate_heads",
     "candidate_sets",
@@ -70,6 +70,8 @@ __all__ = [
     "choose_heads_from",
     "consistent_heads",
     "forget_heads",
+    "span_drops",
+    "span_occluder",
     "EOS_SECONDS",
     "FUSION_WEIGHT",
     "TIMESTAMP_N_MASKS",

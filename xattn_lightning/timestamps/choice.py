@@ -1,15 +1,16 @@
 """The model's head set for word timestamps, chosen once without labels: candidate sets stated relative to the
 model (every head, the upper half of the layers, its shipped heads, the heads that follow the consensus, and the
-average of the boundaries of every head and of the consistent heads), each scored by where its plain-DTW word
-boundaries fall in the input's level, the candidate with the most heads within one standard error of the best kept
-and cached per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
+average of the boundaries of every head and of the consistent heads), each scored by how much each word's
+log-probability drops when the encoder frames of its plain-DTW span are occluded (spans that hold what the model reads
+for the word drop it most), the candidate with the most heads within one standard error of the best kept and cached
+per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,16 @@ from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError
-from xattn_lightning.functional.alignment import Word
-from xattn_lightning.timestamps.align import Alignment, TimingOptions, align, alignment_words, ensemble_words
+from xattn_lightning.explain import explain
+from xattn_lightning.functional.alignment import Word, group_words
+from xattn_lightning.timestamps.align import (
+    Alignment,
+    TimingOptions,
+    align,  # noqa: F401 (the doctests call it)
+    alignment_from,
+    alignment_words,
+    ensemble_words,
+)
 
 #: the head sets :func:`choose_heads` picks from, each stated relative to the model: ``"all"`` every head;
 #: ``"upper_half"`` every head of the upper half of the layers (openai-whisper's fallback); ``"model"`` the model's
@@ -36,9 +45,8 @@ CHOICE_UTTERANCES = 8
 #: the one-standard-error rule of :func:`choose_heads_from`: a candidate with more heads is preferred while its
 #: criterion is within this many standard errors (paired, over boundaries) of the lowest
 CHOICE_TOLERANCE_SE = 1.0
-#: the duration prior of the DTW whose boundaries :func:`choose_heads_from` reads the input's level at: 0, plain DTW
-#: (docs/timestamps.md: chosen leave-one-model-out over 9 models; with the default's prior the same rule was at or
-#: below the best simple head rule on 5 of them, on plain-DTW boundaries on 8)
+#: the duration prior of the DTW whose word spans :func:`span_drops` occludes: 0, plain DTW (the candidates' own
+#: spans, before the default's prior pulls them toward the same spelling-proportional split)
 CHOICE_DURATION_PRIOR = 0.0
 
 
@@ -47,8 +55,8 @@ class HeadChoice:
     """The candidate :func:`choose_heads` picked: its name (in :data:`HEAD_SETS` or :data:`ENSEMBLES`), its
     ``[layer, head]`` pairs (every head it uses), the head sets whose word boundaries it averages (``[heads]`` for
     a single set; :func:`~xattn_lightning.timestamps.align.ensemble_words`), every head set of :data:`HEAD_SETS`,
-    each candidate's criterion (the mean of :func:`boundary_levels`, lower is better), the standard error of each candidate's
-    difference from the lowest, on how many utterances."""
+    each candidate's criterion (the mean of :func:`span_drops`, nats per word, higher is better), the standard error of
+    each candidate's difference from the highest, on how many utterances."""
 
     name: str
     heads: list[list[int]]
@@ -152,46 +160,95 @@ def candidate_sets(candidates: dict[str, list[list[int]]]) -> dict[str, list[lis
     return out
 
 
-def boundary_levels(a: Alignment, words: Sequence[Word]) -> list[float]:
-    """The input's level at each boundary between two of ``words`` (the end of each but the last), z-scored over
-    the speech between the first word's start and the last word's end: negative where a boundary falls in a dip of
-    the signal, as word boundaries tend to. Needs ``a.energy`` (alignments made by :func:`align` or from
-    :func:`xattn_lightning.explain` carry it).
+#: words per utterance whose spans :func:`span_drops` occludes (the first ones): a hallucinated transcript of hundreds
+#: of words would otherwise cost hundreds of decoder passes
+CHOICE_MAX_WORDS = 64
+#: masks per decoder batch in :func:`span_drops`
+_SPAN_BATCH = 8
 
-    >>> from xattn_lightning.testing import TinyS2T
-    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
-    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
-    >>> len(boundary_levels(a, [("a", 0.0, 0.02), ("b", 0.02, 0.06)]))
-    1
-    """
-    if a.energy is None:
-        raise XAttnError("boundary_energy needs the input's frame levels: make the alignment with align().")
-    if len(words) < 2:
-        return []
-    e, step = a.energy.double(), a.energy_frame_seconds
-    lo, hi = int(words[0][1] / step), int(round(words[-1][2] / step))
-    speech = e[lo : max(hi, lo + 2)]
-    mean, std = float(speech.mean()), float(speech.std())
-    std = std if std > 0 else 1.0
-    return [(float(e[min(int(round(end / step)), len(e) - 1)]) - mean) / std for _, _, end in words[:-1]]
+#: ``drops(i, head_sets)``: :func:`span_drops` of the i-th choosing utterance for a candidate (its head sets)
+Drops = Callable[[int, Sequence[Sequence[Sequence[int]]]], Sequence[float]]
 
 
-def boundary_energy(
-    a: Alignment, heads: Sequence[Sequence[int]], duration_prior: float = CHOICE_DURATION_PRIOR
+@torch.no_grad()
+def span_drops(
+    adapter: Adapter, a: Alignment, encoder_out: Tensor, head_sets: Sequence[Sequence[Sequence[int]]]
 ) -> list[float]:
-    """The input's level (:func:`boundary_levels`) at each boundary between two words that DTW over ``heads``
-    places (with ``duration_prior``, by default the criterion's :data:`CHOICE_DURATION_PRIOR`; before any move to
-    silences). Needs ``a.energy``.
+    """Per word that plain DTW over ``head_sets`` places (their boundaries averaged,
+    :func:`~xattn_lightning.timestamps.align.ensemble_words` with :data:`CHOICE_DURATION_PRIOR`), how much the
+    word's log-probability (teacher-forced, nats, summed over its tokens) drops when the encoder frames of its span
+    are occluded (zeroed, as :func:`~xattn_lightning.saliency.spes_encoder`'s masks do, through
+    ``adapter.masked_decoder``). Spans that cover what the model reads for each word drop it most: a late, early or
+    stuck head set's spans miss part of it. ``encoder_out``: ``adapter.encode`` of the utterance's features,
+    ``[1, T', D]`` (Whisper's whole 30-s window). At most :data:`CHOICE_MAX_WORDS` words (the first).
 
     >>> from xattn_lightning.testing import TinyS2T
-    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
-    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
-    >>> len(boundary_energy(a, [[0, 0]]))
-    1
+    >>> ad = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> x = {"input_features": torch.randn(1, 16, 8)}
+    >>> a = align(ad, x, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")[0]
+    >>> len(span_drops(ad, a, ad.encode(x["input_features"]), [[[0, 0], [1, 1]]]))
+    2
     """
-    if a.energy is None:
-        raise XAttnError("boundary_energy needs the input's frame levels: make the alignment with align().")
-    return boundary_levels(a, _boundaries(a, heads, duration_prior))
+    if a.pieces is None:
+        raise XAttnError("span_drops needs token strings: make the alignment with a tokenizer.")
+    timing = TimingOptions(duration_prior=CHOICE_DURATION_PRIOR)
+    words = ensemble_words(a, head_sets, timing=timing)[:CHOICE_MAX_WORDS]
+    if not words:
+        return []
+    groups = group_words(a.pieces)[: len(words)]
+    frames = int(a.cross_attention.shape[-1])
+    device = encoder_out.device
+    ids = a.decoder_ids.to(device)
+    rows = torch.tensor([a.num_prompt + i - 1 for g in groups for i in g], device=device)  # each token's predicting row
+    owner = torch.tensor([k for k, g in enumerate(groups) for _ in g], device=device)
+    targets = ids[rows + 1]
+    run = adapter.masked_decoder(encoder_out, ids[: int(rows.max()) + 1], positions=rows)
+
+    def word_logp(keep: Tensor) -> Tensor:  # [B, words]
+        logp = torch.log_softmax(run(keep).float(), -1)[:, torch.arange(len(rows), device=device), targets]
+        return torch.zeros(keep.shape[0], len(groups), device=device).index_add_(1, owner, logp)
+
+    clean = word_logp(torch.ones(1, frames, dtype=torch.bool, device=device))[0]
+    keep = torch.ones(len(words), frames, dtype=torch.bool, device=device)
+    for k, (_, start, end) in enumerate(words):
+        f0 = min(int(start / a.frame_seconds), frames - 1)
+        keep[k, f0 : max(int(round(end / a.frame_seconds)), f0 + 1)] = False
+    drops = []
+    for c0 in range(0, len(words), _SPAN_BATCH):
+        lp = word_logp(keep[c0 : c0 + _SPAN_BATCH])
+        drops += [float(clean[c0 + j] - lp[j, c0 + j]) for j in range(lp.shape[0])]
+    return drops
+
+
+def span_occluder(adapter: Adapter, alignments: Sequence[Alignment], features: Sequence[Tensor]) -> Drops:
+    """``drops(i, head_sets)``: :func:`span_drops` of ``alignments[i]``, whose input features as the model takes them
+    are ``features[i]`` (``[T, F]``, padding included where the model needs a fixed window: the
+    :class:`~xattn_lightning.adapters.Utterance`'s ``features``); each utterance encoded once, each candidate
+    occluded once (memoised).
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> ad = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> x = torch.randn(1, 16, 8)
+    >>> a = align(ad, {"input_features": x}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> len(span_occluder(ad, a, [x[0]])(0, [[[0, 0]]]))
+    2
+    """
+    if len(features) != len(alignments):
+        raise XAttnError(f"{len(alignments)} alignments but features of {len(features)} utterances.")
+    encoded: dict[int, Tensor] = {}
+    memo: dict[tuple, list[float]] = {}
+
+    def drops(i: int, head_sets: Sequence[Sequence[Sequence[int]]]) -> list[float]:
+        key = (i, tuple(tuple(sorted((int(li), int(h)) for li, h in hs)) for hs in head_sets))
+        if key not in memo:
+            if i not in encoded:
+                x = features[i].to(adapter.device, adapter.dtype).unsqueeze(0)
+                with torch.no_grad():
+                    encoded[i] = adapter.encode(x)
+            memo[key] = span_drops(adapter, alignments[i], encoded[i], head_sets)
+        return memo[key]
+
+    return drops
 
 
 def choose_heads_from(
@@ -199,37 +256,41 @@ def choose_heads_from(
     shipped: Sequence[Sequence[int]] | None = None,
     distances: Sequence[Tensor] | None = None,
     tolerance: float = CHOICE_TOLERANCE_SE,
+    *,
+    drops: Drops,
 ) -> HeadChoice:
     """The candidate (:func:`candidate_sets`: the head sets of :func:`candidate_heads` and the ensembles of
-    :data:`ENSEMBLES`) whose plain-DTW word boundaries fall where the input is quietest (:func:`boundary_levels`
-    at the boundaries of :func:`~xattn_lightning.timestamps.align.ensemble_words` with
-    :data:`CHOICE_DURATION_PRIOR`; lower mean is better), by the one-standard-error rule: of the candidates whose
-    mean is within ``tolerance`` standard errors of the lowest (the error of the paired difference over the same
-    boundaries), the one with the most heads, counted over the head sets it averages (an average over more heads
+    :data:`ENSEMBLES`) whose plain-DTW word spans hold most of what the model reads for each word: the mean of
+    ``drops`` (:func:`span_drops` through :func:`span_occluder`: a word's log-probability drop when its span is
+    occluded; higher is better) over the words of ``alignments``, by the one-standard-error rule: of the candidates
+    whose mean is within ``tolerance`` standard errors of the highest (the error of the paired difference over the
+    same words), the one with the most heads, counted over the head sets it averages (an average over more heads
     varies less; ties go to the earlier of :data:`HEAD_SETS`, then :data:`ENSEMBLES`). ``tolerance=0``: the
-    lowest mean. No labels: ``alignments`` are any utterances of the model's speech.
+    highest mean. No labels: ``alignments`` are any utterances of the model's speech.
 
     >>> from xattn_lightning.testing import TinyS2T
-    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
-    ...           targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
-    >>> choose_heads_from(a).name in (*HEAD_SETS, *ENSEMBLES)
+    >>> ad = TinyS2T.adapter(TinyS2T(vocab_size=12))
+    >>> x = torch.randn(1, 16, 8)
+    >>> a = align(ad, {"input_features": x}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> choose_heads_from(a, drops=span_occluder(ad, a, [x[0]])).name in (*HEAD_SETS, *ENSEMBLES)
     True
     """
     candidates = candidate_heads(alignments, shipped, distances)
     sets = candidate_sets(candidates)
     order = [*HEAD_SETS, *ENSEMBLES]
-    timing = TimingOptions(duration_prior=CHOICE_DURATION_PRIOR)
     values = {
-        n: torch.tensor([x for a in alignments for x in boundary_levels(a, ensemble_words(a, hs, timing=timing))], dtype=torch.float64)
+        n: torch.tensor([x for i in range(len(alignments)) for x in drops(i, hs)], dtype=torch.float64)
         for n, hs in sets.items()
     }
+    if len({len(v) for v in values.values()}) > 1:
+        raise XAttnError("drops gave the candidates different numbers of words; they must be paired word by word.")
     scores = {n: float(v.mean()) if len(v) else 0.0 for n, v in values.items()}
-    lowest = min(sets, key=lambda n: (round(scores[n], 9), order.index(n)))
+    highest = min(sets, key=lambda n: (-round(scores[n], 9), order.index(n)))
     errors = {}
     for n, v in values.items():
-        d = v - values[lowest]
+        d = values[highest] - v
         errors[n] = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    near = [n for n in sets if scores[n] - scores[lowest] <= tolerance * errors[n] + 1e-12]
+    near = [n for n in sets if scores[highest] - scores[n] <= tolerance * errors[n] + 1e-12]
     best = min(near, key=lambda n: (-sum(len(h) for h in sets[n]), order.index(n)))
     heads = sorted({(li, h) for hs in sets[best] for li, h in hs})
     return HeadChoice(best, [[li, h] for li, h in heads], candidates, scores, len(alignments), errors, sets[best])
@@ -239,6 +300,8 @@ def choose_heads_from(
 class _ModelChoice:
     pool: list[Alignment] = field(default_factory=list)
     distances: list[Tensor] = field(default_factory=list)  # head_distances of the pool, computed once each
+    features: list[Tensor] = field(default_factory=list)  # the pool's valid input features, for span_drops
+    drops: Drops | None = None  # span_occluder of the pool, kept while it grows (its encodings and drops memoised)
     choice: HeadChoice | None = None
     final: bool = False
 
@@ -254,8 +317,9 @@ def cached_heads(model: nn.Module | Adapter) -> HeadChoice | None:
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
     >>> cached_heads(m) is None
     True
-    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
-    >>> choose_for(m, a).utterances, cached_heads(m).utterances
+    >>> x = torch.randn(1, 16, 8)
+    >>> a = align(m, {"input_features": x}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> choose_for(m, a, [x[0]]).utterances, cached_heads(m).utterances
     (1, 1)
     """
     state = _CHOICES.get(adapter_for(model).model)
@@ -267,36 +331,44 @@ def forget_heads(model: nn.Module | Adapter) -> None:
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
-    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
-    >>> _ = choose_for(m, a)
+    >>> x = torch.randn(1, 16, 8)
+    >>> a = align(m, {"input_features": x}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> _ = choose_for(m, a, [x[0]])
     >>> forget_heads(m); cached_heads(m) is None
     True
     """
     _CHOICES.pop(adapter_for(model).model, None)
 
 
-def choose_for(adapter: Adapter, alignments: Sequence[Alignment]) -> HeadChoice:
+def choose_for(adapter: Adapter, alignments: Sequence[Alignment], features: Sequence[Tensor]) -> HeadChoice:
     """The cached head set of the adapter's model; until :data:`CHOICE_UTTERANCES` utterances have been seen,
-    chosen again on every utterance seen so far including ``alignments`` (then fixed). What
-    :func:`word_timestamps`' default calls with the alignments it has made.
+    chosen again on every utterance seen so far including ``alignments`` (then fixed). ``features``: each
+    alignment's input features as the model takes them (:func:`span_occluder`), for :func:`span_drops`. What :func:`word_timestamps`' default calls with the alignments it has made.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
-    >>> a = align(m, {"input_features": torch.randn(1, 16, 8)}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
-    >>> choose_for(m, a) is cached_heads(m)
+    >>> x = torch.randn(1, 16, 8)
+    >>> a = align(m, {"input_features": x}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
+    >>> choose_for(m, a, [x[0]]) is cached_heads(m)
     True
     """
     state = _CHOICES.setdefault(adapter.model, _ModelChoice())
     if state.final and state.choice is not None:
         return state.choice
-    new = list(alignments)[: max(CHOICE_UTTERANCES - len(state.pool), 0)]
-    state.pool += new
-    state.distances += [head_distances(a) for a in new]
-    if not state.pool:
+    if len(features) != len(alignments):
+        raise XAttnError(f"{len(alignments)} alignments but features of {len(features)} utterances.")
+    room = max(CHOICE_UTTERANCES - len(state.pool), 0)
+    new, new_features = list(alignments)[:room], list(features)[:room]
+    if new or state.drops is None:
+        state.pool += new
+        state.features += new_features
+        state.distances += [head_distances(a) for a in new]
+        state.drops = span_occluder(adapter, state.pool, state.features) if state.pool else None
+    if not state.pool or state.drops is None:
         raise XAttnError("Choosing a head set needs at least one utterance.")
-    state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances)
+    state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances, drops=state.drops)
     if len(state.pool) >= CHOICE_UTTERANCES:
-        state.final, state.pool, state.distances = True, [], []
+        state.final, state.pool, state.distances, state.features, state.drops = True, [], [], [], None
     return state.choice
 
 
@@ -320,12 +392,17 @@ def choose_heads(
     """
     adapter = adapter_for(model, tokenizer)
     aligns: list[Alignment] = []
+    features: list[Tensor] = []
     for b in batches:
-        aligns += align(adapter, b)
+        utts = adapter.utterances(adapter.model_batch(b))
+        for e in explain(adapter, b):
+            aligns.append(alignment_from(e))
+            features.append(utts[e.index].features)
         if len(aligns) >= max_utterances:
             break
     if not aligns:
         raise XAttnError("choose_heads needs at least one utterance of speech.")
-    choice = choose_heads_from(aligns[:max_utterances], adapter.alignment_heads())
+    aligns, features = aligns[:max_utterances], features[:max_utterances]
+    choice = choose_heads_from(aligns, adapter.alignment_heads(), drops=span_occluder(adapter, aligns, features))
     _CHOICES[adapter.model] = _ModelChoice(choice=choice, final=True)
     return choice

@@ -378,7 +378,9 @@ def test_the_library_takes_the_layouts_the_monitor_takes():
         a = xl.explain(model, batch, targets="labels")
         b = xl.explain(model, as_dict, targets="labels")
         assert all(torch.equal(x.cross_attention, y.cross_attention) for x, y in zip(a, b)), layout
+        xl.timestamps.forget_heads(model)  # each call chooses the head set afresh, on the same two utterances
         words = xl.word_timestamps(model, batch, targets="labels", tokenizer=_Words())
+        xl.timestamps.forget_heads(model)
         assert words == xl.word_timestamps(model, as_dict, targets="labels", tokenizer=_Words()) and words[0]
     heads = xl.alignment_heads(model, [LAYOUTS["openai_eot"][0](us)], n_masks=8, targets="labels")
     assert heads == xl.alignment_heads(model, [as_dict], n_masks=8, targets="labels")

@@ -32,6 +32,7 @@ def test_default_word_timestamps_use_the_chosen_heads_with_the_prior_and_silence
         cached_heads,
         choose_heads_from,
         ensemble_words,
+        span_occluder,
     )
 
     m = speaking_tiny_whisper()
@@ -43,7 +44,9 @@ def test_default_word_timestamps_use_the_chosen_heads_with_the_prior_and_silence
     assert all(not e.saliency for e in exps)  # one pass, no saliency
     alignments = [alignment_from(e) for e in exps]
     assert (0.2, 0.3) in alignments[0].silences  # input frames 20-30 at 100 per second
-    choice = choose_heads_from(alignments, xl.adapter_for(m).alignment_heads())
+    ad = xl.adapter_for(m)
+    features = [u.features for u in ad.utterances(ad.model_batch(b))]
+    choice = choose_heads_from(alignments, ad.alignment_heads(), drops=span_occluder(ad, alignments, features))
     assert cached_heads(m) == choice  # chosen on these two utterances (not yet final: fewer than 8)
     default = TimingOptions(duration_prior=DURATION_PRIOR, silence=True)
     want = [ensemble_words(a, choice.head_sets, timing=default) for a in alignments]
@@ -79,7 +82,7 @@ def test_transformers_method_takes_no_prior_or_silences():
     b = whisper_batch(m, lengths=(60,))
     tok = lambda i: f" w{i}"  # noqa: E731
     a = align(m, b, tokenizer=tok)[0]
-    (words,) = xl.word_timestamps(m, b, tokenizer=tok, method="transformers")
+    (words,) = xl.word_timestamps(m, b, tokenizer=tok, method="transformers", heads="all")
     assert words == xl.timestamps.alignment_words(a, None, timing=TimingOptions(method="transformers"))
     with pytest.raises(xl.XAttnError, match="duration_prior or silence"):
         xl.word_timestamps(m, b, tokenizer=tok, method="transformers", silence=True)
@@ -90,8 +93,8 @@ def test_subframe_boundaries_stay_ordered_and_within_a_frame_of_the_dtw_ones():
     b = whisper_batch(m, lengths=(60,))
     tok = lambda i: f" w{i}"  # noqa: E731
     plain = {"duration_prior": 0.0, "silence": False}  # DTW boundaries on whole frames
-    whole = xl.word_timestamps(m, b, tokenizer=tok, **plain)[0]
-    sub = xl.word_timestamps(m, b, tokenizer=tok, subframe=True, **plain)[0]
+    whole = xl.word_timestamps(m, b, tokenizer=tok, heads="all", **plain)[0]
+    sub = xl.word_timestamps(m, b, tokenizer=tok, heads="all", subframe=True, **plain)[0]
     assert [w for w, _, _ in sub] == [w for w, _, _ in whole]
     assert all(abs(s / 0.02 - round(s / 0.02)) < 1e-6 for _, s, _ in whole)  # DTW: whole frames
     starts = [s for _, s, _ in sub]
