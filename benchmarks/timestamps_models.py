@@ -139,8 +139,9 @@ def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0, featur
             b = dict(proc.feature_extractor(wav, sampling_rate=16000, return_tensors="pt", return_attention_mask=True))
         with torch.no_grad():
             out += align(model, b, tokenizer=proc)
-        if features is not None:
-            features.append(b["input_features"][0])
+        if features is not None:  # as the model takes it ([T, F], padding included), what span_drops encodes
+            ad = xl.adapter_for(model, proc)
+            features += [u.features for u in ad.utterances(ad.model_batch(b))]
     return out
 
 
