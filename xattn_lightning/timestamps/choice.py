@@ -170,7 +170,51 @@ _SPAN_BATCH = 8
 Drops = Callable[[int, Sequence[Sequence[Sequence[int]]]], Sequence[float]]
 
 
-@torch.no_grad()
+class _Occlusion:
+    """One utterance's span occlusion: the decoder's occluded passes set up once (the clean log-probabilities, the
+    masked decoder), and each word's drop for each span computed once, whichever candidates share it."""
+
+    def __init__(self, adapter: Adapter, a: Alignment, encoder_out: Tensor) -> None:
+        if a.pieces is None:
+            raise XAttnError("span_drops needs token strings: make the alignment with a tokenizer.")
+        self.a = a
+        self.groups = group_words(a.pieces)[:CHOICE_MAX_WORDS]
+        self.frames = int(a.cross_attention.shape[-1])
+        self.device = encoder_out.device
+        self.cache: dict[tuple[int, int, int], float] = {}
+        if not self.groups:
+            return
+        ids = a.decoder_ids.to(self.device)
+        rows = torch.tensor([a.num_prompt + i - 1 for g in self.groups for i in g], device=self.device)
+        self.owner = torch.tensor([k for k, g in enumerate(self.groups) for _ in g], device=self.device)
+        self.targets = ids[rows + 1]  # each row predicts the next token
+        self.run = adapter.masked_decoder(encoder_out, ids[: int(rows.max()) + 1], positions=rows)
+        self.clean = self._word_logp(torch.ones(1, self.frames, dtype=torch.bool, device=self.device))[0]
+
+    def _word_logp(self, keep: Tensor) -> Tensor:  # [B, words]
+        logp = torch.log_softmax(self.run(keep).float(), -1)
+        logp = logp[:, torch.arange(len(self.targets), device=self.device), self.targets]
+        return torch.zeros(keep.shape[0], len(self.groups), device=self.device).index_add_(1, self.owner, logp)
+
+    @torch.no_grad()
+    def drops(self, head_sets: Sequence[Sequence[Sequence[int]]]) -> list[float]:
+        words = ensemble_words(self.a, head_sets, timing=TimingOptions(duration_prior=CHOICE_DURATION_PRIOR))
+        spans = []
+        for k, (_, start, end) in enumerate(words[: len(self.groups)]):
+            f0 = min(int(start / self.a.frame_seconds), self.frames - 1)
+            spans.append((k, f0, max(int(round(end / self.a.frame_seconds)), f0 + 1)))
+        todo = list(dict.fromkeys(sp for sp in spans if sp not in self.cache))
+        for c0 in range(0, len(todo), _SPAN_BATCH):
+            chunk = todo[c0 : c0 + _SPAN_BATCH]
+            keep = torch.ones(len(chunk), self.frames, dtype=torch.bool, device=self.device)
+            for j, (_, f0, f1) in enumerate(chunk):
+                keep[j, f0:f1] = False
+            lp = self._word_logp(keep)
+            for j, (k, f0, f1) in enumerate(chunk):
+                self.cache[(k, f0, f1)] = float(self.clean[k] - lp[j, k])
+        return [self.cache[sp] for sp in spans]
+
+
 def span_drops(
     adapter: Adapter, a: Alignment, encoder_out: Tensor, head_sets: Sequence[Sequence[Sequence[int]]]
 ) -> list[float]:
@@ -189,42 +233,14 @@ def span_drops(
     >>> len(span_drops(ad, a, ad.encode(x["input_features"]), [[[0, 0], [1, 1]]]))
     2
     """
-    if a.pieces is None:
-        raise XAttnError("span_drops needs token strings: make the alignment with a tokenizer.")
-    timing = TimingOptions(duration_prior=CHOICE_DURATION_PRIOR)
-    words = ensemble_words(a, head_sets, timing=timing)[:CHOICE_MAX_WORDS]
-    if not words:
-        return []
-    groups = group_words(a.pieces)[: len(words)]
-    frames = int(a.cross_attention.shape[-1])
-    device = encoder_out.device
-    ids = a.decoder_ids.to(device)
-    rows = torch.tensor([a.num_prompt + i - 1 for g in groups for i in g], device=device)  # each token's predicting row
-    owner = torch.tensor([k for k, g in enumerate(groups) for _ in g], device=device)
-    targets = ids[rows + 1]
-    run = adapter.masked_decoder(encoder_out, ids[: int(rows.max()) + 1], positions=rows)
-
-    def word_logp(keep: Tensor) -> Tensor:  # [B, words]
-        logp = torch.log_softmax(run(keep).float(), -1)[:, torch.arange(len(rows), device=device), targets]
-        return torch.zeros(keep.shape[0], len(groups), device=device).index_add_(1, owner, logp)
-
-    clean = word_logp(torch.ones(1, frames, dtype=torch.bool, device=device))[0]
-    keep = torch.ones(len(words), frames, dtype=torch.bool, device=device)
-    for k, (_, start, end) in enumerate(words):
-        f0 = min(int(start / a.frame_seconds), frames - 1)
-        keep[k, f0 : max(int(round(end / a.frame_seconds)), f0 + 1)] = False
-    drops = []
-    for c0 in range(0, len(words), _SPAN_BATCH):
-        lp = word_logp(keep[c0 : c0 + _SPAN_BATCH])
-        drops += [float(clean[c0 + j] - lp[j, c0 + j]) for j in range(lp.shape[0])]
-    return drops
+    return _Occlusion(adapter, a, encoder_out).drops(head_sets)
 
 
 def span_occluder(adapter: Adapter, alignments: Sequence[Alignment], features: Sequence[Tensor]) -> Drops:
     """``drops(i, head_sets)``: :func:`span_drops` of ``alignments[i]``, whose input features as the model takes them
     are ``features[i]`` (``[T, F]``, padding included where the model needs a fixed window: the
-    :class:`~xattn_lightning.adapters.Utterance`'s ``features``); each utterance encoded once, each candidate
-    occluded once (memoised).
+    :class:`~xattn_lightning.adapters.Utterance`'s ``features``); each utterance encoded once, each word's span occluded
+    once whichever candidates share it (memoised).
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> ad = TinyS2T.adapter(TinyS2T(vocab_size=12))
@@ -235,17 +251,17 @@ def span_occluder(adapter: Adapter, alignments: Sequence[Alignment], features: S
     """
     if len(features) != len(alignments):
         raise XAttnError(f"{len(alignments)} alignments but features of {len(features)} utterances.")
-    encoded: dict[int, Tensor] = {}
+    per: dict[int, _Occlusion] = {}
     memo: dict[tuple, list[float]] = {}
 
     def drops(i: int, head_sets: Sequence[Sequence[Sequence[int]]]) -> list[float]:
         key = (i, tuple(tuple(sorted((int(li), int(h)) for li, h in hs)) for hs in head_sets))
         if key not in memo:
-            if i not in encoded:
+            if i not in per:
                 x = features[i].to(adapter.device, adapter.dtype).unsqueeze(0)
                 with torch.no_grad():
-                    encoded[i] = adapter.encode(x)
-            memo[key] = span_drops(adapter, alignments[i], encoded[i], head_sets)
+                    per[i] = _Occlusion(adapter, alignments[i], adapter.encode(x))
+            memo[key] = per[i].drops(head_sets)
         return memo[key]
 
     return drops
@@ -342,7 +358,8 @@ def forget_heads(model: nn.Module | Adapter) -> None:
 
 def choose_for(adapter: Adapter, alignments: Sequence[Alignment], features: Sequence[Tensor]) -> HeadChoice:
     """The cached head set of the adapter's model; until :data:`CHOICE_UTTERANCES` utterances have been seen,
-    chosen again on every utterance seen so far including ``alignments`` (then fixed). ``features``: each
+    chosen again on every utterance seen so far including ``alignments`` each time their number has doubled since
+    the last choice (at 1, 2, 4, ... utterances; then, at :data:`CHOICE_UTTERANCES`, fixed). ``features``: each
     alignment's input features as the model takes them (:func:`span_occluder`), for :func:`span_drops`. What :func:`word_timestamps`' default calls with the alignments it has made.
 
     >>> from xattn_lightning.testing import TinyS2T
@@ -358,16 +375,17 @@ def choose_for(adapter: Adapter, alignments: Sequence[Alignment], features: Sequ
     if len(features) != len(alignments):
         raise XAttnError(f"{len(alignments)} alignments but features of {len(features)} utterances.")
     room = max(CHOICE_UTTERANCES - len(state.pool), 0)
-    new, new_features = list(alignments)[:room], list(features)[:room]
-    if new or state.drops is None:
-        state.pool += new
-        state.features += new_features
-        state.distances += [head_distances(a) for a in new]
-        state.drops = span_occluder(adapter, state.pool, state.features) if state.pool else None
-    if not state.pool or state.drops is None:
+    state.pool += list(alignments)[:room]  # in place: the occluder reads the pool as it grows
+    state.features += list(features)[:room]
+    state.distances += [head_distances(a) for a in list(alignments)[:room]]
+    if not state.pool:
         raise XAttnError("Choosing a head set needs at least one utterance.")
-    state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances, drops=state.drops)
-    if len(state.pool) >= CHOICE_UTTERANCES:
+    if state.drops is None:  # one occluder while the pool grows: each utterance encoded, each candidate occluded once
+        state.drops = span_occluder(adapter, state.pool, state.features)
+    done = len(state.pool) >= CHOICE_UTTERANCES
+    if state.choice is None or done or len(state.pool) >= 2 * state.choice.utterances:  # at 1, 2, 4, ... utterances
+        state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances, drops=state.drops)
+    if done:
         state.final, state.pool, state.distances, state.features, state.drops = True, [], [], [], None
     return state.choice
 
