@@ -117,7 +117,7 @@ class Alignment:
     num_input_frames: int | None = None  # valid input frames (transformers crops to half of them)
     saliency: Tensor | None = None  # [I, T'] encoder-resolution saliency of the text tokens, when computed
     silences: list[tuple[float, float]] | None = None  # silent spans (s) of the input, from its features
-    energy: Tensor | None = None  # [frames] mean log-mel level of each input frame (the head-set criterion)
+    energy: Tensor | None = None  # [frames] mean log-mel level of each input frame (what the former head-set criterion read)
     energy_frame_seconds: float = 0.01  # the length of one of those frames
 
 

@@ -43,7 +43,7 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {"all+consistent": ("all", "consistent")
 #: (docs/timestamps.md, "A head set per model")
 CHOICE_UTTERANCES = 8
 #: the one-standard-error rule of :func:`choose_heads_from`: a candidate with more heads is preferred while its
-#: criterion is within this many standard errors (paired, over boundaries) of the lowest
+#: criterion is within this many standard errors (paired, over words) of the highest
 CHOICE_TOLERANCE_SE = 1.0
 #: the duration prior of the DTW whose word spans :func:`span_drops` occludes: 0, plain DTW (the candidates' own
 #: spans, before the default's prior pulls them toward the same spelling-proportional split)
@@ -406,7 +406,7 @@ def choose_heads(
     Example (a real Whisper and its processor)::
 
         choice = xl.timestamps.choose_heads(model, [features_batch(processor, rows[:8])], tokenizer=processor)
-        choice.name, choice.scores  # 'all', {'all': -0.08, 'upper_half': 0.04, 'model': 0.49, 'consistent': -0.17}
+        choice.name, choice.scores  # 'all+consistent', {'all': 3.93, 'upper_half': 3.30, 'model': 2.24, ...}: nats per word
     """
     adapter = adapter_for(model, tokenizer)
     aligns: list[Alignment] = []
