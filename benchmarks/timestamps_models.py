@@ -36,7 +36,8 @@ from xattn_lightning.audio import load_audio, read_manifest
 from xattn_lightning.functional.alignment import DURATION_PRIOR
 from xattn_lightning.loading import features_batch, load_hf_model
 from xattn_lightning.timestamps import TimingOptions, align, alignment_words, ensemble_words, timing_scores
-from xattn_lightning.timestamps.choice import ENSEMBLES, HEAD_SETS, candidate_sets, choose_heads_from, span_occluder
+from xattn_lightning.timestamps.choice import ENSEMBLES, HEAD_SETS, candidate_sets, choose_heads_from
+from xattn_lightning.timestamps.occlusion import span_occluder
 
 
 def silence_distance(a, head_sets, clip: float = 0.2) -> list[float]:
@@ -130,6 +131,7 @@ def score(aligns, refs, head_sets, refined: bool) -> float:
 def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0, features: list | None = None):
     """Each row's alignment (one pass); with ``features`` (a list), each utterance's model input is appended to it."""
     rng = np.random.default_rng(seed)
+    ad = xl.adapter_for(model, proc)
     out = []
     for r in rows:
         if snr is None:
@@ -140,7 +142,6 @@ def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0, featur
         with torch.no_grad():
             out += align(model, b, tokenizer=proc)
         if features is not None:  # as the model takes it ([T, F], padding included), what span_drops encodes
-            ad = xl.adapter_for(model, proc)
             features += [u.features for u in ad.utterances(ad.model_batch(b))]
     return out
 

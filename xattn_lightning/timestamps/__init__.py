@@ -25,8 +25,6 @@ from xattn_lightning.timestamps.align import (
     timing_scores,
 )
 from xattn_lightning.timestamps.choice import (
-    CHOICE_DURATION_PRIOR,
-    CHOICE_MAX_WORDS,
     CHOICE_TOLERANCE_SE,
     CHOICE_UTTERANCES,
     ENSEMBLES,
@@ -39,8 +37,6 @@ from xattn_lightning.timestamps.choice import (
     choose_heads_from,
     consistent_heads,
     forget_heads,
-    span_drops,
-    span_occluder,
 )
 from xattn_lightning.timestamps.heads import (
     alignment_heads,
@@ -50,6 +46,7 @@ from xattn_lightning.timestamps.heads import (
     select_heads_supervised,
 )
 from xattn_lightning.timestamps.loss import EOS_SECONDS, AlignmentLoss
+from xattn_lightning.timestamps.occlusion import CHOICE_DURATION_PRIOR, CHOICE_MAX_WORDS, span_drops, span_occluder
 from xattn_lightning.timestamps.words import TIMESTAMP_N_MASKS, word_timestamps
 
 __all__ = [
