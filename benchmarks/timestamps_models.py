@@ -141,7 +141,7 @@ def aligns_of(model, proc, rows, snr: float | None = None, seed: int = 0, featur
             b = dict(proc.feature_extractor(wav, sampling_rate=16000, return_tensors="pt", return_attention_mask=True))
         with torch.no_grad():
             out += align(model, b, tokenizer=proc)
-        if features is not None:  # as the model takes it ([T, F], padding included), what span_drops encodes
+        if features is not None:  # as the model takes it ([T, F], padding included), what span_contrast encodes
             features += [u.features for u in ad.utterances(ad.model_batch(b))]
     return out
 
@@ -163,9 +163,11 @@ def measure(name: str, path: str, args) -> dict:
     sel_pass_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     shipped = getattr(model.generation_config, "alignment_heads", None)
-    drops = span_occluder(xl.adapter_for(model, proc), sel, sel_features)
-    choice = choose_heads_from(sel, shipped, drops=drops)
+    ad = xl.adapter_for(model, proc)
+    contrast = span_occluder(ad, sel, sel_features)
+    choice = choose_heads_from(sel, shipped, scores=contrast)
     choose_s = time.perf_counter() - t0
+    in_place = span_occluder(ad, sel, sel_features, later=None)
     t0 = time.perf_counter()
     scored = aligns_of(model, proc, scored_rows)
     pass_s = (time.perf_counter() - t0) / len(scored_rows)
@@ -180,7 +182,9 @@ def measure(name: str, path: str, args) -> dict:
     former = {n: sets[n] for n in HEAD_SETS if n in sets}
     picks = {
         DEFAULT_RULE: choice.name,
-        "span occlusion, highest": choose_heads_from(sel, shipped, tolerance=0.0, drops=drops).name,
+        "span contrast, highest": choose_heads_from(sel, shipped, tolerance=0.0, scores=contrast).name,
+        "span contrast, one-SE rule": choose_heads_from(sel, shipped, tolerance=1.0, scores=contrast).name,
+        FORMER_OCCLUSION_RULE: choose_heads_from(sel, shipped, tolerance=1.0, scores=in_place).name,
         FORMER_LEVEL_RULE: one_se_pick({n: [x for a in sel for x in plain_energy(a, hs)] for n, hs in sets.items()}, sets),
         **{k: min(v, key=lambda n: (v[n], n)) for k, v in other.items()},
         "boundary energy with the duration prior, one-SE rule": one_se_pick(
@@ -229,7 +233,9 @@ def measure(name: str, path: str, args) -> dict:
 
 
 #: the rule word_timestamps' default follows
-DEFAULT_RULE = "span occlusion, one-SE rule (the default)"
+DEFAULT_RULE = "span contrast, half-SE rule (the default)"
+#: the default before the contrast: the drop in place alone, one-SE rule
+FORMER_OCCLUSION_RULE = "span occlusion in place, one-SE rule (the default before the contrast)"
 #: the default before the span occlusion: the input's level at the plain-DTW boundaries, one-SE rule
 FORMER_LEVEL_RULE = "boundary energy, one-SE rule (the default before the span occlusion)"
 #: the default before the ensemble: the four head sets, the level at the boundaries of DTW with the duration prior

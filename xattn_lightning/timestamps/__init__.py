@@ -46,11 +46,19 @@ from xattn_lightning.timestamps.heads import (
     select_heads_supervised,
 )
 from xattn_lightning.timestamps.loss import EOS_SECONDS, AlignmentLoss
-from xattn_lightning.timestamps.occlusion import CHOICE_DURATION_PRIOR, CHOICE_MAX_WORDS, span_drops, span_occluder
+from xattn_lightning.timestamps.occlusion import (
+    CHOICE_DURATION_PRIOR,
+    CHOICE_LATER_SECONDS,
+    CHOICE_MAX_WORDS,
+    span_contrast,
+    span_drops,
+    span_occluder,
+)
 from xattn_lightning.timestamps.words import TIMESTAMP_N_MASKS, word_timestamps
 
 __all__ = [
     "CHOICE_DURATION_PRIOR",
+    "CHOICE_LATER_SECONDS",
     "CHOICE_MAX_WORDS",
     "CHOICE_TOLERANCE_SE",
     "CHOICE_UTTERANCES",
@@ -67,6 +75,7 @@ __all__ = [
     "choose_heads_from",
     "consistent_heads",
     "forget_heads",
+    "span_contrast",
     "span_drops",
     "span_occluder",
     "EOS_SECONDS",

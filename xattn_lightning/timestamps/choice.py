@@ -1,9 +1,9 @@
 """The model's head set for word timestamps, chosen once without labels: candidate sets stated relative to the
 model (every head, the upper half of the layers, its shipped heads, the heads that follow the consensus, and the
 average of the boundaries of every head and of the consistent heads), each scored by how much each word's
-log-probability drops when the encoder frames of its plain-DTW span are occluded (spans that hold what the model reads
-for the word drop it most), the candidate with the most heads within one standard error of the best kept and cached
-per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
+log-probability drops when the encoder frames of its plain-DTW span are occluded, less how much it drops when the span
+is moved 100 ms later (spans on the word's start lose it most in place, and little moved later), the candidate with the
+most heads within half a standard error of the best kept and cached per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from xattn_lightning.timestamps.align import (
     alignment_from,
     alignment_words,
 )
-from xattn_lightning.timestamps.occlusion import Drops, span_occluder
+from xattn_lightning.timestamps.occlusion import Scores, span_occluder
 
 #: the head sets :func:`choose_heads` picks from, each stated relative to the model: ``"all"`` every head;
 #: ``"upper_half"`` every head of the upper half of the layers (openai-whisper's fallback); ``"model"`` the model's
@@ -42,9 +42,10 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {"all+consistent": ("all", "consistent")
 #: unlabelled utterances :func:`word_timestamps`' default chooses its head set on, once per model
 #: (docs/timestamps.md, "A head set per model")
 CHOICE_UTTERANCES = 8
-#: the one-standard-error rule of :func:`choose_heads_from`: a candidate with more heads is preferred while its
-#: criterion is within this many standard errors (paired, over words) of the highest
-CHOICE_TOLERANCE_SE = 1.0
+#: the standard-error rule of :func:`choose_heads_from`: a candidate with more heads is preferred while its
+#: criterion is within this many standard errors (paired, over words) of the highest (0.5: chosen by
+#: leave-one-model-out among 0, 0.5, 1 and 1.5 over 15 checkpoints; docs/timestamps.md)
+CHOICE_TOLERANCE_SE = 0.5
 
 
 @dataclass
@@ -52,7 +53,7 @@ class HeadChoice:
     """The candidate :func:`choose_heads` picked: its name (in :data:`HEAD_SETS` or :data:`ENSEMBLES`), its
     ``[layer, head]`` pairs (every head it uses), the head sets whose word boundaries it averages (``[heads]`` for
     a single set; :func:`~xattn_lightning.timestamps.align.ensemble_words`), every head set of :data:`HEAD_SETS`,
-    each candidate's criterion (the mean of :func:`span_drops`, nats per word, higher is better), the standard error of
+    each candidate's criterion (the mean of :func:`span_contrast`, nats per word, higher is better), the standard error of
     each candidate's difference from the highest, on how many utterances."""
 
     name: str
@@ -163,12 +164,13 @@ def choose_heads_from(
     distances: Sequence[Tensor] | None = None,
     tolerance: float = CHOICE_TOLERANCE_SE,
     *,
-    drops: Drops,
+    scores: Scores,
 ) -> HeadChoice:
     """The candidate (:func:`candidate_sets`: the head sets of :func:`candidate_heads` and the ensembles of
-    :data:`ENSEMBLES`) whose plain-DTW word spans hold most of what the model reads for each word: the mean of
-    ``drops`` (:func:`span_drops` through :func:`span_occluder`: a word's log-probability drop when its span is
-    occluded; higher is better) over the words of ``alignments``, by the one-standard-error rule: of the candidates
+    :data:`ENSEMBLES`) whose plain-DTW word spans hold most of what the model reads at each word's start: the mean
+    of ``scores`` (:func:`span_contrast` through :func:`span_occluder`: a word's log-probability drop when its span
+    is occluded, less its drop with the span moved later; higher is better) over the words of ``alignments``, by
+    the standard-error rule: of the candidates
     whose mean is within ``tolerance`` standard errors of the highest (the error of the paired difference over the
     same words), the one with the most heads, counted over the head sets it averages (an average over more heads
     varies less; ties go to the earlier of :data:`HEAD_SETS`, then :data:`ENSEMBLES`). ``tolerance=0``: the
@@ -178,36 +180,36 @@ def choose_heads_from(
     >>> ad = TinyS2T.adapter(TinyS2T(vocab_size=12))
     >>> x = torch.randn(1, 16, 8)
     >>> a = align(ad, {"input_features": x}, targets=[[1, 5, 6, 2]], tokenizer=lambda i: f" w{i}")
-    >>> choose_heads_from(a, drops=span_occluder(ad, a, [x[0]])).name in (*HEAD_SETS, *ENSEMBLES)
+    >>> choose_heads_from(a, scores=span_occluder(ad, a, [x[0]])).name in (*HEAD_SETS, *ENSEMBLES)
     True
     """
     candidates = candidate_heads(alignments, shipped, distances)
     sets = candidate_sets(candidates)
     order = [*HEAD_SETS, *ENSEMBLES]
     values = {
-        n: torch.tensor([x for i in range(len(alignments)) for x in drops(i, hs)], dtype=torch.float64)
+        n: torch.tensor([x for i in range(len(alignments)) for x in scores(i, hs)], dtype=torch.float64)
         for n, hs in sets.items()
     }
     if len({len(v) for v in values.values()}) > 1:
-        raise XAttnError("drops gave the candidates different numbers of words; they must be paired word by word.")
-    scores = {n: float(v.mean()) if len(v) else 0.0 for n, v in values.items()}
-    highest = min(sets, key=lambda n: (-round(scores[n], 9), order.index(n)))
+        raise XAttnError("scores gave the candidates different numbers of words; they must be paired word by word.")
+    means = {n: float(v.mean()) if len(v) else 0.0 for n, v in values.items()}
+    highest = min(sets, key=lambda n: (-round(means[n], 9), order.index(n)))
     errors = {}
     for n, v in values.items():
         d = values[highest] - v
         errors[n] = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    near = [n for n in sets if scores[highest] - scores[n] <= tolerance * errors[n] + 1e-12]
+    near = [n for n in sets if means[highest] - means[n] <= tolerance * errors[n] + 1e-12]
     best = min(near, key=lambda n: (-sum(len(h) for h in sets[n]), order.index(n)))
     heads = sorted({(li, h) for hs in sets[best] for li, h in hs})
-    return HeadChoice(best, [[li, h] for li, h in heads], candidates, scores, len(alignments), errors, sets[best])
+    return HeadChoice(best, [[li, h] for li, h in heads], candidates, means, len(alignments), errors, sets[best])
 
 
 @dataclass
 class _ModelChoice:
     pool: list[Alignment] = field(default_factory=list)
     distances: list[Tensor] = field(default_factory=list)  # head_distances of the pool, computed once each
-    features: list[Tensor] = field(default_factory=list)  # the pool's valid input features, for span_drops
-    drops: Drops | None = None  # span_occluder of the pool, kept while it grows (its encodings and drops memoised)
+    features: list[Tensor] = field(default_factory=list)  # the pool's valid input features, for span_contrast
+    scores: Scores | None = None  # span_occluder of the pool, kept while it grows (its encodings and drops memoised)
     choice: HeadChoice | None = None
     final: bool = False
 
@@ -250,7 +252,7 @@ def choose_for(adapter: Adapter, alignments: Sequence[Alignment], features: Sequ
     """The cached head set of the adapter's model; until :data:`CHOICE_UTTERANCES` utterances have been seen,
     chosen again on every utterance seen so far including ``alignments`` each time their number has doubled since
     the last choice (at 1, 2, 4, ... utterances; then, at :data:`CHOICE_UTTERANCES`, fixed). ``features``: each
-    alignment's input features as the model takes them (:func:`span_occluder`), for :func:`span_drops`. What :func:`word_timestamps`' default calls with the alignments it has made.
+    alignment's input features as the model takes them (:func:`span_occluder`), for :func:`span_contrast`. What :func:`word_timestamps`' default calls with the alignments it has made.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
@@ -270,13 +272,13 @@ def choose_for(adapter: Adapter, alignments: Sequence[Alignment], features: Sequ
     state.distances += [head_distances(a) for a in list(alignments)[:room]]
     if not state.pool:
         raise XAttnError("Choosing a head set needs at least one utterance.")
-    if state.drops is None:  # one occluder while the pool grows: each utterance encoded, each candidate occluded once
-        state.drops = span_occluder(adapter, state.pool, state.features)
+    if state.scores is None:  # one occluder while the pool grows: each utterance encoded, each span occluded once
+        state.scores = span_occluder(adapter, state.pool, state.features)
     done = len(state.pool) >= CHOICE_UTTERANCES
     if state.choice is None or done or len(state.pool) >= 2 * state.choice.utterances:  # at 1, 2, 4, ... utterances
-        state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances, drops=state.drops)
+        state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances, scores=state.scores)
     if done:
-        state.final, state.pool, state.distances, state.features, state.drops = True, [], [], [], None
+        state.final, state.pool, state.distances, state.features, state.scores = True, [], [], [], None
     return state.choice
 
 
@@ -288,8 +290,8 @@ def choose_heads(
     max_utterances: int = CHOICE_UTTERANCES,
 ) -> HeadChoice:
     """Choose the model's head set for word timestamps from unlabelled speech, once, and cache it: the
-    candidate of :data:`HEAD_SETS` whose word boundaries fall where the input is quietest
-    (:func:`choose_heads_from`) on the first ``max_utterances`` utterances of ``batches``. :func:`word_timestamps`
+    candidate (:data:`HEAD_SETS`, :data:`ENSEMBLES`) whose plain-DTW word spans hold each word's start, by
+    :func:`span_contrast` (:func:`choose_heads_from`), on the first ``max_utterances`` utterances of ``batches``. :func:`word_timestamps`
     uses it by default; without this call it chooses on the first utterances it times.
     One pass per utterance, as a greedy decode.
 
@@ -311,6 +313,6 @@ def choose_heads(
     if not aligns:
         raise XAttnError("choose_heads needs at least one utterance of speech.")
     aligns, features = aligns[:max_utterances], features[:max_utterances]
-    choice = choose_heads_from(aligns, adapter.alignment_heads(), drops=span_occluder(adapter, aligns, features))
+    choice = choose_heads_from(aligns, adapter.alignment_heads(), scores=span_occluder(adapter, aligns, features))
     _CHOICES[adapter.model] = _ModelChoice(choice=choice, final=True)
     return choice

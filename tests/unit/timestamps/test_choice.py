@@ -10,7 +10,8 @@ import xattn_lightning as xl
 def _planted_alignment(seed: int, lower: str = "late"):
     """An utterance of 8 one-token words whose true boundaries are dips of the input's level; layers 2-3 of a
     4-layer × 2-head model attend to each word's true span (planted diagonal heads), layers 0-1 to the span 12
-    frames later (``lower="late"``: as sharp, but late) or at random (``"noise"``), all with some noise."""
+    frames later (``lower="late"``: as sharp, but late), 5 frames earlier (``"early"``: 100 ms, still on most of the
+    word, where the drop in place alone hardly tells them apart) or at random (``"noise"``), all with some noise."""
     from xattn_lightning.timestamps import Alignment
 
     g = torch.Generator().manual_seed(seed)
@@ -24,7 +25,8 @@ def _planted_alignment(seed: int, lower: str = "late"):
     for j in range(n_words):
         s, e = edges[j], edges[j + 1]
         ca[2:, :, j, s:e] += 1.0
-        ca[:2, :, j, min(s + 12, frames - 1) : min(e + 12, frames)] += 1.0
+        lag = -5 if lower == "early" else 12
+        ca[:2, :, j, min(max(s + lag, 0), frames - 1) : min(max(e + lag, 1), frames)] += 1.0
     ca[2:, :, n_words, edges[-1] : edges[-1] + 5] += 1.0
     ca[:2, :, n_words, edges[-1] + 12 : edges[-1] + 17] += 1.0
     if lower == "noise":
@@ -43,28 +45,34 @@ def _planted_alignment(seed: int, lower: str = "late"):
     return a, true
 
 
-def _truth_drops(planted):
-    """A stand-in for ``span_drops`` on planted utterances: the model reads each word in its true span, so occluding a
-    span drops the word by the share of its true span that the span covers."""
-    from xattn_lightning.timestamps import ensemble_words
+def _start_reader(planted):
+    """A stand-in for ``span_contrast`` on planted utterances: the model reads each word at its start (the first 60 %
+    of its true span), so occluding a span drops the word by the share of that part it covers; the criterion is the
+    drop in place less the drop with the span moved ``CHOICE_LATER_SECONDS`` later."""
+    from xattn_lightning.timestamps import CHOICE_LATER_SECONDS, ensemble_words
 
-    def drops(i, head_sets):
+    def drop(s, e, ts, te):
+        read = ts + 0.6 * (te - ts)
+        return max(0.0, min(e, read) - max(s, ts)) / (read - ts)
+
+    def scores(i, head_sets):
         a, true = planted[i]
+        later = CHOICE_LATER_SECONDS
         return [
-            max(0.0, min(e, te) - max(s, ts)) / (te - ts)
+            drop(s, e, ts, te) - drop(s + later, e + later, ts, te)
             for (_, s, e), (_, ts, te) in zip(ensemble_words(a, head_sets), true)
         ]
 
-    return drops
+    return scores
 
 
-@pytest.mark.parametrize("lower", ["late", "noise"])
-def test_the_criterion_picks_the_planted_diagonal_heads_over_late_or_noise_heads(lower):
+@pytest.mark.parametrize("lower", ["late", "early", "noise"])
+def test_the_criterion_picks_the_planted_diagonal_heads_over_late_early_or_noise_heads(lower):
     from xattn_lightning.timestamps import choose_heads_from, ensemble_words
 
     planted = [_planted_alignment(seed, lower) for seed in range(3)]
     aligns = [a for a, _ in planted]
-    choice = choose_heads_from(aligns, shipped=[[0, 0], [1, 1]], drops=_truth_drops(planted))  # shipped: lower heads
+    choice = choose_heads_from(aligns, shipped=[[0, 0], [1, 1]], scores=_start_reader(planted))  # shipped: lower heads
     assert set(choice.candidates) == {"all", "upper_half", "model", "consistent"}
     sets = xl.timestamps.candidate_sets(choice.candidates)
     assert set(choice.scores) == set(sets) == {*choice.candidates, "all+consistent"}
@@ -73,19 +81,26 @@ def test_the_criterion_picks_the_planted_diagonal_heads_over_late_or_noise_heads
     err = {n: xl.timestamps.timing_scores([ensemble_words(a, hs) for a in aligns], truth)["mae_ms"] for n, hs in sets.items()}
     assert choice.name != "model" and err[choice.name] == min(err.values()), (choice, err)  # the best aligner
     assert choice.head_sets == sets[choice.name]
-    if lower == "late":  # averaged in, late heads move the boundaries: only the planted heads are right
+    if lower in ("late", "early"):  # averaged in, late or early heads move the boundaries: only the planted are right
         assert choice.name in ("upper_half", "consistent") and all(li >= 2 for li, _ in choice.heads), choice
         assert choice.scores[choice.name] > max(choice.scores["all"], choice.scores["model"]) + 0.1
         assert err[choice.name] < min(err["all"], err["all+consistent"]), err
     else:  # noise heads average out (every head is as good here; the one-SE rule prefers more heads)
         assert choice.scores["model"] < choice.scores[choice.name] - 0.3
     with pytest.raises(xl.XAttnError, match="paired"):
-        choose_heads_from(aligns, drops=lambda i, hs: [1.0] * len(hs))  # word counts that differ by candidate
+        choose_heads_from(aligns, scores=lambda i, hs: [1.0] * len(hs))  # word counts that differ by candidate
 
 
-def test_span_drops_are_each_words_log_prob_drop_when_its_span_is_zeroed():
+def test_span_drops_are_each_words_log_prob_drop_when_its_span_is_zeroed_and_the_contrast_moves_it_later():
     from xattn_lightning.functional.alignment import group_words
-    from xattn_lightning.timestamps import alignment_from, ensemble_words, span_drops, span_occluder
+    from xattn_lightning.timestamps import (
+        CHOICE_LATER_SECONDS,
+        alignment_from,
+        ensemble_words,
+        span_contrast,
+        span_drops,
+        span_occluder,
+    )
 
     m = speaking_tiny_whisper()
     ad = xl.adapter_for(m)
@@ -97,21 +112,29 @@ def test_span_drops_are_each_words_log_prob_drop_when_its_span_is_zeroed():
     enc = ad.encode(u.features.unsqueeze(0))
     heads = [[[1, 0], [1, 1]]]
     got = span_drops(ad, a, enc, heads)
+    later = span_drops(ad, a, enc, heads, shift=CHOICE_LATER_SECONDS)
     words, groups = ensemble_words(a, heads), group_words(a.pieces)
-    assert len(got) == len(words) == len(groups) > 1
+    assert len(got) == len(later) == len(words) == len(groups) > 1
     ids = a.decoder_ids
 
     def word_logp(h, k):  # by hand: decode the whole sequence, sum the word's tokens' log-probs
         logp = torch.log_softmax(ad.decode(h, ids[:-1].unsqueeze(0)).logits.float(), -1)[0]
         return sum(float(logp[a.num_prompt + i - 1, ids[a.num_prompt + i]].detach()) for i in groups[k])
 
+    moved, frames = round(CHOICE_LATER_SECONDS / a.frame_seconds), a.cross_attention.shape[-1]  # the speech's
     for k, (_, start, end) in enumerate(words):
-        h = enc.clone()
         f0 = int(start / a.frame_seconds)
-        h[:, f0 : max(int(round(end / a.frame_seconds)), f0 + 1)] = 0.0
-        assert got[k] == pytest.approx(word_logp(enc, k) - word_logp(h, k), abs=1e-4)
-    drops = span_occluder(ad, [a], [u.features])
-    assert drops(0, heads) == pytest.approx(got) and drops(0, heads) is drops(0, heads)  # memoised
+        f1 = max(int(round(end / a.frame_seconds)), f0 + 1)
+        for shift, want in ((0, got[k]), (moved, later[k])):
+            g0 = min(f0 + shift, frames - 1)  # moved past the speech's end: cut there
+            h = enc.clone()
+            h[:, g0 : min(max(f1 + shift, g0 + 1), frames)] = 0.0
+            assert want == pytest.approx(word_logp(enc, k) - word_logp(h, k), abs=1e-4)
+    contrast = span_contrast(ad, a, enc, heads)
+    assert contrast == pytest.approx([d - m for d, m in zip(got, later)]) and contrast != pytest.approx(got)
+    scores = span_occluder(ad, [a], [u.features])
+    assert scores(0, heads) == pytest.approx(contrast) and scores(0, heads) is scores(0, heads)  # memoised
+    assert span_occluder(ad, [a], [u.features], later=None)(0, heads) == pytest.approx(got)  # the drop in place
     with pytest.raises(xl.XAttnError, match="features of 2"):
         span_occluder(ad, [a], [u.features, u.features])
 

@@ -46,7 +46,7 @@ def test_default_word_timestamps_use_the_chosen_heads_with_the_prior_and_silence
     assert (0.2, 0.3) in alignments[0].silences  # input frames 20-30 at 100 per second
     ad = xl.adapter_for(m)
     features = [u.features for u in ad.utterances(ad.model_batch(b))]
-    choice = choose_heads_from(alignments, ad.alignment_heads(), drops=span_occluder(ad, alignments, features))
+    choice = choose_heads_from(alignments, ad.alignment_heads(), scores=span_occluder(ad, alignments, features))
     assert cached_heads(m) == choice  # chosen on these two utterances (not yet final: fewer than 8)
     default = TimingOptions(duration_prior=DURATION_PRIOR, silence=True)
     want = [ensemble_words(a, choice.head_sets, timing=default) for a in alignments]
