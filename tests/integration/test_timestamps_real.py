@@ -83,7 +83,7 @@ def test_head_set_chosen_once_without_labels_is_cached_and_beats_the_shipped_hea
     unlabelled = [{"input_features": features_batch(proc, [r])["input_features"]} for r in rows[:4]]
     choice = choose_heads(model, unlabelled, tokenizer=proc, max_utterances=4)
     assert set(choice.candidates) == set(HEAD_SETS) and choice.utterances == 4
-    assert choice.name != "model" and choice.scores["model"] < choice.scores[choice.name]  # drops: higher is better
+    assert choice.name != "model" and choice.scores["model"] < choice.scores[choice.name]  # the contrast: higher is better
     assert cached_heads(model) is choice
     b = features_batch(proc, rows[12:18])
     default = timing_scores(xl.word_timestamps(model, b, tokenizer=proc), b["words"])
