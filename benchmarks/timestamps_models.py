@@ -290,7 +290,7 @@ def tolerance_pick(r: dict, tolerance: float) -> str:
     return min(near, key=lambda n: (-sizes[n], order.index(n)))
 
 
-def tolerance_table(reports: dict[str, dict], tolerances: tuple[float, ...] = (0, 1, 1.5, 2, 3, math.inf)) -> str:
+def tolerance_table(reports: dict[str, dict], tolerances: tuple[float, ...] = (0, 0.5, 1, 1.5, 2, 3, math.inf)) -> str:
     """Per tolerance of the one-SE rule and per report (models on some speech): models at or below their best simple
     rule, the mean error of the picks, and their mean gap to the best simple rule (prior + silences)."""
     lines = ["| tolerance (SE) | " + " | ".join(reports) + " |", "|---" * (len(reports) + 1) + "|"]

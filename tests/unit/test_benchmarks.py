@@ -119,12 +119,13 @@ def test_tolerance_table_reproduces_the_recorded_choices_and_moves_with_the_tole
     from pathlib import Path
 
     from benchmarks.timestamps_models import tolerance_pick, tolerance_table
+    from xattn_lightning.timestamps import CHOICE_TOLERANCE_SE
 
     results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     for name in ("timestamps_models_cpu", "timestamps_models_blind_f4_cpu", "timestamps_models_blind_gbclan_m2_cpu"):
         report = json.loads((results / f"{name}.json").read_text())
         for model in report["models"].values():  # the package's rule at its tolerance, from the recorded criterion
-            assert tolerance_pick(model, 1.0) == model["chosen"]
+            assert tolerance_pick(model, CHOICE_TOLERANCE_SE) == model["chosen"]
     sets = {"all": [[0, 0], [0, 1], [1, 0], [1, 1]], "upper_half": [[1, 0], [1, 1]], "consistent": [[0, 0], [1, 1]]}
     model = {
         "candidates": sets,
