@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,11 +248,17 @@ def forget_heads(model: nn.Module | Adapter) -> None:
     _CHOICES.pop(adapter_for(model).model, None)
 
 
-def choose_for(adapter: Adapter, alignments: Sequence[Alignment], features: Sequence[Tensor]) -> HeadChoice:
+def choose_for(
+    adapter: Adapter,
+    alignments: Sequence[Alignment],
+    features: Sequence[Tensor] | Callable[[], Sequence[Tensor]],
+) -> HeadChoice:
     """The cached head set of the adapter's model; until :data:`CHOICE_UTTERANCES` utterances have been seen,
     chosen again on every utterance seen so far including ``alignments`` each time their number has doubled since
     the last choice (at 1, 2, 4, ... utterances; then, at :data:`CHOICE_UTTERANCES`, fixed). ``features``: each
-    alignment's input features as the model takes them (:func:`span_occluder`), for :func:`span_contrast`. What :func:`word_timestamps`' default calls with the alignments it has made.
+    alignment's input features as the model takes them (:func:`span_occluder`), for :func:`span_contrast`, or a
+    function that returns them, called only while the choice is still being made. What :func:`word_timestamps`'
+    default calls with the alignments it has made.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
@@ -264,6 +270,8 @@ def choose_for(adapter: Adapter, alignments: Sequence[Alignment], features: Sequ
     state = _CHOICES.setdefault(adapter.model, _ModelChoice())
     if state.final and state.choice is not None:
         return state.choice
+    if callable(features):
+        features = features()
     if len(features) != len(alignments):
         raise XAttnError(f"{len(alignments)} alignments but features of {len(features)} utterances.")
     room = max(CHOICE_UTTERANCES - len(state.pool), 0)

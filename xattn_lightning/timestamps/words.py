@@ -123,8 +123,11 @@ def word_timestamps(
     if aligns and heads in ("auto", "consistent", "all+consistent"):
         from xattn_lightning.timestamps.choice import candidate_sets, choose_for  # looked up at call time
 
-        utts = adapter.utterances(adapter.model_batch(batch))
-        choice = choose_for(adapter, aligns, [utts[e.index].features for e in exps])
+        def features() -> list[Tensor]:  # only while the choice is being made: after it, no work per call
+            utts = adapter.utterances(adapter.model_batch(batch))
+            return [utts[e.index].features for e in exps]
+
+        choice = choose_for(adapter, aligns, features)
         sets = choice.head_sets if heads == "auto" else candidate_sets(choice.candidates)[heads]
         if len(sets) > 1:
             if weights is not None:
