@@ -26,17 +26,12 @@ import xattn_lightning as xl
 from xattn_lightning.audio import read_manifest
 from xattn_lightning.functional.alignment import group_words
 from xattn_lightning.loading import features_batch, load_hf_model
-from xattn_lightning.timestamps import align
+from xattn_lightning.timestamps import CHOICE_MAX_WORDS, align
+from xattn_lightning.timestamps.occlusion import _Occlusion
 
 
 def _norm(w: str) -> str:
     return re.sub(r"[^a-z0-9']", "", w.lower())
-
-
-def _word_logp(run, keep: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, n_words: int) -> torch.Tensor:
-    """Each word's log-probability (summed over its tokens) under each mask of ``keep``: ``[masks, words]``."""
-    lp = torch.log_softmax(run(keep).float(), -1)[:, torch.arange(len(targets)), targets]
-    return torch.zeros(keep.shape[0], n_words).index_add_(1, owner, lp)
 
 
 def profile(path: str, manifest: str, shifts: list[float]) -> dict:
@@ -53,23 +48,18 @@ def profile(path: str, manifest: str, shifts: list[float]) -> dict:
             a = align(model, b, tokenizer=proc)[0]
         true = [(_norm(t), s0, s1) for w, s0, s1 in r.words for t in w.split()]
         groups = group_words(a.pieces)
-        if [t for t, _, _ in true] != [_norm("".join(a.pieces[i] for i in g)) for g in groups]:
+        if [t for t, _, _ in true] != [_norm("".join(a.pieces[i] for i in g)) for g in groups[:CHOICE_MAX_WORDS]]:
             continue
         used += 1
         with torch.no_grad():
-            enc = ad.encode(ad.utterances(ad.model_batch(b))[0].features.unsqueeze(0))
-            frames, ids = a.cross_attention.shape[-1], a.decoder_ids
-            rows_ = torch.tensor([a.num_prompt + i - 1 for g in groups for i in g])
-            owner = torch.tensor([k for k, g in enumerate(groups) for _ in g])
-            run = ad.masked_decoder(enc, ids[: int(rows_.max()) + 1], positions=rows_)
-            targets = ids[rows_ + 1]
-            clean = _word_logp(run, torch.ones(1, frames, dtype=torch.bool), targets, owner, len(groups))[0]
-            for k, (_, s0, s1) in enumerate(true):
-                keep = torch.ones(len(shifts), frames, dtype=torch.bool)
-                for j, d in enumerate(shifts):
-                    f0 = min(max(int((s0 + d) / a.frame_seconds), 0), frames - 1)
-                    keep[j, f0 : min(max(int(round((s1 + d) / a.frame_seconds)), f0 + 1), frames)] = False
-                drops.append((clean[k] - _word_logp(run, keep, targets, owner, len(groups))[:, k]).tolist())
+            occlusion = _Occlusion(ad, a, ad.encode(ad.utterances(ad.model_batch(b))[0].features.unsqueeze(0)))
+        frames = occlusion.frames
+        for k, (_, s0, s1) in enumerate(true):
+            spans = []
+            for d in shifts:
+                f0 = min(max(int((s0 + d) / a.frame_seconds), 0), frames - 1)
+                spans.append((k, f0, min(max(int(round((s1 + d) / a.frame_seconds)), f0 + 1), frames)))
+            drops.append(occlusion.occlude(spans))
     if not drops:
         raise SystemExit(f"{path}: no transcript matched the manifest's words; nothing to measure.")
     mean = torch.tensor(drops).mean(0).tolist()

@@ -76,7 +76,15 @@ class _Occlusion:
                 f1 = max(int(round(end / self.a.frame_seconds)), f0 + 1)
                 g0 = min(max(f0 + moved, 0), self.frames - 1)  # the same length, moved, kept inside the frames
                 spans[-1].append((k, g0, min(max(f1 + moved, g0 + 1), self.frames)))
-        todo = list(dict.fromkeys(sp for row in spans for sp in row if sp not in self.cache))
+        flat = self.occlude([sp for row in spans for sp in row])
+        n = len(spans[0]) if spans else 0
+        return [flat[i * n : (i + 1) * n] for i in range(len(spans))]
+
+    @torch.no_grad()
+    def occlude(self, spans: Sequence[tuple[int, int, int]]) -> list[float]:
+        """The drop of word ``k`` with encoder frames ``[f0, f1)`` occluded, for each ``(k, f0, f1)`` of ``spans``;
+        the spans not occluded before run in batches of :data:`_SPAN_BATCH`, each once."""
+        todo = list(dict.fromkeys(sp for sp in spans if sp not in self.cache))
         for c0 in range(0, len(todo), _SPAN_BATCH):
             chunk = todo[c0 : c0 + _SPAN_BATCH]
             keep = torch.ones(len(chunk), self.frames, dtype=torch.bool, device=self.device)
@@ -85,7 +93,7 @@ class _Occlusion:
             lp = self._word_logp(keep)
             for j, (k, f0, f1) in enumerate(chunk):
                 self.cache[(k, f0, f1)] = float(self.clean[k] - lp[j, k])
-        return [[self.cache[sp] for sp in row] for row in spans]
+        return [self.cache[sp] for sp in spans]
 
     def contrast(self, head_sets: Sequence[Sequence[Sequence[int]]], later: float) -> list[float]:
         in_place, moved = self.drops(head_sets, 0.0, later)
