@@ -9,6 +9,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _own_disk_cache(tmp_path_factory, monkeypatch):
+    """Each test its own empty disk cache (head choices), so that no test reads what another one (or a user) kept."""
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path_factory.mktemp("xl-cache")))
+
+
 def _env_path(name: str) -> str:
     value = os.environ.get(name)
     if not value or not os.path.exists(value):

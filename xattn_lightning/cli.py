@@ -204,7 +204,15 @@ def timestamps(args: argparse.Namespace) -> int:
 
     from xattn_lightning.audio import read_manifest
     from xattn_lightning.loading import features_batch, load_hf_model
-    from xattn_lightning.timestamps import captions, timing_scores, word_timestamps
+    from xattn_lightning.timestamps import (
+        CHOICE_UTTERANCES,
+        cached_heads,
+        captions,
+        forget_heads,
+        heads_cache_file,
+        timing_scores,
+        word_timestamps,
+    )
 
     rows = read_manifest(args.manifest)
     if not rows:
@@ -216,12 +224,37 @@ def timestamps(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"n_masks": args.n_masks, "seed": args.seed} if heads == "agreement" else {}
     if args.plain:
         options.update(duration_prior=0.0, silence=False)
+    auto = heads == "auto"
+    if auto and args.choose_again:
+        forget_heads(model)
+    kept = cached_heads(model) if auto else None  # in a new process: only a final choice, read back from disk
+    # the default's head set is chosen on the first utterances timed: time those together, so that every utterance
+    # of the manifest is timed with the same, final set
+    first = 1 if not auto or kept is not None else min(CHOICE_UTTERANCES, len(rows))
+    chunks = [rows[:first], *([r] for r in rows[first:])]
     start = time.perf_counter()
     words: dict[str, list] = {}
-    for r in tqdm(rows, desc="word timestamps", unit="utt", file=sys.stderr, disable=args.quiet):
-        (ws,) = word_timestamps(model, features_batch(processor, [r]), tokenizer=processor, heads=heads, **options)
-        words[r.id] = ws
+    with tqdm(total=len(rows), desc="word timestamps", unit="utt", file=sys.stderr, disable=args.quiet) as bar:
+        for chunk in chunks:
+            batch = features_batch(processor, chunk)
+            for r, ws in zip(chunk, word_timestamps(model, batch, tokenizer=processor, heads=heads, **options)):
+                words[r.id] = ws
+            bar.update(len(chunk))
     seconds = time.perf_counter() - start
+    if auto:
+        c = cached_heads(model)
+        where = heads_cache_file(model)
+        if kept is not None:
+            how = f"read back from {where} (--choose-again to choose anew)"
+        elif where is not None and Path(where).is_file():
+            how = f"kept in {where} for the next runs"
+        elif where is not None:
+            how = f"not kept: a choice is kept once made on {CHOICE_UTTERANCES} utterances"
+        else:
+            how = "not kept: the disk cache is off"
+        if c is not None:
+            print(f"head set: {c.name} ({len(c.heads)} heads), chosen on {c.utterances} utterances; {how}",
+                  file=sys.stderr)
     if args.format in ("vtt", "srt"):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -319,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         "(docs/timestamps.md); all: every head; upper_half: every head of the upper half of the layers; consistent: "
         "the heads nearest the consensus; all+consistent: the boundaries of every head and of those averaged; agreement: the heads that agree most with saliency, per utterance, the map "
         "fused in (a saliency computation per utterance); model: the model's own alignment heads",
+    )
+    t.add_argument(
+        "--choose-again",
+        action="store_true",
+        help="with --heads auto: forget the head set chosen for this model earlier (kept on disk, "
+        "$XATTN_LIGHTNING_CACHE) and choose it on this manifest",
     )
     t.add_argument(
         "--plain",

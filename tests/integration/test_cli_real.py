@@ -43,3 +43,41 @@ def test_timestamps_command_writes_word_cues_and_scores_them(tmp_path, capsys, w
 
     assert main(["timestamps", whisper_path, "--manifest", str(manifest), "--format", "srt", "--quiet"]) == 2
     assert "--out DIRECTORY" in capsys.readouterr().err
+
+
+def test_the_default_head_set_is_chosen_once_then_read_back_by_later_runs(tmp_path, capsys, monkeypatch, whisper_path):
+    import os
+
+    import pytest
+
+    from xattn_lightning.timestamps import choice
+
+    timed = os.environ.get("XL_TIMED_MANIFEST")
+    if not timed or not os.path.exists(timed):
+        pytest.skip("XL_TIMED_MANIFEST is not set to an existing path")
+    from pathlib import Path
+
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(choice, "CHOICE_UTTERANCES", 2)  # the choice final after 2 utterances: a short test
+    lines = Path(timed).read_text().splitlines()
+    base = Path(timed).parent
+    rows = [[c if i != 1 else str(base / c) for i, c in enumerate(line.split("\t"))] for line in lines[1:4]]
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(lines[0] + "\n" + "\n".join("\t".join(r) for r in rows) + "\n")
+    argv = ["timestamps", whisper_path, "--manifest", str(manifest), "--quiet", "--out"]
+
+    def run(out: str, *extra: str) -> str:
+        assert main([*argv, str(tmp_path / out), *extra]) == 0
+        return capsys.readouterr().err
+
+    first = run("1.tsv")
+    assert re.search(r"head set: \S+ \(\d+ heads\), chosen on 2 utterances; kept in .*cache.heads.*\.json", first), first
+    monkeypatch.setattr(choice, "choose_heads_from", lambda *a, **k: pytest.fail("chose again"))
+    second = run("2.tsv")  # a new process would load a new model: the same weights, read back from disk
+    assert "read back from" in second and "--choose-again" in second, second
+    # the first run timed the choosing utterances together, the second one by one: the same words and times
+    assert (tmp_path / "1.tsv").read_text() == (tmp_path / "2.tsv").read_text()
+    monkeypatch.undo()  # the real choice again, on 8 utterances: the manifest's 3 make it, not final, not kept
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    again = run("3.tsv", "--choose-again")
+    assert "chosen on 3 utterances; not kept" in again, again

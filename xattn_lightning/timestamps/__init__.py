@@ -37,6 +37,7 @@ from xattn_lightning.timestamps.choice import (
     choose_heads_from,
     consistent_heads,
     forget_heads,
+    heads_cache_file,
 )
 from xattn_lightning.timestamps.heads import (
     alignment_heads,
@@ -75,6 +76,7 @@ __all__ = [
     "choose_heads_from",
     "consistent_heads",
     "forget_heads",
+    "heads_cache_file",
     "span_contrast",
     "span_drops",
     "span_occluder",

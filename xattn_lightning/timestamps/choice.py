@@ -3,11 +3,13 @@ model (every head, the upper half of the layers, its shipped heads, the heads th
 average of the boundaries of every head and of the consistent heads), each scored by how much each word's
 log-probability drops when the encoder frames of its plain-DTW span are occluded, less how much it drops when the span
 is moved 100 ms later (spans on the word's start lose it most in place, and little moved later), the candidate with the
-most heads within half a standard error of the best kept and cached per model (:func:`choose_heads`; docs/timestamps.md, "A head set per model").
+most heads within half a standard error of the best kept and cached per model, in memory and on disk
+(:mod:`.store`; :func:`choose_heads`; docs/timestamps.md, "A head set per model").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -21,6 +23,7 @@ from xattn_lightning.adapters import Adapter, adapter_for
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import explain
 from xattn_lightning.functional.alignment import Word
+from xattn_lightning.timestamps import store
 from xattn_lightning.timestamps.align import (
     Alignment,
     TimingOptions,
@@ -28,7 +31,7 @@ from xattn_lightning.timestamps.align import (
     alignment_from,
     alignment_words,
 )
-from xattn_lightning.timestamps.occlusion import Scores, span_occluder
+from xattn_lightning.timestamps.occlusion import CHOICE_LATER_SECONDS, Scores, span_occluder
 
 #: the head sets :func:`choose_heads` picks from, each stated relative to the model: ``"all"`` every head;
 #: ``"upper_half"`` every head of the upper half of the layers (openai-whisper's fallback); ``"model"`` the model's
@@ -212,14 +215,68 @@ class _ModelChoice:
     scores: Scores | None = None  # span_occluder of the pool, kept while it grows (its encodings and drops memoised)
     choice: HeadChoice | None = None
     final: bool = False
+    key: str | None = None  # the disk cache's key (store.cache_key), None: not cached on disk
 
 
 _CHOICES: weakref.WeakKeyDictionary[nn.Module, _ModelChoice] = weakref.WeakKeyDictionary()
 
 
+def _disk_key(adapter: Adapter) -> str | None:
+    """The disk cache's key of the adapter's model: its weights, its shipped heads and what the choice depends on."""
+    settings = {
+        "adapter": type(adapter).__qualname__,
+        "shipped": adapter.alignment_heads(),
+        "head_sets": HEAD_SETS,
+        "ensembles": ENSEMBLES,
+        "utterances": CHOICE_UTTERANCES,
+        "tolerance": CHOICE_TOLERANCE_SE,
+        "later": CHOICE_LATER_SECONDS,
+    }
+    return store.cache_key(adapter.model, settings)
+
+
+def _state(adapter: Adapter) -> _ModelChoice:
+    """The model's choice state in memory; until it is final, a final choice kept on disk (by another process or
+    another copy of the same weights) replaces it."""
+    state = _CHOICES.get(adapter.model)
+    if state is None:
+        state = _CHOICES[adapter.model] = _ModelChoice(key=_disk_key(adapter))
+    if not state.final:
+        kept = store.load("heads", state.key)
+        try:
+            choice = HeadChoice(**kept) if kept is not None else None
+        except TypeError:
+            choice = None  # fields of another version: chosen again and written over
+        if choice is not None:
+            state.choice, state.final = choice, True
+            state.pool, state.distances, state.features, state.scores = [], [], [], None
+    return state
+
+
+def _finish(state: _ModelChoice, choice: HeadChoice) -> None:
+    state.choice, state.final = choice, True
+    state.pool, state.distances, state.features, state.scores = [], [], [], None
+    store.save("heads", state.key, dataclasses.asdict(choice))
+
+
+def heads_cache_file(model: nn.Module | Adapter) -> str | None:
+    """The file the model's head choice is (or will be) kept in on disk, ``None`` when the disk cache is off
+    (``$XATTN_LIGHTNING_CACHE=off``) or the weights cannot be fingerprinted.
+
+    >>> import os; os.environ["XATTN_LIGHTNING_CACHE"] = "off"
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> heads_cache_file(TinyS2T.adapter(TinyS2T(vocab_size=12))) is None
+    True
+    >>> del os.environ["XATTN_LIGHTNING_CACHE"]
+    """
+    state = _state(adapter_for(model))
+    root = store.cache_dir()
+    return None if root is None or state.key is None else str(root / "heads" / f"{state.key}.json")
+
+
 def cached_heads(model: nn.Module | Adapter) -> HeadChoice | None:
-    """The head set chosen for ``model`` so far (by :func:`choose_heads` or :func:`word_timestamps`' default),
-    ``None`` before any choice.
+    """The head set chosen for ``model`` so far (by :func:`choose_heads` or :func:`word_timestamps`' default, in
+    this process or, once final, in an earlier one: :func:`heads_cache_file`), ``None`` before any choice.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
@@ -230,12 +287,13 @@ def cached_heads(model: nn.Module | Adapter) -> HeadChoice | None:
     >>> choose_for(m, a, [x[0]]).utterances, cached_heads(m).utterances
     (1, 1)
     """
-    state = _CHOICES.get(adapter_for(model).model)
-    return state.choice if state else None
+    return _state(adapter_for(model)).choice
 
 
 def forget_heads(model: nn.Module | Adapter) -> None:
-    """Drop ``model``'s cached head choice (after changing its weights), so that the next call chooses again.
+    """Drop ``model``'s cached head choice, in memory and on disk, so that the next call chooses again (changed
+    weights are chosen for anew on their own: the disk cache is keyed by them; in memory, call this after changing
+    them in place).
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> m = TinyS2T.adapter(TinyS2T(vocab_size=12))
@@ -245,7 +303,9 @@ def forget_heads(model: nn.Module | Adapter) -> None:
     >>> forget_heads(m); cached_heads(m) is None
     True
     """
-    _CHOICES.pop(adapter_for(model).model, None)
+    adapter = adapter_for(model)
+    state = _CHOICES.pop(adapter.model, None)
+    store.remove("heads", state.key if state is not None else _disk_key(adapter))
 
 
 def choose_for(
@@ -267,7 +327,7 @@ def choose_for(
     >>> choose_for(m, a, [x[0]]) is cached_heads(m)
     True
     """
-    state = _CHOICES.setdefault(adapter.model, _ModelChoice())
+    state = _state(adapter)
     if state.final and state.choice is not None:
         return state.choice
     if callable(features):
@@ -286,7 +346,7 @@ def choose_for(
     if state.choice is None or done or len(state.pool) >= 2 * state.choice.utterances:  # at 1, 2, 4, ... utterances
         state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances, scores=state.scores)
     if done:
-        state.final, state.pool, state.distances, state.features, state.scores = True, [], [], [], None
+        _finish(state, state.choice)
     return state.choice
 
 
@@ -297,7 +357,8 @@ def choose_heads(
     tokenizer: object | None = None,
     max_utterances: int = CHOICE_UTTERANCES,
 ) -> HeadChoice:
-    """Choose the model's head set for word timestamps from unlabelled speech, once, and cache it: the
+    """Choose the model's head set for word timestamps from unlabelled speech, once, and cache it (in memory and
+    on disk, :func:`heads_cache_file`, where it replaces an earlier choice): the
     candidate (:data:`HEAD_SETS`, :data:`ENSEMBLES`) whose plain-DTW word spans hold each word's start, by
     :func:`span_contrast` (:func:`choose_heads_from`), on the first ``max_utterances`` utterances of ``batches``. :func:`word_timestamps`
     uses it by default; without this call it chooses on the first utterances it times.
@@ -323,5 +384,5 @@ def choose_heads(
         raise XAttnError("choose_heads needs at least one utterance of speech.")
     aligns, features = aligns[:max_utterances], features[:max_utterances]
     choice = choose_heads_from(aligns, adapter.alignment_heads(), scores=span_occluder(adapter, aligns, features))
-    _CHOICES[adapter.model] = _ModelChoice(choice=choice, final=True)
+    _finish(_state(adapter), choice)
     return choice

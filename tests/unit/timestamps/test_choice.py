@@ -146,20 +146,16 @@ def test_the_choice_is_made_once_per_model_cached_and_overridable(monkeypatch):
     m = speaking_tiny_whisper()
     b = whisper_batch(m, lengths=(60, 44))
     tok = lambda i: f" w{i}"  # noqa: E731
-    monkeypatch.setattr(heads_module, "CHOICE_UTTERANCES", 2)
-    assert cached_heads(m) is None
-    first = xl.word_timestamps(m, b, tokenizer=tok)
-    choice = cached_heads(m)
-    assert choice is not None and choice.utterances == 2
-
-    def no_second_choice(*args, **kwargs):
-        raise AssertionError("chose again")
-
-    monkeypatch.setattr(heads_module, "choose_heads_from", no_second_choice)
-    assert xl.word_timestamps(m, b, tokenizer=tok) == first  # cached: no new choice
-    explicit = xl.word_timestamps(m, b, tokenizer=tok, heads=[[0, 0]])  # an explicit override still works
-    assert explicit != first or choice.heads == [[0, 0]]
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        mp.setattr(heads_module, "CHOICE_UTTERANCES", 2)
+        assert cached_heads(m) is None
+        first = xl.word_timestamps(m, b, tokenizer=tok)
+        choice = cached_heads(m)
+        assert choice is not None and choice.utterances == 2
+        mp.setattr(heads_module, "choose_heads_from", _no_choice)
+        assert xl.word_timestamps(m, b, tokenizer=tok) == first  # cached: no new choice
+        explicit = xl.word_timestamps(m, b, tokenizer=tok, heads=[[0, 0]])  # an explicit override still works
+        assert explicit != first or choice.heads == [[0, 0]]
     forget_heads(m)
     assert cached_heads(m) is None
     c = choose_heads(m, [b], tokenizer=tok)
@@ -209,3 +205,84 @@ def test_the_default_times_with_every_head_set_of_a_chosen_ensemble(monkeypatch)
     with pytest.raises(xl.XAttnError, match="weights"):
         xl.word_timestamps(m, b, tokenizer=tok, weights=[1.0, 1.0, 1.0, 1.0])
     assert HeadChoice("all", every, {"all": every}, {}, 1).head_sets == [every]  # a single set: itself
+
+
+def _no_choice(*args, **kwargs):
+    raise AssertionError("chose again")
+
+
+def test_a_final_choice_is_kept_on_disk_and_read_back_by_the_same_weights_only(monkeypatch, tmp_path):
+    import copy
+
+    from xattn_lightning.timestamps import cached_heads, forget_heads, heads_cache_file
+    from xattn_lightning.timestamps import choice as heads_module
+
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(heads_module, "CHOICE_UTTERANCES", 2)
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60, 44))
+    tok = lambda i: f" w{i}"  # noqa: E731
+    fresh = copy.deepcopy(m)  # the same weights, as a new process would load them
+    path = heads_cache_file(m)
+    assert path is not None and path.startswith(str(tmp_path)) and heads_cache_file(fresh) == path
+    first = xl.word_timestamps(m, b, tokenizer=tok)
+    assert cached_heads(m).utterances == 2 and (tmp_path / "heads").is_dir()
+
+    with monkeypatch.context() as mp:  # the copy reads the choice back: no occlusion, the same words
+        mp.setattr(heads_module, "choose_heads_from", _no_choice)
+        kept = cached_heads(fresh)
+        assert kept is not None and kept == cached_heads(m) and kept is not cached_heads(m)
+        assert xl.word_timestamps(fresh, b, tokenizer=tok) == first
+
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)  # a training step later: another model
+    assert heads_cache_file(other) != path and cached_heads(other) is None
+
+    forget_heads(fresh)  # forgets on disk too
+    assert cached_heads(copy.deepcopy(m)) is None
+
+
+def test_a_partial_choice_is_not_kept_on_disk_and_the_cache_can_be_turned_off(monkeypatch, tmp_path):
+    import copy
+
+    from xattn_lightning.timestamps import cached_heads, heads_cache_file
+
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60, 44))
+    tok = lambda i: f" w{i}"  # noqa: E731
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path))
+    xl.word_timestamps(m, b, tokenizer=tok)  # 2 of the 8 choosing utterances: chosen, not final
+    assert cached_heads(m).utterances == 2 and cached_heads(copy.deepcopy(m)) is None
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", "off")
+    off = copy.deepcopy(m)
+    assert heads_cache_file(off) is None
+    xl.timestamps.choose_heads(off, [b], tokenizer=tok)
+    assert cached_heads(off).utterances == 2 and not list(tmp_path.rglob("*.json"))
+
+
+def test_an_unreadable_or_unwritable_cache_is_warned_about_and_chosen_around(monkeypatch, tmp_path):
+    import copy
+    from pathlib import Path
+
+    from xattn_lightning.timestamps import cached_heads, choose_heads, heads_cache_file
+
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60, 44))
+    tok = lambda i: f" w{i}"  # noqa: E731
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path))
+    path = Path(heads_cache_file(copy.deepcopy(m)))
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable cache file"):
+        assert cached_heads(m) is None
+    c = choose_heads(m, [b], tokenizer=tok)  # written over
+    assert cached_heads(copy.deepcopy(m)) == c
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(blocked))  # a directory cannot be made there
+    m2 = copy.deepcopy(m)
+    with pytest.warns(UserWarning, match="Could not write the cache file"):
+        c2 = choose_heads(m2, [b], tokenizer=tok)
+    assert cached_heads(m2) is c2 and c2 == c
