@@ -208,6 +208,7 @@ def timestamps(args: argparse.Namespace) -> int:
         CHOICE_UTTERANCES,
         cached_heads,
         captions,
+        choose_heads,
         forget_heads,
         heads_cache_file,
         timing_scores,
@@ -225,12 +226,19 @@ def timestamps(args: argparse.Namespace) -> int:
     if args.plain:
         options.update(duration_prior=0.0, silence=False)
     auto = heads == "auto"
+    if (args.choose_again or args.choose_on) and not auto:
+        raise XAttnError("--choose-again and --choose-on choose the default's head set: leave --heads at auto.")
     if auto and args.choose_again:
         forget_heads(model)
-    kept = cached_heads(model) if auto else None  # in a new process: only a final choice, read back from disk
+    if auto and args.choose_on:  # chosen beforehand on other (unlabelled) speech of the same kind, and kept
+        choosing = read_manifest(args.choose_on)[:CHOICE_UTTERANCES]
+        if not choosing:
+            raise XAttnError(f"The manifest {args.choose_on!r} has no utterances to choose the head set on.")
+        choose_heads(model, [features_batch(processor, choosing)], tokenizer=processor)
+    kept = cached_heads(model) if auto and not args.choose_on else None  # a final choice read back from disk
     # the default's head set is chosen on the first utterances timed: time those together, so that every utterance
     # of the manifest is timed with the same, final set
-    first = 1 if not auto or kept is not None else min(CHOICE_UTTERANCES, len(rows))
+    first = 1 if not auto or kept is not None or args.choose_on else min(CHOICE_UTTERANCES, len(rows))
     chunks = [rows[:first], *([r] for r in rows[first:])]
     start = time.perf_counter()
     words: dict[str, list] = {}
@@ -246,6 +254,8 @@ def timestamps(args: argparse.Namespace) -> int:
         where = heads_cache_file(model)
         if kept is not None:
             how = f"read back from {where} (--choose-again to choose anew)"
+        elif args.choose_on:
+            how = f"kept in {where} for the next runs" if where else "not kept: the disk cache is off"
         elif where is not None and Path(where).is_file():
             how = f"kept in {where} for the next runs"
         elif where is not None:
@@ -253,7 +263,8 @@ def timestamps(args: argparse.Namespace) -> int:
         else:
             how = "not kept: the disk cache is off"
         if c is not None:
-            print(f"head set: {c.name} ({len(c.heads)} heads), chosen on {c.utterances} utterances; {how}",
+            of = f" of {args.choose_on}" if args.choose_on else ""
+            print(f"head set: {c.name} ({len(c.heads)} heads), chosen on {c.utterances} utterances{of}; {how}",
                   file=sys.stderr)
     if args.format in ("vtt", "srt"):
         out = Path(args.out)
@@ -358,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --heads auto: forget the head set chosen for this model earlier (kept on disk, "
         "$XATTN_LIGHTNING_CACHE) and choose it on this manifest",
+    )
+    t.add_argument(
+        "--choose-on",
+        metavar="MANIFEST",
+        help="with --heads auto: choose the head set on the first 8 utterances of this manifest (unlabelled speech of "
+        "the same kind) before timing, and keep it for later runs: for manifests of fewer than 8 utterances",
     )
     t.add_argument(
         "--plain",

@@ -72,11 +72,21 @@ def test_the_default_head_set_is_chosen_once_then_read_back_by_later_runs(tmp_pa
 
     first = run("1.tsv")
     assert re.search(r"head set: \S+ \(\d+ heads\), chosen on 2 utterances; kept in .*cache.heads.*\.json", first), first
+    _real = choice.choose_heads_from
     monkeypatch.setattr(choice, "choose_heads_from", lambda *a, **k: pytest.fail("chose again"))
     second = run("2.tsv")  # a new process would load a new model: the same weights, read back from disk
     assert "read back from" in second and "--choose-again" in second, second
     # the first run timed the choosing utterances together, the second one by one: the same words and times
     assert (tmp_path / "1.tsv").read_text() == (tmp_path / "2.tsv").read_text()
+    one = tmp_path / "one.tsv"  # a job of one utterance, the choice made beforehand on other speech
+    one.write_text(lines[0] + "\n" + "\t".join(rows[0]) + "\n")
+    argv[3] = str(one)
+    monkeypatch.setattr(choice, "choose_heads_from", _real)
+    chosen = run("4.tsv", "--choose-on", str(manifest))
+    assert re.search(rf"chosen on 3 utterances of {re.escape(str(manifest))}; kept in ", chosen), chosen
+    assert main([*argv, str(tmp_path / "5.tsv"), "--heads", "all", "--choose-on", str(manifest)]) == 2
+    assert "leave --heads at auto" in capsys.readouterr().err
+    argv[3] = str(manifest)
     monkeypatch.undo()  # the real choice again, on 8 utterances: the manifest's 3 make it, not final, not kept
     monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path / "cache"))
     again = run("3.tsv", "--choose-again")
