@@ -128,3 +128,22 @@ def test_public_tools_benchmark_scores_each_tool_on_the_same_utterances(tmp_path
         if name != greedy:
             assert r["boundaries"] >= 10 and 0 < r["mae_ms"] < 300
     assert rows[later]["mae_ms"] == rows[first]["mae_ms"]  # the same head set, chosen or read back
+
+
+def test_span_profile_reads_each_true_span_in_place_and_moved(tmp_path, whisper_path):
+    """benchmarks/span_profile.py on tiny.en: true word spans drop their word more in place than moved 100 ms later,
+    the shape the default's head-set criterion rests on (docs/timestamps.md, "Early heads: the span contrast")."""
+    import os
+
+    from benchmarks import span_profile
+
+    timed = os.environ.get("XL_TIMED_MANIFEST")
+    if not timed or not os.path.exists(timed):
+        pytest.skip("XL_TIMED_MANIFEST is not set to an existing path")
+    out = tmp_path / "profile.json"
+    argv = ["--models", f"tiny.en={whisper_path}", "--timed", timed, "--shifts=-0.1,0,0.1", "--out", str(out)]
+    assert span_profile.main(argv) == 0
+    m = json.loads(out.read_text())["models"]["tiny.en"]
+    assert m["utterances"] >= 1 and m["words"] >= 10
+    early, in_place, later = (m["mean_drop_nats"][k] for k in ("-0.1", "0.0", "0.1"))
+    assert in_place > later + 1.0 and in_place > early  # the decoder reads a word most at its start
