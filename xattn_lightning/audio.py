@@ -24,10 +24,12 @@ class ManifestRow:
     words: list[tuple[str, float, float]] | None = None
 
 
-def read_manifest(path: str | Path, check_files: bool = True) -> list[ManifestRow]:
+def read_manifest(path: str | Path, check_files: bool = True, text_required: bool = True) -> list[ManifestRow]:
     """Read a TSV manifest ``id<TAB>audio<TAB>text`` (an optional header line ``id audio text``);
     audio paths are relative to the manifest's folder. A header ``id audio text words`` adds a
     fourth column: a JSON list of ``[word, start_s, end_s]`` (true word timings) per utterance.
+    ``text_required=False``: ``id<TAB>audio`` rows (header ``id audio``) are read too, with an empty text (for
+    what transcribes the audio itself, as word timestamps).
 
     Raises :class:`~xattn_lightning.errors.XAttnError` naming the line of a malformed row or a missing file.
     """
@@ -40,14 +42,14 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[ManifestRo
         for lineno, rec in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             if not rec or all(not c.strip() for c in rec):
                 continue
-            if lineno == 1 and [c.strip().lower() for c in rec[:3]] == ["id", "audio", "text"]:
-                has_words = len(rec) > 3 and rec[3].strip().lower() == "words"
+            head = [c.strip().lower() for c in rec]
+            if lineno == 1 and head[:2] == ["id", "audio"] and (len(head) < 3 or head[2] == "text"):
+                has_words = len(rec) > 3 and head[3] == "words"
                 continue
-            if len(rec) < 3 or not rec[0].strip() or not rec[1].strip():
-                raise XAttnError(
-                    f"{path}:{lineno}: expected 3 tab-separated fields 'id<TAB>audio<TAB>text' "
-                    f"but got {len(rec)}: {rec!r}."
-                )
+            if len(rec) < (3 if text_required else 2) or not rec[0].strip() or not rec[1].strip():
+                fields = "3 tab-separated fields 'id<TAB>audio<TAB>text'" if text_required else (
+                    "2 or 3 tab-separated fields 'id<TAB>audio[<TAB>text]'")
+                raise XAttnError(f"{path}:{lineno}: expected {fields} but got {len(rec)}: {rec!r}.")
             audio = (path.parent / rec[1].strip()).resolve()
             if check_files and not audio.is_file():
                 raise XAttnError(f"{path}:{lineno}: audio file {str(audio)!r} does not exist.")

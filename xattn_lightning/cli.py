@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import itertools
 import os
 import sys
 import time
@@ -199,11 +200,20 @@ def compare(args: argparse.Namespace) -> int:
 
 def timestamps(args: argparse.Namespace) -> int:
     """Word timings of every utterance of a manifest, written as TSV/JSON (a file or stdout) or as one
-    WebVTT/SRT file per utterance; with a ``words`` column, their error against it on stderr."""
+    WebVTT/SRT file per utterance; with a ``words`` column, their error against it on stderr. Audio longer than the
+    model's window (Whisper: 30 s) is cut into pieces at quiet points (:func:`quiet_cuts`), each timed, the
+    times shifted back."""
     from tqdm.auto import tqdm
 
-    from xattn_lightning.audio import read_manifest
-    from xattn_lightning.loading import features_batch, load_hf_model
+    from xattn_lightning.audio import load_audio, read_manifest
+    from xattn_lightning.functional.silence import quiet_cuts
+    from xattn_lightning.loading import (
+        audio_window,
+        features_batch,
+        features_from_audio,
+        load_hf_model,
+        tokenize_labels,
+    )
     from xattn_lightning.timestamps import (
         CHOICE_UTTERANCES,
         cached_heads,
@@ -215,11 +225,29 @@ def timestamps(args: argparse.Namespace) -> int:
         word_timestamps,
     )
 
-    rows = read_manifest(args.manifest)
+    rows = read_manifest(args.manifest, text_required=False)
     if not rows:
         raise XAttnError(f"The manifest {args.manifest!r} has no utterances.")
     if args.format in ("vtt", "srt") and args.out in (None, "-"):
         raise XAttnError(f"--format {args.format} writes one file per utterance: pass --out DIRECTORY.")
+    if args.format in ("vtt", "srt") and Path(args.out).suffix.lower() in (".vtt", ".srt"):
+        raise XAttnError(
+            f"--format {args.format} writes one file per utterance into a directory, and {args.out!r} looks like a "
+            f"file: pass --out DIRECTORY (each utterance's file is named after its id)."
+        )
+    if args.format in ("tsv", "json") and args.out not in (None, "-") and (
+        args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()
+    ):
+        raise XAttnError(f"--format {args.format} writes one file: {args.out!r} is a directory; pass a file name.")
+    if args.text and any(not r.text for r in rows):
+        missing = next(r.id for r in rows if not r.text)
+        raise XAttnError(f"--text times the manifest's text, and utterance {missing!r} has none: add a text column.")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.quiet:
+        _quiet_transformers()
     model, processor = load_hf_model(args.model, device=args.device)
     heads: HeadRule = args.heads
     options: dict[str, Any] = {"n_masks": args.n_masks, "seed": args.seed} if heads == "agreement" else {}
@@ -231,23 +259,46 @@ def timestamps(args: argparse.Namespace) -> int:
     if auto and args.choose_again:
         forget_heads(model)
     if auto and args.choose_on:  # chosen beforehand on other (unlabelled) speech of the same kind, and kept
-        choosing = read_manifest(args.choose_on)[:CHOICE_UTTERANCES]
+        choosing = read_manifest(args.choose_on, text_required=False)[:CHOICE_UTTERANCES]
         if not choosing:
             raise XAttnError(f"The manifest {args.choose_on!r} has no utterances to choose the head set on.")
         choose_heads(model, [features_batch(processor, choosing)], tokenizer=processor)
     kept = cached_heads(model) if auto and not args.choose_on else None  # a final choice read back from disk
+    rate = 16000
+    window = audio_window(processor, rate)
+
+    def pieces():  # (row, offset s, waveform, its last piece?) per piece of at most the model's window, lazily
+        for r in rows:
+            wav = load_audio(r.audio, rate)
+            if wav.numel() < rate // 40:
+                raise XAttnError(f"Audio {str(r.audio)!r} of utterance {r.id!r} is shorter than 25 ms; leave it out.")
+            cuts = quiet_cuts(wav, rate, window) if window is not None else [(0, wav.numel())]
+            if args.text and len(cuts) > 1:
+                raise XAttnError(
+                    f"Utterance {r.id!r} is {wav.numel() / rate:.1f} s, longer than the model's {window:.0f}-s window: "
+                    f"--text cannot split its text between pieces; cut the audio and its text into utterances."
+                )
+            for k, (a, b) in enumerate(cuts):
+                yield r, a / rate, wav[a:b], k == len(cuts) - 1
+
     # the default's head set is chosen on the first utterances timed: time those together, so that every utterance
     # of the manifest is timed with the same, final set
-    first = 1 if not auto or kept is not None or args.choose_on else min(CHOICE_UTTERANCES, len(rows))
-    chunks = [rows[:first], *([r] for r in rows[first:])]
+    size = 1 if not auto or kept is not None or args.choose_on else CHOICE_UTTERANCES
+    stream = pieces()
     start = time.perf_counter()
-    words: dict[str, list] = {}
+    words: dict[str, list] = {r.id: [] for r in rows}
     with tqdm(total=len(rows), desc="word timestamps", unit="utt", file=sys.stderr, disable=args.quiet) as bar:
-        for chunk in chunks:
-            batch = features_batch(processor, chunk)
-            for r, ws in zip(chunk, word_timestamps(model, batch, tokenizer=processor, heads=heads, **options)):
-                words[r.id] = ws
-            bar.update(len(chunk))
+        while chunk := list(itertools.islice(stream, size)):
+            size = 1
+            batch = features_from_audio(processor, [w for _, _, w, _ in chunk], rate)
+            targets: Any = "generate"
+            if args.text:  # forced alignment: the manifest's text, not the model's transcript
+                batch["labels"] = tokenize_labels(processor, [r.text for r, _, _, _ in chunk])
+                targets = "labels"
+            got = word_timestamps(model, batch, tokenizer=processor, heads=heads, targets=targets, **options)
+            for (r, offset, _, _), ws in zip(chunk, got):
+                words[r.id] += [(w, a + offset, b + offset) for w, a, b in ws]
+            bar.update(sum(last for *_, last in chunk))
     seconds = time.perf_counter() - start
     if auto:
         c = cached_heads(model)
@@ -292,6 +343,16 @@ def timestamps(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or info lines from transformers (``--quiet``)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency of the loaders
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _close_process_group() -> None:
@@ -352,7 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--strategy", default=None)
     t = sub.add_parser("timestamps", help="word timings of a manifest's audio (TSV, JSON, WebVTT/SRT word cues)")
     t.add_argument("model", help="an HF Whisper id or directory (e.g. openai/whisper-tiny.en)")
-    t.add_argument("--manifest", required=True, help="TSV: id<TAB>audio[<TAB>text[<TAB>words]]")
+    t.add_argument(
+        "--manifest",
+        required=True,
+        help="TSV: id<TAB>audio[<TAB>text[<TAB>words]], audio paths relative to the manifest's folder; audio longer "
+        "than the model's window (Whisper: 30 s) is cut at quiet points and timed piece by piece. The text is only "
+        "read with --text; words (true timings, JSON) are scored against",
+    )
+    t.add_argument(
+        "--text",
+        action="store_true",
+        help="forced alignment: time the manifest's text instead of the model's own transcript (audio within the "
+        "model's window)",
+    )
+    t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own choice)")
     t.add_argument("--format", default="tsv", choices=("tsv", "json", "vtt", "srt"))
     t.add_argument("--out", help="a file for tsv/json (default: stdout), a directory for vtt/srt")
     t.add_argument(

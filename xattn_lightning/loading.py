@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from xattn_lightning.adapters.base import unwrap_tokenizer
 from xattn_lightning.audio import ManifestRow, load_audio
@@ -96,19 +99,45 @@ def _load_peft_adapter(path: Path, device: str, base_model: str | None) -> tuple
 def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: int = 16000) -> dict:
     """Model inputs (``input_features``, ``attention_mask``) for manifest rows, through the model's processor;
     ``words`` (true word timings per utterance) too when every row has them."""
-    wavs = []
-    for r in rows:
-        wav = load_audio(r.audio, sampling_rate)
+    wavs = [load_audio(r.audio, sampling_rate) for r in rows]
+    window = audio_window(processor, sampling_rate)
+    for r, wav in zip(rows, wavs):
         if wav.numel() < sampling_rate // 40:
             raise XAttnError(f"Audio {str(r.audio)!r} of utterance {r.id!r} is shorter than 25 ms; leave it out.")
-        wavs.append(wav.numpy())
-    fe = getattr(processor, "feature_extractor", processor)
-    # an extractor with a fixed window (Whisper's n_samples: 30 s) pads to it by itself; others to the longest
-    padding = {} if getattr(fe, "n_samples", None) else {"padding": True}
-    out = dict(fe(wavs, sampling_rate=sampling_rate, return_tensors="pt", return_attention_mask=True, **padding))
+        if window is not None and wav.numel() > window * sampling_rate:
+            warnings.warn(
+                f"Audio {str(r.audio)!r} of utterance {r.id!r} is {wav.numel() / sampling_rate:.1f} s; the model reads "
+                f"{window:.0f} s and the rest is cut off. Split it (`xattn-lightning timestamps` splits long audio "
+                f"itself).",
+                stacklevel=2,
+            )
+    out = features_from_audio(processor, wavs, sampling_rate)
     if rows and all(r.words is not None for r in rows):
         out["words"] = [r.words for r in rows]
     return out
+
+
+def audio_window(processor: Any, sampling_rate: int = 16000) -> float | None:
+    """Seconds of audio the processor's feature extractor reads at most (Whisper: 30), ``None`` when it takes any
+    length.
+
+    >>> audio_window(object()) is None
+    True
+    """
+    fe = getattr(processor, "feature_extractor", processor)
+    n = getattr(fe, "n_samples", None)
+    rate = getattr(fe, "sampling_rate", sampling_rate)
+    return float(n) / rate if n else None
+
+
+def features_from_audio(processor: Any, wavs: Sequence[Tensor], sampling_rate: int = 16000) -> dict:
+    """Model inputs (``input_features``, ``attention_mask``) for 1-D waveforms at ``sampling_rate``, through the
+    model's processor (a fixed-window extractor such as Whisper's pads and cuts to its window; others pad to the
+    longest)."""
+    fe = getattr(processor, "feature_extractor", processor)
+    padding = {} if getattr(fe, "n_samples", None) else {"padding": True}
+    arrays = [w.numpy() if isinstance(w, Tensor) else w for w in wavs]
+    return dict(fe(arrays, sampling_rate=sampling_rate, return_tensors="pt", return_attention_mask=True, **padding))
 
 
 def tokenize_labels(processor: Any, texts: Sequence[str]):

@@ -91,3 +91,53 @@ def test_the_default_head_set_is_chosen_once_then_read_back_by_later_runs(tmp_pa
     monkeypatch.setenv("XATTN_LIGHTNING_CACHE", str(tmp_path / "cache"))
     again = run("3.tsv", "--choose-again")
     assert "chosen on 3 utterances; not kept" in again, again
+
+
+def _timed_rows():
+    import os
+
+    import pytest
+
+    from xattn_lightning.audio import read_manifest
+
+    timed = os.environ.get("XL_TIMED_MANIFEST")
+    if not timed or not os.path.exists(timed):
+        pytest.skip("XL_TIMED_MANIFEST is not set to an existing path")
+    return read_manifest(timed)
+
+
+def test_audio_longer_than_the_window_is_timed_piece_by_piece_to_its_end(tmp_path, capsys, whisper_path):
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from xattn_lightning.audio import load_audio
+
+    parts, words, t = [], [], 0.0
+    for r in _timed_rows()[:12]:  # about 40 s of speech with its true word times
+        w = load_audio(r.audio).numpy()
+        parts += [w, np.zeros(6400, dtype=np.float32)]
+        words += [[x, a + t, b + t] for x, a, b in r.words]
+        t += (len(w) + 6400) / 16000
+    assert t > 35
+    sf.write(tmp_path / "long.wav", np.concatenate(parts), 16000)
+    (tmp_path / "m.tsv").write_text(f"id\taudio\ttext\twords\nlong\tlong.wav\t-\t{json.dumps(words)}\n")
+    assert main(["timestamps", whisper_path, "--manifest", str(tmp_path / "m.tsv"), "--heads", "all", "--quiet",
+                 "--format", "json", "--out", str(tmp_path / "w.json")]) == 0  # fmt: skip
+    got = json.loads((tmp_path / "w.json").read_text())["long"]
+    assert got[-1]["end"] > 33 and len(got) > 0.8 * len(words)  # nothing cut off at 30 s
+    assert all(a["start"] <= b["start"] for a, b in zip(got, got[1:]))
+    err = capsys.readouterr().err
+    mae = float(re.search(r"mean error ([\d.]+) ms", err).group(1))
+    assert mae < 100, err  # docs/timestamps.md: 43 ms on 46-s files of this speech, 36 ms as single utterances
+
+
+def test_text_times_the_manifest_s_words_instead_of_the_transcript(tmp_path, capsys, whisper_path):
+    r = _timed_rows()[0]
+    text = "completely different words than were spoken here"
+    (tmp_path / "m.tsv").write_text(f"id\taudio\ttext\nu\t{r.audio}\t{text}\n")
+    assert main(["timestamps", whisper_path, "--manifest", str(tmp_path / "m.tsv"), "--heads", "all", "--text",
+                 "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split("\t")[1] for line in out] == text.split()

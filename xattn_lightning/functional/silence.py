@@ -95,3 +95,39 @@ def snap_to_silence(
         if s and start[-1] < s[0]:
             end[-1] = s[0]
     return list(zip(text, start, end))
+
+
+def quiet_cuts(
+    wav: Tensor,
+    sampling_rate: int,
+    max_seconds: float = 30.0,
+    search_seconds: float = 5.0,
+    frame_seconds: float = 0.05,
+) -> list[tuple[int, int]]:
+    """Cut a waveform longer than ``max_seconds`` into consecutive pieces of at most ``max_seconds``, each cut at
+    the quietest ``frame_seconds`` frame (lowest RMS) of the last ``search_seconds`` before the limit, so that a
+    cut falls in a pause rather than inside a word where the speech allows. Returns ``(start, end)`` sample
+    indices covering the whole waveform; one piece when it is short enough.
+
+    >>> w = torch.ones(16000 * 70); w[16000 * 27 : 16000 * 27 + 800] = 0  # a pause at 27 s
+    >>> quiet_cuts(w, 16000)
+    [(0, 432400), (432400, 832800), (832800, 1120000)]
+    """
+    n = int(wav.shape[-1])
+    limit = int(max_seconds * sampling_rate)
+    if limit <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}.")
+    frame = max(int(frame_seconds * sampling_rate), 1)
+    search = min(max(int(search_seconds * sampling_rate), frame), limit)
+    out: list[tuple[int, int]] = []
+    start = 0
+    while n - start > limit:
+        lo = start + limit - search
+        seg = wav[lo : start + limit].float()
+        k = seg.numel() // frame
+        rms = seg[: k * frame].reshape(k, frame).pow(2).mean(1)
+        cut = lo + int(torch.argmin(rms)) * frame + frame // 2  # the middle of the quietest frame
+        out.append((start, cut))
+        start = cut
+    out.append((start, n))
+    return out

@@ -46,7 +46,7 @@ TimingMethod = Literal["transformers", "openai"]
 TIMING_METHODS = ("transformers", "openai")
 DEFAULT_TIMING_METHOD: TimingMethod = "openai"
 #: the named head choices of :func:`word_timestamps`: ``"auto"`` (the default) the model's head set chosen once
-#: without labels (:func:`~xattn_lightning.timestamps.heads.choose_heads`); ``"all"``, ``"upper_half"``,
+#: without labels (:func:`~xattn_lightning.timestamps.choice.choose_heads`); ``"all"``, ``"upper_half"``,
 #: ``"consistent"`` that candidate of :data:`~xattn_lightning.timestamps.heads.HEAD_SETS`; ``"all+consistent"`` the
 #: average of the boundaries of every head and of the consistent heads (that candidate of
 #: :data:`~xattn_lightning.timestamps.choice.ENSEMBLES`); ``"model"`` the shipped ``alignment_heads``;

@@ -47,14 +47,36 @@ def to_json(words: Mapping[str, Sequence[Word]]) -> str:
     return json.dumps(out, indent=1, ensure_ascii=False) + "\n"
 
 
+#: the shortest subtitle cue (s): players drop cues that end where they start
+MIN_CUE_SECONDS = 0.02
+
+
+def display_cues(words: Sequence[Word], min_seconds: float = MIN_CUE_SECONDS) -> list[tuple[str, float, float]]:
+    """The cues of :func:`to_webvtt` and :func:`to_srt`: one per word, in order, none overlapping the one before,
+    each at least ``min_seconds`` long (DTW may give a word no frame of its own, and the move to silences may shrink
+    one to nothing: such a word starts where the one before ends and pushes the next ones later by what it lacks,
+    so no word is dropped by a player). TSV and JSON keep the timings as they are.
+
+    >>> display_cues([("a", 0.48, 0.48), ("cat", 0.48, 0.9), ("sat", 0.9, 1.2)])
+    [('a', 0.48, 0.5), ('cat', 0.5, 0.9), ('sat', 0.9, 1.2)]
+    """
+    out: list[tuple[str, float, float]] = []
+    end = 0.0
+    for w, a, b in _cues(words):
+        start = max(a, end)
+        end = max(b, start + min_seconds)
+        out.append((w, round(start, 6), round(end, 6)))
+    return out
+
+
 def to_webvtt(words: Sequence[Word]) -> str:
-    """A WebVTT file of one utterance, one cue per word."""
-    cues = [f"{i}\n{_clock(a, '.')} --> {_clock(b, '.')}\n{w}\n" for i, (w, a, b) in enumerate(_cues(words), 1)]
+    """A WebVTT file of one utterance, one cue per word (:func:`display_cues`)."""
+    cues = [f"{i}\n{_clock(a, '.')} --> {_clock(b, '.')}\n{w}\n" for i, (w, a, b) in enumerate(display_cues(words), 1)]
     return "WEBVTT\n\n" + "\n".join(cues)
 
 
 def to_srt(words: Sequence[Word]) -> str:
-    """An SRT file of one utterance, one cue per word."""
+    """An SRT file of one utterance, one cue per word (:func:`display_cues`)."""
     return "\n".join(
-        f"{i}\n{_clock(a, ',')} --> {_clock(b, ',')}\n{w}\n" for i, (w, a, b) in enumerate(_cues(words), 1)
+        f"{i}\n{_clock(a, ',')} --> {_clock(b, ',')}\n{w}\n" for i, (w, a, b) in enumerate(display_cues(words), 1)
     )

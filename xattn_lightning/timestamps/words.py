@@ -53,10 +53,11 @@ def word_timestamps(
 
     The default (docs/timestamps.md): the model's head set chosen once without labels among every head, the
     upper half of the layers, its shipped ``alignment_heads``, the heads that follow the consensus and the average
-    of the boundaries of every head and of those (:func:`ensemble_words`), by where their word boundaries fall in
-    the input's level (:func:`~xattn_lightning.timestamps.heads.choose_heads`;
-    on the first :data:`~xattn_lightning.timestamps.heads.CHOICE_UTTERANCES` utterances timed, then cached per
-    model), a duration prior from each token's spelling added to the DTW matrix, and word boundaries next to
+    of the boundaries of every head and of those (:func:`ensemble_words`), by the span contrast (how much each
+    word's log-probability drops when the encoder frames of the set's span for it are occluded, less how much it
+    drops with the span moved 100 ms later: :func:`~xattn_lightning.timestamps.choice.choose_heads`; on the first
+    :data:`~xattn_lightning.timestamps.choice.CHOICE_UTTERANCES` utterances timed, then cached per model, in memory
+    and on disk: :func:`~xattn_lightning.timestamps.choice.heads_cache_file`), a duration prior from each token's spelling added to the DTW matrix, and word boundaries next to
     a silence of the input moved to its edges. It needs one pass per utterance and no saliency.
 
     Args:
@@ -65,7 +66,7 @@ def word_timestamps(
         tokenizer: a tokenizer or processor (word timestamps need token strings).
         targets: ``"generate"`` (the model's own transcript), ``"labels"`` or token ids.
         heads: ``None`` or ``"auto"`` (default): the model's head set, chosen once and cached
-            (:func:`~xattn_lightning.timestamps.heads.choose_heads`); ``"all"``: every head averaged;
+            (:func:`~xattn_lightning.timestamps.choice.choose_heads`); ``"all"``: every head averaged;
             ``"upper_half"``: every head of the upper half of the layers; ``"consistent"``: the heads nearest the
             consensus on the choosing speech; ``"all+consistent"``: the mean of the boundaries of every head and of
             the consistent heads (:func:`ensemble_words`); ``[layer, head]`` pairs (e.g. from
