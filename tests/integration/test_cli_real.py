@@ -122,13 +122,18 @@ def test_audio_longer_than_the_window_is_timed_piece_by_piece_to_its_end(tmp_pat
         t += (len(w) + 6400) / 16000
     assert t > 35
     sf.write(tmp_path / "long.wav", np.concatenate(parts), 16000)
-    (tmp_path / "m.tsv").write_text(f"id\taudio\ttext\twords\nlong\tlong.wav\t-\t{json.dumps(words)}\n")
+    sf.write(tmp_path / "silence.wav", np.zeros(3 * 16000, dtype=np.float32), 16000)
+    (tmp_path / "m.tsv").write_text(f"id\taudio\ttext\twords\nlong\tlong.wav\t-\t{json.dumps(words)}\n"
+                                    f"quiet\tsilence.wav\t-\t[]\n")  # fmt: skip
     assert main(["timestamps", whisper_path, "--manifest", str(tmp_path / "m.tsv"), "--heads", "all", "--quiet",
                  "--format", "json", "--out", str(tmp_path / "w.json")]) == 0  # fmt: skip
-    got = json.loads((tmp_path / "w.json").read_text())["long"]
+    out = json.loads((tmp_path / "w.json").read_text())
+    got = out["long"]
+    assert out["quiet"] == []  # no invented words for pure silence
     assert got[-1]["end"] > 33 and len(got) > 0.8 * len(words)  # nothing cut off at 30 s
     assert all(a["start"] <= b["start"] for a, b in zip(got, got[1:]))
     err = capsys.readouterr().err
+    assert "no words for 1 silent stretch(es)" in err and "quiet" in err, err
     mae = float(re.search(r"mean error ([\d.]+) ms", err).group(1))
     assert mae < 100, err  # docs/timestamps.md: 43 ms on 46-s files of this speech, 36 ms as single utterances
 
