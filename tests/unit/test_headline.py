@@ -64,6 +64,12 @@ def test_kv_shortcut_equals_zeroing_frames(name, model, batch):
     assert only.shape == (5, positions.numel(), fast.shape[-1])
     torch.testing.assert_close(only, fast[:, positions], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zeroed, slow[:, positions], atol=1e-5, rtol=1e-5)
+    # positions asked per call (the decoder run only up to the last): the same logits there
+    at = positions[:2]
+    with torch.no_grad():
+        for run, full in ((adapter.masked_decoder(enc, seq[:-1], positions=positions), fast),
+                          (Adapter.masked_decoder(adapter, enc, seq[:-1]), slow)):  # fmt: skip
+            torch.testing.assert_close(run(keep, at=at), full[:, at], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,model,batch", _models(), ids=lambda x: x if isinstance(x, str) else "")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,15 @@ def uncompiled(model: Any) -> Any:
         model = model._orig_mod
     return model
 
+
+
+class MaskedDecoder(Protocol):
+    """What :meth:`Adapter.masked_decoder` returns: ``run(keep [B, t]) -> logits``, and with ``at`` only those
+    decoder positions, the decoder run no further than the last of them."""
+
+    def __call__(self, keep: Tensor, at: Tensor | None = None) -> Tensor:
+        """Logits of the decoder with the frames where ``keep`` is False occluded."""
+        ...
 
 class Adapter(ABC):
     """Turns a model into the operations the explainers need.
@@ -188,22 +197,25 @@ class Adapter(ABC):
 
     def masked_decoder(
         self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
-    ) -> Callable[[Tensor], Tensor]:
+    ) -> MaskedDecoder:
         """``run(keep [B, t]) -> logits [B, S, V]``: decoder-only passes over ``encoder_out [1, T', D]``
         with the first ``t`` encoder frames zeroed where ``keep`` is False (frame occlusion).
-        With ``positions``, only those decoder positions' logits: ``[B, P, V]``.
+        With ``positions``, only those decoder positions' logits: ``[B, P, V]``. ``run(keep, at=...)``: only the
+        positions ``at`` for this call, the decoder run no further than the last of them (it is causal: later
+        tokens change no earlier logit).
 
         The default zeroes the frames and calls :meth:`decode`; adapters that can, project the
         cross-attention keys and values once and mask their rows instead, and project only the
         asked positions onto the vocabulary (same result, cheaper).
         """
 
-        def run(keep: Tensor) -> Tensor:
+        def run(keep: Tensor, at: Tensor | None = None) -> Tensor:
             b, t = keep.shape
             h = encoder_out.expand(b, -1, -1).clone()
             h[:, :t] = h[:, :t] * keep.unsqueeze(-1).to(h.dtype)
-            logits = self.decode(h, decoder_ids).logits
-            return logits if positions is None else logits[:, positions]
+            ids, pos = upto_positions(decoder_ids, positions, at)
+            logits = self.decode(h, ids).logits
+            return logits if pos is None else logits[:, pos]
 
         return run
 
@@ -365,3 +377,11 @@ def check_target_length(adapter: Adapter, seq: Tensor) -> None:
             f"The target has {seq.numel() - 1} decoder positions but the decoder allows at most {limit}; "
             "shorten or split the utterance."
         )
+
+
+def upto_positions(decoder_ids: Tensor, positions: Tensor | None, at: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The decoder ids a masked-decoder call needs and the positions it returns: with ``at``, the ids up to its
+    last position and ``at``; else all ids and ``positions``."""
+    if at is None:
+        return decoder_ids, positions
+    return decoder_ids[..., : int(at.max()) + 1], at

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter, unwrap_tokenizer
+from xattn_lightning.adapters.base import Adapter, MaskedDecoder, unwrap_tokenizer, upto_positions
 from xattn_lightning.adapters.decoding import occlusion_bias
 from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance, check_features
 from xattn_lightning.errors import XAttnError
@@ -199,7 +199,7 @@ class _HFSeq2SeqAdapter(Adapter):
 
     def masked_decoder(
         self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
-    ) -> Callable[[Tensor], Tensor]:
+    ) -> MaskedDecoder:
         """Frame occlusion without re-projecting the encoder output. Each decoder layer's
         cross-attention keys and values are projected once, with one more row: the projection of a
         zero frame. A mask becomes an additive attention bias (:func:`occlusion_bias`): occluded frames
@@ -222,8 +222,9 @@ class _HFSeq2SeqAdapter(Adapter):
         num_frames = encoder_out.shape[1]
         head = self.model.get_output_embeddings()
 
-        def run(keep: Tensor) -> Tensor:
+        def run(keep: Tensor, at: Tensor | None = None) -> Tensor:
             b = keep.shape[0]
+            ids, pos = upto_positions(decoder_ids, positions, at)
             bias = occlusion_bias(keep, num_frames).to(encoder_out.dtype)
             cross = DynamicCache()
             for i, (k, v) in enumerate(projected):
@@ -236,9 +237,9 @@ class _HFSeq2SeqAdapter(Adapter):
                 return args, {**kwargs, "attention_mask": bias}
 
             handles = [layer.encoder_attn.register_forward_pre_hook(with_bias, with_kwargs=True) for layer in layers]
-            if positions is not None and head is not None:  # only the explained positions reach the vocabulary
-                handles.append(head.register_forward_pre_hook(lambda m, a: (a[0][:, positions], *a[1:])))
-            ids = decoder_ids.to(self.device)
+            if pos is not None and head is not None:  # only the explained positions reach the vocabulary
+                handles.append(head.register_forward_pre_hook(lambda m, a: (a[0][:, pos], *a[1:])))
+            ids = ids.to(self.device)
             ids = ids.unsqueeze(0).expand(b, -1) if ids.dim() == 1 else ids
             try:
                 out = self.model(
@@ -251,8 +252,8 @@ class _HFSeq2SeqAdapter(Adapter):
             finally:
                 for h in handles:
                     h.remove()
-            if positions is not None and head is None:
-                return out.logits[:, positions]
+            if pos is not None and head is None:
+                return out.logits[:, pos]
             return out.logits
 
         return run

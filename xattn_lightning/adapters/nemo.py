@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter
+from xattn_lightning.adapters.base import Adapter, MaskedDecoder, upto_positions
 from xattn_lightning.adapters.decoding import occlusion_bias
 from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance, check_features
 from xattn_lightning.batches import InputSpec
@@ -205,7 +205,7 @@ class NemoAEDAdapter(Adapter):
 
     def masked_decoder(
         self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
-    ) -> Callable[[Tensor], Tensor]:
+    ) -> MaskedDecoder:
         """Frame occlusion without re-projecting the encoder output: each decoder layer's cross-attention keys
         and values are projected once, with one more row, the projection of a zero frame; a mask becomes an
         additive attention bias (:func:`~xattn_lightning.adapters.decoding.occlusion_bias`). Equals zeroing the
@@ -222,8 +222,9 @@ class NemoAEDAdapter(Adapter):
         ]
         num_frames = encoder_out.shape[1]
 
-        def run(keep: Tensor) -> Tensor:
+        def run(keep: Tensor, at: Tensor | None = None) -> Tensor:
             b = keep.shape[0]
+            upto, pos = upto_positions(decoder_ids, positions, at)
             bias = occlusion_bias(keep, num_frames).to(encoder_out.dtype)
 
             def attend(m: Any, k: Tensor, v: Tensor) -> Callable[..., tuple[Tensor, dict]]:
@@ -237,7 +238,7 @@ class NemoAEDAdapter(Adapter):
 
             for m, (k, v) in zip(attns, projected):
                 m.forward = attend(m, k, v)  # the instance's forward, for this call only
-            ids = decoder_ids.to(encoder_out.device)
+            ids = upto.to(encoder_out.device)
             ids = ids.unsqueeze(0).expand(b, -1) if ids.dim() == 1 else ids
             try:
                 hidden = self.model.transf_decoder(
@@ -249,8 +250,8 @@ class NemoAEDAdapter(Adapter):
             finally:
                 for m in attns:
                     del m.forward
-            if positions is not None:
-                hidden = hidden[:, positions]
+            if pos is not None:
+                hidden = hidden[:, pos]
             return self.model.log_softmax(hidden_states=hidden)
 
         return run

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter, uncompiled
+from xattn_lightning.adapters.base import Adapter, MaskedDecoder, uncompiled, upto_positions
 from xattn_lightning.adapters.decoding import occlusion_bias
 from xattn_lightning.adapters.hf import conv_output_length
 from xattn_lightning.adapters.hf_whisper import whisper_window_utterances
@@ -222,7 +222,7 @@ class OpenAIWhisperAdapter(Adapter):
 
     def masked_decoder(
         self, encoder_out: Tensor, decoder_ids: Tensor, positions: Tensor | None = None
-    ) -> Callable[[Tensor], Tensor]:
+    ) -> MaskedDecoder:
         """Frame occlusion with each block's cross-attention keys and values projected once, plus the
         projection of a zero frame; a mask becomes an additive attention bias (``occlusion_bias``).
         Equals zeroing the frames and decoding, up to float rounding."""
@@ -240,8 +240,9 @@ class OpenAIWhisperAdapter(Adapter):
         num_frames = encoder_out.shape[1]
         head = self.output_head()
 
-        def run(keep: Tensor) -> Tensor:
-            ids = self._ids(decoder_ids, keep.shape[0])
+        def run(keep: Tensor, at: Tensor | None = None) -> Tensor:
+            upto, pos = upto_positions(decoder_ids, positions, at)
+            ids = self._ids(upto, keep.shape[0])
             b, n = ids.shape
             bias = occlusion_bias(keep, num_frames).to(encoder_out.dtype)
             x = (dec.token_embedding(ids) + dec.positional_embedding[:n]).to(encoder_out.dtype)
@@ -252,7 +253,7 @@ class OpenAIWhisperAdapter(Adapter):
                 o = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), attn_mask=bias)
                 x = x + ca.out(o.transpose(1, 2).flatten(2))
                 x = x + block.mlp(block.mlp_ln(x))
-            x = dec.ln(x if positions is None else x[:, positions])
+            x = dec.ln(x if pos is None else x[:, pos])
             if x.dtype != head.weight.dtype and "forward" not in vars(head):  # the head as loaded, in x's precision
                 return F.linear(x, head.weight.to(x.dtype)).float()
             out = head(x)  # through the module: vocabulary="bf16" swaps its forward while masks run

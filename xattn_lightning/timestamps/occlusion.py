@@ -51,16 +51,21 @@ class _Occlusion:
         if not self.groups:
             return
         ids = a.decoder_ids.to(self.device)
-        rows = torch.tensor([a.num_prompt + i - 1 for g in self.groups for i in g], device=self.device)
+        self.rows = torch.tensor([a.num_prompt + i - 1 for g in self.groups for i in g], device=self.device)
         self.owner = torch.tensor([k for k, g in enumerate(self.groups) for _ in g], device=self.device)
-        self.targets = ids[rows + 1]  # each row predicts the next token
-        self.run = adapter.masked_decoder(encoder_out, ids[: int(rows.max()) + 1], positions=rows)
+        self.targets = ids[self.rows + 1]  # each row predicts the next token
+        self.run = adapter.masked_decoder(encoder_out, ids[: int(self.rows.max()) + 1], positions=self.rows)
         self.clean = self._word_logp(torch.ones(1, self.frames, dtype=torch.bool, device=self.device))[0]
 
-    def _word_logp(self, keep: Tensor) -> Tensor:  # [B, words]
-        logp = torch.log_softmax(self.run(keep).float(), -1)
-        logp = logp[:, torch.arange(len(self.targets), device=self.device), self.targets]
-        return torch.zeros(keep.shape[0], len(self.groups), device=self.device).index_add_(1, self.owner, logp)
+    def _word_logp(self, keep: Tensor, words: Sequence[int] | None = None) -> Tensor:  # [B, all words]
+        """Each word's log-probability under each mask of ``keep``; with ``words``, only theirs are computed (the
+        decoder runs up to the last of their tokens, only their rows reach the vocabulary; the others are 0)."""
+        sel = None if words is None else torch.isin(self.owner, torch.tensor(list(words), device=self.device))
+        rows, owner, targets = (self.rows, self.owner, self.targets) if sel is None else (
+            self.rows[sel], self.owner[sel], self.targets[sel])  # fmt: skip
+        logp = torch.log_softmax(self.run(keep, at=None if sel is None else rows).float(), -1)
+        logp = logp[:, torch.arange(len(targets), device=self.device), targets]
+        return torch.zeros(keep.shape[0], len(self.groups), device=self.device).index_add_(1, owner, logp)
 
     @torch.no_grad()
     def drops(self, head_sets: Sequence[Sequence[Sequence[int]]], *shifts: float) -> list[list[float]]:
@@ -84,13 +89,15 @@ class _Occlusion:
     def occlude(self, spans: Sequence[tuple[int, int, int]]) -> list[float]:
         """The drop of word ``k`` with encoder frames ``[f0, f1)`` occluded, for each ``(k, f0, f1)`` of ``spans``;
         the spans not occluded before run in batches of :data:`_SPAN_BATCH`, each once."""
-        todo = list(dict.fromkeys(sp for sp in spans if sp not in self.cache))
+        # in word order, so that a batch holds the spans of one or a few neighbouring words: each pass decodes only up
+        # to their last token and projects only their tokens onto the vocabulary
+        todo = sorted(dict.fromkeys(sp for sp in spans if sp not in self.cache), key=lambda sp: sp[0])
         for c0 in range(0, len(todo), _SPAN_BATCH):
             chunk = todo[c0 : c0 + _SPAN_BATCH]
             keep = torch.ones(len(chunk), self.frames, dtype=torch.bool, device=self.device)
             for j, (_, f0, f1) in enumerate(chunk):
                 keep[j, f0:f1] = False
-            lp = self._word_logp(keep)
+            lp = self._word_logp(keep, sorted({k for k, _, _ in chunk}))
             for j, (k, f0, f1) in enumerate(chunk):
                 self.cache[(k, f0, f1)] = float(self.clean[k] - lp[j, k])
         return [self.cache[sp] for sp in spans]
