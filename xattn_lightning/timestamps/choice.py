@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, adapter_for
+from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.explain import explain
 from xattn_lightning.functional.alignment import Word
@@ -213,6 +214,8 @@ class _ModelChoice:
     distances: list[Tensor] = field(default_factory=list)  # head_distances of the pool, computed once each
     features: list[Tensor] = field(default_factory=list)  # the pool's valid input features, for span_contrast
     scores: Scores | None = None  # span_occluder of the pool, kept while it grows (its encodings and drops memoised)
+    # the pool's encoder outputs, filled by word_timestamps' explain passes while the choice is being made
+    encodings: EncoderCache = field(default_factory=lambda: EncoderCache(max_entries=2 * CHOICE_UTTERANCES))
     choice: HeadChoice | None = None
     final: bool = False
     key: str | None = None  # the disk cache's key (store.cache_key), None: not cached on disk
@@ -253,9 +256,18 @@ def _state(adapter: Adapter) -> _ModelChoice:
     return state
 
 
+def choosing_encoder_cache(adapter: Adapter) -> EncoderCache | None:
+    """While the model's head set is still being chosen, the cache its utterances' encoder outputs go into (pass
+    it to :func:`~xattn_lightning.explain`, so that the choice's occlusions do not run the encoder again);
+    ``None`` once the choice is final."""
+    state = _state(adapter)
+    return None if state.final else state.encodings
+
+
 def _finish(state: _ModelChoice, choice: HeadChoice) -> None:
     state.choice, state.final = choice, True
     state.pool, state.distances, state.features, state.scores = [], [], [], None
+    state.encodings = EncoderCache(max_entries=1)  # nothing more to keep
     store.save("heads", state.key, dataclasses.asdict(choice))
 
 
@@ -341,7 +353,7 @@ def choose_for(
     if not state.pool:
         raise XAttnError("Choosing a head set needs at least one utterance.")
     if state.scores is None:  # one occluder while the pool grows: each utterance encoded, each span occluded once
-        state.scores = span_occluder(adapter, state.pool, state.features)
+        state.scores = span_occluder(adapter, state.pool, state.features, encoder_cache=state.encodings)
     done = len(state.pool) >= CHOICE_UTTERANCES
     if state.choice is None or done or len(state.pool) >= 2 * state.choice.utterances:  # at 1, 2, 4, ... utterances
         state.choice = choose_heads_from(state.pool, adapter.alignment_heads(), state.distances, scores=state.scores)
@@ -373,9 +385,10 @@ def choose_heads(
     adapter = adapter_for(model, tokenizer)
     aligns: list[Alignment] = []
     features: list[Tensor] = []
+    encodings = EncoderCache(max_entries=max(max_utterances, 1))
     for b in batches:
         utts = adapter.utterances(adapter.model_batch(b))
-        for e in explain(adapter, b):
+        for e in explain(adapter, b, encoder_cache=encodings):
             aligns.append(alignment_from(e))
             features.append(utts[e.index].features)
         if len(aligns) >= max_utterances:
@@ -383,6 +396,7 @@ def choose_heads(
     if not aligns:
         raise XAttnError("choose_heads needs at least one utterance of speech.")
     aligns, features = aligns[:max_utterances], features[:max_utterances]
-    choice = choose_heads_from(aligns, adapter.alignment_heads(), scores=span_occluder(adapter, aligns, features))
+    scores = span_occluder(adapter, aligns, features, encoder_cache=encodings)
+    choice = choose_heads_from(aligns, adapter.alignment_heads(), scores=scores)
     _finish(_state(adapter), choice)
     return choice

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from xattn_lightning.adapters import Adapter
+from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.alignment import group_words
 from xattn_lightning.timestamps.align import Alignment, TimingOptions, align, ensemble_words  # noqa: F401 (align: doctests)
@@ -157,12 +158,15 @@ def span_occluder(
     alignments: Sequence[Alignment],
     features: Sequence[Tensor],
     later: float | None = CHOICE_LATER_SECONDS,
+    encoder_cache: EncoderCache | None = None,
 ) -> Scores:
     """``scores(i, head_sets)``: :func:`span_contrast` of ``alignments[i]`` (with ``later=None``: :func:`span_drops`
     in place, the criterion before the contrast), whose input features as the model takes them are ``features[i]``
     (``[T, F]``, padding included where the model needs a fixed window: the
     :class:`~xattn_lightning.adapters.Utterance`'s ``features``); each utterance encoded once, each span occluded
-    once whichever candidates share it (memoised).
+    once whichever candidates share it (memoised). ``encoder_cache``: the
+    :class:`~xattn_lightning.encoder_cache.EncoderCache` the alignments' :func:`~xattn_lightning.explain` passes
+    filled, so that the encoder does not run again.
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> ad = TinyS2T.adapter(TinyS2T(vocab_size=12))
@@ -182,7 +186,8 @@ def span_occluder(
             if i not in per:
                 x = features[i].to(adapter.device, adapter.dtype).unsqueeze(0)
                 with torch.no_grad():
-                    per[i] = _Occlusion(adapter, alignments[i], adapter.encode(x))
+                    enc = adapter.encode(x) if encoder_cache is None else encoder_cache.encode(adapter, x)
+                    per[i] = _Occlusion(adapter, alignments[i], enc)
             memo[key] = per[i].drops(head_sets, 0.0)[0] if later is None else per[i].contrast(head_sets, later)
         return memo[key]
 

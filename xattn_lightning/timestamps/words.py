@@ -117,6 +117,10 @@ def word_timestamps(
     use_saliency = heads == "agreement" or bool(fusion)
     methods = (saliency_method,) if use_saliency else ()
     options = {"n_masks": TIMESTAMP_N_MASKS, **explain_options} if use_saliency else explain_options
+    if heads in ("auto", "consistent", "all+consistent") and "encoder_cache" not in options:
+        from xattn_lightning.timestamps.choice import choosing_encoder_cache  # looked up at call time
+
+        options["encoder_cache"] = choosing_encoder_cache(adapter)  # while choosing: the occlusions reuse them
     exps = explain(adapter, batch, targets=targets, methods=methods, **options)
     aligns = [alignment_from(e, saliency_method=methods[0] if methods else None) for e in exps]
     fixed: Any = heads

@@ -286,3 +286,17 @@ def test_an_unreadable_or_unwritable_cache_is_warned_about_and_chosen_around(mon
     with pytest.warns(UserWarning, match="Could not write the cache file"):
         c2 = choose_heads(m2, [b], tokenizer=tok)
     assert cached_heads(m2) is c2 and c2 == c
+
+
+def test_choosing_runs_the_encoder_once_per_utterance(monkeypatch):
+    from xattn_lightning.timestamps import cached_heads
+    from xattn_lightning.timestamps import choice as heads_module
+
+    m = speaking_tiny_whisper()
+    b = whisper_batch(m, lengths=(60, 44))
+    calls = []
+    m.model.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0] if args else 1))
+    monkeypatch.setattr(heads_module, "CHOICE_UTTERANCES", 2)
+    xl.word_timestamps(m, b, tokenizer=lambda i: f" w{i}")
+    assert cached_heads(m).utterances == 2
+    assert sum(calls) == 2  # the choice's occlusions reuse the encodings of the timing pass
