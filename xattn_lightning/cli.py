@@ -234,6 +234,11 @@ def timestamps(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest, text_required=False)
     if not rows:
         raise XAttnError(f"The manifest {args.manifest!r} has no utterances.")
+    seen: set[str] = set()
+    for r in rows:
+        if r.id in seen:
+            raise XAttnError(f"The manifest {args.manifest!r} has the id {r.id!r} twice; each utterance needs its own.")
+        seen.add(r.id)
     if args.format in ("vtt", "srt") and args.out in (None, "-"):
         raise XAttnError(f"--format {args.format} writes one file per utterance: pass --out DIRECTORY.")
     if args.format in ("vtt", "srt") and Path(args.out).suffix.lower() in (".vtt", ".srt"):

@@ -31,6 +31,13 @@ def test_timestamps_refuses_an_out_path_of_the_wrong_kind_before_loading_anythin
         assert message in capsys.readouterr().err
 
 
+def test_timestamps_refuses_a_manifest_with_an_id_twice(tmp_path, capsys):
+    (tmp_path / "u0.wav").write_bytes(b"")
+    (tmp_path / "m.tsv").write_text("id\taudio\nu0\tu0.wav\nu0\tu0.wav\n")
+    assert main(["timestamps", str(tmp_path / "none"), "--manifest", str(tmp_path / "m.tsv")]) == 2
+    assert "has the id 'u0' twice" in capsys.readouterr().err
+
+
 def test_timestamps_text_needs_a_text_for_every_utterance(tmp_path, capsys):
     (tmp_path / "u0.wav").write_bytes(b"")
     (tmp_path / "m.tsv").write_text("id\taudio\nu0\tu0.wav\n")
