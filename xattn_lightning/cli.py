@@ -211,13 +211,14 @@ def timestamps(args: argparse.Namespace) -> int:
     times shifted back."""
     from tqdm.auto import tqdm
 
-    from xattn_lightning.audio import load_audio, read_manifest
+    from xattn_lightning.audio import read_manifest
     from xattn_lightning.functional.silence import quiet_cuts
     from xattn_lightning.loading import (
         audio_window,
         features_batch,
         features_from_audio,
         load_hf_model,
+        load_row_audio,
         tokenize_labels,
     )
     from xattn_lightning.timestamps import (
@@ -280,9 +281,7 @@ def timestamps(args: argparse.Namespace) -> int:
 
     def pieces():  # (row, offset s, waveform, its last piece?) per piece of at most the model's window, lazily
         for r in rows:
-            wav = load_audio(r.audio, rate)
-            if wav.numel() < rate // 40:
-                raise XAttnError(f"Audio {str(r.audio)!r} of utterance {r.id!r} is shorter than 25 ms; leave it out.")
+            wav = load_row_audio(r, rate)
             cuts = quiet_cuts(wav, rate, window) if window is not None else [(0, wav.numel())]
             if args.text and len(cuts) > 1:
                 raise XAttnError(

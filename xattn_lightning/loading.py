@@ -99,11 +99,9 @@ def _load_peft_adapter(path: Path, device: str, base_model: str | None) -> tuple
 def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: int = 16000) -> dict:
     """Model inputs (``input_features``, ``attention_mask``) for manifest rows, through the model's processor;
     ``words`` (true word timings per utterance) too when every row has them."""
-    wavs = [load_audio(r.audio, sampling_rate) for r in rows]
+    wavs = [load_row_audio(r, sampling_rate) for r in rows]
     window = audio_window(processor, sampling_rate)
     for r, wav in zip(rows, wavs):
-        if wav.numel() < sampling_rate // 40:
-            raise XAttnError(f"Audio {str(r.audio)!r} of utterance {r.id!r} is shorter than 25 ms; leave it out.")
         if window is not None and wav.numel() > window * sampling_rate:
             warnings.warn(
                 f"Audio {str(r.audio)!r} of utterance {r.id!r} is {wav.numel() / sampling_rate:.1f} s; the model reads "
@@ -115,6 +113,15 @@ def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: i
     if rows and all(r.words is not None for r in rows):
         out["words"] = [r.words for r in rows]
     return out
+
+
+def load_row_audio(row: ManifestRow, sampling_rate: int = 16000) -> Tensor:
+    """A manifest row's waveform at ``sampling_rate`` (:func:`~xattn_lightning.audio.load_audio`), refused when
+    shorter than 25 ms (nothing a model can read)."""
+    wav = load_audio(row.audio, sampling_rate)
+    if wav.numel() < sampling_rate // 40:
+        raise XAttnError(f"Audio {str(row.audio)!r} of utterance {row.id!r} is shorter than 25 ms; leave it out.")
+    return wav
 
 
 def audio_window(processor: Any, sampling_rate: int = 16000) -> float | None:
