@@ -20,7 +20,7 @@ from xattn_lightning.encoder_cache import EncoderCache
 from xattn_lightning.errors import UnknownNameError, UnsupportedModelError, XAttnError
 from xattn_lightning.explain import Explanation, corpus_agreement, explain
 from xattn_lightning.saliency import SaliencyOptions, SaliencyResult, list_methods
-from xattn_lightning.timestamps import AlignmentLoss, alignment_heads, word_timestamps
+from xattn_lightning.timestamps import AlignmentLoss, alignment_heads, audio_word_timestamps, word_timestamps
 
 if TYPE_CHECKING:  # pragma: no cover
     from xattn_lightning import loggers
@@ -71,4 +71,5 @@ __all__ = [
     "loggers",
     "timestamps",
     "word_timestamps",
+    "audio_word_timestamps",
 ]

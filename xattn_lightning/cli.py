@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import itertools
 import math
 import os
 import sys
@@ -199,37 +198,23 @@ def compare(args: argparse.Namespace) -> int:
             _close_process_group()
 
 
-#: audio whose peak stays below this (linear, -60 dBFS) holds no speech: the timestamps command gives it no words
-#: (Whisper transcribes silence as some word, "you" on tiny.en, that no cue should show)
-SILENT_PEAK = 1e-3
-
-
 def timestamps(args: argparse.Namespace) -> int:
     """Word timings of every utterance of a manifest, written as TSV/JSON (a file or stdout) or as one
     WebVTT/SRT file per utterance; with a ``words`` column, their error against it on stderr. Audio longer than the
-    model's window (Whisper: 30 s) is cut into pieces at quiet points (:func:`quiet_cuts`), each timed, the
-    times shifted back."""
-    from tqdm.auto import tqdm
-
+    model's window (Whisper: 30 s) is cut into pieces at quiet points, each timed, the times shifted back
+    (:func:`~xattn_lightning.timestamps.audio.audio_word_timestamps`)."""
     from xattn_lightning.audio import read_manifest
-    from xattn_lightning.functional.silence import quiet_cuts
-    from xattn_lightning.loading import (
-        audio_window,
-        features_batch,
-        features_from_audio,
-        load_hf_model,
-        load_row_audio,
-        tokenize_labels,
-    )
+    from xattn_lightning.loading import features_batch, load_hf_model
     from xattn_lightning.timestamps import (
         CHOICE_UTTERANCES,
+        SILENT_PEAK,
+        audio_word_timestamps,
         cached_heads,
         captions,
         choose_heads,
         forget_heads,
         heads_cache_file,
         timing_scores,
-        word_timestamps,
     )
 
     rows = read_manifest(args.manifest, text_required=False)
@@ -276,47 +261,21 @@ def timestamps(args: argparse.Namespace) -> int:
             raise XAttnError(f"The manifest {args.choose_on!r} has no utterances to choose the head set on.")
         choose_heads(model, [features_batch(processor, choosing)], tokenizer=processor)
     kept = cached_heads(model) if auto and not args.choose_on else None  # a final choice read back from disk
-    rate = 16000
-    window = audio_window(processor, rate)
-
-    def pieces():  # (row, offset s, waveform, its last piece?) per piece of at most the model's window, lazily
-        for r in rows:
-            wav = load_row_audio(r, rate)
-            cuts = quiet_cuts(wav, rate, window) if window is not None else [(0, wav.numel())]
-            if args.text and len(cuts) > 1:
-                raise XAttnError(
-                    f"Utterance {r.id!r} is {wav.numel() / rate:.1f} s, longer than the model's {window:.0f}-s window: "
-                    f"--text cannot split its text between pieces; cut the audio and its text into utterances."
-                )
-            for k, (a, b) in enumerate(cuts):
-                piece = wav[a:b]
-                if float(piece.abs().max()) < SILENT_PEAK:  # nothing to time: the model would invent words
-                    silent.append(f"{r.id} {a / rate:.1f}-{b / rate:.1f} s" if len(cuts) > 1 else r.id)
-                    if k == len(cuts) - 1:
-                        bar.update(1)
-                    continue
-                yield r, a / rate, piece, k == len(cuts) - 1
-
-    # the default's head set is chosen on the first utterances timed: time those together, so that every utterance
-    # of the manifest is timed with the same, final set
-    size = 1 if not auto or kept is not None or args.choose_on else CHOICE_UTTERANCES
-    stream = pieces()
     start = time.perf_counter()
-    words: dict[str, list] = {r.id: [] for r in rows}
-    silent: list[str] = []
-    bar = tqdm(total=len(rows), desc="word timestamps", unit="utt", file=sys.stderr, disable=args.quiet)
-    with bar:
-        while chunk := list(itertools.islice(stream, size)):
-            size = 1
-            batch = features_from_audio(processor, [w for _, _, w, _ in chunk], rate)
-            targets: Any = "generate"
-            if args.text:  # forced alignment: the manifest's text, not the model's transcript
-                batch["labels"] = tokenize_labels(processor, [r.text for r, _, _, _ in chunk])
-                targets = "labels"
-            got = word_timestamps(model, batch, tokenizer=processor, heads=heads, targets=targets, **options)
-            for (r, offset, _, _), ws in zip(chunk, got):
-                words[r.id] += [(w, a + offset, b + offset) for w, a, b in ws]
-            bar.update(sum(last for *_, last in chunk))
+    timed = audio_word_timestamps(
+        model,
+        [r.audio for r in rows],
+        processor=processor,
+        texts=[r.text for r in rows] if args.text else None,
+        names=[repr(r.id) for r in rows],
+        heads=heads,
+        progress=not args.quiet,
+        **options,
+    )
+    words = {r.id: t.words for r, t in zip(rows, timed)}
+    silent = [
+        f"{r.id} {a:.1f}-{b:.1f} s" if len(t.pieces) > 1 else r.id for r, t in zip(rows, timed) for a, b in t.silent
+    ]
     seconds = time.perf_counter() - start
     if silent:
         print(
@@ -359,12 +318,12 @@ def timestamps(args: argparse.Namespace) -> int:
             Path(args.out).write_text(text, encoding="utf-8")
             where = args.out
     print(f"{len(rows)} utterances, {seconds / len(rows):.2f} s each; written to {where}", file=sys.stderr)
-    timed = [r for r in rows if r.words]
-    if timed:
-        s = timing_scores([words[r.id] for r in timed], [r.words or [] for r in timed])
+    scored = [r for r in rows if r.words]
+    if scored:
+        s = timing_scores([words[r.id] for r in scored], [r.words or [] for r in scored])
         print(
-            f"against the manifest's word timings ({len(timed)} utterances, {s['boundaries']:.0f} boundaries: the "
-            f"{s['boundaries'] / 2:.0f} of {sum(len(r.words or []) for r in timed)} true words the transcript got "
+            f"against the manifest's word timings ({len(scored)} utterances, {s['boundaries']:.0f} boundaries: the "
+            f"{s['boundaries'] / 2:.0f} of {sum(len(r.words or []) for r in scored)} true words the transcript got "
             f"right): mean error {s['mae_ms']:.1f} ms, {100 * s['within_50ms']:.0f} % within 50 ms",
             file=sys.stderr,
         )

@@ -105,8 +105,8 @@ def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: i
         if window is not None and wav.numel() > window * sampling_rate:
             warnings.warn(
                 f"Audio {str(r.audio)!r} of utterance {r.id!r} is {wav.numel() / sampling_rate:.1f} s; the model reads "
-                f"{window:.0f} s and the rest is cut off. Split it (`xattn-lightning timestamps` splits long audio "
-                f"itself).",
+                f"{window:.0f} s and the rest is cut off. For word timestamps, xl.audio_word_timestamps (and "
+                f"`xattn-lightning timestamps`) time audio of any length; else split it.",
                 stacklevel=2,
             )
     out = features_from_audio(processor, wavs, sampling_rate)

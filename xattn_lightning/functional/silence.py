@@ -105,20 +105,23 @@ def quiet_cuts(
     frame_seconds: float = 0.05,
 ) -> list[tuple[int, int]]:
     """Cut a waveform longer than ``max_seconds`` into consecutive pieces of at most ``max_seconds``, each cut at
-    the quietest ``frame_seconds`` frame (lowest RMS) of the last ``search_seconds`` before the limit, so that a
-    cut falls in a pause rather than inside a word where the speech allows. Returns ``(start, end)`` sample
+    the quietest ``frame_seconds`` frame (lowest RMS; the latest of equally quiet ones) of the last
+    ``search_seconds`` (at most half the limit) before the limit, so that a cut falls in a pause rather than inside a
+    word where the speech allows. Returns ``(start, end)`` sample
     indices covering the whole waveform; one piece when it is short enough.
 
     >>> w = torch.ones(16000 * 70); w[16000 * 27 : 16000 * 27 + 800] = 0  # a pause at 27 s
     >>> quiet_cuts(w, 16000)
-    [(0, 432400), (432400, 832800), (832800, 1120000)]
+    [(0, 432400), (432400, 912000), (912000, 1120000)]
+    >>> quiet_cuts(torch.zeros(16000 * 70), 16000)  # silence: pieces of the whole window
+    [(0, 479600), (479600, 959200), (959200, 1120000)]
     """
     n = int(wav.shape[-1])
     limit = int(max_seconds * sampling_rate)
     if limit <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}.")
     frame = max(int(frame_seconds * sampling_rate), 1)
-    search = min(max(int(search_seconds * sampling_rate), frame), limit)
+    search = max(min(int(search_seconds * sampling_rate), limit // 2), frame)  # every piece at least half the limit
     out: list[tuple[int, int]] = []
     start = 0
     while n - start > limit:
@@ -126,7 +129,8 @@ def quiet_cuts(
         seg = wav[lo : start + limit].float()
         k = seg.numel() // frame
         rms = seg[: k * frame].reshape(k, frame).pow(2).mean(1)
-        cut = lo + int(torch.argmin(rms)) * frame + frame // 2  # the middle of the quietest frame
+        quietest = k - 1 - int(torch.argmin(rms.flip(0)))  # the last of equally quiet frames: in a long silence,
+        cut = lo + quietest * frame + frame // 2  # pieces as long as the window, not one frame; the middle of it
         out.append((start, cut))
         start = cut
     out.append((start, n))

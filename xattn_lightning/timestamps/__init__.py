@@ -1,4 +1,5 @@
-"""Word timestamps from cross-attention: ``word_timestamps`` (:mod:`.words`), timing (:mod:`.align`), which
+"""Word timestamps from cross-attention: ``word_timestamps`` (:mod:`.words`; of audio of any length:
+``audio_word_timestamps``, :mod:`.audio`), timing (:mod:`.align`), which
 heads (:mod:`.heads`; the default's set, chosen once per model: :mod:`.choice`), the alignment loss of fine-tunes
 (:mod:`.loss`) and caption files (:mod:`.captions`). The DTW, prior and silence maths are pure functions in
 :mod:`xattn_lightning.functional.alignment` and :mod:`xattn_lightning.functional.silence`. Stands without Lightning.
@@ -24,6 +25,7 @@ from xattn_lightning.timestamps.align import (
     score_probes,
     timing_scores,
 )
+from xattn_lightning.timestamps.audio import SILENT_PEAK, AudioWords, audio_word_timestamps
 from xattn_lightning.timestamps.choice import (
     CHOICE_TOLERANCE_SE,
     CHOICE_UTTERANCES,
@@ -58,6 +60,9 @@ from xattn_lightning.timestamps.occlusion import (
 from xattn_lightning.timestamps.words import TIMESTAMP_N_MASKS, word_timestamps
 
 __all__ = [
+    "SILENT_PEAK",
+    "AudioWords",
+    "audio_word_timestamps",
     "CHOICE_DURATION_PRIOR",
     "CHOICE_LATER_SECONDS",
     "CHOICE_MAX_WORDS",
