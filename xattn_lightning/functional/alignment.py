@@ -48,39 +48,56 @@ def dtw(cost: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Monotonic alignment of rows (tokens) to columns (frames) that minimises the summed ``cost``.
 
     The same recursion, tie-breaking and float32 sums as openai-whisper's and transformers' DTW,
-    computed one anti-diagonal at a time. Returns the path's row and column indices.
+    computed one anti-diagonal at a time (:func:`dtw_many`). Returns the path's row and column indices.
 
     >>> dtw(np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]))
     (array([0, 1, 1]), array([0, 1, 2]))
     """
-    c = np.asarray(cost.detach().cpu().double().numpy() if isinstance(cost, Tensor) else cost, dtype=np.float64)
-    n, m = c.shape
-    acc = np.full((n + 1, m + 1), np.inf, dtype=np.float32)
-    trace = -np.ones((n + 1, m + 1), dtype=np.int8)
-    acc[0, 0] = 0
+    c = cost.detach().cpu().double().numpy() if isinstance(cost, Tensor) else np.asarray(cost, dtype=np.float64)
+    return dtw_many(c[None])[0]
+
+
+def dtw_many(costs: Tensor | np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`dtw` of each of a stack of equal-shaped cost matrices ``[B, n, m]`` (e.g. one per head), in one
+    pass over the anti-diagonals (their Python loop shared, which is most of the cost on a CPU).
+
+    >>> [r.tolist() for r, _ in dtw_many(np.array([[[0.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]]))]
+    [[0, 1], [0, 1, 1]]
+    """
+    c = np.asarray(costs.detach().cpu().double().numpy() if isinstance(costs, Tensor) else costs, dtype=np.float64)
+    if c.ndim != 3:
+        raise XAttnError(f"dtw_many takes cost matrices [B, n, m] but got shape {c.shape}.")
+    nb, n, m = c.shape
+    # skewed storage: [:, k, i] is the cell (i, k - i), so each anti-diagonal and the two before it are slices
+    acc = np.full((nb, n + m + 1, n + 1), np.inf, dtype=np.float32)
+    trace = np.full((nb, n + m + 1, n + 1), 2, dtype=np.int8)
+    acc[:, 0, 0] = 0
+    ii, jj = np.meshgrid(np.arange(1, n + 1), np.arange(1, m + 1), indexing="ij")
+    skewed = np.zeros((nb, n + m + 1, n + 1), dtype=np.float64)
+    skewed[:, ii + jj, ii] = c
     for k in range(2, n + m + 1):  # cells with i + j == k
-        i = np.arange(max(1, k - m), min(n, k - 1) + 1)
-        j = k - i
-        c0, c1, c2 = acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1]
-        t = np.where((c0 < c1) & (c0 < c2), 0, np.where((c1 < c0) & (c1 < c2), 1, 2))
-        best = np.where(t == 0, c0, np.where(t == 1, c1, c2))
-        acc[i, j] = (c[i - 1, j - 1] + best).astype(np.float32)
-        trace[i, j] = t
-    trace[0, :] = 2
-    trace[:, 0] = 1
-    i, j = n, m
-    rows, cols = [], []
-    while i > 0 or j > 0:
-        rows.append(i - 1)
-        cols.append(j - 1)
-        t = trace[i, j]
-        if t == 0:
-            i, j = i - 1, j - 1
-        elif t == 1:
-            i -= 1
-        else:
-            j -= 1
-    return np.array(rows[::-1]), np.array(cols[::-1])
+        lo, hi = max(1, k - m), min(n, k - 1)
+        c0, c1, c2 = acc[:, k - 2, lo - 1 : hi], acc[:, k - 1, lo - 1 : hi], acc[:, k - 1, lo : hi + 1]
+        step = np.where((c0 < c1) & (c0 < c2), 0, np.where((c1 < c0) & (c1 < c2), 1, 2))
+        best = np.where(step == 0, c0, np.where(step == 1, c1, c2))
+        acc[:, k, lo : hi + 1] = (skewed[:, k, lo : hi + 1] + best).astype(np.float32)
+        trace[:, k, lo : hi + 1] = step
+    out = []
+    for b in range(nb):
+        i, j = n, m
+        rows, cols = [], []
+        while i > 0 or j > 0:
+            rows.append(i - 1)
+            cols.append(j - 1)
+            t = 2 if i == 0 else 1 if j == 0 else int(trace[b, i + j, i])
+            if t == 0:
+                i, j = i - 1, j - 1
+            elif t == 1:
+                i -= 1
+            else:
+                j -= 1
+        out.append((np.array(rows[::-1]), np.array(cols[::-1])))
+    return out
 
 
 def alignment_matrix(
@@ -88,15 +105,18 @@ def alignment_matrix(
     heads: Sequence[Sequence[int]] | None = None,
     weights: Sequence[float] | None = None,
     median_width: int = MEDIAN_FILTER_WIDTH,
+    reduce: bool = True,
 ) -> Tensor:
     """The token × frame matrix DTW runs on: each chosen head's map z-scored over tokens, median
-    filtered over time, then averaged over heads (weighted by ``weights`` when given).
+    filtered over time, then averaged over heads (weighted by ``weights`` when given; ``reduce=False``: each
+    head's matrix, ``[K, I, T']``).
 
     Args:
         cross_attention: ``[L, H, I, T']`` (one utterance, valid frames only).
         heads: ``[layer, head]`` pairs (default: every head).
         weights: one non-negative weight per head.
         median_width: odd width (frames) of the median filter over time.
+        reduce: average the heads (else one matrix per head).
 
     >>> alignment_matrix(torch.rand(2, 2, 3, 10), heads=[[1, 0]]).shape
     torch.Size([3, 10])
@@ -112,6 +132,10 @@ def alignment_matrix(
     w = torch.stack([cross_attention[li, h] for li, h in heads]).float()  # [K, I, T], float32 as transformers
     std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
     w = median_filter((w - mean) / std, median_width)
+    if not reduce:
+        if weights is not None:
+            raise XAttnError("weights= averages the heads; with reduce=False each head's matrix is returned.")
+        return w
     if weights is None:
         return w.mean(0)
     wt = torch.as_tensor(weights, dtype=w.dtype)
@@ -160,15 +184,15 @@ def length_prior(pieces: Sequence[str], rows: int | None = None) -> Tensor:
 
 
 def with_duration_prior(matrix: Tensor, prior: Tensor, weight: float = DURATION_PRIOR) -> Tensor:
-    """``matrix`` ``[I, T']`` (from :func:`alignment_matrix`) z-scored again over tokens per frame, so that
+    """``matrix`` ``[I, T']`` (from :func:`alignment_matrix`; or a stack ``[K, I, T']``) z-scored again over tokens per frame, so that
     its scale does not depend on how many heads were averaged, plus ``weight`` × ``prior`` ``[I]`` on
     every frame of each row (DTW then gives rows with a larger prior more frames).
 
     >>> with_duration_prior(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, -1.0]), 0.5).tolist()
     [[1.5, -0.5], [-1.5, 0.5]]
     """
-    if matrix.shape[0] != prior.shape[0]:
-        raise ValueError(f"Expected one prior per row ({matrix.shape[0]}) but got {prior.shape[0]}.")
+    if matrix.shape[-2] != prior.shape[0]:
+        raise ValueError(f"Expected one prior per row ({matrix.shape[-2]}) but got {prior.shape[0]}.")
     std, mean = torch.std_mean(matrix.float(), dim=-2, keepdim=True, unbiased=False)
     z = (matrix.float() - mean) / std.clamp_min(1e-6)
     return z + weight * prior.to(z.dtype).unsqueeze(-1)
@@ -176,7 +200,8 @@ def with_duration_prior(matrix: Tensor, prior: Tensor, weight: float = DURATION_
 
 def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS, subframe: bool = False) -> Tensor:
     """Start time (s) of each row of ``matrix`` ``[I, T']``: the frame at which the DTW path of
-    ``-matrix`` first reaches that row.
+    ``-matrix`` first reaches that row. A stack ``[B, I, T']`` (e.g. one matrix per head) gives ``[B, I]``, its
+    DTWs run together (:func:`dtw_many`).
 
     ``subframe=True`` moves each boundary inside its frame: to where the two rows' values, read at
     frame centres and interpolated linearly, cross between the frame before the DTW boundary and the
@@ -188,20 +213,22 @@ def token_times(matrix: Tensor, frame_seconds: float = WHISPER_FRAME_SECONDS, su
     >>> token_times(torch.tensor([[1.0] * 4 + [0.2] + [0.0] * 3, [0.0] * 4 + [0.8] + [1.0] * 3]), 0.02, True)
     tensor([0.0000, 0.0825], dtype=torch.float64)
     """
-    rows, cols = dtw(-matrix)
-    jumps = np.pad(np.diff(rows), (1, 0), constant_values=1).astype(bool)
-    frames = cols[jumps].astype(np.float64)
-    if subframe:
-        m = matrix.double().numpy()
-        for i in range(1, len(frames)):
-            f = int(frames[i])
-            if f < 1:
-                continue
-            d0, d1 = m[i, f - 1] - m[i - 1, f - 1], m[i, f] - m[i - 1, f]  # this row minus the one before
-            if d0 < 0 <= d1 and d1 > d0:
-                frames[i] = max(frames[i - 1], f - 0.5 + (-d0) / (d1 - d0))
-    return torch.as_tensor(frames * frame_seconds, dtype=torch.float64)
-
+    stack = matrix if matrix.dim() == 3 else matrix.unsqueeze(0)
+    out = []
+    for mat, (rows, cols) in zip(stack, dtw_many(-stack)):
+        jumps = np.pad(np.diff(rows), (1, 0), constant_values=1).astype(bool)
+        frames = cols[jumps].astype(np.float64)
+        if subframe:
+            m = mat.double().numpy()
+            for i in range(1, len(frames)):
+                f = int(frames[i])
+                if f < 1:
+                    continue
+                d0, d1 = m[i, f - 1] - m[i - 1, f - 1], m[i, f] - m[i - 1, f]  # this row minus the one before
+                if d0 < 0 <= d1 and d1 > d0:
+                    frames[i] = max(frames[i - 1], f - 0.5 + (-d0) / (d1 - d0))
+        out.append(torch.as_tensor(frames * frame_seconds, dtype=torch.float64))
+    return torch.stack(out) if matrix.dim() == 3 else out[0]
 
 
 def group_words(pieces: Sequence[str]) -> list[list[int]]:

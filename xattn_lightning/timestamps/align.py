@@ -182,41 +182,49 @@ def alignment_token_times(
     weights: Sequence[float] | None = None,
     *,
     timing: TimingOptions = PLAIN_TIMING,
+    per_head: bool = False,
 ) -> Tensor:
     """Start time (s) of every token of ``a.decoder_ids`` (prompt tokens at 0), by DTW over the mean of
     ``heads``' cross-attention (every head when ``None``; ``weights``: one per head), timed as ``timing`` says
-    (:class:`TimingOptions`; its ``silence`` is for words only).
+    (:class:`TimingOptions`; its ``silence`` is for words only). ``per_head=True``: each head's own times,
+    ``[K, S]`` (their DTWs run together).
 
     >>> from xattn_lightning.testing import TinyS2T
     >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
     ...           targets=[[1, 5, 6, 2]])[0]
     >>> alignment_token_times(a, timing=TimingOptions(method="transformers")).shape
     torch.Size([4])
+    >>> alignment_token_times(a, per_head=True).shape  # 2 layers x 2 heads
+    torch.Size([4, 4])
     """
     method, fusion, duration_prior = timing.method, timing.fusion, timing.duration_prior
     s, n = len(a.decoder_ids), a.num_prompt
-    times = torch.zeros(s, dtype=torch.float64)
     if method == "transformers":  # rows with tokens n .. s-2 as decoder input, num_frames // 2 frames
         frames = a.cross_attention.shape[-1] if a.num_input_frames is None else a.num_input_frames // 2
         rows, first = a.cross_attention[:, :, n : s - 1, :frames], n
     else:  # rows predicting tokens max(n, 1) .. s-1
         rows, first = a.cross_attention[:, :, max(n - 1, 0) : s - 1], max(n, 1)
+    if per_head:
+        count = len(heads) if heads is not None else rows.shape[0] * rows.shape[1]
+        times = torch.zeros(count, s, dtype=torch.float64)
+    else:
+        times = torch.zeros(s, dtype=torch.float64)
     if rows.shape[2] == 0:
         return times
-    m = alignment_matrix(rows, heads, weights)
+    m = alignment_matrix(rows, heads, weights, reduce=not per_head)
     if duration_prior:  # the "openai" method (TimingOptions says so)
         if a.pieces is None:
             raise XAttnError("duration_prior needs token strings (pass tokenizer=).")
-        m = with_duration_prior(m, length_prior(a.pieces[first - n :], rows=m.shape[0]), duration_prior)
+        m = with_duration_prior(m, length_prior(a.pieces[first - n :], rows=m.shape[-2]), duration_prior)
     if fusion:
         if a.saliency is None:
             raise XAttnError("fusion needs a saliency map (explain with methods=('encoder_spes',)).")
         m = m.clone()
-        m[: a.saliency.shape[0]] += fusion * saliency_matrix(a.saliency).to(m.dtype)
+        m[..., : a.saliency.shape[0], :] += fusion * saliency_matrix(a.saliency).to(m.dtype)
     t = token_times(m, a.frame_seconds, timing.subframe)
-    times[first : first + len(t)] = t
+    times[..., first : first + t.shape[-1]] = t
     if method == "transformers":
-        times[-1] = t[-1]
+        times[..., -1] = t[..., -1]
     return times
 
 
@@ -237,19 +245,36 @@ def alignment_words(
     >>> [w for w, _, _ in alignment_words(a, timing=TimingOptions(duration_prior=0.5, silence=True))]
     ['w5', 'w6']
     """
+    return words_of_times(a, alignment_token_times(a, heads, weights, timing=timing), timing.silence)
+
+
+def head_words(a: Alignment, heads: Sequence[Sequence[int]] | None = None) -> list[list[Word]]:
+    """Each head's own plain-DTW words (:func:`alignment_words` of ``[[layer, head]]``, every head when ``heads``
+    is ``None``), their DTWs run together.
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> a = align(TinyS2T.adapter(TinyS2T(vocab_size=12)), {"input_features": torch.randn(1, 16, 8)},
+    ...           tokenizer=lambda i: f" w{i}", targets=[[1, 5, 6, 2]])[0]
+    >>> head_words(a, [[1, 0]]) == [alignment_words(a, [[1, 0]])]
+    True
+    """
+    return [words_of_times(a, t, False) for t in alignment_token_times(a, heads, per_head=True)]
+
+
+def words_of_times(a: Alignment, times: Tensor, silence: bool = False) -> list[Word]:
+    """Words with start and end (s) from the token times of :func:`alignment_token_times` ``[S]``; ``silence``:
+    boundaries next to a silent span moved to its edges."""
     if a.pieces is None:
         raise XAttnError("Word timestamps need token strings: pass tokenizer= (a tokenizer or processor).")
-    times = alignment_token_times(a, heads, weights, timing=timing)
     n = a.num_prompt
     stop = n + len(a.pieces)
     end = float(times[stop]) if stop < len(times) else float(times[-1])
     words = words_from_tokens(a.pieces, times[n:stop], end)
-    if timing.silence:
+    if silence:
         if a.silences is None:
             raise XAttnError("silence=True needs the input's silent spans: make the alignment with align() or from xl.explain().")
         words = snap_to_silence(words, a.silences)
     return words
-
 
 
 def ensemble_words(

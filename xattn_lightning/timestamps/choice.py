@@ -31,6 +31,7 @@ from xattn_lightning.timestamps.align import (
     align,  # noqa: F401 (the doctests call it)
     alignment_from,
     alignment_words,
+    head_words,
 )
 from xattn_lightning.timestamps.occlusion import CHOICE_LATER_SECONDS, Scores, span_occluder
 
@@ -90,13 +91,13 @@ def head_distances(a: Alignment) -> Tensor:
     num_layers, num_heads = a.cross_attention.shape[:2]
     every = [[li, h] for li in range(num_layers) for h in range(num_heads)]
 
-    def times(heads: list[list[int]]) -> Tensor:
-        return torch.tensor([t for _, s, e in _boundaries(a, heads, 0.0) for t in (s, e)], dtype=torch.float64)
+    def times(words: list[Word]) -> Tensor:
+        return torch.tensor([t for _, s, e in words for t in (s, e)], dtype=torch.float64)
 
-    consensus = times(every)
+    consensus = times(_boundaries(a, every, 0.0))
     if not len(consensus):
         return torch.zeros(len(every), dtype=torch.float64)
-    return torch.stack([(times([head]) - consensus).abs().mean() for head in every])
+    return torch.stack([(times(ws) - consensus).abs().mean() for ws in head_words(a, every)])
 
 
 def consistent_heads(alignments: Sequence[Alignment], distances: Sequence[Tensor] | None = None) -> list[list[int]]:

@@ -19,7 +19,7 @@ from xattn_lightning.explain import explain
 from xattn_lightning.functional.alignment import Word, boundary_errors, select_heads_by_agreement
 from xattn_lightning.scores import probe_scores
 from xattn_lightning.summary import mean_grid
-from xattn_lightning.timestamps.align import Alignment, align, alignment_words
+from xattn_lightning.timestamps.align import Alignment, align, alignment_words, head_words
 
 
 def model_alignment_heads(model: nn.Module) -> list[list[int]] | None:
@@ -66,9 +66,12 @@ def _mean_error(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]]
 def head_errors(alignments: Sequence[Alignment], words: Sequence[Sequence[Word]]) -> Tensor:
     """Mean boundary error (s) of DTW timestamps from each single head, ``[L, H]`` (lower is better)."""
     num_layers, num_heads = alignments[0].cross_attention.shape[:2]
-    return torch.tensor(
-        [[_mean_error(alignments, words, [[li, h]]) for h in range(num_heads)] for li in range(num_layers)],
-        dtype=torch.float64,
+    errors: list[list[float]] = [[] for _ in range(num_layers * num_heads)]
+    for a, ref in zip(alignments, words):
+        for k, ws in enumerate(head_words(a)):  # every head's DTW at once
+            errors[k] += boundary_errors(ws, ref)
+    return torch.tensor([sum(e) / len(e) if e else float("nan") for e in errors], dtype=torch.float64).view(
+        num_layers, num_heads
     )
 
 

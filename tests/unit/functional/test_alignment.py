@@ -9,6 +9,7 @@ from xattn_lightning.functional.alignment import (
     alignment_matrix,
     boundary_errors,
     dtw,
+    dtw_many,
     group_words,
     length_prior,
     median_filter,
@@ -29,6 +30,22 @@ def test_dtw_and_median_filter_equal_transformers():
         assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1]), shape
     x = torch.randn(2, 3, 5, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(median_filter(x, 7), _median_filter(x, 7))
+
+
+def test_dtw_of_a_stack_equals_each_matrix_alone_and_transformers_with_ties():
+    from transformers.models.whisper.generation_whisper import _dynamic_time_warping
+
+    rng = np.random.default_rng(1)
+    for shape in [(4, 1, 9), (3, 9, 1), (5, 6, 30), (24, 12, 80)]:
+        stack = rng.standard_normal(shape)
+        stack[::2] = np.round(stack[::2])  # ties, where the tie-breaking decides the path
+        for (rows, cols), m in zip(dtw_many(stack), stack, strict=True):
+            theirs = _dynamic_time_warping(m)
+            assert np.array_equal(rows, theirs[0]) and np.array_equal(cols, theirs[1]), shape
+    with pytest.raises(xl.XAttnError, match=r"\[B, n, m\]"):
+        dtw_many(np.zeros((3, 4)))
+    m = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(token_times(m, 0.02, subframe=True), torch.stack([token_times(x, 0.02, True) for x in m]))
 
 
 def test_alignment_matrix_weights_and_bad_heads():
