@@ -97,8 +97,9 @@ def audio_word_timestamps(
     Args:
         model: a supported model or adapter (a Hugging Face Whisper: the model's window comes from ``processor``).
         audio: audio files (read and resampled to ``sampling_rate``) or mono waveforms at ``sampling_rate``.
-        processor: the model's processor or feature extractor (makes the model inputs; its tokenizer names the
-            tokens unless ``tokenizer`` is given).
+        processor: the model's processor or feature extractor (makes the model inputs; a processor's tokenizer
+            names the tokens unless ``tokenizer`` is given). An openai-whisper model takes transformers'
+            ``WhisperFeatureExtractor`` (the same log-mel features) and its own tokenizer.
         tokenizer: the tokenizer, when ``processor`` is only a feature extractor.
         sampling_rate: the waveforms' rate, and the rate files are resampled to (the processor's).
         texts: one transcript per input to time instead of the model's own (forced alignment); each input must
@@ -132,7 +133,15 @@ def audio_word_timestamps(
     window = max_seconds if max_seconds is not None else audio_window(processor, sampling_rate)
     if window is not None and window <= 0:
         raise XAttnError(f"max_seconds must be positive, got {window}.")
-    adapter = adapter_for(model, tokenizer if tokenizer is not None else processor)
+    if tokenizer is None and (hasattr(processor, "tokenizer") or hasattr(processor, "decode")):
+        tokenizer = processor  # a processor with its tokenizer (a bare feature extractor names no tokens)
+    adapter = adapter_for(model, tokenizer)
+    if texts is not None and not callable(getattr(adapter.tokenizer, "tokenizer", adapter.tokenizer)):
+        raise XAttnError(
+            f"texts= tokenizes the texts with a Hugging Face tokenizer, and {type(adapter.tokenizer).__name__} is "
+            f"not one: pass tokenizer= (e.g. transformers' WhisperTokenizer of the model), or time the model's own "
+            f"transcript (texts=None)."
+        )
     pieces: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     silent: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     seconds = [0.0] * n
@@ -168,8 +177,7 @@ def audio_word_timestamps(
             batch = features_from_audio(processor, [w for _, _, w, _ in chunk], sampling_rate)
             targets: Any = "generate"
             if texts is not None:
-                batch["labels"] = tokenize_labels(tokenizer if tokenizer is not None else processor,
-                                                  [texts[i] for i, *_ in chunk])
+                batch["labels"] = tokenize_labels(adapter.tokenizer, [texts[i] for i, *_ in chunk])
                 targets = "labels"
             got = word_timestamps(adapter, batch, heads=heads, targets=targets, **options)
             for (i, offset, _, _), ws in zip(chunk, got):

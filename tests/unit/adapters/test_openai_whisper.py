@@ -171,3 +171,17 @@ def test_the_bf16_vocabulary_term_reaches_openai_whisper_through_its_tied_head(m
     torch.testing.assert_close(auto.saliency["encoder_spes"], bf16.saliency["encoder_spes"], rtol=0, atol=0)
     assert not torch.equal(exact.saliency["encoder_spes"], bf16.saliency["encoder_spes"])  # it did run in bf16
     assert map_similarity(exact.saliency["encoder_spes"], bf16.saliency["encoder_spes"]) > 0.9
+
+
+def test_audio_of_any_length_through_a_bare_feature_extractor_and_the_models_own_tokenizer():
+    from transformers import WhisperFeatureExtractor
+
+    model = random_whisper()  # a 1-s window (50 encoder frames)
+    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=1)
+    wav = 0.1 * torch.randn(40000, generator=torch.Generator().manual_seed(0))
+    out = xl.audio_word_timestamps(model, [wav], processor=fe, heads="all")[0]  # no tokenizer: the model's own
+    assert out.pieces[0][0] == 0 and out.pieces[-1][1] == pytest.approx(2.5) and len(out.pieces) >= 3
+    assert all(b - a <= 1.0 and a == prev for (a, b), (_, prev) in zip(out.pieces, [(0, 0.0), *out.pieces]))
+    assert all(0 <= s <= e <= 2.5 + 1e-9 for _, s, e in out.words)
+    with pytest.raises(xl.XAttnError, match="texts= tokenizes the texts with a Hugging Face tokenizer"):
+        xl.audio_word_timestamps(model, [wav[:8000]], processor=fe, texts=["hello"])
