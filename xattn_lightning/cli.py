@@ -213,7 +213,7 @@ def timestamps(args: argparse.Namespace) -> int:
         captions,
         choose_heads,
         forget_heads,
-        heads_cache_file,
+        heads_report,
         timing_scores,
     )
 
@@ -284,23 +284,9 @@ def timestamps(args: argparse.Namespace) -> int:
             + (" ..." if len(silent) > 5 else ""),
             file=sys.stderr,
         )
-    if auto:
-        c = cached_heads(model)
-        where = heads_cache_file(model)
-        if kept is not None:
-            how = f"read back from {where} (--choose-again to choose anew)"
-        elif args.choose_on:
-            how = f"kept in {where} for the next runs" if where else "not kept: the disk cache is off"
-        elif where is not None and Path(where).is_file():
-            how = f"kept in {where} for the next runs"
-        elif where is not None:
-            how = f"not kept: a choice is kept once made on {CHOICE_UTTERANCES} utterances"
-        else:
-            how = "not kept: the disk cache is off"
-        if c is not None:
-            of = f" of {args.choose_on}" if args.choose_on else ""
-            print(f"head set: {c.name} ({len(c.heads)} heads), chosen on {c.utterances} utterances{of}; {how}",
-                  file=sys.stderr)
+    report = heads_report(model, read_back=kept is not None, source=args.choose_on) if auto else None
+    if report is not None:
+        print(report + (" (--choose-again to choose anew)" if kept is not None else ""), file=sys.stderr)
     if args.format in ("vtt", "srt"):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

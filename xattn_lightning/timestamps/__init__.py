@@ -40,6 +40,7 @@ from xattn_lightning.timestamps.choice import (
     consistent_heads,
     forget_heads,
     heads_cache_file,
+    heads_report,
 )
 from xattn_lightning.timestamps.heads import (
     alignment_heads,
@@ -82,6 +83,7 @@ __all__ = [
     "consistent_heads",
     "forget_heads",
     "heads_cache_file",
+    "heads_report",
     "span_contrast",
     "span_drops",
     "span_occluder",

@@ -90,6 +90,8 @@ class TimingOptions:
         check_choice("timing method", self.method, TIMING_METHODS)
         for name in ("fusion", "duration_prior"):
             value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise XAttnError(f"Expected {name} to be a number (a weight >= 0), got {value!r}.")
             if not value >= 0:
                 raise XAttnError(f"Expected {name} >= 0 (a weight), got {value!r}.")
             if value and self.method != "openai":

@@ -11,6 +11,7 @@ that the default's head set is chosen once, on them, and used for all (see
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,30 +22,38 @@ import torch
 from torch import Tensor, nn
 
 from xattn_lightning.adapters import Adapter, adapter_for
-from xattn_lightning.audio import load_audio
+from xattn_lightning.audio import load_audio, resample
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.alignment import Word
 from xattn_lightning.functional.silence import quiet_cuts
 from xattn_lightning.loading import audio_window, features_from_audio, tokenize_labels
 from xattn_lightning.timestamps.align import HeadRule
-from xattn_lightning.timestamps.choice import CHOICE_UTTERANCES, choosing_encoder_cache
+from xattn_lightning.timestamps.choice import CHOICE_UTTERANCES, cached_heads, choosing_encoder_cache, heads_report
 from xattn_lightning.timestamps.words import word_timestamps
 
 #: a piece whose peak stays below this (linear, -60 dBFS) holds no speech and gets no words (Whisper transcribes
 #: silence as some word: "you" on tiny.en)
 SILENT_PEAK = 1e-3
 
+#: while the model's head set is being chosen, pieces last at most this long (s): the choice was validated on
+#: utterances of 3-10 s, and on a 30-s piece it occludes up to 64 words behind long decoder prefixes (about 20 s of
+#: choice per piece on tiny.en); timed in 10-s pieces the error is no worse (docs/timestamps.md, "Long audio")
+CHOICE_PIECE_SECONDS = 10.0
+
 #: what :func:`audio_word_timestamps` takes per input: a file path, or a mono waveform (1-D) at its sampling rate
 AudioInput = str | Path | Tensor | np.ndarray
 
+_log = logging.getLogger("xattn_lightning")
 
-@dataclass(frozen=True)
+
+@dataclass
 class AudioWords:
     """The words of one audio input, from :func:`audio_word_timestamps`.
 
     ``words``: ``(word, start_s, end_s)`` from the start of the audio; ``seconds``: its length; ``pieces``: the
     ``(start_s, end_s)`` stretches timed one by one (one piece within the model's window); ``silent``: the pieces
-    given no words, their peak below :data:`SILENT_PEAK`.
+    given no words, their peak below :data:`SILENT_PEAK`. Times are rounded to the microsecond; a word DTW gives no
+    frame of its own starts where it ends. ``dataclasses.asdict`` gives plain lists and floats (JSON).
     """
 
     words: list[Word]
@@ -53,21 +62,34 @@ class AudioWords:
     silent: list[tuple[float, float]] = field(default_factory=list)
 
 
-def _waveform(x: AudioInput, sampling_rate: int, name: str) -> Tensor:
+def _waveform(x: AudioInput, rate: int, model_rate: int, name: str) -> Tensor:
+    """The input as a float waveform at ``model_rate``: a file read and resampled, or an array at ``rate``
+    (integer samples scaled to [-1, 1], as soundfile reads them) resampled."""
     if isinstance(x, (str, Path)):
         if not Path(x).is_file():
-            raise XAttnError(f"Audio file {str(x)!r} ({name}) does not exist.")
-        wav = load_audio(x, sampling_rate)
+            what = "is a directory" if Path(x).is_dir() else "does not exist"
+            raise XAttnError(f"Audio {name} {what}; pass an audio file (WAV, FLAC, OGG) or a waveform.")
+        wav = load_audio(x, model_rate)
     else:
-        wav = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().float().cpu()
-        if wav.dim() != 1:
+        arr = x.detach().cpu() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+        if arr.dim() != 1:
             raise XAttnError(
-                f"Audio {name} has shape {tuple(wav.shape)}; pass a mono waveform (1-D, at sampling_rate), "
+                f"Audio {name} has shape {tuple(arr.shape)}; pass a mono waveform (1-D, at sampling_rate), "
                 f"e.g. wav.mean(0) for channels first."
             )
+        if arr.dtype == torch.uint8:  # 8-bit PCM is unsigned, centred on 128
+            wav = (arr.float() - 128) / 128
+        elif not arr.is_floating_point():  # 16/32-bit PCM (scipy.io.wavfile, soundfile dtype="int16")
+            if arr.dtype not in (torch.int16, torch.int32, torch.int64):
+                raise XAttnError(f"Audio {name} has samples of {arr.dtype}; pass float samples in [-1, 1].")
+            bits = {torch.int16: 16, torch.int32: 32, torch.int64: 32}[arr.dtype]
+            wav = arr.double().div(2 ** (bits - 1)).float()
+        else:
+            wav = arr.float()
         if not bool(torch.isfinite(wav).all()):
             raise XAttnError(f"Audio {name} holds NaN or infinite samples.")
-    if wav.numel() < sampling_rate // 40:
+        wav = resample(wav, rate, model_rate)
+    if wav.numel() < model_rate // 40:
         raise XAttnError(f"Audio {name} is shorter than 25 ms ({wav.numel()} samples); leave it out.")
     return wav
 
@@ -91,24 +113,28 @@ def audio_word_timestamps(
     points into pieces, each timed by :func:`~xattn_lightning.timestamps.words.word_timestamps` (the model's own
     transcript, or ``texts``) and its times shifted back. Pieces whose peak stays below :data:`SILENT_PEAK` get no
     words. While the default's head set is still to be chosen, the first
-    :data:`~xattn_lightning.timestamps.choice.CHOICE_UTTERANCES` pieces are timed together, so that every piece is
-    timed with the one set chosen on them (kept on disk for the next runs).
+    :data:`~xattn_lightning.timestamps.choice.CHOICE_UTTERANCES` pieces (of at most :data:`CHOICE_PIECE_SECONDS`)
+    are timed together, so that every piece is timed with the one set chosen on them (kept on disk for the next
+    runs; :func:`~xattn_lightning.timestamps.choice.heads_report` says which, also logged at INFO on the
+    ``xattn_lightning`` logger; to choose beforehand on other speech:
+    :func:`~xattn_lightning.timestamps.choice.choose_heads`).
 
     Args:
         model: a supported model or adapter (a Hugging Face Whisper: the model's window comes from ``processor``).
-        audio: audio files (read and resampled to ``sampling_rate``) or mono waveforms at ``sampling_rate``.
+        audio: audio files (any rate, mixed to mono) or mono waveforms at ``sampling_rate`` (float in [-1, 1], or
+            integer PCM, scaled); both resampled to the processor's rate (Whisper: 16 kHz).
         processor: the model's processor or feature extractor (makes the model inputs; a processor's tokenizer
             names the tokens unless ``tokenizer`` is given). An openai-whisper model takes transformers'
             ``WhisperFeatureExtractor`` (the same log-mel features) and its own tokenizer.
         tokenizer: the tokenizer, when ``processor`` is only a feature extractor.
-        sampling_rate: the waveforms' rate, and the rate files are resampled to (the processor's).
+        sampling_rate: the rate of the waveforms given as arrays (files carry their own).
         texts: one transcript per input to time instead of the model's own (forced alignment); each input must
             then fit the window (a text cannot be split between pieces without timing it).
         names: one name per input for error messages (default: its path or index).
         heads: as :func:`~xattn_lightning.timestamps.words.word_timestamps` (default: the model's chosen set).
         max_seconds: the longest piece (default: the model's window; required when ``processor`` takes any
             length and the audio should still be cut).
-        progress: a progress bar over the inputs (on stderr).
+        progress: a progress bar over the pieces (on stderr), naming the head set used.
         **options: passed to :func:`~xattn_lightning.timestamps.words.word_timestamps` (``duration_prior``,
             ``silence``, ``method``, ...).
 
@@ -122,6 +148,8 @@ def audio_word_timestamps(
 
     if isinstance(audio, (str, Path, Tensor, np.ndarray)):
         audio = [audio]  # one input, not a sequence of samples or characters
+    if isinstance(texts, str):
+        texts = [texts]
     n = len(audio)
     if texts is not None and len(texts) != n:
         raise XAttnError(f"{n} audio inputs but {len(texts)} texts: pass one text per input.")
@@ -129,8 +157,12 @@ def audio_word_timestamps(
         raise XAttnError("texts holds an empty transcript: forced alignment needs the words of each input.")
     if names is not None and len(names) != n:
         raise XAttnError(f"{n} audio inputs but {len(names)} names: pass one name per input.")
-    labels = names if names is not None else [repr(str(x)) if isinstance(x, (str, Path)) else f"#{i}" for i, x in enumerate(audio)]
-    window = max_seconds if max_seconds is not None else audio_window(processor, sampling_rate)
+    labels = [str(v) for v in names] if names is not None else [
+        repr(str(x)) if isinstance(x, (str, Path)) else f"#{i}" for i, x in enumerate(audio)
+    ]
+    fe = getattr(processor, "feature_extractor", processor)
+    model_rate = int(getattr(fe, "sampling_rate", None) or 16000)
+    window = max_seconds if max_seconds is not None else audio_window(processor, model_rate)
     if window is not None and window <= 0:
         raise XAttnError(f"max_seconds must be positive, got {window}.")
     if tokenizer is None and (hasattr(processor, "tokenizer") or hasattr(processor, "decode")):
@@ -142,45 +174,65 @@ def audio_word_timestamps(
             f"not one: pass tokenizer= (e.g. transformers' WhisperTokenizer of the model), or time the model's own "
             f"transcript (texts=None)."
         )
+    auto = heads in (None, "auto")
+    choosing = auto and choosing_encoder_cache(adapter) is not None
+    kept = cached_heads(adapter) if auto and not choosing else None  # read back (or chosen earlier in the process)
     pieces: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     silent: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     seconds = [0.0] * n
-    bar = tqdm(total=n, desc="word timestamps", unit="input", disable=not progress)
+    bar = tqdm(total=n, desc="word timestamps", unit="piece", disable=not progress)
+    timed = [0]  # pieces handed out so far
 
-    def stream() -> Iterator[tuple[int, float, Tensor, bool]]:  # (input, offset s, piece, its last?), lazily
+    def cuts_of(wav: Tensor) -> list[tuple[int, int]]:
+        if window is None:
+            return [(0, wav.numel())]
+        short = CHOICE_UTTERANCES - timed[0] if choosing and window > CHOICE_PIECE_SECONDS else 0
+        if short <= 0:
+            return quiet_cuts(wav, model_rate, window)
+        first = quiet_cuts(wav, model_rate, CHOICE_PIECE_SECONDS)[:short]  # the choosing pieces: short ones
+        start = first[-1][1]
+        rest = [(a + start, b + start) for a, b in quiet_cuts(wav[start:], model_rate, window)] if start < wav.numel() else []
+        return first + rest
+
+    def stream() -> Iterator[tuple[int, float, Tensor]]:  # (input, offset s, piece), lazily
         for i, x in enumerate(audio):
-            wav = _waveform(x, sampling_rate, str(labels[i]))
-            seconds[i] = wav.numel() / sampling_rate
-            cuts = quiet_cuts(wav, sampling_rate, window) if window is not None else [(0, wav.numel())]
+            wav = _waveform(x, sampling_rate, model_rate, labels[i])
+            seconds[i] = wav.numel() / model_rate
+            cuts = cuts_of(wav)
             if texts is not None and len(cuts) > 1:
                 raise XAttnError(
                     f"Audio {labels[i]} is {seconds[i]:.1f} s, longer than the model's {window:.0f}-s window: a text "
                     f"cannot be split between pieces; cut the audio and its text into utterances."
                 )
-            for k, (a, b) in enumerate(cuts):
-                span = (a / sampling_rate, b / sampling_rate)
+            bar.total += len(cuts) - 1
+            bar.refresh()
+            for a, b in cuts:
+                span = (a / model_rate, b / model_rate)
                 pieces[i].append(span)
-                last = k == len(cuts) - 1
                 if float(wav[a:b].abs().max()) < SILENT_PEAK:  # nothing to time: the model would invent words
                     silent[i].append(span)
-                    bar.update(last)
+                    bar.update(1)
                     continue
-                yield i, span[0], wav[a:b], last
+                timed[0] += 1
+                yield i, span[0], wav[a:b]
 
     words: list[list[Word]] = [[] for _ in range(n)]
-    choosing = heads in (None, "auto") and choosing_encoder_cache(adapter) is not None
     size = CHOICE_UTTERANCES if choosing else 1  # the choosing pieces together: one choice, used for all
     chunks = stream()
     with bar:
         while chunk := list(itertools.islice(chunks, size)):
             size = 1
-            batch = features_from_audio(processor, [w for _, _, w, _ in chunk], sampling_rate)
+            batch = features_from_audio(processor, [w for _, _, w in chunk], model_rate)
             targets: Any = "generate"
             if texts is not None:
                 batch["labels"] = tokenize_labels(adapter.tokenizer, [texts[i] for i, *_ in chunk])
                 targets = "labels"
             got = word_timestamps(adapter, batch, heads=heads, targets=targets, **options)
-            for (i, offset, _, _), ws in zip(chunk, got):
-                words[i] += [(w, a + offset, b + offset) for w, a, b in ws]
-            bar.update(sum(last for *_, last in chunk))
+            for (i, offset, _), ws in zip(chunk, got):
+                words[i] += [(w, round(a + offset, 6), round(b + offset, 6)) for w, a, b in ws]
+            bar.update(len(chunk))
+        report = heads_report(adapter, read_back=kept is not None) if auto else None
+        if report is not None:
+            _log.info(report)
+            bar.set_postfix_str(report.split(";")[0].removeprefix("head set: "))
     return [AudioWords(words[i], seconds[i], pieces[i], silent[i]) for i in range(n)]

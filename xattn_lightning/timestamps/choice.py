@@ -14,6 +14,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -301,6 +302,31 @@ def cached_heads(model: nn.Module | Adapter) -> HeadChoice | None:
     (1, 1)
     """
     return _state(adapter_for(model)).choice
+
+
+def heads_report(model: nn.Module | Adapter, *, read_back: bool = False, source: str | None = None) -> str | None:
+    """One line on the model's head set (``None`` before any choice): its name and heads, on how many utterances
+    it was chosen (``source``: of what), and where it is kept on disk (``read_back``: it was read back from there,
+    not chosen in this call).
+
+    >>> from xattn_lightning.testing import TinyS2T
+    >>> heads_report(TinyS2T.adapter(TinyS2T(vocab_size=12))) is None
+    True
+    """
+    choice = cached_heads(model)
+    if choice is None:
+        return None
+    where = heads_cache_file(model)
+    if where is None:
+        how = "not kept: the disk cache is off"
+    elif read_back:
+        how = f"read back from {where}"
+    elif Path(where).is_file():
+        how = f"kept in {where} for the next runs"
+    else:
+        how = f"not kept: a choice is kept once made on {CHOICE_UTTERANCES} utterances"
+    of = f" of {source}" if source else ""
+    return f"head set: {choice.name} ({len(choice.heads)} heads), chosen on {choice.utterances} utterances{of}; {how}"
 
 
 def forget_heads(model: nn.Module | Adapter) -> None:

@@ -99,7 +99,7 @@ def word_timestamps(
     """
     adapter = adapter_for(model, tokenizer)
     if isinstance(heads, str):
-        check_choice("heads", heads, HEAD_RULES)
+        check_choice("head rule", heads, HEAD_RULES)
     heads = "auto" if heads is None else heads
     check_choice("timing method", method, TIMING_METHODS)
     refine = method == "openai"

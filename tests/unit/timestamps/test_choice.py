@@ -160,7 +160,7 @@ def test_the_choice_is_made_once_per_model_cached_and_overridable(monkeypatch):
     assert cached_heads(m) is None
     c = choose_heads(m, [b], tokenizer=tok)
     assert cached_heads(m) is c and c.utterances == 2 and c.name in (*xl.timestamps.HEAD_SETS, *xl.timestamps.ENSEMBLES)
-    with pytest.raises(xl.XAttnError, match="heads"):
+    with pytest.raises(xl.XAttnError, match="head rule"):
         xl.word_timestamps(m, b, tokenizer=tok, heads="best")
 
 
