@@ -30,3 +30,20 @@ def test_snap_to_silence_moves_only_boundaries_near_a_silence_and_keeps_every_wo
     # leading and trailing silences trim the first and the last word
     assert snap_to_silence(words, [(0.0, 0.03), (1.58, 2.0)]) == [("a", 0.03, 0.5), ("b", 0.5, 1.0), ("c", 1.0, 1.58)]
     assert snap_to_silence([], [(0.0, 1.0)]) == []
+
+
+def test_silence_filling_most_of_the_input_is_still_found():
+    # 3 s of leading silence before 1 s of speech: the median of all frames is the floor itself
+    e = torch.cat([torch.full((300,), -1.0), torch.full((100,), 4.0)])
+    e[330:340] = 2.0  # louder than the silence threshold
+    assert silent_spans(e, 0.01) == [(0.0, 3.0)]
+    g = torch.Generator().manual_seed(0)
+    noisy = e + 0.2 * torch.rand(400, generator=g)  # a noise floor, not digital silence
+    assert silent_spans(noisy, 0.01) == [(0.0, 3.0)]
+
+
+def test_a_long_pause_draws_boundaries_from_further_than_a_short_one():
+    words = [("a", 0.0, 0.9), ("b", 0.9, 2.5), ("c", 2.5, 3.0)]
+    assert snap_to_silence(words, [(1.2, 2.2)])[:2] == [("a", 0.0, 1.2), ("b", 2.2, 2.5)]  # 0.3 s away, a 1-s pause
+    assert snap_to_silence(words, [(1.2, 1.28)]) == words  # 0.3 s away from a short pause: left alone
+    assert snap_to_silence(words, [(1.35, 2.05)]) == words  # 0.45 s from both boundaries: left alone
