@@ -62,7 +62,9 @@ def word_timestamps(
 
     Args:
         model: a supported model or adapter.
-        batch: the model's inputs (e.g. :func:`xattn_lightning.loading.features_batch`) or a training batch in any layout.
+        batch: the model's inputs (e.g. :func:`xattn_lightning.loading.features_batch`) or a training batch in any
+            layout. Whisper's processor cuts audio to its 30-s window: for longer audio, use
+            :func:`~xattn_lightning.timestamps.audio.audio_word_timestamps`.
         tokenizer: a tokenizer or processor (word timestamps need token strings).
         targets: ``"generate"`` (the model's own transcript), ``"labels"`` or token ids.
         heads: ``None`` or ``"auto"`` (default): the model's head set, chosen once and cached
