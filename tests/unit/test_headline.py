@@ -70,6 +70,9 @@ def test_kv_shortcut_equals_zeroing_frames(name, model, batch):
         for run, full in ((adapter.masked_decoder(enc, seq[:-1], positions=positions), fast),
                           (Adapter.masked_decoder(adapter, enc, seq[:-1]), slow)):  # fmt: skip
             torch.testing.assert_close(run(keep, at=at), full[:, at], atol=1e-5, rtol=1e-5)
+            own = positions[torch.arange(5) % 2].unsqueeze(1)  # each mask its own position, [5, 1]
+            want = full[torch.arange(5).unsqueeze(1), own]
+            torch.testing.assert_close(run(keep, at=own), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,model,batch", _models(), ids=lambda x: x if isinstance(x, str) else "")

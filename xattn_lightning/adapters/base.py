@@ -59,7 +59,8 @@ def uncompiled(model: Any) -> Any:
 
 class MaskedDecoder(Protocol):
     """What :meth:`Adapter.masked_decoder` returns: ``run(keep [B, t]) -> logits``, and with ``at`` only those
-    decoder positions, the decoder run no further than the last of them."""
+    decoder positions (``[P]``, or ``[B, P]``: each mask its own), the decoder run no further than the last of
+    them."""
 
     def __call__(self, keep: Tensor, at: Tensor | None = None) -> Tensor:
         """Logits of the decoder with the frames where ``keep`` is False occluded."""
@@ -201,8 +202,9 @@ class Adapter(ABC):
         """``run(keep [B, t]) -> logits [B, S, V]``: decoder-only passes over ``encoder_out [1, T', D]``
         with the first ``t`` encoder frames zeroed where ``keep`` is False (frame occlusion).
         With ``positions``, only those decoder positions' logits: ``[B, P, V]``. ``run(keep, at=...)``: only the
-        positions ``at`` for this call, the decoder run no further than the last of them (it is causal: later
-        tokens change no earlier logit).
+        positions ``at`` for this call (``[P]``, or ``[B, P]``: each mask row its own, so that only they reach the
+        vocabulary), the decoder run no further than the last of them (it is causal: later tokens change no
+        earlier logit).
 
         The default zeroes the frames and calls :meth:`decode`; adapters that can, project the
         cross-attention keys and values once and mask their rows instead, and project only the
@@ -214,8 +216,7 @@ class Adapter(ABC):
             h = encoder_out.expand(b, -1, -1).clone()
             h[:, :t] = h[:, :t] * keep.unsqueeze(-1).to(h.dtype)
             ids, pos = upto_positions(decoder_ids, positions, at)
-            logits = self.decode(h, ids).logits
-            return logits if pos is None else logits[:, pos]
+            return at_positions(self.decode(h, ids).logits, pos)
 
         return run
 
@@ -377,6 +378,21 @@ def check_target_length(adapter: Adapter, seq: Tensor) -> None:
             f"The target has {seq.numel() - 1} decoder positions but the decoder allows at most {limit}; "
             "shorten or split the utterance."
         )
+
+
+def at_positions(x: Tensor, pos: Tensor | None) -> Tensor:
+    """``x [B, S, ...]`` at decoder positions ``pos``: ``[P]`` the same for every row, ``[B, P]`` each row its own
+    (a masked-decoder call's ``at``); ``None``: ``x`` itself.
+
+    >>> x = torch.arange(6).view(2, 3)
+    >>> at_positions(x, torch.tensor([2])).tolist(), at_positions(x, torch.tensor([[0], [2]])).tolist()
+    ([[2], [5]], [[0], [5]])
+    """
+    if pos is None:
+        return x
+    if pos.dim() == 2:
+        return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), pos.to(x.device)]
+    return x[:, pos]
 
 
 def upto_positions(decoder_ids: Tensor, positions: Tensor | None, at: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter, MaskedDecoder, unwrap_tokenizer, upto_positions
+from xattn_lightning.adapters.base import Adapter, MaskedDecoder, at_positions, unwrap_tokenizer, upto_positions
 from xattn_lightning.adapters.decoding import occlusion_bias
 from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance, check_features
 from xattn_lightning.errors import XAttnError
@@ -238,7 +238,7 @@ class _HFSeq2SeqAdapter(Adapter):
 
             handles = [layer.encoder_attn.register_forward_pre_hook(with_bias, with_kwargs=True) for layer in layers]
             if pos is not None and head is not None:  # only the explained positions reach the vocabulary
-                handles.append(head.register_forward_pre_hook(lambda m, a: (a[0][:, pos], *a[1:])))
+                handles.append(head.register_forward_pre_hook(lambda m, a: (at_positions(a[0], pos), *a[1:])))
             ids = ids.to(self.device)
             ids = ids.unsqueeze(0).expand(b, -1) if ids.dim() == 1 else ids
             try:
@@ -253,7 +253,7 @@ class _HFSeq2SeqAdapter(Adapter):
                 for h in handles:
                     h.remove()
             if pos is not None and head is None:
-                return out.logits[:, pos]
+                return at_positions(out.logits, pos)
             return out.logits
 
         return run

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter, MaskedDecoder, upto_positions
+from xattn_lightning.adapters.base import Adapter, MaskedDecoder, at_positions, upto_positions
 from xattn_lightning.adapters.decoding import occlusion_bias
 from xattn_lightning.adapters.records import AdapterInfo, ForwardOutput, Utterance, check_features
 from xattn_lightning.batches import InputSpec
@@ -250,8 +250,7 @@ class NemoAEDAdapter(Adapter):
             finally:
                 for m in attns:
                     del m.forward
-            if pos is not None:
-                hidden = hidden[:, pos]
+            hidden = at_positions(hidden, pos)
             return self.model.log_softmax(hidden_states=hidden)
 
         return run

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xattn_lightning.adapters.base import Adapter, MaskedDecoder, uncompiled, upto_positions
+from xattn_lightning.adapters.base import Adapter, MaskedDecoder, at_positions, uncompiled, upto_positions
 from xattn_lightning.adapters.decoding import occlusion_bias
 from xattn_lightning.adapters.hf import conv_output_length
 from xattn_lightning.adapters.hf_whisper import whisper_window_utterances
@@ -253,7 +253,7 @@ class OpenAIWhisperAdapter(Adapter):
                 o = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), attn_mask=bias)
                 x = x + ca.out(o.transpose(1, 2).flatten(2))
                 x = x + block.mlp(block.mlp_ln(x))
-            x = dec.ln(x if pos is None else x[:, pos])
+            x = dec.ln(at_positions(x, pos))
             if x.dtype != head.weight.dtype and "forward" not in vars(head):  # the head as loaded, in x's precision
                 return F.linear(x, head.weight.to(x.dtype)).float()
             out = head(x)  # through the module: vocabulary="bf16" swaps its forward while masks run

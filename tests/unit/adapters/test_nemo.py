@@ -221,7 +221,10 @@ def test_the_key_value_shortcut_equals_zeroing_frames(tiny, manifests):
         slow = Adapter.masked_decoder(adapter, enc, seq, positions)(keep)
         at = positions[1:3]  # asked per call, the decoder run only up to the last of them
         early = adapter.masked_decoder(enc, seq, positions)(keep, at=at)
+        own = positions[torch.arange(6) % 3].unsqueeze(1)  # each mask its own position, [6, 1]
+        each = adapter.masked_decoder(enc, seq, positions)(keep, at=own)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(early, fast[:, 1:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(each, fast[torch.arange(6).unsqueeze(1), torch.arange(6).unsqueeze(1) % 3], atol=1e-5, rtol=1e-5)
     layer = tiny.transf_decoder.decoder.layers[0].second_sub_layer
     assert "forward" not in vars(layer)  # the layers are left as they were
