@@ -80,9 +80,12 @@ def _waveform(x: AudioInput, rate: int, model_rate: int, name: str) -> Tensor:
         if arr.dtype == torch.uint8:  # 8-bit PCM is unsigned, centred on 128
             wav = (arr.float() - 128) / 128
         elif not arr.is_floating_point():  # 16/32-bit PCM (scipy.io.wavfile, soundfile dtype="int16")
-            if arr.dtype not in (torch.int16, torch.int32, torch.int64):
-                raise XAttnError(f"Audio {name} has samples of {arr.dtype}; pass float samples in [-1, 1].")
-            bits = {torch.int16: 16, torch.int32: 32, torch.int64: 32}[arr.dtype]
+            if arr.dtype not in (torch.int16, torch.int32):  # int64 says nothing of the PCM width
+                raise XAttnError(
+                    f"Audio {name} has samples of {arr.dtype}; pass float samples in [-1, 1], or 16- or 32-bit PCM "
+                    f"as int16 or int32 (e.g. np.asarray(samples, dtype=np.int16))."
+                )
+            bits = {torch.int16: 16, torch.int32: 32}[arr.dtype]
             wav = arr.double().div(2 ** (bits - 1)).float()
         else:
             wav = arr.float()
@@ -151,6 +154,8 @@ def audio_word_timestamps(
     if isinstance(texts, str):
         texts = [texts]
     n = len(audio)
+    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0:
+        raise XAttnError(f"sampling_rate must be a positive whole number of samples per second, got {sampling_rate!r}.")
     if texts is not None and len(texts) != n:
         raise XAttnError(f"{n} audio inputs but {len(texts)} texts: pass one text per input.")
     if texts is not None and any(not str(t).strip() for t in texts):

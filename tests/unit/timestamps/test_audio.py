@@ -95,6 +95,11 @@ def test_bad_audio_and_arguments_are_refused_with_what_to_do(tmp_path):
         xl.audio_word_timestamps(m, [_noise(1), _noise(1)], texts=["a b"], **kw)
     with pytest.raises(xl.XAttnError, match="'talk' is 4.6 s, longer than the model's 2-s window"):
         xl.audio_word_timestamps(m, [_noise(4.6)], texts=["a b"], names=["'talk'"], **kw)
+    with pytest.raises(xl.XAttnError, match="int64.*int16 or int32"):
+        xl.audio_word_timestamps(m, [torch.zeros(SR, dtype=torch.int64)], **kw)
+    for rate in (0, "44100"):
+        with pytest.raises(xl.XAttnError, match="sampling_rate must be a positive whole number"):
+            xl.audio_word_timestamps(m, [_noise(1)], sampling_rate=rate, **kw)
     with pytest.raises(xl.XAttnError, match="max_seconds must be positive"):
         xl.audio_word_timestamps(m, [_noise(1)], max_seconds=0, **kw)
 
