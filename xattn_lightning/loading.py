@@ -117,10 +117,20 @@ def features_batch(processor: Any, rows: Sequence[ManifestRow], sampling_rate: i
 
 def load_row_audio(row: ManifestRow, sampling_rate: int = 16000) -> Tensor:
     """A manifest row's waveform at ``sampling_rate`` (:func:`~xattn_lightning.audio.load_audio`), refused when
-    shorter than 25 ms (nothing a model can read)."""
-    wav = load_audio(row.audio, sampling_rate)
+    shorter than 25 ms (:func:`check_audio_length`)."""
+    return check_audio_length(load_audio(row.audio, sampling_rate), sampling_rate, f"{str(row.audio)!r} of utterance {row.id!r}")
+
+
+def check_audio_length(wav: Tensor, sampling_rate: int, what: str) -> Tensor:
+    """``wav``, refused with :class:`~xattn_lightning.errors.XAttnError` when shorter than 25 ms (nothing a model
+    can read); ``what`` names it in the message.
+
+    >>> import torch
+    >>> check_audio_length(torch.zeros(400), 16000, "'a.wav'").numel()
+    400
+    """
     if wav.numel() < sampling_rate // 40:
-        raise XAttnError(f"Audio {str(row.audio)!r} of utterance {row.id!r} is shorter than 25 ms; leave it out.")
+        raise XAttnError(f"Audio {what} is shorter than 25 ms ({wav.numel()} samples); leave it out.")
     return wav
 
 

@@ -26,7 +26,7 @@ from xattn_lightning.audio import load_audio, resample
 from xattn_lightning.errors import XAttnError
 from xattn_lightning.functional.alignment import Word
 from xattn_lightning.functional.silence import quiet_cuts
-from xattn_lightning.loading import audio_window, features_from_audio, tokenize_labels
+from xattn_lightning.loading import audio_window, check_audio_length, features_from_audio, tokenize_labels
 from xattn_lightning.timestamps.align import HeadRule
 from xattn_lightning.timestamps.choice import CHOICE_UTTERANCES, cached_heads, choosing_encoder_cache, heads_report
 from xattn_lightning.timestamps.words import word_timestamps
@@ -92,9 +92,7 @@ def _waveform(x: AudioInput, rate: int, model_rate: int, name: str) -> Tensor:
         if not bool(torch.isfinite(wav).all()):
             raise XAttnError(f"Audio {name} holds NaN or infinite samples.")
         wav = resample(wav, rate, model_rate)
-    if wav.numel() < model_rate // 40:
-        raise XAttnError(f"Audio {name} is shorter than 25 ms ({wav.numel()} samples); leave it out.")
-    return wav
+    return check_audio_length(wav, model_rate, name)
 
 
 def audio_word_timestamps(
